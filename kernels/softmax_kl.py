@@ -1,0 +1,472 @@
+"""Fused softmax + KL divergence between student and teacher logits, for distillation.
+
+One Triton kernel reads the raw logits once per pass, keeps every statistic in fp32 registers, and
+writes the per-token loss and the gradient with respect to the student logits in the same launch,
+so backward is one multiply and no [N, V] fp32 tensor is ever allocated. The pure-torch definition
+(and the CPU path) is `reference.py`; this file is only a faster way to compute it.
+
+Math, per token (row), with z_s = student / T, z_t = teacher / T over the shared V = min(V_s, V_t)
+columns, q = softmax(z_s), p = softmax(z_t), and the log-sum-exps kept as (max m, log of the
+rescaled sum d) so that log q_j = (z_s_j - m_s) - log d_s loses nothing to cancellation even for
+logits near +-1e4:
+
+  pass 1   online max / sum over vocabulary blocks:  m_s, d_s, m_t, d_t  (and m_r, d_r of the raw
+           student logits over all V_s columns when a cross-entropy term is fused)
+  loss     kl:          T^2 sum_j p_j (log p_j - log q_j)
+           reverse_kl:  T^2 sum_j q_j (log q_j - log p_j)
+           jsd:         T^2 (beta KL(p||m) + (1-beta) KL(q||m)),  log m = logaddexp(log p + log beta,
+                        log q + log(1-beta))
+           + ce_weight * (logsumexp(student) - student[label])   (label != ignore_index)
+  gradient d loss / d student_j (chain rule through z_s = s / T gives T^2 / T = T):
+           kl:          T (q_j - p_j)
+           reverse_kl:  T q_j (log q_j - log p_j - KL(q||p))
+           jsd:         T (1-beta) q_j (log q_j - log m_j - KL(q||m))
+           + ce_weight (softmax(student)_j - [j == label]);  columns j >= V of the student get only
+           the CE part (0 without labels).
+
+Forward KL needs two passes over the logits (statistics, then loss + gradient). Reverse KL and JSD
+need the row's divergence inside the gradient, so they take a third pass. Memory traffic of the
+forward-KL training step: read student and teacher twice, write the gradient once; then backward
+reads and writes the gradient once more to apply `grad_output` (a scalar that is only known then).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+
+from minitron.kernels.reference import DIVERGENCES, Divergence, reference_rows
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the kernel below is defined but never launched.
+    triton = None
+    tl = None
+
+Reduction = Literal["mean", "sum", "none"]
+Backend = Literal["auto", "triton", "torch"]
+REDUCTIONS = ("mean", "sum", "none")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DIVERGENCE_ID = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def _jit(fn):
+    # `triton.jit` when triton is installed; the annotations are strings (postponed evaluation), so
+    # the function body is only parsed, never run, without it.
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _online_lse(m, d, x):
+    # Fold a block x into the running (max m, sum d of exp(x - m)).
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+    return m_new, d
+
+
+@_jit
+def _kl_terms(log_a, log_b, live):
+    # a_j (log a_j - log b_j) with 0 log 0 = 0; finite stand-ins keep dead lanes free of NaN.
+    ok = live & (log_a > float("-inf"))
+    la = tl.where(ok, log_a, 0.0)
+    lb = tl.where(ok, log_b, 0.0)
+    return tl.where(ok, tl.exp(la) * (la - lb), 0.0)
+
+
+@_jit
+def _log_mix(log_p, log_q, log_beta, log_1m_beta):
+    # log(beta p + (1 - beta) q) as a two-term logaddexp; -inf where both p and q are 0.
+    a = log_p + log_beta
+    b = log_q + log_1m_beta
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    live = hi > float("-inf")
+    hi_safe = tl.where(live, hi, 0.0)
+    lo_safe = tl.where(live, lo, 0.0)
+    return tl.where(live, hi_safe + tl.log(1.0 + tl.exp(lo_safe - hi_safe)), float("-inf"))
+
+
+@_jit
+def _softmax_kl_kernel(
+    s_ptr,  # [N, V_S] student logits, unit column stride
+    t_ptr,  # [N, V_T] teacher logits, unit column stride
+    mask_ptr,  # [N] bool: tokens that count (read only if HAS_MASK)
+    labels_ptr,  # [N] int64 hard labels (read only if HAS_LABELS)
+    scale_ptr,  # [] fp32: gradient scale (1 / counted tokens for "mean", else 1)
+    loss_ptr,  # [N] fp32 per-token loss, 0 where masked
+    grad_ptr,  # [N, V_S] d loss / d student logits in the student's dtype (if COMPUTE_GRAD)
+    s_stride,
+    t_stride,
+    grad_stride,
+    V_S,  # student vocabulary
+    V_SHARED,  # min(V_S, V_T): the columns both distributions are taken over
+    temperature,
+    inv_temperature,
+    beta,
+    log_beta,
+    log_1m_beta,
+    ce_weight,
+    ignore_index,
+    DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd
+    HAS_MASK: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    g_row = grad_ptr + row * grad_stride
+    offs = tl.arange(0, BLOCK_V)
+
+    keep = tl.full([], 1, tl.int1)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+    if keep:
+        # ---- pass 1: online log-sum-exp of z_s, z_t (shared columns) and of the raw student (CE).
+        # The running max starts at a finite -3e38, not -inf, so exp(m_old - m_new) never computes
+        # -inf - -inf, even for a block that is all -inf.
+        m_s = tl.full([], -3.0e38, tl.float32)
+        d_s = tl.zeros([], tl.float32)
+        m_t = tl.full([], -3.0e38, tl.float32)
+        d_t = tl.zeros([], tl.float32)
+        m_r = tl.full([], -3.0e38, tl.float32)
+        d_r = tl.zeros([], tl.float32)
+        if HAS_LABELS:
+            n_stat = V_S
+        else:
+            n_stat = V_SHARED
+        for start in range(0, n_stat, BLOCK_V):
+            cols = start + offs
+            shared = cols < V_SHARED
+            s_raw = tl.load(s_row + cols, mask=cols < n_stat, other=float("-inf")).to(tl.float32)
+            t = tl.load(t_row + cols, mask=shared, other=float("-inf")).to(tl.float32) * inv_temperature
+            s = tl.where(shared, s_raw * inv_temperature, float("-inf"))
+            m_s, d_s = _online_lse(m_s, d_s, s)
+            m_t, d_t = _online_lse(m_t, d_t, t)
+            if HAS_LABELS:
+                m_r, d_r = _online_lse(m_r, d_r, s_raw)
+        log_d_s = tl.log(d_s)
+        log_d_t = tl.log(d_t)
+        log_d_r = tl.zeros([], tl.float32)
+        if HAS_LABELS:
+            log_d_r = tl.log(d_r)
+
+        # ---- the cross-entropy term: logsumexp(student) - student[label]
+        ce = tl.zeros([], tl.float32)
+        label = tl.zeros([], tl.int64)
+        w_ce = tl.zeros([], tl.float32)
+        if HAS_LABELS:
+            label = tl.load(labels_ptr + row).to(tl.int64)
+            has_ce = label != ignore_index
+            s_label = tl.load(s_row + label, mask=has_ce, other=0.0).to(tl.float32)
+            w_ce = tl.where(has_ce, ce_weight, 0.0)
+            ce = tl.where(has_ce, (m_r - s_label) + log_d_r, 0.0)
+        scale = tl.load(scale_ptr)
+
+        # ---- pass 2: the divergence (and, for forward KL, the gradient in the same sweep)
+        div = tl.zeros([], tl.float32)
+        row_term = tl.zeros([], tl.float32)  # KL(q||p) or KL(q||m): the gradient's row constant
+        if DIVERGENCE == 0 and COMPUTE_GRAD:
+            n_pass2 = V_S  # forward KL writes its gradient here, extra student columns included
+        else:
+            n_pass2 = V_SHARED
+        for start in range(0, n_pass2, BLOCK_V):
+            cols = start + offs
+            live = cols < V_SHARED
+            s_raw = tl.load(s_row + cols, mask=cols < V_S, other=0.0).to(tl.float32)
+            t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
+            log_q = (s_raw * inv_temperature - m_s) - log_d_s
+            log_p = (t * inv_temperature - m_t) - log_d_t
+            if DIVERGENCE == 0:
+                div += tl.sum(_kl_terms(log_p, log_q, live), axis=0)
+                if COMPUTE_GRAD:
+                    q = tl.where(live, tl.exp(log_q), 0.0)
+                    p = tl.where(live, tl.exp(log_p), 0.0)
+                    g = temperature * (q - p)
+                    if HAS_LABELS:
+                        g += w_ce * (tl.exp((s_raw - m_r) - log_d_r) - tl.where(cols == label, 1.0, 0.0))
+                    tl.store(g_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V_S)
+            elif DIVERGENCE == 1:
+                div += tl.sum(_kl_terms(log_q, log_p, live), axis=0)
+            else:
+                log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
+                kl_qm = tl.sum(_kl_terms(log_q, log_m, live), axis=0)
+                div += beta * tl.sum(_kl_terms(log_p, log_m, live), axis=0) + (1.0 - beta) * kl_qm
+                row_term += kl_qm
+        if DIVERGENCE == 1:
+            row_term = div
+        tl.store(loss_ptr + row, temperature * temperature * div + w_ce * ce)
+
+        # ---- pass 3 (reverse KL, JSD): the gradient needs the row constant computed above
+        if DIVERGENCE != 0 and COMPUTE_GRAD:
+            for start in range(0, V_S, BLOCK_V):
+                cols = start + offs
+                live = cols < V_SHARED
+                s_raw = tl.load(s_row + cols, mask=cols < V_S, other=0.0).to(tl.float32)
+                t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
+                log_q = (s_raw * inv_temperature - m_s) - log_d_s
+                log_p = (t * inv_temperature - m_t) - log_d_t
+                ok = live & (log_q > float("-inf"))
+                lq = tl.where(ok, log_q, 0.0)
+                if DIVERGENCE == 1:
+                    lo = tl.where(ok, log_p, 0.0)
+                    g = tl.where(ok, temperature * tl.exp(lq) * (lq - lo - row_term), 0.0)
+                else:
+                    lo = tl.where(ok, _log_mix(log_p, log_q, log_beta, log_1m_beta), 0.0)
+                    g = tl.where(ok, temperature * (1.0 - beta) * tl.exp(lq) * (lq - lo - row_term), 0.0)
+                if HAS_LABELS:
+                    g += w_ce * (tl.exp((s_raw - m_r) - log_d_r) - tl.where(cols == label, 1.0, 0.0))
+                tl.store(g_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V_S)
+    else:
+        # A masked token costs one gradient write of zeros and no reads.
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, V_S, BLOCK_V):
+                cols = start + offs
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty),
+                         mask=cols < V_S)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _launch_config(vocab: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary. Chosen per call from V, never probed at import."""
+    if interpret:
+        # The interpreter pays per loop iteration, not per element: take the biggest blocks it can.
+        return min(_next_power_of_2(vocab), 32768), 4
+    block = min(_next_power_of_2(vocab), 4096)
+    return block, 8 if block >= 2048 else 4
+
+
+def softmax_kl_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    temperature: float,
+    divergence: Divergence,
+    beta: float,
+    ce_weight: float,
+    ignore_index: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel on 2-D logits. Same contract as `reference.reference_rows`.
+
+    student [N, V_s], teacher [N, V_t] (fp32/bf16/fp16, may differ), mask [N] bool or None,
+    labels [N] integer or None, grad_scale: 0-d fp32 tensor on the logits' device. Returns the
+    per-token loss [N] fp32 and the gradient [N, V_s] in the student's dtype (None unless
+    `compute_grad`). No host synchronization.
+    """
+    if triton is None:
+        raise RuntimeError("the Triton kernel needs the `triton` package; use backend='torch'")
+    n, v_s = student.shape
+    v_t = teacher.shape[1]
+    # Rows may be strided (a vocab-sliced view); the kernel needs unit stride along the vocabulary.
+    if student.stride(1) != 1:
+        student = student.contiguous()
+    if teacher.stride(1) != 1:
+        teacher = teacher.contiguous()
+    loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    grad = torch.empty((n, v_s), dtype=student.dtype, device=student.device) if compute_grad else None
+    if n == 0:
+        return loss, grad
+    has_labels = labels is not None and ce_weight != 0.0
+    block, num_warps = _launch_config(max(v_s, v_t), student.device.type == "cpu")
+    _softmax_kl_kernel[(n,)](
+        student, teacher,
+        mask if mask is not None else loss,  # unread placeholders when the feature is off
+        labels if has_labels else loss,
+        grad_scale.to(device=student.device, dtype=torch.float32),
+        loss,
+        grad if grad is not None else student,
+        student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0,
+        v_s, min(v_s, v_t),
+        float(temperature), 1.0 / float(temperature),
+        float(beta), math.log(beta) if 0.0 < beta < 1.0 else 0.0,
+        math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0,
+        float(ce_weight), int(ignore_index),
+        DIVERGENCE=_DIVERGENCE_ID[divergence],
+        HAS_MASK=mask is not None,
+        HAS_LABELS=has_labels,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+    return loss, grad
+
+
+def _grad_scale(mask: torch.Tensor | None, n: int, reduction: str, device) -> torch.Tensor:
+    """1 / (counted tokens) for "mean", else 1; a device tensor, so counting never syncs the host."""
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=device)
+    if mask is None:
+        return torch.full((), 1.0 / max(n, 1), dtype=torch.float32, device=device)
+    # An all-masked batch divides 0 by 1: loss 0 and gradient 0, never NaN.
+    return 1.0 / mask.sum().clamp(min=1).to(torch.float32)
+
+
+def _reduce(loss: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total * scale.to(total.dtype) if reduction == "mean" else total
+
+
+class _SoftmaxKLFunction(torch.autograd.Function):
+    """Forward computes loss and gradient together; backward only scales the saved gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, mask, labels, rows_fn, options, reduction):
+        scale = _grad_scale(mask, student.shape[0], reduction, student.device)
+        loss, grad = rows_fn(student, teacher, mask, labels, scale, *options, compute_grad=True)
+        # save_for_backward tracks the version: a second backward through the same graph (after
+        # the in-place scale below) fails loudly instead of returning a twice-scaled gradient.
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        return _reduce(loss, scale, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        # In place: the saved gradient is not needed afterwards, so no second [N, V] buffer. The
+        # multiply always runs: skipping it when grad_output == 1 would need a host sync to know.
+        if ctx.reduction == "none":
+            grad.mul_(grad_output.unsqueeze(-1))
+        else:
+            grad.mul_(grad_output)
+        return grad, None, None, None, None, None, None
+
+
+def _check_args(student, teacher, temperature, mask, reduction, divergence, beta, labels):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        # beta = 0 or 1 makes the mixture one of the two distributions and the JSD identically 0;
+        # the limits the GKD paper means are "kl" and "reverse_kl", which are their own options.
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; use divergence='kl' or 'reverse_kl'")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student.dim() < 1 or student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} logits "
+                         "must share their leading (token) shape")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != student.shape[:-1]):
+        raise ValueError(f"mask must be bool with the token shape {tuple(student.shape[:-1])}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    if labels is not None and (labels.dtype.is_floating_point or labels.shape != student.shape[:-1]):
+        raise ValueError(f"labels must be integer with the token shape {tuple(student.shape[:-1])}, "
+                         f"got {labels.dtype} {tuple(labels.shape)}")
+
+
+def _pick_rows_fn(student: torch.Tensor, teacher: torch.Tensor, backend: Backend):
+    kernel_ok = triton is not None and student.dtype in KERNEL_DTYPES and teacher.dtype in KERNEL_DTYPES
+    if backend == "torch":
+        return reference_rows
+    if backend == "triton":
+        if not kernel_ok:
+            raise ValueError(f"backend='triton' needs triton and fp32/bf16/fp16 logits "
+                             f"(triton installed: {triton is not None}, dtype {student.dtype})")
+        return softmax_kl_rows
+    if backend != "auto":
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    on_device = student.is_cuda or (student.device.type == "cpu"
+                                     and os.environ.get("TRITON_INTERPRET") == "1")
+    return softmax_kl_rows if kernel_ok and on_device else reference_rows
+
+
+def softmax_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    *,
+    divergence: Divergence = "kl",
+    beta: float = 0.5,
+    labels: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Distillation loss between student and teacher logits, fused with its gradient.
+
+    Args:
+        student_logits: [..., V_s] fp32/bf16/fp16 (fp64 runs the torch reference). Gets the gradient.
+        teacher_logits: [..., V_t], same leading shape. Treated as a constant (no gradient).
+            When V_s != V_t both softmaxes are taken over the shared prefix of min(V_s, V_t)
+            columns (tokenizers that extend a common vocabulary with extra tokens at the end);
+            the student's extra columns get no distillation gradient.
+        temperature: T > 0. Both distributions are softmax(logits / T) and the divergence is
+            multiplied by T^2, so its gradient scale does not change with T.
+        mask: bool [...] of the tokens that count (e.g. not padding, not prompt), or None for all.
+        reduction: "mean" over counted tokens (0 if none count), "sum", or "none" for the per-token
+            loss with the leading shape (0 where masked).
+        divergence: "kl" = T^2 KL(teacher || student) (forward, the Minitron default),
+            "reverse_kl" = T^2 KL(student || teacher), "jsd" = T^2 (beta KL(p || m)
+            + (1 - beta) KL(q || m)) with m = beta p + (1 - beta) q, p teacher, q student (GKD).
+        beta: the JSD mixture weight, 0 < beta < 1.
+        labels: integer [...] hard labels into the student vocabulary, for a fused cross-entropy
+            term ce_weight * CE(student_logits, label) at temperature 1 over all V_s columns.
+            Tokens labelled `ignore_index` get no CE term; masked tokens get none either.
+            The "mean" divides the sum of both terms by the counted tokens, so for the usual CE
+            mean pass `mask=labels != ignore_index`. Ignored when ce_weight is 0.
+        ce_weight: weight of the CE term (0 disables it).
+        ignore_index: label value that marks tokens without a CE term.
+        backend: "auto" (Triton for CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; else the
+            chunked torch reference), "triton" or "torch" to force one.
+
+    Returns:
+        fp32 loss (fp64 for fp64 logits): a scalar, or [...] for reduction="none".
+    """
+    _check_args(student_logits, teacher_logits, temperature, mask, reduction, divergence, beta, labels)
+    lead = student_logits.shape[:-1]
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    mask_rows = mask.reshape(-1) if mask is not None else None
+    label_rows = labels.reshape(-1) if labels is not None and ce_weight != 0.0 else None
+    rows_fn = _pick_rows_fn(student, teacher, backend)
+    options = (temperature, divergence, beta, ce_weight, ignore_index)
+    if student.requires_grad and torch.is_grad_enabled():
+        loss = _SoftmaxKLFunction.apply(student, teacher, mask_rows, label_rows, rows_fn, options, reduction)
+    else:
+        # Evaluation: the same kernel with the gradient write compiled out.
+        scale = _grad_scale(mask_rows, student.shape[0], reduction, student.device)
+        rows, _ = rows_fn(student, teacher, mask_rows, label_rows, scale, *options, compute_grad=False)
+        loss = _reduce(rows, scale, reduction)
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
+class SoftmaxKL(nn.Module):
+    """`softmax_kl` as a module: the loss options are fixed at construction."""
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        reduction: Reduction = "mean",
+        divergence: Divergence = "kl",
+        beta: float = 0.5,
+        ce_weight: float = 0.0,
+        ignore_index: int = -100,
+    ):
+        super().__init__()
+        self.temperature, self.reduction, self.divergence = temperature, reduction, divergence
+        self.beta, self.ce_weight, self.ignore_index = beta, ce_weight, ignore_index
+
+    def forward(self, student_logits, teacher_logits, mask=None, labels=None):
+        return softmax_kl(student_logits, teacher_logits, self.temperature, mask, self.reduction,
+                          divergence=self.divergence, beta=self.beta, labels=labels,
+                          ce_weight=self.ce_weight, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"divergence={self.divergence!r}, beta={self.beta}, ce_weight={self.ce_weight}")
