@@ -1,0 +1,475 @@
+"""Structured pruning: importance scores + a target architecture -> a smaller Hugging Face model.
+
+`python -m minitron.prune --model M --output DIR [--hidden-size N] [--intermediate-size N]
+ [--num-attention-heads N] [--num-key-value-heads N] [--num-hidden-layers N] | [--target-params X]`
+
+The target is a plain dict in Hugging Face config names (any subset). Width pruning keeps, per
+layer, the highest-scoring MLP neurons and attention heads (query heads ranked within their KV
+group, the same number kept in every group; whole KV groups dropped by their summed score) and,
+globally, the highest-scoring hidden channels, which are removed from the embeddings, every norm,
+every projection and the LM head. Depth pruning drops the lowest-scoring layers, or the contiguous
+block of layers with the lowest summed score. Kept units stay in their original order, so pruning to
+the source's own shape reproduces it exactly. The output is a plain checkpoint + tokenizer +
+minitron.json, which stock `transformers` loads without minitron.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import nn
+
+from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
+                             write_json_atomic)
+from minitron.importance import (AGGREGATIONS, DEPTH_METHODS, ImportanceConfig, Scores,
+                                 compute_scores, describe, load_scores, save_scores)
+from minitron.models import (EMBEDDED_NAME, arch_of, count_params, head_layout,
+                             param_count_from_config)
+
+TARGET_KEYS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_attention_heads",
+                                "num_key_value_heads", "num_hidden_layers")
+DepthMode = Literal["importance", "contiguous"]
+DEPTH_MODES: tuple[str, ...] = ("importance", "contiguous")
+SCORES_FILE = "importance/scores.safetensors"  # inside the output folder (not globbed as weights)
+
+# Candidate grid for --target-params: the Minitron papers' width search prunes the hidden size
+# and the MLP by these kinds of ratios, heads and depth kept (width prunes better than depth).
+HIDDEN_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
+MLP_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+DEPTH_RATIOS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+BUDGET_SLACK = 0.02  # of the source's parameters: candidates this close to the best count as equal
+
+
+def _flag(key: str) -> str:
+    return f"{key} (--{key.replace('_', '-')})"
+
+
+def _examples(values: list[int], limit: int = 8) -> str:
+    if len(values) <= limit:
+        return ", ".join(map(str, values))
+    half = limit // 2
+    return ", ".join(map(str, values[:half])) + ", ..., " + ", ".join(map(str, values[-half:]))
+
+
+# ----------------------------------------------------------------------------- targets
+def plan(config: Any, target: Mapping[str, int]) -> dict[str, int]:
+    """The pruned model's architecture fields for `target` (any subset of TARGET_KEYS), validated.
+
+    Returns all of TARGET_KEYS plus `head_dim` (kept from the source and written explicitly, since
+    Llama would otherwise derive it as hidden_size // num_attention_heads). Raises MinitronError,
+    naming the key, its flag and the valid values, for an impossible target.
+    """
+    unknown = sorted(set(target) - set(TARGET_KEYS))
+    if unknown:
+        raise MinitronError(f"unknown target key(s) {', '.join(unknown)}; valid keys: "
+                            f"{', '.join(TARGET_KEYS)}")
+    hl = head_layout(config)
+    src = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+           "num_attention_heads": hl.num_heads, "num_key_value_heads": hl.num_kv_heads,
+           "num_hidden_layers": config.num_hidden_layers}
+    for key, value in target.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MinitronError(f"{_flag(key)} = {value!r} must be a whole number")
+        if value < 1:
+            raise MinitronError(f"{_flag(key)} = {value} must be at least 1; valid values: "
+                                f"1 to {src[key]}")
+        if value > src[key]:
+            raise MinitronError(f"{_flag(key)} = {value} is larger than the source model's "
+                                f"{src[key]}; pruning only shrinks: valid values 1 to {src[key]}")
+    out = {k: int(target.get(k, src[k])) for k in TARGET_KEYS}
+    g = hl.group_size
+    if "num_key_value_heads" in target and "num_attention_heads" not in target:
+        out["num_attention_heads"] = out["num_key_value_heads"] * g  # whole KV groups dropped
+    if g == 1 and "num_attention_heads" in target and "num_key_value_heads" not in target:
+        out["num_key_value_heads"] = out["num_attention_heads"]  # plain multi-head attention
+    heads, kv = out["num_attention_heads"], out["num_key_value_heads"]
+    if heads % kv or heads // kv > g:
+        valid = [kv * m for m in range(1, g + 1)]
+        raise MinitronError(
+            f"{_flag('num_attention_heads')} = {heads} cannot be spread evenly over "
+            f"{kv} KV groups of at most {g} query heads each (num_key_value_heads={kv}); "
+            f"valid values: {', '.join(map(str, valid))}")
+    if out["hidden_size"] % heads:
+        valid = [h for h in range(heads, src["hidden_size"] + 1, heads)]
+        raise MinitronError(
+            f"{_flag('hidden_size')} = {out['hidden_size']} is not divisible by the head layout "
+            f"(num_attention_heads={heads}); valid values: multiples of {heads} up to "
+            f"{src['hidden_size']}: {_examples(valid)}")
+    out["head_dim"] = hl.head_dim
+    return out
+
+
+def pruned_config(config: Any, fields: Mapping[str, int], kept_layers: list[int] | None = None):
+    """A copy of `config` with the planned fields; per-layer lists (layer_types) follow the kept
+    layers (the first ones when `kept_layers` is not given)."""
+    new = copy.deepcopy(config)
+    for k, v in fields.items():
+        setattr(new, k, int(v))
+    kept = kept_layers if kept_layers is not None else list(range(fields["num_hidden_layers"]))
+    if isinstance(getattr(new, "layer_types", None), list):
+        new.layer_types = [config.layer_types[i] for i in kept]
+    return new
+
+
+def _round_to(x: float, multiple: int) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int], list[dict]]:
+    """Choose a target shape for a parameter budget: a fraction (<= 1) of the source's parameters
+    or an absolute count (> 1).
+
+    Rule: enumerate the width grid HIDDEN_RATIOS x MLP_RATIOS (heads and layers kept; hidden sizes
+    rounded to a multiple of num_attention_heads and of 8 where possible, MLP sizes to a multiple
+    of 8). Among the candidates that fit the budget and lie within BUDGET_SLACK (2% of the source)
+    of the largest one that fits, pick the most balanced: the one whose most-pruned dimension
+    keeps the largest fraction ("least_kept"), then the larger. Only if no width candidate fits is
+    depth added (DEPTH_RATIOS of the layers, same grid, same rule). Returns (target, candidates)
+    with every candidate considered.
+    """
+    source = param_count_from_config(config)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        raise MinitronError(f"--target-params {budget!r} must be a fraction in (0, 1] of the source "
+                            f"or an absolute parameter count")
+    limit = int(budget * source) if budget <= 1 else int(budget)
+    if limit > source:
+        raise MinitronError(f"--target-params {budget} ({limit:,} parameters) is larger than the "
+                            f"source model ({source:,}); give a fraction <= 1 or a count <= {source}")
+    hl = head_layout(config)
+    h_mult = math.lcm(hl.num_heads, 8) if math.lcm(hl.num_heads, 8) <= config.hidden_size // 8 \
+        else hl.num_heads
+    base = {"num_attention_heads": hl.num_heads, "num_key_value_heads": hl.num_kv_heads}
+
+    def grid(layer_ratios):
+        seen, out = set(), []
+        for lr in layer_ratios:
+            for hr in HIDDEN_RATIOS:
+                for mr in MLP_RATIOS:
+                    t = dict(base, hidden_size=min(config.hidden_size,
+                                                   _round_to(config.hidden_size * hr, h_mult)),
+                             intermediate_size=min(config.intermediate_size,
+                                                   _round_to(config.intermediate_size * mr, 8)),
+                             num_hidden_layers=max(1, round(config.num_hidden_layers * lr)))
+                    key = tuple(sorted(t.items()))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    fields = plan(config, t)
+                    n = param_count_from_config(_config_dict(config, fields))
+                    least = min(t["hidden_size"] / config.hidden_size,
+                                t["intermediate_size"] / config.intermediate_size,
+                                t["num_hidden_layers"] / config.num_hidden_layers)
+                    out.append({**t, "params": n, "fraction": round(n / source, 4),
+                                "least_kept": round(least, 4), "fits": n <= limit})
+        return out
+
+    candidates = grid((1.0,))
+    fitting = [c for c in candidates if c["fits"]]
+    if not fitting:
+        candidates += grid(DEPTH_RATIOS)
+        fitting = [c for c in candidates if c["fits"]]
+    if not fitting:
+        smallest = min(c["params"] for c in candidates)
+        raise MinitronError(f"--target-params {budget} ({limit:,} parameters) is below every "
+                            f"candidate shape (the smallest has {smallest:,}); give at least "
+                            f"{smallest / source:.3f} of the source or set the shape explicitly")
+    top = max(c["params"] for c in fitting)
+    near = [c for c in fitting if c["params"] >= top - BUDGET_SLACK * source]
+    best = max(near, key=lambda c: (c["least_kept"], c["params"]))
+    for c in candidates:
+        c["chosen"] = c is best
+    target = {k: best[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
+    return target, candidates
+
+
+def _config_dict(config: Any, fields: Mapping[str, int]) -> dict[str, Any]:
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    d.update(fields)
+    return d
+
+
+# ----------------------------------------------------------------------------- selection
+def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, in ascending index order (ties: lower index kept)."""
+    if k >= scores.numel():
+        return torch.arange(scores.numel())
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def select_layers(layer_scores: torch.Tensor, keep: int, depth: str = "importance") -> list[int]:
+    """Layers to keep: the `keep` highest-scoring, or all but the contiguous block of
+    len - keep layers with the lowest summed score."""
+    n = layer_scores.numel()
+    if depth not in DEPTH_MODES:
+        raise MinitronError(f"depth='{depth}' is unknown; valid: {', '.join(DEPTH_MODES)}")
+    if keep >= n:
+        return list(range(n))
+    if depth == "importance":
+        return _top_sorted(layer_scores, keep).tolist()
+    drop = n - keep
+    sums = [float(layer_scores[s:s + drop].sum()) for s in range(n - drop + 1)]
+    start = min(range(len(sums)), key=lambda s: sums[s])
+    return [i for i in range(n) if not start <= i < start + drop]
+
+
+def select_heads(head_scores: torch.Tensor, num_kv: int, heads_per_group: int,
+                 group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept KV groups, kept query heads) of one layer: whole groups by their summed score, then
+    the best `heads_per_group` query heads within each kept group. Query head h belongs to KV
+    group h // group_size (transformers' repeat_kv)."""
+    by_group = head_scores.view(-1, group_size)
+    groups = _top_sorted(by_group.sum(-1), num_kv)
+    heads = [g * group_size + _top_sorted(by_group[g], heads_per_group) for g in groups.tolist()]
+    return groups, torch.cat(heads)
+
+
+def _rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Weight rows of `units` (heads) that are `width` rows each."""
+    return (units[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- pruning
+@torch.no_grad()
+def prune(model: nn.Module, scores: Scores, target: Mapping[str, int],
+          depth: DepthMode = "importance", depth_method: str | None = None) -> nn.Module:
+    """A new, smaller model; `model` (the teacher) is left untouched (weights are copied by index).
+
+    `depth_method` picks the layer scores ("block_importance" or "lm_loss"; default: the one the
+    scores were computed for). The result carries `minitron_record` (kept layers, parameter counts,
+    settings), which `save_pruned` writes into minitron.json.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    config = model.config
+    spec = arch_of(model)
+    scores.check_matches(config)
+    fields = plan(config, target)
+    hl = head_layout(config)
+    depth_method = depth_method or scores.config.depth_method
+    kept_layers = select_layers(scores.layer_scores(depth_method), fields["num_hidden_layers"], depth)
+    hidden = _top_sorted(scores.hidden, fields["hidden_size"])
+    per_group = fields["num_attention_heads"] // fields["num_key_value_heads"]
+
+    # old module path -> (new module path, row index, column index); None keeps a whole dimension.
+    rules: dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]] = {
+        spec.embed: (spec.embed, None, hidden),
+        spec.lm_head: (spec.lm_head, None, hidden),
+        spec.final_norm: (spec.final_norm, hidden, None),
+    }
+    for new_i, old_i in enumerate(kept_layers):
+        groups, heads = select_heads(scores.heads[old_i], fields["num_key_value_heads"], per_group,
+                                     hl.group_size)
+        q_rows, kv_rows = _rows(heads, hl.head_dim), _rows(groups, hl.head_dim)
+        neurons = _top_sorted(scores.neurons[old_i], fields["intermediate_size"])
+        old, new = f"{spec.layers}.{old_i}.", f"{spec.layers}.{new_i}."
+        for path, rows, cols in ((spec.q_proj, q_rows, hidden), (spec.k_proj, kv_rows, hidden),
+                                 (spec.v_proj, kv_rows, hidden), (spec.o_proj, hidden, q_rows),
+                                 (spec.gate_proj, neurons, hidden), (spec.up_proj, neurons, hidden),
+                                 (spec.down_proj, hidden, neurons), (spec.input_norm, hidden, None),
+                                 (spec.post_attn_norm, hidden, None)):
+            rules[old + path] = (new + path, rows, cols)
+    dropped = tuple(f"{spec.layers}.{i}." for i in sorted(set(range(config.num_hidden_layers))
+                                                           - set(kept_layers)))
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix not in rules:
+            if name.startswith(dropped):
+                continue
+            raise MinitronError(f"parameter '{name}' is not covered by the {spec.family} layout; "
+                                f"minitron cannot prune this model")
+        new_prefix, rows, cols = rules[prefix]
+        t = tensor
+        if rows is not None:
+            t = t.index_select(0, rows.to(t.device))
+        if cols is not None and t.dim() == 2:
+            t = t.index_select(1, cols.to(t.device))
+        state[f"{new_prefix}.{leaf}"] = t.clone() if t is tensor else t
+
+    new_config = pruned_config(config, fields, kept_layers)
+    dtype = next(model.parameters()).dtype
+    with no_init_weights():
+        pruned = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
+    device = next(model.parameters()).device
+    pruned.to(device)
+    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    tied = {spec.lm_head + ".weight"} if getattr(new_config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise MinitronError(f"pruned weights do not fit the pruned architecture (missing "
+                            f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+    pruned.tie_weights()
+    pruned.generation_config = copy.deepcopy(model.generation_config)
+    pruned.eval()
+    pruned.minitron_record = {
+        "kept_layers": kept_layers,
+        "depth": depth,
+        "depth_method": depth_method,
+        "shape": fields,
+        "source_shape": plan(config, {}),
+        "parameters_before": count_params(model),
+        "importance": {"config": asdict(scores.config), "meta": dict(scores.meta)},
+    }
+    return pruned
+
+
+def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike,
+                info: Mapping[str, Any] | None = None, scores: Scores | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a plain Hugging Face checkpoint + tokenizer + minitron.json (and the scores, if given,
+    under importance/) into `output_dir`, atomically."""
+    record = {**dict(info or {}), **getattr(model, "minitron_record", {})}
+    after = count_params(model)
+    params = {"after": after, "after_closed_form": param_count_from_config(model.config)}
+    if "parameters_before" in record:
+        before = record.pop("parameters_before")
+        params = {"before": before, **params, "ratio": round(after / before, 4)}
+    record["parameters"] = params
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if scores is not None:
+            save_scores(scores, tmp / SCORES_FILE)
+            record["scores_file"] = SCORES_FILE
+        write_json_atomic(tmp / "minitron.json", record)
+    return Path(output_dir)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _budget(text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise MinitronError(f"--target-params '{text}' is not a number; give a fraction such as "
+                            f"0.5 or a parameter count such as 60e6") from None
+    return value if value <= 1 else int(value)
+
+
+def _shape_rows(config: Any, fields: Mapping[str, int]) -> list[dict]:
+    src = plan(config, {})
+    rows = [{"field": k, "source": src[k], "pruned": fields[k]} for k in (*TARGET_KEYS, "head_dim")]
+    before = param_count_from_config(config)
+    after = param_count_from_config(_config_dict(config, fields))
+    rows.append({"field": "parameters", "source": f"{before:,}",
+                 "pruned": f"{after:,} ({after / before:.1%})"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minitron.prune",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=EMBEDDED_NAME, help="folder, hub id or 'smollm2-135m'")
+    p.add_argument("--output", help="folder for the pruned checkpoint (required unless --dry-run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    t = p.add_argument_group("target (any subset; or --target-params)")
+    for key in TARGET_KEYS:
+        t.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int)
+    t.add_argument("--target-params", help="parameter budget: a fraction (<= 1) of the source, or a "
+                   "count; the shape is chosen by the documented grid rule and the candidates shown")
+    t.add_argument("--depth", default="importance", choices=DEPTH_MODES,
+                   help="drop the lowest-scoring layers, or the lowest-scoring contiguous block")
+    d = p.add_argument_group("importance")
+    d.add_argument("--scores", help="reuse scores saved by an earlier run (.safetensors)")
+    d.add_argument("--data", default="stdlib", help="calibration data source (its calibration split)")
+    d.add_argument("--calib-blocks", type=int, default=1024)
+    d.add_argument("--block-size", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--aggregation-seq", default="mean", choices=AGGREGATIONS)
+    d.add_argument("--aggregation-batch", default="l2", choices=AGGREGATIONS)
+    d.add_argument("--depth-method", default="block_importance", choices=DEPTH_METHODS,
+                   help="layer scores: Block Importance, or LM-loss increase when skipped")
+    d.add_argument("--lm-loss-blocks", type=int, default=32,
+                   help="calibration blocks for the (costly) LM-loss layer-skip method")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the pruned shape and parameter count; load no weights")
+    args = p.parse_args(argv)
+
+    from minitron.models import load_config, load_model, parse_dtype
+
+    # ---- everything that can be refused is refused before any weights or data load
+    target = {k: getattr(args, k) for k in TARGET_KEYS if getattr(args, k) is not None}
+    if args.target_params is not None and target:
+        raise MinitronError(f"--target-params cannot be combined with explicit shape flags "
+                            f"({', '.join('--' + k.replace('_', '-') for k in target)}); give one")
+    if args.target_params is None and not target:
+        raise MinitronError("no target: give at least one of "
+                            + ", ".join("--" + k.replace("_", "-") for k in TARGET_KEYS)
+                            + ", or --target-params")
+    config = load_config(args.model)
+    if args.target_params is not None:
+        target, candidates = target_for_budget(config, _budget(args.target_params))
+        print("candidates for --target-params (width grid; depth only if no width shape fits):")
+        print(format_table(candidates))
+    fields = plan(config, target)
+    imp_config = ImportanceConfig(args.aggregation_seq, args.aggregation_batch, args.depth_method,
+                                  args.lm_loss_blocks)
+    parse_dtype(args.dtype)
+    if args.calib_blocks < 1:
+        raise MinitronError(f"--calib-blocks {args.calib_blocks} must be at least 1")
+    print(format_table(_shape_rows(config, fields)))
+    if args.dry_run:
+        return 0
+    if not args.output:
+        raise MinitronError("--output DIR is required (or use --dry-run)")
+    if Path(args.output).exists() and not args.overwrite:
+        raise MinitronError(f"--output {args.output} already exists; choose another folder or "
+                            f"pass --overwrite")
+    scores = load_scores(args.scores) if args.scores else None
+    if scores is not None:
+        scores.check_matches(config)
+        scores.layer_scores(args.depth_method)
+        print(f"reusing scores from {args.scores} (their aggregation: seq="
+              f"{scores.config.aggregation_seq}, batch={scores.config.aggregation_batch})")
+
+    with StageTimer("prune") as timer:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        calibration = None
+        if scores is None:
+            blocks = load_blocks_for(tokenizer, args, model.config)
+            t0 = time.perf_counter()
+            scores = compute_scores(model, blocks, args.batch_size, imp_config, progress=True)
+            calibration = {"data": args.data, "split": "calibration", "blocks": len(blocks),
+                           "block_size": args.block_size}
+            print(f"importance computed in {time.perf_counter() - t0:.1f}s")
+        print(describe(scores))
+        pruned = prune(model, scores, target, depth=args.depth, depth_method=args.depth_method)
+    info = {"source": str(args.model), "target": target, "method": {
+        "width": "activation importance (Minitron)", "depth": args.depth,
+        "depth_method": args.depth_method, "scores_from": args.scores or "computed in this run",
+        "calibration": calibration}, "timing": timer.as_dict()}
+    if args.target_params is not None:
+        info["target_params"] = args.target_params
+    save_pruned(pruned, tokenizer, args.output, info, scores=scores, overwrite=args.overwrite)
+    before, after = count_params(model), count_params(pruned)
+    print(f"kept layers: {pruned.minitron_record['kept_layers']}")
+    print(f"parameters: {before:,} -> {after:,} ({after / before:.1%}); wrote {args.output} "
+          f"in {timer.wall_s:.1f}s")
+    return 0
+
+
+def load_blocks_for(tokenizer, args: argparse.Namespace, config: Any) -> torch.Tensor:
+    from minitron.data import load_blocks
+
+    return load_blocks(tokenizer, "calibration", args.calib_blocks, source=args.data,
+                       block_size=args.block_size,
+                       max_positions=getattr(config, "max_position_embeddings", None))
+
+
+__all__ = ["TARGET_KEYS", "plan", "pruned_config", "prune", "save_pruned", "select_heads",
+           "select_layers", "target_for_budget", "main"]
+
+if __name__ == "__main__":
+    run_cli(main)
