@@ -1,0 +1,369 @@
+"""ONNX export, INT8 quantization and the deployable folder, checked against PyTorch and plain ORT.
+
+References are independent of minitron.export: PyTorch forwards of the source checkpoint, raw
+`onnxruntime.InferenceSession`s fed by hand (prefill, then token-by-token decoding through the KV
+cache), and a fresh interpreter that loads the folder with optimum and never imports minitron.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minitron.common import MinitronError
+from minitron.data import load_blocks
+from tiny import make_tiny_model, tiny_tokenizer
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("optimum.onnxruntime")
+
+from minitron import export as ex  # noqa: E402
+
+SMALL = dict(eval_blocks=2, block_size=32, calib_samples=2, gen_tokens=8, compare=False,
+             measure_speed=False)
+INT8_TOP1_FLOOR = 0.85  # tiny random models have small logit margins; measured ~0.93-0.97
+
+
+def _session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _past(session, batch: int) -> dict:
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values"):
+            feeds[inp.name] = np.zeros((batch, inp.shape[1], 0, inp.shape[3]), np.float32)
+    return feeds
+
+
+def _ort_logits(session, ids: torch.Tensor) -> torch.Tensor:
+    ids = ids.numpy()
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy(),
+             **_past(session, ids.shape[0])}
+    return torch.from_numpy(session.run(["logits"], feeds)[0])
+
+
+def _ort_decode_logits(session, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits for every position: prefill the first tokens, then feed one token at a time with the cache."""
+    names = [o.name for o in session.get_outputs()]
+    ids = ids.numpy()
+    first = {"input_ids": ids[:, :prefill], "attention_mask": np.ones((1, prefill), np.int64),
+             "position_ids": np.arange(prefill)[None], **_past(session, 1)}
+    out = session.run(None, first)
+    logits = [out[0]]
+    for pos in range(prefill, ids.shape[1]):
+        feeds = {"input_ids": ids[:, pos:pos + 1], "attention_mask": np.ones((1, pos + 1), np.int64),
+                 "position_ids": np.array([[pos]])}
+        feeds.update({n.replace("present", "past_key_values"): v for n, v in zip(names[1:], out[1:])})
+        out = session.run(None, feeds)
+        logits.append(out[0])
+    return torch.from_numpy(np.concatenate(logits, axis=1))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """The standard library's top-level modules (a glob): every split gets documents, and reading
+    them is much faster than scanning the whole standard library for each export."""
+    import sysconfig
+
+    return str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
+
+
+@pytest.fixture(scope="module")
+def fast(corpus):
+    """export() arguments for quick runs: few short blocks, no speed, only the deployed variant."""
+    return {**SMALL, "source": corpus}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "model"
+    make_tiny_model("llama", path, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(source, fast):
+    out = source.parent / "out"
+    report = ex.export(source, out, int8="blockwise", keep_fp32=True, **fast)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def calib_blocks(corpus):
+    return load_blocks(tiny_tokenizer(), "calibration", 4, block_size=32, source=corpus)
+
+
+@pytest.fixture(scope="module")
+def torch_model(source):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+
+
+def _ids(n=2, length=24, seed=0):
+    return torch.randint(0, 384, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- FP32 graph
+def test_fp32_onnx_logits_match_pytorch(exported, torch_model):
+    out, _ = exported
+    ids = _ids()
+    with torch.no_grad():
+        ref = torch_model(ids).logits
+    got = _ort_logits(_session(out / ex.FP32_FILE), ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_fp32_onnx_kv_cache_decoding_matches_full_forward(exported, torch_model):
+    out, _ = exported
+    ids = _ids(1, 20, seed=1)
+    with torch.no_grad():
+        ref = torch_model(ids).logits
+    got = _ort_decode_logits(_session(out / ex.FP32_FILE), ids, prefill=7)
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_fp32_greedy_generation_matches_pytorch(exported, torch_model):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out, _ = exported
+    ort_model = ORTModelForCausalLM.from_pretrained(out, file_name=ex.FP32_FILE)
+    prompt = _ids(1, 10, seed=2)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+              do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = torch_model.generate(prompt, **kw)
+    assert torch.equal(ort_model.generate(prompt, **kw), expected)
+
+
+# ----------------------------------------------------------------------------- INT8
+def _top1_agreement(session, torch_model, ids) -> float:
+    with torch.no_grad():
+        ref = torch_model(ids).logits
+    return (_ort_logits(session, ids).argmax(-1) == ref.argmax(-1)).float().mean().item()
+
+
+def test_deployed_int8_model_agrees_and_is_smaller(exported, torch_model):
+    import onnx
+
+    out, report = exported
+    deployed = out / ex.DEPLOY_FILE
+    nodes = onnx.load(str(deployed)).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 7 + 1  # q, k, v, o, gate, up, down per layer + LM head
+    # blocks that tile every input width (64 and the MLP's 96) exactly: 32, no padding
+    assert {(a.name, a.i) for n in nbits for a in n.attribute if a.name in ("bits", "block_size")} == \
+        {("bits", 8), ("block_size", 32)}
+    assert deployed.stat().st_size < 0.75 * (out / ex.FP32_FILE).stat().st_size
+    agreement = _top1_agreement(_session(deployed), torch_model, _ids(4, 32, seed=5))
+    assert agreement >= INT8_TOP1_FLOOR
+    # its KV-cache path too: decoding token by token agrees with its own full forward
+    session = _session(deployed)
+    ids = _ids(1, 16, seed=6)
+    full = _ort_logits(session, ids)
+    assert (_ort_decode_logits(session, ids, prefill=5) - full).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("scheme,per_channel,op", [("dynamic", False, "MatMulInteger"),
+                                                   ("dynamic", True, "MatMulInteger"),
+                                                   ("static", False, "QuantizeLinear"),
+                                                   ("static", True, "QuantizeLinear")])
+def test_int8_variants_agree_with_pytorch(exported, torch_model, tmp_path, calib_blocks, scheme,
+                                          per_channel, op):
+    import onnx
+
+    out, _ = exported
+    folded = tmp_path / "folded.onnx"
+    ex.fold_initializer_transposes(out / ex.FP32_FILE, folded)
+    variant = ex.Int8Variant(scheme, per_channel)
+    dst = tmp_path / variant.file
+    ex.quantize_int8(folded, dst, variant, calib_blocks if scheme == "static" else None)
+    assert op in {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert dst.stat().st_size < 0.75 * folded.stat().st_size
+    assert _top1_agreement(_session(dst), torch_model, _ids(4, 32, seed=7)) >= INT8_TOP1_FLOOR
+
+
+def test_tied_embeddings_lm_head_is_quantized(tmp_path, torch_model, fast):
+    """With tied weights the exporter feeds the LM head through a Transpose; INT8 must still cover it."""
+    import onnx
+
+    src = tmp_path / "tied"
+    make_tiny_model("llama", src, tie_word_embeddings=True)
+    out = tmp_path / "out"
+    ex.export(src, out, int8="dynamic", **fast)
+    graph = onnx.load(str(out / ex.DEPLOY_FILE)).graph
+    head = [n for n in graph.node if n.output and any(o == "logits" for o in n.output)]
+    producers = {o: n for n in graph.node for o in n.output}
+    # walk back from the logits to the op that multiplies by the LM head
+    node = head[0]
+    while node.op_type not in ("MatMul", "MatMulInteger", "MatMulNBits"):
+        node = producers[node.input[0]]
+    assert node.op_type != "MatMul"
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0].startswith("model.embed")]
+    assert gathers and all(n.input[0].endswith("_quantized") for n in gathers)
+
+
+# ----------------------------------------------------------------------------- the folder
+def test_folder_loads_and_generates_in_a_fresh_process(exported):
+    out, _ = exported
+    script = f"""
+import sys, json, torch
+from optimum.onnxruntime import ORTModelForCausalLM
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(out)!r})
+model = ORTModelForCausalLM.from_pretrained({str(out)!r})
+ids = tok("def f(x):", return_tensors="pt")["input_ids"]
+gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                     do_sample=False, pad_token_id=0)
+print(json.dumps({{"new": gen.shape[1] - ids.shape[1], "file": model.path.name,
+                  "minitron": any(m.startswith("minitron") for m in sys.modules)}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=out, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"new": 6, "file": ex.DEPLOY_FILE, "minitron": False}
+
+
+def test_report_and_manifest(exported, source, torch_model, corpus):
+    out, report = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == ex.MANIFEST_KIND
+    assert manifest["settings"]["int8"] == "blockwise"
+    assert {"torch", "transformers", "onnxruntime", "optimum"} <= set(manifest["versions"])
+    for name in ("config.json", "generation_config.json", "tokenizer.json", ex.DEPLOY_FILE):
+        assert (out / name).exists() and name in manifest["files"]
+    assert json.loads((out / "report.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert "| pytorch-fp32 |" in (out / "report.md").read_text()
+    # the reported PyTorch perplexity equals a naive recomputation on the same held-out blocks
+    blocks = load_blocks(tiny_tokenizer(), "eval", SMALL["eval_blocks"], block_size=SMALL["block_size"],
+                         source=corpus)
+    with torch.no_grad():
+        logits = torch_model(blocks).logits[:, :-1]
+    naive = math.exp(F.cross_entropy(logits.reshape(-1, logits.size(-1)), blocks[:, 1:].reshape(-1)).item())
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["pytorch-fp32"]["perplexity"] == pytest.approx(naive, rel=1e-5)
+    assert rows["onnx-fp32"]["max_logit_diff"] < 1e-4
+    assert rows["onnx-int8-blockwise"]["deployed"] is True
+
+
+def test_previous_export_is_replaced(exported, source, tmp_path, fast):
+    import onnx
+    import shutil
+
+    out, _ = exported
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    report = ex.export(source, copy, int8="none", **{**fast, "compare": True})
+    ops = {n.op_type for n in onnx.load(str(copy / ex.DEPLOY_FILE)).graph.node}
+    assert not ops & {"MatMulNBits", "MatMulInteger", "DequantizeLinear"} and "MatMul" in ops
+    assert sorted(p.name for p in copy.glob("*.onnx*")) == [ex.DEPLOY_FILE]
+    assert json.loads((copy / "manifest.json").read_text())["settings"]["int8"] == "none"
+    # every INT8 variant was measured for the report, none deployed
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["onnx-fp32"]["deployed"] is True
+    int8 = [r for name, r in rows.items() if name.startswith("onnx-int8-")]
+    assert len(int8) == 5 and not any(r["deployed"] for r in int8)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_interrupted_export_leaves_no_folder(source, tmp_path, monkeypatch, fast):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "quantize_int8", interrupt)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        ex.export(source, out, **fast)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp32_mismatch_fails_with_numbers(source, tmp_path, fast):
+    with pytest.raises(MinitronError,
+                       match=r"does not match PyTorch: max \|logit difference\| [0-9.e-]+ > atol 0"):
+        ex.export(source, tmp_path / "out", atol=0.0, **fast)
+    assert not (tmp_path / "out").exists()
+
+
+def test_int8_outside_budget_fails_with_numbers(source, tmp_path, fast):
+    with pytest.raises(MinitronError, match=r"INT8 \(dynamic\) model fails validation: top-1 agreement "
+                                            r"with FP32 0\.\d+ < 0\.9999"):
+        ex.export(source, tmp_path / "out", int8="dynamic", int8_min_top1=0.9999, **fast)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_are_clear_errors(source, tmp_path):
+    from transformers import BertConfig, GPT2Config
+
+    with pytest.raises(MinitronError, match="not found"):
+        ex.export(tmp_path / "missing", tmp_path / "o1")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MinitronError, match="no config.json"):
+        ex.export(tmp_path / "empty", tmp_path / "o2")
+    bert = tmp_path / "bert"
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64)
+    cfg.architectures = ["BertForMaskedLM"]
+    cfg.save_pretrained(bert)
+    with pytest.raises(MinitronError, match=r"is not a causal LM \(architectures: \['BertForMaskedLM'\]\)"):
+        ex.export(bert, tmp_path / "o3")
+    gpt2 = tmp_path / "gpt2"
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    cfg.save_pretrained(gpt2)
+    with pytest.raises(MinitronError, match=r"unsupported architecture \['GPT2LMHeadModel'\]"):
+        ex.export(gpt2, tmp_path / "o4")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(MinitronError, match="exists and is not a previous minitron export"):
+        ex.export(source, taken)
+    assert (taken / "notes.txt").read_text() == "mine"
+    with pytest.raises(MinitronError,
+                       match="--int8 'int4' is not a scheme; valid: blockwise, dynamic, static, none"):
+        ex.export(source, tmp_path / "o5", int8="int4")
+    with pytest.raises(MinitronError, match="--per-channel applies to --int8 dynamic or static"):
+        ex.export(source, tmp_path / "o6", int8="blockwise", per_channel=True)
+    with pytest.raises(MinitronError, match="calib_samples=0 must be at least 1"):
+        ex.export(source, tmp_path / "o7", calib_samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "empty", "gpt2", "taken"]
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "minitron.export", "--model", str(tmp_path / "nope"),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: model ") and "not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- bitsandbytes
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_bitsandbytes_loading_agrees(tmp_path, scheme):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    src = tmp_path / "model"
+    # bitsandbytes' CPU NF4 kernel wants output features in multiples of 32 and input features in
+    # multiples of its 64-wide quantization blocks.
+    model = make_tiny_model("llama", src, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            intermediate_size=128)
+    quantized = ex.load_bnb(str(src), scheme)
+    assert any("bitsandbytes" in type(m).__module__ for m in quantized.modules())
+    ids = _ids(2, 32, seed=9)
+    with torch.no_grad():
+        ref, got = model(ids).logits, quantized(ids).logits
+    floor = INT8_TOP1_FLOOR if scheme == "int8" else 0.5
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= floor
