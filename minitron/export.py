@@ -56,7 +56,8 @@ from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table
 from minitron.data import SOURCES_HELP, load_blocks
 from minitron.evaluate import speed as torch_speed
 from minitron.evaluate import weights_size_mb
-from minitron.models import ARCHS, EMBEDDED_NAME, arch_of, count_params, load_model, resolve_model
+from minitron.models import (ARCHS, EMBEDDED_NAME, arch_of, count_params, head_layout, load_model,
+                             resolve_model)
 
 Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
 INT8_SCHEMES: tuple[str, ...] = ("blockwise", "dynamic", "static", "none")
@@ -139,6 +140,27 @@ def variants_to_measure(settings: ExportSettings) -> list[Int8Variant]:
 
 
 # ----------------------------------------------------------------------------- checks before work
+def ort_cache_problem(config: Any) -> str | None:
+    """Why ORTModelForCausalLM cannot run this shape with a KV cache, or None.
+
+    optimum-onnx 0.1 sizes the empty KV cache of Llama/Mistral/Qwen2 as hidden_size //
+    num_attention_heads per head, ignoring config.head_dim, so a model pruned in hidden size but
+    not in heads (e.g. Llama-3.1-Minitron-4B-Width: 3072 = 32 x 96, head_dim 128) fails at the
+    first generate step.
+    """
+    hl = head_layout(config)
+    if config.hidden_size == hl.num_heads * hl.head_dim:
+        return None
+    fits = config.hidden_size // hl.head_dim
+    hint = (f"num_attention_heads={fits} (a multiple of num_key_value_heads={hl.num_kv_heads})"
+            if config.hidden_size % hl.head_dim == 0 and fits % hl.num_kv_heads == 0
+            else f"hidden_size={hl.num_heads * hl.head_dim}")
+    return (f"hidden_size={config.hidden_size} is not num_attention_heads x head_dim "
+            f"({hl.num_heads} x {hl.head_dim} = {hl.num_heads * hl.head_dim}); ONNX Runtime's "
+            f"ORTModelForCausalLM derives the KV-cache head size as hidden_size / heads and cannot "
+            f"run this model. Prune to a shape where they match, e.g. {hint}")
+
+
 def check_model(model: str | os.PathLike):
     """The model's local folder (or hub id) and config; refuses non-causal-LM and unsupported ones."""
     from transformers import AutoConfig
@@ -157,6 +179,9 @@ def check_model(model: str | os.PathLike):
             f"causal-LM checkpoint, one of: {', '.join(ARCHS)}"
         )
     arch_of(config)  # refuses unsupported families by name
+    problem = ort_cache_problem(config)
+    if problem:
+        raise MinitronError(f"model '{model}' cannot be exported for ONNX Runtime: {problem}")
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
     from optimum.exporters.tasks import TasksManager
 

@@ -341,6 +341,16 @@ def test_bad_inputs_are_clear_errors(source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "empty", "gpt2", "taken"]
 
 
+def test_shape_that_onnx_runtime_cannot_serve_is_refused_up_front(tmp_path):
+    """A hidden size pruned without the heads: ORTModelForCausalLM would size the KV cache as
+    hidden/heads (48/8 = 6, not head_dim 8) and crash at the first generate step."""
+    make_tiny_model("llama", path=tmp_path / "m", hidden_size=48)
+    with pytest.raises(MinitronError, match=r"hidden_size=48 is not num_attention_heads x head_dim "
+                                            r"\(8 x 8 = 64\).*e\.g\. num_attention_heads=6"):
+        ex.export(tmp_path / "m", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minitron.export", "--model", str(tmp_path / "nope"),
                            "--output", str(tmp_path / "out")], capture_output=True, text=True,
