@@ -1,0 +1,1010 @@
+"""Teacher -> student distillation: the loop that gives a pruned model its quality back.
+
+A frozen teacher (eval mode, no grad, its own dtype and device) teaches a trainable student with the
+forward-KL kernel of `minitron.kernels` on the logits (the fused linear+KL form when the vocabulary
+is large, so [N, V] logits never exist at once), optionally mixed with cross-entropy on the data
+(`alpha`) and an intermediate-state loss between chosen layers. An optional first phase fine-tunes the
+teacher with plain cross-entropy ("teacher correction"). Two baselines run in the same harness:
+cross-entropy retraining of the pruned model (`baseline="ce"`) and the pruned shape trained from a
+random initialization (`baseline="scratch"`).
+
+Every run lives in one output folder: `checkpoint/` (latest; atomic), `metrics.jsonl`, `loss.png`,
+`distill_run.json` (the settings the run was started with) and, at the end, the student as a plain
+Hugging Face checkpoint with `minitron.json`. Rerunning the same command resumes from the checkpoint
+in the same data order; a finished run is not repeated.
+
+`python -m minitron.distill --teacher T --student S --output DIR [--tokens N] [--baseline ce|scratch]`
+
+The pieces a multi-process run will replace are each one small function: `_wrap_model` (DDP/FSDP),
+`batch_indices` (each rank's disjoint share of a global batch), `save_checkpoint`/`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
+                             write_json_atomic, write_text_atomic)
+from minitron.kernels.reference import DIVERGENCES
+
+BASELINES = ("ce", "scratch")
+INTERMEDIATE_LOSSES = ("cosine", "mse")
+LOSS_IMPLS = ("auto", "logits", "fused")
+# Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
+FUSED_MIN_VOCAB = 32_768
+IGNORE_INDEX = -100
+# Settings that may change between a run and its resumption (they do not change the weights).
+_RESUMABLE_CHANGES = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint"}
+CKPT = "checkpoint"
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class DistillConfig:
+    """Everything that shapes a distillation run; validated on construction."""
+
+    tokens: int = 1_000_000                 # student training tokens (the budget)
+    batch_size: int = 8                     # sequences per micro-batch
+    block_size: int = 256                   # tokens per sequence
+    grad_accum: int = 1                     # micro-batches per optimizer step
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
+    warmup_fraction: float = 0.05           # of the optimizer steps, linear warmup
+    weight_decay: float = 0.1               # on matrices only (not norms or biases)
+    clip_grad: float = 1.0                  # max global grad norm; 0 = off
+    temperature: float = 1.0
+    alpha: float = 0.0                      # loss = (1 - alpha) * divergence + alpha * CE
+    divergence: str = "kl"                  # kl | reverse_kl | jsd
+    beta: float = 0.5                       # JSD mixture weight
+    intermediate: tuple[tuple[int, int], ...] = ()  # (teacher layer, student layer) pairs
+    intermediate_loss: str = "cosine"       # cosine | mse (normalized by the teacher's mean square)
+    intermediate_weight: float = 1.0
+    teacher_correction_tokens: int = 0      # 0 = no teacher correction phase
+    teacher_correction_lr: float | None = None  # default: lr
+    baseline: str | None = None             # None (distill) | "ce" | "scratch"
+    loss_impl: str = "auto"                 # auto | logits | fused
+    gradient_checkpointing: bool = False
+    autocast: bool = True                   # bf16 autocast when the student is on a GPU
+    checkpoint_every: int = 100             # optimizer steps; a checkpoint is also written at the end
+    eval_every: int = 50                    # optimizer steps; also at step 0 and at the end
+    eval_blocks: int = 16
+    eval_batch_size: int = 8
+    log_every: int = 1
+    seed: int = 0
+    progress: bool = True
+    keep_checkpoint: bool = True            # keep checkpoint/ after the final model is written
+
+    def __post_init__(self) -> None:
+        self.intermediate = tuple((int(t), int(s)) for t, s in self.intermediate)
+
+        def need(ok: bool, name: str, valid: str) -> None:
+            if not ok:
+                raise MinitronError(f"{name}={getattr(self, name)!r} is invalid; valid: {valid}")
+
+        for name in ("batch_size", "block_size", "grad_accum", "checkpoint_every", "eval_every",
+                     "eval_blocks", "eval_batch_size", "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                 "an integer >= 1")
+        need(self.block_size >= 2, "block_size", "an integer >= 2")
+        need(self.tokens >= 1, "tokens", "an integer >= 1")
+        need(self.teacher_correction_tokens >= 0, "teacher_correction_tokens", "an integer >= 0")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "a number > 0")
+        if self.teacher_correction_lr is not None:
+            need(math.isfinite(self.teacher_correction_lr) and self.teacher_correction_lr > 0,
+                 "teacher_correction_lr", "a number > 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "0 <= min_lr_ratio <= 1")
+        need(0 <= self.warmup_fraction < 1, "warmup_fraction", "0 <= warmup_fraction < 1")
+        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(self.clip_grad >= 0, "clip_grad", "a number >= 0 (0 turns clipping off)")
+        need(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
+             "a number > 0")
+        need(0 <= self.alpha <= 1, "alpha", "0 <= alpha < 1 (the cross-entropy share of the loss)")
+        if self.alpha == 1 and self.baseline is None:
+            raise MinitronError("alpha=1.0 is pure cross-entropy: no distillation is left; "
+                                "use baseline='ce' (--baseline ce), or 0 <= alpha < 1")
+        need(self.divergence in DIVERGENCES, "divergence", ", ".join(DIVERGENCES))
+        need(0 < self.beta < 1, "beta", "0 < beta < 1")
+        need(self.intermediate_loss in INTERMEDIATE_LOSSES, "intermediate_loss",
+             ", ".join(INTERMEDIATE_LOSSES))
+        need(self.intermediate_weight >= 0, "intermediate_weight", "a number >= 0")
+        need(all(t >= 0 and s >= 0 for t, s in self.intermediate), "intermediate",
+             "pairs of non-negative layer indices (teacher, student)")
+        need(self.baseline is None or self.baseline in BASELINES, "baseline",
+             "None (distillation), " + ", ".join(BASELINES))
+        need(self.loss_impl in LOSS_IMPLS, "loss_impl", ", ".join(LOSS_IMPLS))
+        if self.baseline is not None and self.intermediate:
+            raise MinitronError(f"intermediate={list(self.intermediate)} needs a teacher; the "
+                                f"'{self.baseline}' baseline trains without one: drop one of them")
+        if self.baseline is not None and self.teacher_correction_tokens:
+            raise MinitronError(f"teacher_correction_tokens={self.teacher_correction_tokens} "
+                                f"corrects a teacher that the '{self.baseline}' baseline does not "
+                                f"use: drop one of them")
+        if self.tokens < self.tokens_per_step:
+            raise MinitronError(
+                f"tokens={self.tokens} is less than one optimizer step (batch_size {self.batch_size}"
+                f" x grad_accum {self.grad_accum} x block_size {self.block_size} = "
+                f"{self.tokens_per_step} tokens); give tokens >= {self.tokens_per_step}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.block_size
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.tokens_per_step
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.baseline is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["intermediate"] = [list(p) for p in self.intermediate]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MinitronError(f"unknown distillation setting(s) {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def parse_intermediate(text: str | None) -> tuple[tuple[int, int], ...]:
+    """'29:14,14:7' -> ((29, 14), (14, 7)): teacher layer, student layer."""
+    if not text:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            raise MinitronError(f"--intermediate {text!r}: '{item}' is not TEACHER_LAYER:STUDENT_LAYER"
+                                f" (e.g. --intermediate 29:14,14:7)")
+        pairs.append((int(parts[0]), int(parts[1])))
+    return tuple(pairs)
+
+
+# ----------------------------------------------------------------------------- schedule and data
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step`: linear warmup, then cosine to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step: int, micro: int, n_blocks: int, config: DistillConfig,
+                  rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Block indices of one rank's micro-batch: a pure function of (seed, step, micro).
+
+    Global sample g = (step * grad_accum + micro) * batch_size + j walks a fresh seeded permutation
+    of the train blocks each epoch; rank r of `world` takes the samples with j % world == r, so ranks
+    read disjoint shares and the global order does not depend on the process count.
+    """
+    start = (step * config.grad_accum + micro) * config.batch_size
+    samples = range(start + rank, start + config.batch_size, world)
+    out = []
+    for g in samples:
+        epoch, pos = divmod(g, n_blocks)
+        out.append(int(_permutation(n_blocks, config.seed, epoch)[pos]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 8:
+            _PERM_CACHE.clear()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _PERM_CACHE[key] = torch.randperm(n, generator=gen)
+    return _PERM_CACHE[key]
+
+
+def blocks_fingerprint(blocks: torch.Tensor) -> str:
+    return hashlib.sha1(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- model plumbing
+def _wrap_model(model: nn.Module, config: DistillConfig) -> nn.Module:
+    """The module the loop calls. One process: the model itself (DDP/FSDP wrap it here later)."""
+    return model
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def freeze_(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def reinitialize_(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights in the model's own shape (the from-scratch baseline), seeded."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    model.load_state_dict(fresh.state_dict())
+    return model
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Capture:
+    """Forward hooks that keep the outputs of chosen decoder layers for the intermediate loss."""
+
+    def __init__(self, model: nn.Module, layers: list[int]):
+        from minitron.models import decoder_layers
+
+        self.outputs: dict[int, torch.Tensor] = {}
+        modules = decoder_layers(model)
+        self.handles = [modules[i].register_forward_hook(self._hook(i)) for i in layers]
+
+    def _hook(self, i: int) -> Callable:
+        def hook(_module, _inputs, out):
+            self.outputs[i] = _layer_output(out)
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.outputs.clear()
+
+
+def make_projections(teacher: nn.Module, student: nn.Module, config: DistillConfig) -> nn.ModuleList:
+    """One learned linear map (student width -> teacher width) per intermediate pair, or Identity."""
+    from minitron.models import decoder_layers
+
+    n_t, n_s = len(decoder_layers(teacher)), len(decoder_layers(student))
+    for t, s in config.intermediate:
+        if t >= n_t or s >= n_s:
+            raise MinitronError(
+                f"intermediate pair {t}:{s} is out of range: the teacher has layers 0..{n_t - 1}, "
+                f"the student 0..{n_s - 1}")
+    h_t, h_s = teacher.config.hidden_size, student.config.hidden_size
+    torch.manual_seed(config.seed)
+    maps = nn.ModuleList()
+    for _ in config.intermediate:
+        if h_t == h_s:
+            maps.append(nn.Identity())
+        else:
+            lin = nn.Linear(h_s, h_t, bias=False)
+            # Start as a slice of the identity: pruned channels are a subset of the teacher's.
+            nn.init.eye_(lin.weight)
+            maps.append(lin)
+    return maps.to(_device_of(student))
+
+
+def intermediate_loss(s: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean over tokens of 1 - cos(s, t), or MSE(s, t) / mean(t^2) (scale-free: residual streams of
+    LLMs carry large outlier channels, so a raw MSE would dwarf the logit loss)."""
+    s, t = s.float(), t.float()
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+    return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+
+
+def _use_fused(config: DistillConfig, vocab: int) -> bool:
+    if config.loss_impl == "fused":
+        return True
+    return config.loss_impl == "auto" and vocab >= FUSED_MIN_VOCAB
+
+
+# ----------------------------------------------------------------------------- the loss
+def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """labels[:, i] = ids[:, i+1]; the last position has no next token (ignored)."""
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]
+    return labels
+
+
+def _ce_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                           ids[:, 1:].reshape(-1))
+
+
+def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: DistillConfig,
+             teacher_head: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """(1 - alpha) * divergence(teacher || student) + alpha * CE, through the kernel in one pass."""
+    from minitron import kernels
+
+    # KL counts every position (the last one has a teacher distribution too); CE every position
+    # but the last (no next token). The kernel's mean divides both by all positions.
+    labels = _next_token_labels(ids) if config.alpha > 0 else None
+    ce_weight = config.alpha / (1 - config.alpha) if config.alpha > 0 else 0.0
+    kw = dict(temperature=config.temperature, divergence=config.divergence, beta=config.beta,
+              labels=labels.reshape(-1) if labels is not None else None, ce_weight=ce_weight,
+              ignore_index=IGNORE_INDEX)
+    t_ids = ids.to(_device_of(teacher))
+    dev = ids.device
+    if fused:
+        with torch.no_grad():
+            t_hidden = teacher.get_decoder()(t_ids, use_cache=False).last_hidden_state.to(dev)
+        s_hidden = student.get_decoder()(ids, use_cache=False).last_hidden_state
+        s_head = student.get_output_embeddings().weight
+        loss = kernels.fused_linear_softmax_kl(
+            s_hidden.reshape(-1, s_hidden.size(-1)), s_head,
+            t_hidden.reshape(-1, t_hidden.size(-1)), teacher_head, **kw)
+    else:
+        with torch.no_grad():
+            t_logits = teacher(t_ids, use_cache=False).logits.to(dev)
+        s_logits = student(ids, use_cache=False).logits
+        loss = kernels.softmax_kl(s_logits.reshape(-1, s_logits.size(-1)),
+                                  t_logits.reshape(-1, t_logits.size(-1)), **kw)
+    return loss * (1 - config.alpha)
+
+
+def _micro_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
+                config: DistillConfig, teacher_head: torch.Tensor | None, fused: bool,
+                projections: nn.ModuleList | None, captures: list["_Capture"],
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch's training loss (and its intermediate part, detached, if any)."""
+    if teacher is None:
+        return _ce_loss(model, ids), None
+    loss = _kd_loss(model, teacher, ids, config, teacher_head, fused)
+    if projections is None:
+        return loss, None
+    t_out, s_out = captures[0].outputs, captures[1].outputs
+    inter = torch.zeros((), device=ids.device)
+    for (t, s), proj in zip(config.intermediate, projections):
+        inter = inter + intermediate_loss(proj(s_out[s]), t_out[t].to(ids.device),
+                                          config.intermediate_loss)
+    return loss + config.intermediate_weight * inter, inter.detach()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _find_checkpoint(run_dir: Path) -> Path | None:
+    """The latest complete checkpoint; `.old-checkpoint-*` covers a kill between atomic_dir's renames."""
+    ckpt = run_dir / CKPT
+    if (ckpt / "state.json").exists():
+        return ckpt
+    olds = sorted(run_dir.glob(f".old-{CKPT}-*"), key=lambda p: p.stat().st_mtime)
+    olds = [p for p in olds if (p / "state.json").exists()]
+    return olds[-1] if olds else None
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, extra: nn.Module | None, optimizer, scheduler,
+                    state: dict[str, Any]) -> Path:
+    """Weights (safetensors), optimizer + scheduler, RNG states and the data position, atomically."""
+    from safetensors.torch import save_model
+
+    with atomic_dir(run_dir / CKPT, overwrite=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        if extra is not None and len(list(extra.parameters())):
+            save_model(extra, str(tmp / "projections.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+               "python_pos": random.getstate()[2]}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        write_json_atomic(tmp / "state.json", state)
+    for old in run_dir.glob(f".old-{CKPT}-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return run_dir / CKPT
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, extra: nn.Module | None, optimizer,
+                    scheduler) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote (tensors only: nothing is unpickled); returns the state."""
+    from safetensors.torch import load_model
+
+    load_model(model, str(ckpt / "model.safetensors"))
+    if extra is not None and (ckpt / "projections.safetensors").exists():
+        load_model(extra, str(ckpt / "projections.safetensors"))
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- logging
+class MetricsLog:
+    """Append-only JSONL of train and eval records; on resume, records past the checkpoint go."""
+
+    def __init__(self, path: Path, keep_up_to: int | None = None):
+        """Read `path`; with `keep_up_to`, drop (and rewrite without) records of later steps."""
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    self.records.append(json.loads(line))
+        if keep_up_to is not None:
+            self.records = [r for r in self.records if r.get("step", 0) <= keep_up_to]
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Train and held-out loss against training tokens, as a PNG (matplotlib Agg)."""
+    # An Agg canvas of our own: no pyplot, so no global backend switch and no GUI in the caller.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
+    if evals:
+        ax.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-",
+                label="held-out CE loss")
+        if any("kl_to_teacher" in r for r in evals):
+            ax.plot([r["tokens"] for r in evals], [r.get("kl_to_teacher") for r in evals], "s--",
+                    label="held-out KL to teacher")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_student(student: nn.Module, teacher: nn.Module | None, blocks: torch.Tensor,
+                     batch_size: int) -> dict[str, float]:
+    """Held-out loss and perplexity, and (with a teacher) KL to it and top-1 agreement."""
+    from minitron.evaluate import perplexity, teacher_agreement
+
+    was_training = student.training
+    student.eval()
+    try:
+        ppl = perplexity(student, blocks, batch_size)
+        out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
+        if teacher is not None:
+            out.update(teacher_agreement(student, teacher, blocks, batch_size))
+    finally:
+        student.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+def _check_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse a folder that holds something else, or a run started with other settings."""
+    marker = run_dir / "distill_run.json"
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        diffs = []
+        for key in sorted(set(old) | set(settings)):
+            if key == "config":
+                for k in sorted(set(old.get(key, {})) | set(settings[key])):
+                    if k in _RESUMABLE_CHANGES:
+                        continue
+                    if old.get(key, {}).get(k) != settings[key].get(k):
+                        diffs.append(f"{k}: {old.get(key, {}).get(k)!r} -> {settings[key].get(k)!r}")
+            elif old.get(key) != settings.get(key):
+                diffs.append(f"{key}: {old.get(key)!r} -> {settings.get(key)!r}")
+        if diffs:
+            raise MinitronError(
+                f"{run_dir} holds a run started with other settings ({'; '.join(diffs)}); rerun "
+                f"with the same settings to resume it, or choose another --output")
+        return
+    if run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".tmp-")):
+        raise MinitronError(f"output folder {run_dir} is not empty and holds no distillation run; "
+                            f"choose a new or empty --output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, settings)
+
+
+def _param_groups(model: nn.Module, extra: nn.Module | None, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for module in (model, extra):
+        if module is None:
+            continue
+        for p in module.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _train(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    config: DistillConfig,
+    run_dir: Path,
+    phase: str,
+    on_step: Callable[[int], None] | None = None,
+    eval_teacher: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Train `student` in place for config.steps optimizer steps, checkpointing into run_dir.
+
+    `teacher=None` or a baseline means cross-entropy on the data; otherwise the KD loss.
+    `eval_teacher` (the teacher, also for baselines) adds KL and agreement to each eval.
+    Returns the final metrics. `on_step(step)` runs after each optimizer step and checkpoint
+    (tests use it to interrupt a run).
+    """
+    device = _device_of(student)
+    kd = teacher is not None and config.baseline is None
+    steps, warmup = config.steps, int(config.warmup_fraction * config.steps)
+    n_blocks = len(train_blocks)
+    vocab = student.config.vocab_size
+    fused = kd and _use_fused(config, vocab)
+
+    projections = make_projections(teacher, student, config) if kd and config.intermediate else None
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = _wrap_model(student, config)
+    optimizer = torch.optim.AdamW(_param_groups(student, projections, config.weight_decay),
+                                  lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, warmup, config.min_lr_ratio))
+
+    ckpt = _find_checkpoint(run_dir)
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "train_time_s": 0.0}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, student, projections, optimizer, scheduler)
+        print(f"[minitron] {phase}: resuming from step {state['step']}/{steps} ({ckpt})")
+    else:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+    start_step = state["step"]
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_up_to=start_step if ckpt is not None else -1)
+    last_ckpt_step = start_step if ckpt is not None else None
+
+    teacher_head = None
+    if fused:
+        teacher_head = teacher.get_output_embeddings().weight.detach().to(device)
+
+    def autocast():
+        if config.autocast and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    captures: list[_Capture] = []
+    if projections is not None:
+        captures = [_Capture(teacher, [t for t, _ in config.intermediate]),
+                    _Capture(student, [s for _, s in config.intermediate])]
+
+    def run_eval(step: int) -> dict[str, Any]:
+        rec = {"kind": "eval", "step": step, "tokens": step * config.tokens_per_step}
+        with autocast():
+            rec.update(evaluate_student(student, eval_teacher, eval_blocks,
+                                        config.eval_batch_size))
+        log.write(rec)
+        msg = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("kind", "step", "tokens"))
+        print(f"[minitron] {phase} step {step}/{steps}: {msg}", file=sys.stderr)
+        return rec
+
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start_step, desc=phase, unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+    try:
+        last_eval = None
+        if start_step == 0:
+            last_eval = run_eval(0)
+        t_train = time.perf_counter()
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            total = torch.zeros((), device=device)
+            inter_total = torch.zeros((), device=device)
+            for micro in range(config.grad_accum):
+                ids = train_blocks[batch_indices(step, micro, n_blocks, config)].to(device)
+                with autocast():
+                    loss, inter = _micro_loss(model, teacher if kd else None, ids, config,
+                                              teacher_head, fused, projections, captures)
+                (loss / config.grad_accum).backward()
+                total += loss.detach() / config.grad_accum
+                if inter is not None:
+                    inter_total += inter / config.grad_accum
+                for c in captures:
+                    c.outputs.clear()
+            loss_value = total.item()  # one host sync per optimizer step
+            grad_norm = (torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]],
+                config.clip_grad if config.clip_grad > 0 else float("inf")))
+            if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                value = loss_value if what == "loss" else grad_norm.item()
+                log.write({"kind": "stopped", "step": step + 1, "reason": f"non-finite {what}"})
+                kept = (f"the last good checkpoint (step {last_ckpt_step}) in {run_dir / CKPT} is "
+                        f"intact" if last_ckpt_step is not None
+                        else "no checkpoint had been written yet")
+                raise MinitronError(
+                    f"{phase} stopped: the {what} became {value} at step {step + 1}/{steps}; the "
+                    f"weights were not updated and {kept}. Lower the learning rate (lr={config.lr})"
+                    f", check the data, or resume from the checkpoint by rerunning the command")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            dt = time.perf_counter() - t0
+            state["step"], state["tokens"] = done, done * config.tokens_per_step
+            state["train_time_s"] += dt  # training steps only: eval and checkpoints excluded
+            tok_s = config.tokens_per_step / max(dt, 1e-9)
+            if done % config.log_every == 0 or done == steps:
+                rec = {"kind": "train", "step": done, "tokens": state["tokens"], "loss": loss_value,
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "tokens_per_s": tok_s}
+                if projections is not None:
+                    rec["intermediate_loss"] = inter_total.item()
+                log.write(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:.0f}")
+                bar.update(1)
+            if done % config.eval_every == 0 or done == steps:
+                last_eval = run_eval(done)
+            if done % config.checkpoint_every == 0 or done == steps:
+                save_checkpoint(run_dir, student, projections, optimizer, scheduler,
+                                {**state, "phase": phase})
+                last_ckpt_step = done
+            if on_step is not None:
+                on_step(done)
+        if last_eval is None or last_eval["step"] != steps:
+            last_eval = run_eval(steps)
+    finally:
+        if bar is not None:
+            bar.close()
+        for c in captures:
+            c.close()
+        if config.gradient_checkpointing:
+            student.gradient_checkpointing_disable()
+    student.eval()
+    train_time = state["train_time_s"]
+    trained_tokens = (steps - start_step) * config.tokens_per_step
+    run_time = time.perf_counter() - t_train
+    metrics = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "tokens")}
+    metrics.update({
+        "steps": steps, "train_tokens": steps * config.tokens_per_step,
+        "train_time_s": round(train_time, 2),
+        # Student tokens per second of training steps, teacher forward included (eval excluded).
+        "train_tokens_per_s": round(steps * config.tokens_per_step / max(train_time, 1e-9), 1),
+        "this_session_tokens": trained_tokens, "this_session_wall_s": round(run_time, 2),
+        "loss_impl": ("fused" if fused else "logits") if kd else "cross_entropy",
+    })
+    return metrics
+
+
+# ----------------------------------------------------------------------------- public entry points
+def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks: torch.Tensor,
+                     config: DistillConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Fine-tune `teacher` in place with cross-entropy for config.teacher_correction_tokens tokens.
+
+    The phase checkpoints and resumes like distillation; its result (`teacher.safetensors`) is kept,
+    so a rerun loads it instead of training again. The teacher is trained in its own dtype and left
+    frozen in eval mode.
+    """
+    from safetensors.torch import load_model, save_model
+
+    run_dir = Path(run_dir)
+    done = run_dir / "teacher.safetensors"
+    tc = dataclasses.replace(
+        config, tokens=config.teacher_correction_tokens, teacher_correction_tokens=0,
+        lr=config.teacher_correction_lr or config.lr, baseline="ce", intermediate=(), alpha=0.0,
+        seed=config.seed + 1)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if done.exists() and (run_dir / "metrics.json").exists():
+        load_model(teacher, str(done))
+        print(f"[minitron] teacher correction: already done, loaded {done}")
+        return json.loads((run_dir / "metrics.json").read_text())
+    metrics = _train(teacher, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
+    tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
+    save_model(teacher, str(tmp))
+    os.replace(tmp, done)
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    freeze_(teacher)
+    return metrics
+
+
+def distill(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    config: DistillConfig,
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    info: dict[str, Any] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train `student` (in place) from `teacher` and write the finished model to `output_dir`.
+
+    train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits. `teacher` may be None
+    only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
+    metrics saved in `output_dir/minitron.json` (at once, if the run has already finished).
+    """
+    out = Path(output_dir)
+    final = out / "minitron.json"
+    if final.exists():
+        saved = json.loads(final.read_text()).get("distillation", {})
+        if saved.get("status") == "finished":
+            print(f"[minitron] {out} holds a finished run; not repeating it")
+            return saved["metrics"]
+    if config.uses_teacher and teacher is None:
+        raise MinitronError("distillation needs a teacher (--teacher); without one, use "
+                            "--baseline ce or --baseline scratch")
+    if train_blocks.ndim != 2 or train_blocks.size(1) != config.block_size:
+        raise MinitronError(f"train blocks have shape {tuple(train_blocks.shape)}; expected "
+                            f"[n, block_size={config.block_size}]")
+    if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
+        raise MinitronError(
+            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
+            f"({student.config.vocab_size}); distillation needs the same tokenizer")
+    phase = "distill" if config.uses_teacher else f"baseline_{config.baseline}"
+    if teacher is not None:
+        freeze_(teacher)
+        if config.intermediate:
+            make_projections(teacher, student, config)  # range check before any work
+    settings = {"config": config.to_dict(), "train_data": blocks_fingerprint(train_blocks),
+                "eval_data": blocks_fingerprint(eval_blocks),
+                "student_shape": _shape(student), "teacher_shape": _shape(teacher)}
+    _check_run_dir(out, settings)
+
+    with StageTimer(phase) as timer:
+        result: dict[str, Any] = {}
+        if teacher is not None:
+            result["teacher"] = _cached(out / "teacher_eval.json", lambda: evaluate_student(
+                teacher, None, eval_blocks, config.eval_batch_size))
+        if config.teacher_correction_tokens:
+            result["teacher_correction"] = teacher_correct_(
+                teacher, train_blocks, eval_blocks, config, out / "teacher_correction")
+            result["teacher_corrected"] = {k: result["teacher_correction"][k]
+                                           for k in ("eval_loss", "eval_perplexity")}
+        if config.baseline == "scratch" and _find_checkpoint(out) is None:
+            reinitialize_(student, config.seed)
+        student.float()
+        metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
+                         on_step=on_step, eval_teacher=teacher)
+        timer.tokens = metrics["this_session_tokens"]
+    records = MetricsLog(out / "metrics.jsonl").records
+    start = next((r for r in records if r.get("kind") == "eval" and r["step"] == 0), {})
+    metrics["start"] = {k: v for k, v in start.items() if k not in ("kind", "step", "tokens")}
+    result.update(metrics)
+    result["timing"] = timer.as_dict()
+    plot_losses(records, out / "loss.png", f"{phase}: {out.name}")
+    _write_final(out, student, tokenizer, config, result, info or {})
+    if not config.keep_checkpoint:
+        shutil.rmtree(out / CKPT, ignore_errors=True)
+    return result
+
+
+def _shape(model: nn.Module | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    c = model.config
+    return {k: getattr(c, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                             "num_attention_heads", "num_key_value_heads",
+                                             "vocab_size")}
+
+
+def _cached(path: Path, fn: Callable[[], dict]) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    value = fn()
+    write_json_atomic(path, value)
+    return value
+
+
+def _write_final(out: Path, student: nn.Module, tokenizer, config: DistillConfig,
+                 metrics: dict[str, Any], info: dict[str, Any]) -> None:
+    """The student as a plain HF checkpoint in `out`; minitron.json moves in last (the commit)."""
+    from minitron.models import count_params
+
+    meta = dict(info)
+    meta["parameters"] = {"after": count_params(student)}
+    meta["distillation"] = {"status": "finished", "config": config.to_dict(), "metrics": metrics}
+    with atomic_dir(out / ".final", overwrite=True) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "minitron.json", meta)
+    staged = out / ".final"
+    names = sorted(p.name for p in staged.iterdir())
+    for name in [n for n in names if n != "minitron.json"] + ["minitron.json"]:
+        os.replace(staged / name, out / name)
+    staged.rmdir()
+
+
+def _read_info(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path) / "minitron.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def run_distill(
+    teacher_path: str | os.PathLike | None,
+    student_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config: DistillConfig,
+    *,
+    data_source: str = "stdlib",
+    text_field: str = "text",
+    device: str | None = None,
+    teacher_device: str | None = None,
+    teacher_dtype: str | None = None,
+) -> dict[str, Any]:
+    """From model paths to a finished output folder (resuming a run that is already there)."""
+    from minitron.data import load_blocks
+    from minitron.models import default_device, load_config, load_model, parse_dtype, resolve_model
+
+    out = Path(output_dir)
+    parse_dtype(teacher_dtype)  # refuse a bad --teacher-dtype before anything loads
+    for name, path in (("--teacher", teacher_path), ("--student", student_path)):
+        if path is not None and Path(str(path)).expanduser().resolve() == out.expanduser().resolve():
+            raise MinitronError(f"--output {out} is the {name} folder itself; choose another --output")
+    done = _read_info(out).get("distillation", {})
+    if done.get("status") == "finished":
+        print(f"[minitron] {out} holds a finished run; not repeating it")
+        return done["metrics"]
+    if config.uses_teacher and teacher_path is None:
+        raise MinitronError("distillation needs --teacher; without a teacher use --baseline ce or "
+                            "--baseline scratch")
+    # Cheap checks on the configs before any weights load.
+    s_cfg = load_config(student_path)
+    t_cfg = load_config(teacher_path) if teacher_path is not None else None
+    if t_cfg is not None and t_cfg.vocab_size != s_cfg.vocab_size:
+        raise MinitronError(
+            f"the teacher's vocabulary ({t_cfg.vocab_size}) differs from the student's "
+            f"({s_cfg.vocab_size}); distillation needs the same tokenizer")
+    max_pos = min(c.max_position_embeddings for c in (s_cfg, t_cfg) if c is not None)
+    if config.block_size > max_pos:
+        raise MinitronError(f"block_size={config.block_size} is longer than the models' context "
+                            f"({max_pos} positions); choose block_size <= {max_pos}")
+    device = device or default_device()
+    student, tokenizer = load_model(student_path, dtype="float32", device=device)
+    teacher = None
+    if teacher_path is not None:
+        teacher, _ = load_model(teacher_path, dtype=teacher_dtype, device=teacher_device or device)
+    n_train = config.steps * config.batch_size * config.grad_accum
+    train_blocks = load_blocks(tokenizer, "train", n_train, source=data_source,
+                               block_size=config.block_size, seed=config.seed,
+                               text_field=text_field, max_positions=max_pos)
+    eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data_source,
+                              block_size=config.block_size, seed=0, text_field=text_field,
+                              max_positions=max_pos)
+    info = _read_info(resolve_model(student_path))
+    info = {"student_source": str(student_path),
+            "teacher": str(teacher_path) if teacher_path is not None else None,
+            "data": {"source": data_source, "train_blocks": len(train_blocks),
+                     "eval_blocks": len(eval_blocks), "block_size": config.block_size},
+            "pruning": info or None}
+    return distill(teacher, student, train_blocks, eval_blocks, config, out, tokenizer=tokenizer,
+                   info=info)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    d = DistillConfig()
+    p = argparse.ArgumentParser(prog="python -m minitron.distill", description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", help="teacher model: folder, hub id or 'smollm2-135m' "
+                                     "(needed unless --baseline; with a baseline, only for eval KL)")
+    p.add_argument("--student", required=True, help="student model folder (e.g. a pruned model)")
+    p.add_argument("--output", required=True, help="run folder; the final HF model is written here")
+    p.add_argument("--data", default="stdlib", help="data source (train split trains, eval split "
+                                                    "evaluates)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="student training-token budget")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--block-size", "--seq-len", dest="block_size", type=int, default=d.block_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--alpha", type=float, default=d.alpha,
+                   help="cross-entropy share: loss = (1-alpha)*divergence + alpha*CE")
+    p.add_argument("--divergence", default=d.divergence, help="kl | reverse_kl | jsd")
+    p.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight")
+    p.add_argument("--intermediate", help="teacher:student layer pairs, e.g. 29:14,14:7")
+    p.add_argument("--intermediate-loss", default=d.intermediate_loss, help="cosine | mse")
+    p.add_argument("--intermediate-weight", type=float, default=d.intermediate_weight)
+    p.add_argument("--teacher-correction-tokens", type=int, default=0)
+    p.add_argument("--teacher-correction-lr", type=float, default=None)
+    p.add_argument("--baseline", default=None, help="ce (retrain on the data, no teacher) | scratch "
+                                                    "(random init of the student's shape)")
+    p.add_argument("--loss-impl", default=d.loss_impl, help="auto | logits | fused")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast on GPU")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-blocks", type=int, default=d.eval_blocks)
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="student device (default: cuda if available)")
+    p.add_argument("--teacher-device", default=None, help="default: the student's device")
+    p.add_argument("--teacher-dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--drop-checkpoint", action="store_true",
+                   help="delete checkpoint/ (weights + optimizer state) once the final model is written")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    return DistillConfig(
+        tokens=args.tokens, batch_size=args.batch_size, block_size=args.block_size,
+        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad, temperature=args.temperature, alpha=args.alpha,
+        divergence=args.divergence, beta=args.beta,
+        intermediate=parse_intermediate(args.intermediate),
+        intermediate_loss=args.intermediate_loss, intermediate_weight=args.intermediate_weight,
+        teacher_correction_tokens=args.teacher_correction_tokens,
+        teacher_correction_lr=args.teacher_correction_lr, baseline=args.baseline,
+        loss_impl=args.loss_impl, gradient_checkpointing=args.gradient_checkpointing,
+        autocast=not args.no_autocast, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, eval_blocks=args.eval_blocks,
+        eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
+        progress=not args.no_progress, keep_checkpoint=not args.drop_checkpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    result = run_distill(args.teacher, args.student, args.output, config, data_source=args.data,
+                         text_field=args.text_field, device=args.device,
+                         teacher_device=args.teacher_device, teacher_dtype=args.teacher_dtype)
+    rows = []
+    if "teacher" in result:
+        rows.append({"model": "teacher", **_ppl_row(result["teacher"])})
+    if result.get("start"):
+        rows.append({"model": "student before training", **_ppl_row(result["start"])})
+    rows.append({"model": f"student after {result.get('train_tokens')} tokens", **_ppl_row(result)})
+    print(format_table(rows))
+    print(f"wrote {args.output} ({result.get('train_tokens_per_s')} student tokens/s in training)")
+    return 0
+
+
+def _ppl_row(m: dict[str, Any]) -> dict[str, Any]:
+    return {"eval_loss": m.get("eval_loss"), "perplexity": m.get("eval_perplexity"),
+            "kl_to_teacher": m.get("kl_to_teacher"), "top1_agreement": m.get("top1_agreement")}
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,424 @@
+"""Distillation: a tiny teacher trained here, pruned, then distilled back; resume, NaN stop, CLI.
+
+KL is checked against a naive float64 computation, resume against an uninterrupted run, the final
+folder against a plain `transformers` reload in a subprocess that never imports minitron.
+"""
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minitron.common import MinitronError
+from minitron.data import load_blocks
+from minitron.distill import (DistillConfig, batch_indices, distill, lr_factor, main,
+                              parse_intermediate)
+from tiny import make_tiny_model, tiny_tokenizer
+
+BLOCK = 32
+
+
+@pytest.fixture(autouse=True)
+def _torch_loss_on_cpu(monkeypatch):
+    # The Triton interpreter (what conftest turns on for the kernel tests) costs seconds per step
+    # here; on CPU without it the kernel contract routes to its torch reference, as in production.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls: a second intra-op thread only adds spin-waiting (5x slower on a busy 2-core box).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _corpus(path: Path) -> Path:
+    """A .jsonl of ~200 pieces of stdlib source: data.py hashes each into a split (~5% eval)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "shlex.py",
+             "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "calendar.py", "difflib.py",
+             "argparse.py", "csv.py", "configparser.py", "tokenize.py", "pprint.py", "dataclasses.py"]
+    text = "\n\n".join((stdlib / n).read_text() for n in names)
+    pieces = [text[i:i + 2500] for i in range(0, len(text), 2500)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in pieces))
+    return path
+
+
+def _naive_kl(student, teacher, blocks) -> float:
+    """Mean per-token KL(teacher || student), float64, one plain formula."""
+    with torch.no_grad():
+        s = student(blocks).logits.double().log_softmax(-1)
+        t = teacher(blocks).logits.double().log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean().item()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny teacher trained briefly with plain AdamW + CE, and its width-pruned student."""
+    from minitron.importance import compute_scores
+    from minitron.prune import prune, save_pruned
+
+    root = tmp_path_factory.mktemp("distill")
+    tok = tiny_tokenizer()
+    data = _corpus(root / "corpus.jsonl")
+    train = load_blocks(tok, "train", 256, source=str(data), block_size=BLOCK)
+    evalb = load_blocks(tok, "eval", 8, source=str(data), block_size=BLOCK)
+    calib = load_blocks(tok, "calibration", 16, source=str(data), block_size=BLOCK)
+
+    teacher = make_tiny_model("llama", seed=0)
+    teacher.train()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ids = train[torch.randint(len(train), (16,), generator=gen)]
+        loss = teacher(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    teacher.eval()
+    teacher_dir = root / "teacher"
+    teacher.save_pretrained(teacher_dir, safe_serialization=True)
+    tok.save_pretrained(teacher_dir)
+
+    scores = compute_scores(teacher, calib, batch_size=8)
+    student = prune(teacher, scores, {"hidden_size": 32, "intermediate_size": 48})
+    student_dir = root / "student"
+    save_pruned(student, tok, student_dir)
+    return {"root": root, "tok": tok, "data": data, "train": train, "eval": evalb,
+            "teacher": teacher, "student": student, "teacher_dir": teacher_dir,
+            "student_dir": student_dir}
+
+
+def _cfg(**kw) -> DistillConfig:
+    base = dict(tokens=12 * 8 * BLOCK, batch_size=8, block_size=BLOCK, lr=5e-3, warmup_fraction=0.1,
+                checkpoint_every=4, eval_every=100, eval_blocks=8, progress=False, seed=0)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _run(world, out, config, **kw):
+    teacher = copy.deepcopy(world["teacher"])
+    student = copy.deepcopy(world["student"])
+    metrics = distill(teacher, student, world["train"], world["eval"], config, out,
+                      tokenizer=world["tok"], **kw)
+    return metrics, student, teacher
+
+
+# ----------------------------------------------------------------------------- quality
+def test_distillation_lowers_kl_to_teacher(world, tmp_path):
+    teacher, before = world["teacher"], world["student"]
+    kl_before = _naive_kl(before, teacher, world["eval"])
+    metrics, student, _ = _run(world, tmp_path / "run", _cfg(tokens=30 * 8 * BLOCK, eval_every=10))
+    kl_after = _naive_kl(student, teacher, world["eval"])
+    assert kl_after < 0.35 * kl_before, (kl_before, kl_after)
+    # The loop's own eval agrees with the naive number, and its KL curve falls.
+    assert metrics["kl_to_teacher"] == pytest.approx(kl_after, rel=1e-4)
+    evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["kl_to_teacher"] for r in evals if r["kind"] == "eval"]
+    assert [r["step"] for r in evals if r["kind"] == "eval"] == [0, 10, 20, 30]
+    assert kls[0] == pytest.approx(kl_before, rel=1e-4) and kls[-1] < kls[1] < kls[0]
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_final_folder_reloads_in_plain_transformers(world, tmp_path):
+    out = tmp_path / "run"
+    metrics, student, _ = _run(world, out, _cfg(tokens=2 * 8 * BLOCK))
+    info = json.loads((out / "minitron.json").read_text())
+    assert info["distillation"]["status"] == "finished"
+    assert info["distillation"]["config"]["tokens"] == 2 * 8 * BLOCK
+    assert info["distillation"]["metrics"]["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    ids = world["eval"][:2]
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
+        f"AutoTokenizer.from_pretrained({str(out)!r})\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad(): torch.save(m(ids).logits, sys.argv[1])\n"
+        "assert 'minitron' not in sys.modules\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "logits.pt")], check=True, env=env,
+                   cwd=tmp_path)
+    with torch.no_grad():
+        want = student(ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_linear_form_matches_logits_form(world, tmp_path):
+    """Same run through the chunked LM-head kernel and through materialized logits."""
+    cfg = dict(tokens=3 * 8 * BLOCK, alpha=0.3, temperature=2.0)
+    _, a, _ = _run(world, tmp_path / "logits", _cfg(loss_impl="logits", **cfg))
+    _, b, _ = _run(world, tmp_path / "fused", _cfg(loss_impl="fused", **cfg))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_teacher_keeps_its_own_dtype(world, tmp_path):
+    teacher = copy.deepcopy(world["teacher"]).to(torch.bfloat16)
+    student = copy.deepcopy(world["student"])
+    metrics = distill(teacher, student, world["train"], world["eval"],
+                      _cfg(tokens=2 * 8 * BLOCK, loss_impl="fused"), tmp_path / "run")
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    assert next(student.parameters()).dtype == torch.float32
+    assert math.isfinite(metrics["eval_loss"]) and metrics["kl_to_teacher"] < metrics["start"]["kl_to_teacher"]
+
+
+def test_activation_checkpointing_gives_the_same_training(world, tmp_path):
+    _, a, _ = _run(world, tmp_path / "plain", _cfg(tokens=2 * 8 * BLOCK))
+    _, b, _ = _run(world, tmp_path / "ckpt", _cfg(tokens=2 * 8 * BLOCK, gradient_checkpointing=True))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+    assert not b.is_gradient_checkpointing  # switched off again after training
+
+
+def test_jsd_and_intermediate_loss_train(world, tmp_path):
+    _, student, _ = _run(world, tmp_path / "run", _cfg(
+        tokens=10 * 8 * BLOCK, divergence="jsd", intermediate=((3, 3), (1, 1)),
+        intermediate_loss="mse"))
+    rec = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rec if r["kind"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert train[-1]["intermediate_loss"] < train[0]["intermediate_loss"]
+    # The learned width map (32 -> 64) is checkpointed with the student.
+    proj = load_file(tmp_path / "run" / "checkpoint" / "projections.safetensors")
+    assert sorted(v.shape for v in proj.values()) == [torch.Size([64, 32])] * 2
+
+
+def test_teacher_correction_then_distill(world, tmp_path):
+    out = tmp_path / "run"
+    metrics, _, teacher = _run(world, out, _cfg(tokens=2 * 8 * BLOCK,
+                                                teacher_correction_tokens=4 * 8 * BLOCK))
+    assert (out / "teacher_correction" / "teacher.safetensors").exists()
+    corrected = load_file(out / "teacher_correction" / "teacher.safetensors")
+    original = world["teacher"].state_dict()
+    assert any(not torch.equal(corrected[k], original[k]) for k in corrected)
+    # The teacher that taught is the corrected one, frozen.
+    assert torch.equal(teacher.model.norm.weight, corrected["model.norm.weight"])
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert metrics["teacher_correction"]["steps"] == 4
+    assert set(metrics["teacher_corrected"]) == {"eval_loss", "eval_perplexity"}
+
+
+def test_baselines_ce_and_scratch(world, tmp_path):
+    ce, _, _ = _run(world, tmp_path / "ce", _cfg(tokens=2 * 8 * BLOCK, baseline="ce"))
+    scratch, s, _ = _run(world, tmp_path / "scratch", _cfg(tokens=2 * 8 * BLOCK, baseline="scratch"))
+    assert ce["loss_impl"] == scratch["loss_impl"] == "cross_entropy"
+    # ce starts from the pruned weights, scratch from a random init of the same shape (loss ~ ln V).
+    assert ce["start"]["eval_loss"] < scratch["start"]["eval_loss"]
+    assert scratch["start"]["eval_loss"] == pytest.approx(math.log(384), abs=0.3)
+    assert s.config.hidden_size == 32
+
+
+# ----------------------------------------------------------------------------- resume
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_identical_weights(world, tmp_path):
+    cfg = _cfg(tokens=9 * 2 * 4 * BLOCK, batch_size=4, grad_accum=2, checkpoint_every=3, alpha=0.2,
+               intermediate=((3, 3),), eval_every=4)
+    _run(world, tmp_path / "straight", cfg)
+
+    def kill_at_5(step):
+        if step == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _run(world, tmp_path / "resumed", cfg, on_step=kill_at_5)
+    assert json.loads((tmp_path / "resumed/checkpoint/state.json").read_text())["step"] == 3
+    assert not (tmp_path / "resumed" / "minitron.json").exists()
+    _run(world, tmp_path / "resumed", cfg)
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The metrics log has each step once, as if never interrupted.
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == list(range(1, 10))
+
+    # A finished run is not repeated.
+    calls = []
+    _run(world, tmp_path / "resumed", cfg, on_step=calls.append)
+    assert calls == []
+
+
+def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch):
+    import minitron.distill as d
+
+    real, calls = d._kd_loss, []
+
+    def poisoned(*args, **kw):
+        calls.append(1)
+        loss = real(*args, **kw)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(d, "_kd_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(MinitronError, match=r"the loss became nan at step 6/12; the weights were "
+                                            r"not updated and the last good checkpoint \(step 4\)"):
+        _run(world, out, _cfg())
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4
+    weights = load_file(out / "checkpoint" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (out / "minitron.json").exists()
+    monkeypatch.setattr(d, "_kd_loss", real)
+    metrics, _, _ = _run(world, out, _cfg())  # rerunning resumes and finishes
+    assert metrics["steps"] == 12 and math.isfinite(metrics["eval_loss"])
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_data_order_is_a_permutation_per_epoch_and_sharded_disjointly():
+    cfg = DistillConfig(tokens=10_000, batch_size=4, block_size=8, grad_accum=2)
+    seen = torch.cat([batch_indices(s, m, 12, cfg) for s in range(3) for m in range(2)])
+    assert sorted(seen[:12].tolist()) == list(range(12)) and sorted(seen[12:].tolist()) == list(range(12))
+    assert seen[:12].tolist() != seen[12:].tolist()  # a new order each epoch
+    for step, micro in ((0, 0), (1, 1), (5, 0)):
+        whole = batch_indices(step, micro, 12, cfg)
+        shards = [batch_indices(step, micro, 12, cfg, rank=r, world=2) for r in range(2)]
+        assert sorted(torch.cat(shards).tolist()) == sorted(whole.tolist())
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- refusals
+def _cli(world, out, *extra):
+    args = ["--teacher", str(world["teacher_dir"]), "--student", str(world["student_dir"]),
+            "--output", str(out), "--data", str(world["data"]), "--block-size", str(BLOCK),
+            "--batch-size", "4", "--tokens", str(2 * 4 * BLOCK), "--eval-blocks", "4",
+            "--no-progress", *extra]
+    return main(args)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tokens", "10"], r"tokens=10 is less than one optimizer step .* give tokens >= 128"),
+    (["--alpha", "1"], r"alpha=1.0 is pure cross-entropy.*--baseline ce"),
+    (["--alpha", "1.5"], r"alpha=1.5 is invalid; valid: 0 <= alpha < 1"),
+    (["--temperature", "0"], r"temperature=0.0 is invalid; valid: a number > 0"),
+    (["--lr", "-1"], r"lr=-1.0 is invalid; valid: a number > 0"),
+    (["--divergence", "tvd"], r"divergence='tvd' is invalid; valid: kl, reverse_kl, jsd"),
+    (["--beta", "1"], r"beta=1.0 is invalid; valid: 0 < beta < 1"),
+    (["--baseline", "lora"], r"baseline='lora' is invalid; valid: None \(distillation\), ce, scratch"),
+    (["--loss-impl", "fast"], r"loss_impl='fast' is invalid; valid: auto, logits, fused"),
+    (["--intermediate-loss", "l1"], r"intermediate_loss='l1' is invalid; valid: cosine, mse"),
+    (["--batch-size", "0"], r"batch_size=0 is invalid; valid: an integer >= 1"),
+    (["--checkpoint-every", "0"], r"checkpoint_every=0 is invalid; valid: an integer >= 1"),
+    (["--intermediate", "3-1"], r"--intermediate '3-1': '3-1' is not TEACHER_LAYER:STUDENT_LAYER"),
+    (["--intermediate", "9:1"], r"intermediate pair 9:1 is out of range: the teacher has layers "
+                                r"0..3, the student 0..3"),
+    (["--intermediate", "3:3", "--baseline", "ce"], r"intermediate=\[\(3, 3\)\] needs a teacher"),
+    (["--teacher-correction-tokens", "512", "--baseline", "scratch"],
+     r"teacher_correction_tokens=512 corrects a teacher that the 'scratch' baseline does not use"),
+    (["--teacher-dtype", "int4"], r"unknown dtype 'int4'; valid: float32, fp32, bfloat16"),
+    (["--block-size", "512", "--tokens", "4096"], r"block_size=512 is longer than the models' context \(256 positions\)"),
+])
+def test_cli_refusals(world, tmp_path, extra, message):
+    with pytest.raises(MinitronError, match=message):
+        _cli(world, tmp_path / "out", *extra)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_cli_refuses_missing_teacher(world, tmp_path):
+    with pytest.raises(MinitronError, match=r"distillation needs --teacher; without a teacher use "
+                                            r"--baseline ce or --baseline scratch"):
+        main(["--student", str(world["student_dir"]), "--output", str(tmp_path / "o")])
+
+
+def test_cli_refuses_vocab_mismatch(world, tmp_path):
+    other = tmp_path / "other"
+    make_tiny_model("llama", path=other, vocab_size=500)
+    with pytest.raises(MinitronError, match=r"the teacher's vocabulary \(500\) differs from the "
+                                            r"student's \(384\)"):
+        main(["--teacher", str(other), "--student", str(world["student_dir"]),
+              "--output", str(tmp_path / "o")])
+
+
+def test_cli_refuses_output_that_is_not_a_run(world, tmp_path):
+    with pytest.raises(MinitronError, match=r"--output .* is the --student folder itself"):
+        _cli(world, world["student_dir"])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(MinitronError, match=r"output folder .*busy is not empty and holds no "
+                                            r"distillation run"):
+        _cli(world, busy)
+
+
+def test_cli_refuses_resume_with_other_settings(world, tmp_path, monkeypatch):
+    import minitron.distill as d
+
+    def stop(*a, **k):
+        raise _Killed
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(d, "_write_final", stop)
+    with pytest.raises(_Killed):
+        _cli(world, out)
+    with pytest.raises(MinitronError, match=r"holds a run started with other settings \(lr: 0.0001 "
+                                            r"-> 0.001\); rerun with the same settings"):
+        _cli(world, out, "--lr", "1e-3")
+
+
+def test_parse_intermediate():
+    assert parse_intermediate("29:14, 14:7") == ((29, 14), (14, 7))
+    assert parse_intermediate("") == ()
+
+
+def test_cli_killed_at_any_moment_resumes_to_the_same_weights(world, tmp_path):
+    """The real command: a refusal exits 2 with one line; a run killed with SIGKILL mid-training
+    and rerun ends with the weights of an uninterrupted run (here, in-process)."""
+    args = ["--teacher", str(world["teacher_dir"]), "--student", str(world["student_dir"]),
+            "--data", str(world["data"]), "--block-size", str(BLOCK), "--batch-size", "4",
+            "--eval-blocks", "4", "--no-progress", "--tokens", str(16 * 4 * BLOCK),
+            "--checkpoint-every", "2", "--eval-every", "5", "--alpha", "0.1"]
+    cmd = [sys.executable, "-m", "minitron.distill", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    bad = subprocess.run(cmd + ["--output", str(tmp_path / "bad"), "--divergence", "tv"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: divergence='tv' is invalid; valid: kl, reverse_kl, jsd"
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--output", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "state.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "minitron.json").exists(), "the run ended before it could be killed"
+    again = subprocess.run(cmd + ["--output", str(out)], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from step" in again.stdout
+    assert "student before training" in again.stdout
+
+    main(args + ["--output", str(tmp_path / "straight")])
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((out / "minitron.json").read_text())
+    assert info["distillation"]["metrics"]["steps"] == 16
+    assert info["pruning"]["shape"]["hidden_size"] == 32  # the pruner's record is carried over
