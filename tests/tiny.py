@@ -26,7 +26,8 @@ def tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+                                   pad_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def tiny_config(family: str = "llama", **overrides):

@@ -1,0 +1,266 @@
+"""Run a recipe's stages in order in a run folder, with timing, resume and a report.
+
+`python -m minitron.run RECIPE [section.key=value ...] [--dry-run]`
+
+Each stage writes into its own subfolder and records a fingerprint of its settings and of every
+stage before it. A rerun skips a stage whose fingerprint is unchanged and that finished; a stage
+that was interrupted runs again (distillation continues from its checkpoint); a changed setting
+reruns that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from minitron.common import (MinitronError, StageTimer, format_table, run_cli, write_json_atomic,
+                             write_text_atomic)
+from minitron.models import load_config, param_count_from_config, resolve_model
+from minitron.recipe import Recipe, dump_recipe, fingerprint, load_recipe
+
+
+# ----------------------------------------------------------------------------- planning
+def source_config(recipe: Recipe):
+    """The source model's config: from the recipe's shipped config.json when given (offline dry
+    runs of large models), else from the model itself."""
+    if recipe.model.config is not None:
+        from transformers import AutoConfig
+
+        path = Path(recipe.model.config)
+        if not path.is_file():
+            raise MinitronError(f"model.config: '{path}' not found")
+        return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
+    return load_config(recipe.model.name)
+
+
+def prune_target(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The pruning target (HF config names) and, for a parameter budget, the candidates considered."""
+    from minitron.prune import target_for_budget
+
+    if recipe.prune.target_params is not None:
+        return target_for_budget(config, recipe.prune.target_params)
+    return recipe.prune.target(), []
+
+
+def stage_names(recipe: Recipe) -> list[str]:
+    names = []
+    if recipe.prune.enabled:
+        names.append("prune")
+    if recipe.distill.enabled:
+        names.append("distill")
+    if recipe.export.enabled:
+        names.append("export")
+    if recipe.evaluate.enabled:
+        names.append("evaluate")
+    return names
+
+
+def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Refuse, before any work, a plan whose later stages cannot succeed.
+
+    Returns the pruned shape (all HF config fields the pruner sets) and the budget candidates.
+    """
+    from minitron.prune import plan
+
+    shape, candidates = {}, []
+    if recipe.prune.enabled:
+        target, candidates = prune_target(recipe, config)
+        shape = plan(config, target)
+    if recipe.export.enabled:
+        from types import SimpleNamespace
+
+        from minitron.export import ort_cache_problem
+
+        problem = ort_cache_problem(SimpleNamespace(**{**config.to_dict(), **shape}))
+        if problem:
+            raise MinitronError(f"{recipe.source_file}: export.enabled: the pruned model could not "
+                                f"be exported: {problem}; or set export.enabled: false")
+    return shape, candidates
+
+
+def dry_run(recipe: Recipe) -> dict[str, Any]:
+    """Validate, print the plan, shapes and parameter counts; touch no weights."""
+    config = source_config(recipe)
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "num_hidden_layers")
+    source = {k: getattr(config, k) for k in keys}
+    before = param_count_from_config(config)
+    plan_info: dict[str, Any] = {"stages": stage_names(recipe), "source_shape": source,
+                                 "source_params": before}
+    print(f"recipe {recipe.source_file}: run folder {recipe.run_dir}")
+    print(f"stages: {' -> '.join(plan_info['stages']) or '(none enabled)'}")
+    print(f"source {recipe.model.name}: {source}, {before:,} parameters")
+    shape, candidates = check_plan(recipe, config)
+    if recipe.prune.enabled:
+        after = param_count_from_config({**config.to_dict(), **shape})
+        if candidates:
+            print(format_table(candidates))
+        print(f"pruned: {shape}, {after:,} parameters ({after / before:.1%} of the source)")
+        plan_info.update(pruned_shape=shape, pruned_params=after, candidates=candidates)
+    return plan_info
+
+
+# ----------------------------------------------------------------------------- stages
+@dataclasses.dataclass
+class Context:
+    recipe: Recipe
+    run_dir: Path
+    teacher: str  # resolved path (or hub id) of the source model
+    outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def student(self) -> str:
+        """The newest model folder the stages so far produced."""
+        for name in ("distill", "prune"):
+            if name in self.outputs and "model_dir" in self.outputs[name]:
+                return self.outputs[name]["model_dir"]
+        return self.teacher
+
+
+def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    from minitron.data import load_blocks
+    from minitron.importance import compute_scores
+    from minitron.models import load_model
+    from minitron.prune import prune, save_pruned
+
+    r = ctx.recipe
+    model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device)
+    blocks = load_blocks(tokenizer, "calibration", r.data.calibration_blocks, source=r.data.source,
+                         block_size=r.data.block_size, seed=r.data.seed,
+                         text_field=r.data.text_field,
+                         max_positions=model.config.max_position_embeddings)
+    scores = compute_scores(model, blocks, config=r.importance, progress=True)
+    timer.tokens = blocks.numel()
+    target, candidates = prune_target(r, model.config)
+    pruned = prune(model, scores, target, depth=r.prune.depth)
+    info = {"recipe": r.source_file, "candidates": candidates}
+    save_pruned(pruned, tokenizer, out / "model", info, scores=scores)
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "num_hidden_layers", "head_dim")
+    return {"model_dir": str(out / "model"), "shape": {k: getattr(pruned.config, k) for k in keys}}
+
+
+def _distill_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    from minitron.distill import run_distill
+
+    r = ctx.recipe
+    result = run_distill(ctx.teacher, ctx.student, out / "model",
+                         r.distill.config(r.teacher_correction), data_source=r.data.source,
+                         text_field=r.data.text_field, device=r.model.device,
+                         teacher_dtype=r.model.dtype)
+    timer.tokens = result.get("this_session_tokens", 0)
+    return {"model_dir": str(out / "model"), **{k: v for k, v in result.items() if k != "history"}}
+
+
+def _export_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    from minitron.export import export
+
+    r = ctx.recipe
+    report = export(ctx.student, out / "onnx", **r.export.kwargs(), source=r.data.source,
+                    eval_blocks=r.data.eval_blocks, block_size=r.data.block_size,
+                    measure_speed=r.evaluate.speed)
+    return {"onnx_dir": str(out / "onnx"), "report": report}
+
+
+def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    from minitron.evaluate import evaluate
+
+    r = ctx.recipe
+    models = {"teacher": ctx.teacher}
+    if "prune" in ctx.outputs:
+        models["pruned"] = ctx.outputs["prune"]["model_dir"]
+    if "distill" in ctx.outputs:
+        models["distilled"] = ctx.outputs["distill"]["model_dir"]
+    rows = []
+    for label, path in models.items():
+        result = evaluate(path, None if label == "teacher" else ctx.teacher, source=r.data.source,
+                          num_blocks=r.data.eval_blocks, block_size=r.data.block_size,
+                          device=r.model.device, measure_speed=r.evaluate.speed)
+        timer.tokens += result["tokens"]
+        rows.append({**{k: v for k, v in result.items() if k != "timing"}, "model": label,
+                     "path": str(path)})
+    write_json_atomic(out / "models.json", rows)
+    return {"models": rows}
+
+
+STAGES: dict[str, Callable[[Context, Path, StageTimer], dict[str, Any]]] = {
+    "prune": _prune_stage,
+    "distill": _distill_stage,
+    "export": _export_stage,
+    "evaluate": _evaluate_stage,
+}
+
+
+def _settings(recipe: Recipe, name: str) -> list[Any]:
+    """What a stage's result depends on (besides the stages before it)."""
+    r = recipe
+    return {
+        "prune": [r.model, r.data, r.importance, r.prune],
+        "distill": [r.data.source, r.data.text_field, r.teacher_correction, r.distill],
+        "export": [r.data.source, r.data.eval_blocks, r.data.block_size, r.export, r.evaluate.speed],
+        "evaluate": [r.data.source, r.data.eval_blocks, r.data.block_size, r.evaluate],
+    }[name]
+
+
+# ----------------------------------------------------------------------------- running
+def run(recipe: Recipe) -> dict[str, Any]:
+    check_plan(recipe, source_config(recipe))
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    ctx = Context(recipe, run_dir, resolve_model(recipe.model.name))
+    upstream = fingerprint(recipe.model)
+    timings = []
+    t_start = time.perf_counter()
+    for index, name in enumerate(stage_names(recipe), 1):
+        out = run_dir / f"{index}-{name}"
+        fp = fingerprint(upstream, *_settings(recipe, name))
+        state_file = out / "stage.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if state.get("fingerprint") == fp and state.get("status") == "done":
+            print(f"[{name}] unchanged since the last run: skipped ({out})")
+            ctx.outputs[name] = state["result"]
+            timings.append({**state["timing"], "skipped": "yes"})
+            upstream = fp
+            continue
+        if state.get("fingerprint") != fp and out.exists():
+            shutil.rmtree(out)  # settings changed: nothing in there is valid any more
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(state_file, {"fingerprint": fp, "status": "running"})
+        print(f"[{name}] running in {out}")
+        with StageTimer(name) as timer:
+            result = STAGES[name](ctx, out, timer)
+        timing = timer.as_dict()
+        write_json_atomic(state_file, {"fingerprint": fp, "status": "done", "timing": timing,
+                                       "result": result})
+        print(f"[{name}] done in {timing['wall_s']:.1f}s")
+        ctx.outputs[name] = result
+        timings.append(timing)
+        upstream = fp
+    from minitron.report import write_report
+
+    return write_report(ctx, timings, total_s=time.perf_counter() - t_start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minitron.run", description=__doc__.splitlines()[0])
+    p.add_argument("recipe", help="a YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the plan, shapes and parameter counts; touch no weights")
+    args = p.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        dry_run(recipe)
+        return 0
+    run(recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

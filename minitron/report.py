@@ -1,0 +1,89 @@
+"""The run report: report.json, report.md and PNG plots (time per stage, distillation loss)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minitron.common import format_table, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from minitron.pipeline import Context
+
+_MODEL_COLUMNS = ["model", "parameters", "weights_mb", "perplexity", "kl_to_teacher",
+                  "top1_agreement", "prefill_tokens_per_s", "decode_ms_per_token"]
+_STAGE_COLUMNS = ["stage", "wall_s", "cuda_s", "peak_rss_mb", "peak_gpu_mb", "tokens_per_s", "skipped"]
+
+
+def _plot_stage_times(timings: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [t["stage"] for t in timings]
+    seconds = [t["wall_s"] for t in timings]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(names)))
+    bars = ax.barh(names[::-1], seconds[::-1], color="#4878a8")
+    ax.bar_label(bars, labels=[f"{s:.1f}s" for s in seconds[::-1]], padding=3)
+    ax.set_xlabel("wall time (s)")
+    ax.set_title("time per stage")
+    ax.set_xlim(0, max(seconds + [1]) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(ctx: "Context", timings: list[dict[str, Any]], total_s: float) -> dict[str, Any]:
+    run_dir = ctx.run_dir
+    models = ctx.outputs.get("evaluate", {}).get("models", [])
+    export_rows = ctx.outputs.get("export", {}).get("report", {}).get("rows", [])
+    report = {
+        "recipe": ctx.recipe.source_file,
+        "run_dir": str(run_dir),
+        "total_wall_s": round(total_s, 2),
+        "stages": timings,
+        "models": models,
+        "export": export_rows,
+        "outputs": {f"{stage} {key}": value for stage, out in ctx.outputs.items()
+                    for key, value in out.items() if key.endswith("_dir")},
+    }
+    write_json_atomic(run_dir / "report.json", report)
+
+    _plot_stage_times(timings, run_dir / "stage_times.png")
+    # The distillation stage draws its own loss curves; the report shows that picture.
+    distill_dir = ctx.outputs.get("distill", {}).get("model_dir")
+    loss_png = Path(distill_dir) / "loss.png" if distill_dir else None
+    has_loss = bool(loss_png and loss_png.exists())
+    if has_loss:
+        shutil.copyfile(loss_png, run_dir / "distill_loss.png")
+
+    stages_s = sum(t["wall_s"] for t in timings)
+    stage_table = format_table(timings, [c for c in _STAGE_COLUMNS if any(c in t for t in timings)])
+    md = [f"# minitron run: {ctx.recipe.name}", "",
+          f"Recipe `{ctx.recipe.source_file}`. Stage times add up to {stages_s:.1f}s; this "
+          f"invocation took {total_s:.1f}s (stages marked skipped were reused from an earlier one).",
+          "",
+          "## Stages", "", stage_table, "", "![time per stage](stage_times.png)", ""]
+    if models:
+        md += ["## Models (held-out eval split)", "",
+               format_table(models, [c for c in _MODEL_COLUMNS if any(c in m for m in models)]), ""]
+    if export_rows:
+        from minitron.export import _REPORT_COLUMNS, table_rows
+
+        rows = table_rows(export_rows)
+        md += ["## Export (ONNX Runtime, CPU)", "",
+               format_table(rows, [c for c in _REPORT_COLUMNS if any(c in r for r in rows)]), ""]
+    if has_loss:
+        md += ["## Distillation", "", "![distillation loss](distill_loss.png)", ""]
+    md += ["## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in report["outputs"].items()]
+    write_text_atomic(run_dir / "report.md", "\n".join(md) + "\n")
+
+    print()
+    print(stage_table)
+    if models:
+        print()
+        print(format_table(models, [c for c in _MODEL_COLUMNS if any(c in m for m in models)]))
+    print(f"\nreport: {run_dir / 'report.md'} (plots and report.json beside it); total {total_s:.1f}s")
+    return report

@@ -1,0 +1,126 @@
+"""The whole recipe on a tiny config-built model: every stage, the report, resume and reruns."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import make_tiny_model
+
+RECIPE = """\
+name: tiny
+output_dir: {out}
+model:
+  name: {model}
+data:
+  block_size: 32
+  calibration_blocks: 8
+  eval_blocks: 4
+prune:
+  hidden_size: 32            # 4 heads x head_dim 8
+  num_attention_heads: 4
+  intermediate_size: 48
+distill:
+  tokens: 512                # 8 steps of 2 x 32 tokens
+  batch_size: 2
+  block_size: 32
+  lr: 1.0e-3
+  eval_every: 4
+  eval_blocks: 2
+  checkpoint_every: 4
+  progress: false
+export:
+  int8: blockwise
+  compare: false
+  ppl_budget: 10.0           # a random tiny model: the INT8 budget is not what this test checks
+evaluate:
+  speed: false
+"""
+
+
+def run_recipe(path, *overrides):
+    return subprocess.run([sys.executable, "-m", "minitron.run", str(path), *overrides],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    make_tiny_model("llama", path=root / "teacher")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(RECIPE.format(out=root / "runs", model=root / "teacher"))
+    result = run_recipe(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return recipe, root / "runs" / "tiny", result
+
+
+def test_every_stage_runs_and_is_reported(finished_run):
+    _, run_dir, result = finished_run
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["prune", "distill", "export", "evaluate"]
+    assert all(s["wall_s"] > 0 and s["peak_rss_mb"] > 0 for s in report["stages"])
+    assert {m["model"] for m in report["models"]} == {"teacher", "pruned", "distilled"}
+    pruned = next(m for m in report["models"] if m["model"] == "pruned")
+    teacher = next(m for m in report["models"] if m["model"] == "teacher")
+    assert pruned["parameters"] < teacher["parameters"]
+    for name in ("report.md", "stage_times.png", "distill_loss.png", "recipe.yaml"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert "| prune |" in (run_dir / "report.md").read_text()
+    assert "report.md" in result.stdout
+
+
+def test_the_exported_folder_generates_without_minitron(finished_run):
+    _, run_dir, _ = finished_run
+    onnx_dir = run_dir / "3-export" / "onnx"
+    code = (
+        "import sys\n"
+        "from optimum.onnxruntime import ORTModelForCausalLM\n"
+        "from transformers import AutoTokenizer\n"
+        f"m = ORTModelForCausalLM.from_pretrained({str(onnx_dir)!r})\n"
+        f"t = AutoTokenizer.from_pretrained({str(onnx_dir)!r})\n"
+        "out = m.generate(**t('def f(x):', return_tensors='pt'), max_new_tokens=5, do_sample=False)\n"
+        "assert out.shape[1] > 3\n"
+        "assert not any(k.startswith('minitron') for k in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_rerun_skips_finished_stages(finished_run):
+    recipe, run_dir, _ = finished_run
+    result = run_recipe(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("prune", "distill", "export", "evaluate"):
+        assert f"[{stage}] unchanged since the last run: skipped" in result.stdout
+
+
+def test_interrupted_stage_reruns_and_finished_ones_do_not(finished_run):
+    recipe, run_dir, _ = finished_run
+    state_file = run_dir / "3-export" / "stage.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({"fingerprint": state["fingerprint"], "status": "running"}))
+    result = run_recipe(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[prune] unchanged since the last run: skipped" in result.stdout
+    assert "[distill] unchanged since the last run: skipped" in result.stdout
+    assert "[export] running" in result.stdout
+
+
+def test_changed_setting_reruns_that_stage_and_later_ones(finished_run):
+    recipe, run_dir, _ = finished_run
+    result = run_recipe(recipe, "export.ppl_budget=11")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[distill] unchanged since the last run: skipped" in result.stdout
+    assert "[export] running" in result.stdout
+    assert "[evaluate] running" in result.stdout
+
+
+def test_bad_recipe_exits_2_with_a_message_and_keeps_the_run(finished_run):
+    recipe, run_dir, _ = finished_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    result = run_recipe(recipe, "distill.temperature=0")
+    assert result.returncode == 2
+    assert "distill: temperature=0.0 is invalid; valid: a number > 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == before

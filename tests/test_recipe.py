@@ -1,0 +1,123 @@
+"""Recipe schema: every shipped recipe validates and dry-runs offline; mistakes are named precisely."""
+
+from pathlib import Path
+
+import pytest
+
+from minitron.common import MinitronError
+from minitron.pipeline import dry_run
+from minitron.recipe import RecipeError, load_recipe
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+# Published sizes (arXiv:2408.11796): Llama-3.1-8B 8.0B -> 4.5B (width and depth),
+# Mistral-NeMo 12.2B -> MN-Minitron 8.4B.
+EXPECTED = {
+    "llama-3.1-8b-to-4b-width.yaml": (8_030_261_248, 4_512_746_496,
+                                      {"hidden_size": 3072, "intermediate_size": 9216,
+                                       "num_hidden_layers": 32, "num_attention_heads": 32}),
+    "llama-3.1-8b-to-4b-depth.yaml": (8_030_261_248, 4_540_469_248,
+                                      {"hidden_size": 4096, "num_hidden_layers": 16}),
+    "mistral-nemo-12b-to-8b.yaml": (12_247_782_400, 8_414_105_600,
+                                    {"hidden_size": 4096, "intermediate_size": 11520,
+                                     "num_hidden_layers": 40}),
+}
+
+
+def test_recipes_are_shipped():
+    assert {p.name for p in RECIPES} >= {"demo.yaml", *EXPECTED}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_starts_with_the_command_that_runs_it(path):
+    head = path.read_text().splitlines()[:8]
+    assert any(f"minitron.run recipes/{path.name}" in line or "make demo" in line for line in head)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_published_shapes_dry_run_offline(name, capsys):
+    before, after, shape = EXPECTED[name]
+    plan = dry_run(load_recipe(Path("recipes") / name))
+    assert plan["source_params"] == before
+    assert plan["pruned_params"] == after
+    assert shape.items() <= plan["pruned_shape"].items()
+    assert f"{after:,} parameters" in capsys.readouterr().out
+
+
+def test_demo_dry_run_halves_the_embedded_model():
+    plan = dry_run(load_recipe("recipes/demo.yaml"))
+    assert plan["source_params"] == 134_515_008
+    assert 0.45 < plan["pruned_params"] / plan["source_params"] < 0.55
+    assert plan["stages"] == ["prune", "distill", "export", "evaluate"]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_typo_gets_a_suggestion(tmp_path):
+    path = write(tmp_path, "distill:\n  temprature: 2\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: distill.temprature: unknown key; did you mean 'temperature'\?"):
+        load_recipe(path)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml: distil: unknown key; did you mean 'distill'\?"):
+        load_recipe(write(tmp_path, "distil:\n  lr: 1\n"))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml: data.block_size: expected an integer, got 'long'"):
+        load_recipe(write(tmp_path, "data:\n  block_size: long\n"))
+
+
+def test_bad_choice_lists_the_choices(tmp_path):
+    with pytest.raises(RecipeError, match=r"export.int8: 'int4' is not one of 'blockwise', 'dynamic', 'static', 'none'"):
+        load_recipe(write(tmp_path, "export:\n  int8: int4\n"))
+
+
+def test_out_of_range_value_is_refused_at_load(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml: distill: temperature=-1.0 is invalid; valid: a number > 0"):
+        load_recipe(write(tmp_path, "distill:\n  temperature: -1\n"))
+    with pytest.raises(RecipeError, match=r"data: calibration_blocks must be >= 1, got 0"):
+        load_recipe(write(tmp_path, "data:\n  calibration_blocks: 0\n"))
+
+
+def test_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    r = load_recipe(path, ["distill.temperature=2", "distill.tokens=1e6", "export.enabled=false",
+                           "prune.hidden_size=32"])
+    assert r.distill.temperature == 2.0 and isinstance(r.distill.temperature, float)
+    assert r.distill.tokens == 1_000_000 and isinstance(r.distill.tokens, int)
+    assert r.export.enabled is False
+    assert r.prune.target() == {"hidden_size": 32}
+    with pytest.raises(RecipeError, match=r"with overrides distill.lr=fast\): distill.lr: expected a number, got 'fast'"):
+        load_recipe(path, ["distill.lr=fast"])
+    with pytest.raises(RecipeError, match="not of the form section.key=value"):
+        load_recipe(path, ["distill.lr"])
+
+
+def test_teacher_correction_lives_in_its_own_section(tmp_path):
+    r = load_recipe(write(tmp_path, "teacher_correction:\n  tokens: 4096\n"))
+    assert r.distill.config(r.teacher_correction).teacher_correction_tokens == 4096
+    with pytest.raises(RecipeError, match="teacher_correction.tokens"):
+        load_recipe(write(tmp_path, "distill:\n  teacher_correction_tokens: 5\n"))
+
+
+def test_missing_recipe_file_lists_shipped_ones():
+    with pytest.raises(RecipeError, match="recipe file 'nope.yaml' not found; shipped recipes: .*demo.yaml"):
+        load_recipe("nope.yaml")
+
+
+def test_invalid_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "distill: [unclosed\n"))
+
+
+def test_plan_that_export_cannot_serve_is_refused_before_any_work():
+    recipe = load_recipe("recipes/llama-3.1-8b-to-4b-width.yaml", ["export.enabled=true"])
+    with pytest.raises(MinitronError, match=r"export.enabled: .*hidden_size=3072 is not "
+                                            r"num_attention_heads x head_dim \(32 x 128 = 4096\)"):
+        dry_run(recipe)
