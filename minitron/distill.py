@@ -15,8 +15,11 @@ in the same data order; a finished run is not repeated.
 
 `python -m minitron.distill --teacher T --student S --output DIR [--tokens N] [--baseline ce|scratch]`
 
-The pieces a multi-process run will replace are each one small function: `_wrap_model` (DDP/FSDP),
-`batch_indices` (each rank's disjoint share of a global batch), `save_checkpoint`/`load_checkpoint`.
+Past one device the same command runs under torchrun (`torchrun --nproc_per_node=K -m
+minitron.distill ...`, or `--nproc-per-node K`, which starts torchrun itself): PyTorch's FSDP2
+(`fully_shard`) or DDP splits the student, each rank reads a disjoint share of every global batch
+(`batch_indices`), checkpoints are gathered full state (they resume on any process count), and rank 0
+alone writes files and logs. One process is the K=1 case of the same loop, with no wrapper.
 """
 
 from __future__ import annotations
@@ -29,14 +32,18 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -47,11 +54,15 @@ from minitron.kernels.reference import DIVERGENCES
 BASELINES = ("ce", "scratch")
 INTERMEDIATE_LOSSES = ("cosine", "mse")
 LOSS_IMPLS = ("auto", "logits", "fused")
+# How the student is split across processes: auto = FSDP on GPUs, DDP on CPU (K=1: no wrapper).
+STRATEGIES = ("auto", "ddp", "fsdp")
 # Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
 FUSED_MIN_VOCAB = 32_768
 IGNORE_INDEX = -100
 # Settings that may change between a run and its resumption (they do not change the weights).
-_RESUMABLE_CHANGES = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint"}
+# Checkpoints hold gathered full state, so the process count and the strategy may change too.
+RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
+                      "strategy", "nproc_per_node"}
 CKPT = "checkpoint"
 
 
@@ -90,6 +101,8 @@ class DistillConfig:
     seed: int = 0
     progress: bool = True
     keep_checkpoint: bool = True            # keep checkpoint/ after the final model is written
+    strategy: str = "auto"                  # auto | ddp | fsdp (only used with > 1 process)
+    nproc_per_node: int = 1                 # > 1 outside torchrun: start torchrun with that many
 
     def __post_init__(self) -> None:
         self.intermediate = tuple((int(t), int(s)) for t, s in self.intermediate)
@@ -99,7 +112,7 @@ class DistillConfig:
                 raise MinitronError(f"{name}={getattr(self, name)!r} is invalid; valid: {valid}")
 
         for name in ("batch_size", "block_size", "grad_accum", "checkpoint_every", "eval_every",
-                     "eval_blocks", "eval_batch_size", "log_every"):
+                     "eval_blocks", "eval_batch_size", "log_every", "nproc_per_node"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                  "an integer >= 1")
         need(self.block_size >= 2, "block_size", "an integer >= 2")
@@ -129,6 +142,8 @@ class DistillConfig:
         need(self.baseline is None or self.baseline in BASELINES, "baseline",
              "None (distillation), " + ", ".join(BASELINES))
         need(self.loss_impl in LOSS_IMPLS, "loss_impl", ", ".join(LOSS_IMPLS))
+        need(self.strategy in STRATEGIES, "strategy", ", ".join(STRATEGIES))
+        _check_divisible(self.batch_size, self.nproc_per_node, "nproc_per_node")
         if self.baseline is not None and self.intermediate:
             raise MinitronError(f"intermediate={list(self.intermediate)} needs a teacher; the "
                                 f"'{self.baseline}' baseline trains without one: drop one of them")
@@ -225,10 +240,180 @@ def blocks_fingerprint(blocks: torch.Tensor) -> str:
     return hashlib.sha1(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- processes
+def _check_divisible(batch_size: int, world: int, name: str) -> None:
+    if batch_size % world:
+        raise MinitronError(
+            f"batch_size={batch_size} does not split over {name}={world} processes: each process "
+            f"takes batch_size / {world} sequences of every micro-batch; choose a batch_size that "
+            f"is a multiple of {world}")
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def _under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 alone (file checks and writes); every rank gets its result, or its
+    MinitronError, so all ranks go on, or stop, together."""
+    result, error = None, None
+    if _rank() == 0:
+        try:
+            result = fn()
+        except MinitronError as e:
+            error = str(e)
+    if _dist_on():
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise MinitronError(error)
+    return result
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if _dist_on():
+        t = t.clone()
+        dist.all_reduce(t)  # SUM: gloo has no AVG
+        t /= _world()
+    return t
+
+
+def _strategy(config: DistillConfig, device: torch.device) -> str:
+    if config.strategy != "auto":
+        return config.strategy
+    return "fsdp" if device.type == "cuda" else "ddp"
+
+
+@contextlib.contextmanager
+def _process_group(device: str | None):
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), bind this rank's GPU,
+    yield the student's device, leave the group at the end. Outside torchrun: yield `device`."""
+    from minitron.models import default_device
+
+    device = device or default_device()
+    if not _under_torchrun() or _dist_on():
+        yield device
+        return
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise MinitronError(f"local rank {local_rank} has no GPU: this node has "
+                                f"{torch.cuda.device_count()}; start at most that many processes "
+                                f"per node (--nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_torchrun(module: str, argv: list[str], nproc: int) -> None:
+    """`python -m module argv` on `nproc` processes of this node under torchrun; wait for them.
+
+    Their output streams through; when one fails (torchrun then stops the others) the first
+    `error: ...` line a rank printed becomes this process's MinitronError.
+    """
+    import codecs
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", module, *argv]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT")}
+    print(f"[minitron] starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    try:
+        while chunk := proc.stderr.read1(1 << 16):
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            tail = (tail + text)[-(1 << 20):]
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()  # torchrun passes it on to its workers
+        proc.wait()
+        raise
+    if rc:
+        errors = re.findall(r"^(?:\[rank\d+\]:\s*)?error: (.+)$", tail, re.M)
+        if errors:
+            raise MinitronError(errors[0])
+        # No message (killed, crashed): name the rank torchrun saw fail first.
+        cause = re.search(r"Root Cause[^\n]*\n(?:.*\n)*?\s*rank\s*: (\d+).*\n"
+                          r"\s*exitcode\s*: (-?\d+)(?:[^\n]*\((SIG\w+)\))?", tail)
+        what = (f"rank {cause[1]} failed first (exit code {cause[2]}"
+                f"{', ' + cause[3] if cause[3] else ''}); torchrun stopped the others"
+                if cause else f"torchrun with {nproc} processes exited with code {rc}")
+        raise MinitronError(f"{what}; the log is above")
+
+
 # ----------------------------------------------------------------------------- model plumbing
-def _wrap_model(model: nn.Module, config: DistillConfig) -> nn.Module:
-    """The module the loop calls. One process: the model itself (DDP/FSDP wrap it here later)."""
+class _Trainee(nn.Module):
+    """The student and its intermediate-loss projections as the one module DDP/FSDP wrap.
+
+    Its forward computes the whole training loss (teacher forward included, under no_grad), so every
+    trainable parameter is used inside the wrapper's forward and gradient sync is never bypassed;
+    without a loss (`trainee(ids)`) it is the student (evaluation goes through the wrapper too).
+    """
+
+    def __init__(self, student: nn.Module, projections: nn.ModuleList | None):
+        super().__init__()
+        self.student = student
+        self.projections = projections if projections is not None else nn.ModuleList()
+        self.loss_args: dict[str, Any] = {}  # teacher, config, ...: set by the loop, not submodules
+
+    def forward(self, ids: torch.Tensor, loss: bool = False):
+        if not loss:
+            return self.student(ids, use_cache=False)
+        a = self.loss_args
+        return _micro_loss(self.student, a["teacher"], ids, a["config"], a["teacher_head"],
+                           a["fused"], self.projections if a["captures"] else None, a["captures"])
+
+
+def _wrap_model(model: _Trainee, config: DistillConfig) -> nn.Module:
+    """The module the loop calls: with one process `model` itself, else DDP or FSDP2 around it."""
+    if not _dist_on():
+        return model
+    device = _device_of(model)
+    if _strategy(config, device) == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # no trained buffers; a broadcast would tie eval to lockstep
+    from torch.distributed.fsdp import fully_shard
+
+    from minitron.models import decoder_layers
+
+    for layer in decoder_layers(model.student):
+        fully_shard(layer)
+    fully_shard(model)  # the root: embeddings, final norm, LM head, projections
     return model
+
+
+def _grad_sync(model: nn.Module, last: bool):
+    """Reduce gradients across ranks on the last micro-batch of an optimizer step only."""
+    if not _dist_on():
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if last else model.no_sync()
+    model.set_requires_gradient_sync(last)  # FSDP2
+    return contextlib.nullcontext()
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -390,48 +575,122 @@ def _find_checkpoint(run_dir: Path) -> Path | None:
     return olds[-1] if olds else None
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, extra: nn.Module | None, optimizer, scheduler,
-                    state: dict[str, Any]) -> Path:
-    """Weights (safetensors), optimizer + scheduler, RNG states and the data position, atomically."""
-    from safetensors.torch import save_model
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """{second name: first name} of parameters registered twice (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
 
-    with atomic_dir(run_dir / CKPT, overwrite=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        if extra is not None and len(list(extra.parameters())):
-            save_model(extra, str(tmp / "projections.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-               "python_pos": random.getstate()[2]}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        write_json_atomic(tmp / "state.json", state)
-    for old in run_dir.glob(f".old-{CKPT}-*"):
-        shutil.rmtree(old, ignore_errors=True)
+
+def _full_state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Gathered to rank 0's CPU when distributed; the K=1 case is the plain state dict.
+    return StateDictOptions(full_state_dict=True, cpu_offload=_dist_on(), **kw)
+
+
+def full_state_dict(module: nn.Module, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The whole, unsharded state of `module` (plain, DDP or FSDP2-sharded) on rank 0, tied aliases
+    dropped; other ranks get {}. Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(module, options=_full_state_options())
+    if _rank() != 0:
+        return {}
+    drop = set(aliases if aliases is not None else _tied_aliases(module))
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop}
+
+
+def save_checkpoint(run_dir: Path, trainee: _Trainee, optimizer, scheduler, state: dict[str, Any],
+                    aliases: dict[str, str]) -> Path:
+    """Gathered full weights (safetensors), optimizer (by parameter name) + scheduler, RNG states and
+    the data position, atomically, by rank 0: a checkpoint resumes on any number of processes.
+
+    Collective: every rank calls it. `aliases` names the trainee's tied parameters.
+    """
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    weights = full_state_dict(trainee, aliases)
+    optim = get_optimizer_state_dict(trainee, optimizer, options=_full_state_options())
+    if _rank() == 0:
+        student = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
+        proj = {k[len("projections."):]: v for k, v in weights.items()
+                if k.startswith("projections.")}
+        with atomic_dir(run_dir / CKPT, overwrite=True) as tmp:
+            save_file(student, str(tmp / "model.safetensors"))
+            if proj:
+                save_file(proj, str(tmp / "projections.safetensors"))
+            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                   "python_pos": random.getstate()[2]}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(rng, tmp / "rng.pt")
+            write_json_atomic(tmp / "state.json", state)
+        for old in run_dir.glob(f".old-{CKPT}-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    if _dist_on():
+        dist.barrier()  # nobody goes on (or is killed) before the checkpoint is complete
     return run_dir / CKPT
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, extra: nn.Module | None, optimizer,
-                    scheduler) -> dict[str, Any]:
-    """Restore what `save_checkpoint` wrote (tensors only: nothing is unpickled); returns the state."""
-    from safetensors.torch import load_model
+def load_checkpoint(ckpt: Path, trainee: _Trainee, optimizer, scheduler,
+                    aliases: dict[str, str]) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote, on any process count: rank 0 reads the files (tensors
+    only: nothing is unpickled) and the engine scatters them. Collective; returns the state."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
-    load_model(model, str(ckpt / "model.safetensors"))
-    if extra is not None and (ckpt / "projections.safetensors").exists():
-        load_model(extra, str(ckpt / "projections.safetensors"))
-    opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    weights, optim, rest = {}, {}, None
+    if _rank() == 0:
+        student = load_file(ckpt / "model.safetensors")
+        for alias, first in aliases.items():  # put tied names back, whichever one was written
+            a, f = alias[len("student."):], first[len("student."):]
+            if f in student or a in student:
+                student.setdefault(a, student.get(f))
+                student.setdefault(f, student[a])
+        weights = {f"student.{k}": v for k, v in student.items()}
+        if (ckpt / "projections.safetensors").exists():
+            weights.update({f"projections.{k}": v for k, v in
+                            load_file(ckpt / "projections.safetensors").items()})
+        opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        optim = opt["optimizer"]
+        rng = torch.load(ckpt / "rng.pt", weights_only=True)
+        rest = (opt["scheduler"], rng, json.loads((ckpt / "state.json").read_text()))
+    options = _full_state_options(broadcast_from_rank0=_dist_on())
+    set_model_state_dict(trainee, weights, options=options)
+    set_optimizer_state_dict(trainee, optimizer, optim, options=options)
+    if _dist_on():
+        box = [rest]
+        dist.broadcast_object_list(box, src=0)
+        rest = box[0]
+    sched, rng, state = rest
+    scheduler.load_state_dict(sched)
     torch.set_rng_state(rng["torch"])
     random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
-    if "cuda" in rng and torch.cuda.is_available():
+    if "cuda" in rng and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / "state.json").read_text())
+    return state
 
 
 # ----------------------------------------------------------------------------- logging
+class _NullLog:
+    """What ranks other than 0 log to."""
+
+    records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
 class MetricsLog:
     """Append-only JSONL of train and eval records; on resume, records past the checkpoint go."""
 
@@ -512,7 +771,7 @@ def _check_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:
         for key in sorted(set(old) | set(settings)):
             if key == "config":
                 for k in sorted(set(old.get(key, {})) | set(settings[key])):
-                    if k in _RESUMABLE_CHANGES:
+                    if k in RESUMABLE_SETTINGS:
                         continue
                     if old.get(key, {}).get(k) != settings[key].get(k):
                         diffs.append(f"{k}: {old.get(key, {}).get(k)!r} -> {settings[key].get(k)!r}")
@@ -560,9 +819,12 @@ def _train(
     `teacher=None` or a baseline means cross-entropy on the data; otherwise the KD loss.
     `eval_teacher` (the teacher, also for baselines) adds KL and agreement to each eval.
     Returns the final metrics. `on_step(step)` runs after each optimizer step and checkpoint
-    (tests use it to interrupt a run).
+    (tests use it to interrupt a run). Under torch.distributed every rank calls it: each takes its
+    share of every micro-batch, the loss is averaged over ranks, rank 0 alone logs and writes.
     """
     device = _device_of(student)
+    rank, world = _rank(), _world()
+    _check_divisible(config.batch_size, world, "world size")
     kd = teacher is not None and config.baseline is None
     steps, warmup = config.steps, int(config.warmup_fraction * config.steps)
     n_blocks = len(train_blocks)
@@ -575,22 +837,29 @@ def _train(
         p.requires_grad_(True)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = _wrap_model(student, config)
-    optimizer = torch.optim.AdamW(_param_groups(student, projections, config.weight_decay),
+    trainee = _Trainee(student, projections)
+    aliases = _tied_aliases(trainee)
+    model = _wrap_model(trainee, config)
+    # After wrapping: FSDP2 swaps the parameters for sharded ones, which the optimizer must hold.
+    optimizer = torch.optim.AdamW(_param_groups(trainee.student, trainee.projections,
+                                                config.weight_decay),
                                   lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, config.min_lr_ratio))
 
-    ckpt = _find_checkpoint(run_dir)
+    ckpt = _on_rank0(lambda: _find_checkpoint(run_dir))
     state: dict[str, Any] = {"step": 0, "tokens": 0, "train_time_s": 0.0}
     if ckpt is not None:
-        state = load_checkpoint(ckpt, student, projections, optimizer, scheduler)
-        print(f"[minitron] {phase}: resuming from step {state['step']}/{steps} ({ckpt})")
+        state = load_checkpoint(ckpt, trainee, optimizer, scheduler, aliases)
+        if rank == 0:
+            print(f"[minitron] {phase}: resuming from step {state['step']}/{steps} ({ckpt})"
+                  + (f" on {world} processes" if world > 1 else ""))
     else:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
     start_step = state["step"]
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_up_to=start_step if ckpt is not None else -1)
+    log = (MetricsLog(run_dir / "metrics.jsonl", keep_up_to=start_step if ckpt is not None else -1)
+           if rank == 0 else _NullLog())
     last_ckpt_step = start_step if ckpt is not None else None
 
     teacher_head = None
@@ -606,19 +875,24 @@ def _train(
     if projections is not None:
         captures = [_Capture(teacher, [t for t, _ in config.intermediate]),
                     _Capture(student, [s for _, s in config.intermediate])]
+    trainee.loss_args = {"teacher": teacher if kd else None, "config": config,
+                         "teacher_head": teacher_head, "fused": fused, "captures": captures}
 
     def run_eval(step: int) -> dict[str, Any]:
+        # Every rank evaluates the whole (small) eval set through the wrapper: an FSDP forward is
+        # collective. The numbers are the same on every rank; rank 0 logs them.
         rec = {"kind": "eval", "step": step, "tokens": step * config.tokens_per_step}
         with autocast():
-            rec.update(evaluate_student(student, eval_teacher, eval_blocks,
+            rec.update(evaluate_student(model, eval_teacher, eval_blocks,
                                         config.eval_batch_size))
         log.write(rec)
         msg = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("kind", "step", "tokens"))
-        print(f"[minitron] {phase} step {step}/{steps}: {msg}", file=sys.stderr)
+        if rank == 0:
+            print(f"[minitron] {phase} step {step}/{steps}: {msg}", file=sys.stderr)
         return rec
 
     bar = None
-    if config.progress:
+    if config.progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start_step, desc=phase, unit="step", dynamic_ncols=True,
@@ -633,20 +907,28 @@ def _train(
             total = torch.zeros((), device=device)
             inter_total = torch.zeros((), device=device)
             for micro in range(config.grad_accum):
-                ids = train_blocks[batch_indices(step, micro, n_blocks, config)].to(device)
-                with autocast():
-                    loss, inter = _micro_loss(model, teacher if kd else None, ids, config,
-                                              teacher_head, fused, projections, captures)
-                (loss / config.grad_accum).backward()
+                rows = batch_indices(step, micro, n_blocks, config, rank, world)
+                ids = train_blocks[rows].to(device)
+                last = micro == config.grad_accum - 1
+                with _grad_sync(model, last):
+                    with autocast():
+                        loss, inter = model(ids, loss=True)
+                    (loss / config.grad_accum).backward()
                 total += loss.detach() / config.grad_accum
                 if inter is not None:
                     inter_total += inter / config.grad_accum
                 for c in captures:
                     c.outputs.clear()
+            # The global batch's loss: every rank gets the same value, so a non-finite loss stops
+            # all ranks at the same step with the same message (none is left waiting in a
+            # collective).
+            total, inter_total = _mean_over_ranks(torch.stack([total, inter_total])).unbind()
             loss_value = total.item()  # one host sync per optimizer step
             grad_norm = (torch.nn.utils.clip_grad_norm_(
                 [p for g in optimizer.param_groups for p in g["params"]],
                 config.clip_grad if config.clip_grad > 0 else float("inf")))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the global norm
+                grad_norm = grad_norm.full_tensor()
             if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 value = loss_value if what == "loss" else grad_norm.item()
@@ -679,8 +961,8 @@ def _train(
             if done % config.eval_every == 0 or done == steps:
                 last_eval = run_eval(done)
             if done % config.checkpoint_every == 0 or done == steps:
-                save_checkpoint(run_dir, student, projections, optimizer, scheduler,
-                                {**state, "phase": phase})
+                save_checkpoint(run_dir, trainee, optimizer, scheduler, {**state, "phase": phase},
+                                aliases)
                 last_ckpt_step = done
             if on_step is not None:
                 on_step(done)
@@ -716,7 +998,8 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
 
     The phase checkpoints and resumes like distillation; its result (`teacher.safetensors`) is kept,
     so a rerun loads it instead of training again. The teacher is trained in its own dtype and left
-    frozen in eval mode.
+    frozen in eval mode. With several processes it trains under DDP whatever `config.strategy`
+    says: the teacher stays a whole (replicated) module for the distillation that follows.
     """
     from safetensors.torch import load_model, save_model
 
@@ -725,17 +1008,26 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
     tc = dataclasses.replace(
         config, tokens=config.teacher_correction_tokens, teacher_correction_tokens=0,
         lr=config.teacher_correction_lr or config.lr, baseline="ce", intermediate=(), alpha=0.0,
-        seed=config.seed + 1)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if done.exists() and (run_dir / "metrics.json").exists():
-        load_model(teacher, str(done))
-        print(f"[minitron] teacher correction: already done, loaded {done}")
-        return json.loads((run_dir / "metrics.json").read_text())
+        seed=config.seed + 1, strategy="ddp")
+
+    def finished() -> dict | None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if done.exists() and (run_dir / "metrics.json").exists():
+            return json.loads((run_dir / "metrics.json").read_text())
+        return None
+
+    saved = _on_rank0(finished)
+    if saved is not None:
+        load_model(teacher, str(done))  # every rank reads it: the run folder is shared
+        if _rank() == 0:
+            print(f"[minitron] teacher correction: already done, loaded {done}")
+        return saved
     metrics = _train(teacher, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
-    tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
-    save_model(teacher, str(tmp))
-    os.replace(tmp, done)
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    if _rank() == 0:
+        tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
+        save_model(teacher, str(tmp))
+        os.replace(tmp, done)
+        write_json_atomic(run_dir / "metrics.json", metrics)
     freeze_(teacher)
     return metrics
 
@@ -757,14 +1049,26 @@ def distill(
     train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits. `teacher` may be None
     only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
     metrics saved in `output_dir/minitron.json` (at once, if the run has already finished).
+
+    Under torch.distributed (e.g. torchrun) every rank calls it with the same arguments; the
+    teacher is replicated, the student wrapped per `config.strategy` (under FSDP it is left sharded:
+    the final weights are in `output_dir`), and all ranks return rank 0's metrics.
     """
     out = Path(output_dir)
     final = out / "minitron.json"
-    if final.exists():
-        saved = json.loads(final.read_text()).get("distillation", {})
-        if saved.get("status") == "finished":
-            print(f"[minitron] {out} holds a finished run; not repeating it")
-            return saved["metrics"]
+
+    def finished() -> dict | None:
+        if final.exists():
+            saved = json.loads(final.read_text()).get("distillation", {})
+            if saved.get("status") == "finished":
+                print(f"[minitron] {out} holds a finished run; not repeating it")
+                return saved["metrics"]
+        return None
+
+    saved = _on_rank0(finished)
+    if saved is not None:
+        return saved
+    _check_divisible(config.batch_size, _world(), "world size")
     if config.uses_teacher and teacher is None:
         raise MinitronError("distillation needs a teacher (--teacher); without one, use "
                             "--baseline ce or --baseline scratch")
@@ -783,34 +1087,50 @@ def distill(
     settings = {"config": config.to_dict(), "train_data": blocks_fingerprint(train_blocks),
                 "eval_data": blocks_fingerprint(eval_blocks),
                 "student_shape": _shape(student), "teacher_shape": _shape(teacher)}
-    _check_run_dir(out, settings)
+    if _dist_on():  # every rank must hold the same data and models, or the shards do not add up
+        everyone = [None] * _world()
+        dist.all_gather_object(everyone, settings)
+        if any(s != settings for s in everyone):
+            bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
+            raise MinitronError(f"ranks {bad} loaded other data or models than rank 0 (data "
+                                f"fingerprints and shapes differ); every rank needs the same inputs")
+    _on_rank0(lambda: _check_run_dir(out, settings))
 
     with StageTimer(phase) as timer:
         result: dict[str, Any] = {}
         if teacher is not None:
-            result["teacher"] = _cached(out / "teacher_eval.json", lambda: evaluate_student(
-                teacher, None, eval_blocks, config.eval_batch_size))
+            result["teacher"] = _on_rank0(lambda: _cached(
+                out / "teacher_eval.json",
+                lambda: evaluate_student(teacher, None, eval_blocks, config.eval_batch_size)))
         if config.teacher_correction_tokens:
             result["teacher_correction"] = teacher_correct_(
                 teacher, train_blocks, eval_blocks, config, out / "teacher_correction")
             result["teacher_corrected"] = {k: result["teacher_correction"][k]
                                            for k in ("eval_loss", "eval_perplexity")}
-        if config.baseline == "scratch" and _find_checkpoint(out) is None:
-            reinitialize_(student, config.seed)
+        if config.baseline == "scratch" and _on_rank0(lambda: _find_checkpoint(out)) is None:
+            reinitialize_(student, config.seed)  # seeded: the same weights on every rank
         student.float()
         metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
                          on_step=on_step, eval_teacher=teacher)
         timer.tokens = metrics["this_session_tokens"]
-    records = MetricsLog(out / "metrics.jsonl").records
-    start = next((r for r in records if r.get("kind") == "eval" and r["step"] == 0), {})
-    metrics["start"] = {k: v for k, v in start.items() if k not in ("kind", "step", "tokens")}
-    result.update(metrics)
-    result["timing"] = timer.as_dict()
-    plot_losses(records, out / "loss.png", f"{phase}: {out.name}")
-    _write_final(out, student, tokenizer, config, result, info or {})
-    if not config.keep_checkpoint:
-        shutil.rmtree(out / CKPT, ignore_errors=True)
-    return result
+    weights = full_state_dict(student)  # collective under FSDP; {} on ranks other than 0
+
+    def finish() -> dict[str, Any]:
+        records = MetricsLog(out / "metrics.jsonl").records
+        start = next((r for r in records if r.get("kind") == "eval" and r["step"] == 0), {})
+        metrics["start"] = {k: v for k, v in start.items() if k not in ("kind", "step", "tokens")}
+        result.update(metrics)
+        result["timing"] = timer.as_dict()
+        if _world() > 1:
+            result["processes"] = {"world_size": _world(), "strategy": _strategy(
+                config, _device_of(student))}
+        plot_losses(records, out / "loss.png", f"{phase}: {out.name}")
+        _write_final(out, student, weights, tokenizer, config, result, info or {})
+        if not config.keep_checkpoint:
+            shutil.rmtree(out / CKPT, ignore_errors=True)
+        return result
+
+    return _on_rank0(finish)
 
 
 def _shape(model: nn.Module | None) -> dict[str, Any] | None:
@@ -830,16 +1150,17 @@ def _cached(path: Path, fn: Callable[[], dict]) -> dict:
     return value
 
 
-def _write_final(out: Path, student: nn.Module, tokenizer, config: DistillConfig,
-                 metrics: dict[str, Any], info: dict[str, Any]) -> None:
-    """The student as a plain HF checkpoint in `out`; minitron.json moves in last (the commit)."""
+def _write_final(out: Path, student: nn.Module, weights: dict[str, torch.Tensor], tokenizer,
+                 config: DistillConfig, metrics: dict[str, Any], info: dict[str, Any]) -> None:
+    """The student (its gathered `weights`) as a plain HF checkpoint in `out`, the same whatever
+    the process count; minitron.json moves in last (the commit)."""
     from minitron.models import count_params
 
     meta = dict(info)
-    meta["parameters"] = {"after": count_params(student)}
+    meta["parameters"] = {"after": count_params(student)}  # global counts, also when sharded
     meta["distillation"] = {"status": "finished", "config": config.to_dict(), "metrics": metrics}
     with atomic_dir(out / ".final", overwrite=True) as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
+        student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "minitron.json", meta)
@@ -867,9 +1188,13 @@ def run_distill(
     teacher_device: str | None = None,
     teacher_dtype: str | None = None,
 ) -> dict[str, Any]:
-    """From model paths to a finished output folder (resuming a run that is already there)."""
-    from minitron.data import load_blocks
-    from minitron.models import default_device, load_config, load_model, parse_dtype, resolve_model
+    """From model paths to a finished output folder (resuming a run that is already there).
+
+    Under torchrun it joins the process group and runs as one rank. Outside torchrun with
+    `config.nproc_per_node` > 1 it starts `torchrun --nproc-per-node K -m minitron.distill` with the
+    same settings on this node and waits (so a recipe can ask for K processes).
+    """
+    from minitron.models import load_config, parse_dtype
 
     out = Path(output_dir)
     parse_dtype(teacher_dtype)  # refuse a bad --teacher-dtype before anything loads
@@ -878,7 +1203,8 @@ def run_distill(
             raise MinitronError(f"--output {out} is the {name} folder itself; choose another --output")
     done = _read_info(out).get("distillation", {})
     if done.get("status") == "finished":
-        print(f"[minitron] {out} holds a finished run; not repeating it")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"[minitron] {out} holds a finished run; not repeating it")
         return done["metrics"]
     if config.uses_teacher and teacher_path is None:
         raise MinitronError("distillation needs --teacher; without a teacher use --baseline ce or "
@@ -894,7 +1220,60 @@ def run_distill(
     if config.block_size > max_pos:
         raise MinitronError(f"block_size={config.block_size} is longer than the models' context "
                             f"({max_pos} positions); choose block_size <= {max_pos}")
-    device = device or default_device()
+    if not _under_torchrun() and config.nproc_per_node > 1:
+        return _launch(teacher_path, student_path, out, config, data_source=data_source,
+                       text_field=text_field, device=device, teacher_device=teacher_device,
+                       teacher_dtype=teacher_dtype)
+    with _process_group(device) as device:
+        try:
+            return _run_rank(teacher_path, student_path, out, config, data_source, text_field,
+                             device, teacher_device, teacher_dtype, max_pos)
+        except MinitronError as e:
+            if _world() == 1:
+                raise
+            _record_for_torchrun(e)
+            raise MinitronError(f"rank {_rank()}: {e}") from None
+
+
+def _record_for_torchrun(error: Exception) -> None:
+    """Put the message into torchrun's failure summary (its error file), not only into the log."""
+    with contextlib.suppress(Exception):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
+
+
+def _launch(teacher_path, student_path, out: Path, config: DistillConfig, **kw) -> dict[str, Any]:
+    """Run this same distillation under torchrun on `config.nproc_per_node` local processes."""
+    k = config.nproc_per_node
+    dev = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and k > torch.cuda.device_count():
+        raise MinitronError(f"nproc_per_node={k} but this node has {torch.cuda.device_count()} "
+                            f"GPU(s); choose nproc_per_node <= {torch.cuda.device_count()}")
+    argv = ["--student", str(student_path), "--output", str(out)]
+    if teacher_path is not None:
+        argv += ["--teacher", str(teacher_path)]
+    for flag, key in (("--data", "data_source"), ("--text-field", "text_field"),
+                      ("--device", "device"), ("--teacher-device", "teacher_device"),
+                      ("--teacher-dtype", "teacher_dtype")):
+        if kw[key] is not None:
+            argv += [flag, str(kw[key])]
+    with tempfile.TemporaryDirectory(prefix="minitron-launch-") as tmp:
+        settings = Path(tmp) / "distill_settings.json"
+        write_json_atomic(settings, config.to_dict())
+        launch_torchrun("minitron.distill", argv + ["--settings", str(settings)], k)
+    return json.loads((out / "minitron.json").read_text())["distillation"]["metrics"]
+
+
+def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data_source: str,
+              text_field: str, device: str, teacher_device: str | None, teacher_dtype: str | None,
+              max_pos: int) -> dict[str, Any]:
+    """One process's part of `run_distill` (all of it when there is one process)."""
+    from minitron.data import load_blocks
+    from minitron.models import load_model, resolve_model
+
+    if _dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
+        teacher_device = device  # this rank's GPU
     student, tokenizer = load_model(student_path, dtype="float32", device=device)
     teacher = None
     if teacher_path is not None:
@@ -963,10 +1342,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--drop-checkpoint", action="store_true",
                    help="delete checkpoint/ (weights + optimizer state) once the final model is written")
+    p.add_argument("--nproc-per-node", type=int, default=d.nproc_per_node,
+                   help="start torchrun with this many processes on this node (outside torchrun; "
+                        "under torchrun its own --nproc_per_node counts)")
+    p.add_argument("--strategy", default=d.strategy,
+                   help="with several processes: fsdp (sharded student) | ddp (replicated) | auto "
+                        "(fsdp on GPUs, ddp on CPU)")
+    p.add_argument("--settings", help="JSON file of DistillConfig fields (what --nproc-per-node "
+                                      "hands to its processes); replaces the training flags")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    if args.settings:
+        try:
+            return DistillConfig.from_dict(json.loads(Path(args.settings).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise MinitronError(f"--settings {args.settings}: {e}") from None
     return DistillConfig(
         tokens=args.tokens, batch_size=args.batch_size, block_size=args.block_size,
         grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
@@ -981,7 +1373,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         autocast=not args.no_autocast, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
-        progress=not args.no_progress, keep_checkpoint=not args.drop_checkpoint)
+        progress=not args.no_progress, keep_checkpoint=not args.drop_checkpoint,
+        strategy=args.strategy, nproc_per_node=args.nproc_per_node)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -990,6 +1383,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_distill(args.teacher, args.student, args.output, config, data_source=args.data,
                          text_field=args.text_field, device=args.device,
                          teacher_device=args.teacher_device, teacher_dtype=args.teacher_dtype)
+    if int(os.environ.get("RANK", 0)) != 0 or (config.nproc_per_node > 1 and not _under_torchrun()):
+        return 0  # the summary comes from rank 0 (which the launcher's torchrun already ran)
     rows = []
     if "teacher" in result:
         rows.append({"model": "teacher", **_ppl_row(result["teacher"])})

@@ -198,10 +198,15 @@ STAGES: dict[str, Callable[[Context, Path, StageTimer], dict[str, Any]]] = {
 
 def _settings(recipe: Recipe, name: str) -> list[Any]:
     """What a stage's result depends on (besides the stages before it)."""
+    from minitron.distill import RESUMABLE_SETTINGS
+
     r = recipe
+    # Settings a distillation may change on resume (process count, checkpoint interval, ...) must
+    # not make the pipeline throw its checkpoint away.
+    distill = {k: v for k, v in dataclasses.asdict(r.distill).items() if k not in RESUMABLE_SETTINGS}
     return {
         "prune": [r.model, r.data, r.importance, r.prune],
-        "distill": [r.data.source, r.data.text_field, r.teacher_correction, r.distill],
+        "distill": [r.data.source, r.data.text_field, r.teacher_correction, distill],
         "export": [r.data.source, r.data.eval_blocks, r.data.block_size, r.export, r.evaluate.speed],
         "evaluate": [r.data.source, r.data.eval_blocks, r.data.block_size, r.evaluate],
     }[name]

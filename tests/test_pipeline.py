@@ -124,3 +124,11 @@ def test_bad_recipe_exits_2_with_a_message_and_keeps_the_run(finished_run):
     assert "distill: temperature=0.0 is invalid; valid: a number > 0" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_resumable_distill_settings_do_not_discard_the_stage(finished_run):
+    recipe, run_dir, _ = finished_run
+    result = run_recipe(recipe, "distill.checkpoint_every=2", "distill.nproc_per_node=1",
+                        "distill.strategy=ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[distill] unchanged since the last run: skipped" in result.stdout
