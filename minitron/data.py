@@ -184,6 +184,12 @@ def pack(streams: Iterable[list[int]], block_size: int, num_blocks: int | None =
     return torch.tensor(blocks, dtype=torch.long).reshape(-1, block_size)
 
 
+def batches(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of `batch_size` blocks (the last may be shorter)."""
+    for i in range(0, len(blocks), batch_size):
+        yield blocks[i:i + batch_size]
+
+
 def load_blocks(
     tokenizer,
     split: str = "train",

@@ -16,13 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from minitron.common import StageTimer, format_table, run_cli, write_json_atomic
-from minitron.data import load_blocks
+from minitron.data import batches, load_blocks
 from minitron.models import EMBEDDED_NAME, count_params, load_model
 
-
-def _batches(blocks: torch.Tensor, batch_size: int):
-    for i in range(0, len(blocks), batch_size):
-        yield blocks[i:i + batch_size]
 
 
 @torch.no_grad()
@@ -30,7 +26,7 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, fl
     """Token-weighted mean next-token loss over `blocks` [n, L] and its exp (perplexity)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in _batches(blocks, batch_size):
+    for batch in batches(blocks, batch_size):
         batch = batch.to(device)
         logits = model(batch).logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
@@ -48,7 +44,7 @@ def teacher_agreement(student, teacher, blocks: torch.Tensor, batch_size: int = 
     device = next(student.parameters()).device
     teacher_device = next(teacher.parameters()).device
     agree, kl_sum, count = 0, 0.0, 0
-    for batch in _batches(blocks, batch_size):
+    for batch in batches(blocks, batch_size):
         s = student(batch.to(device)).logits.float()
         t = teacher(batch.to(teacher_device)).logits.float().to(device)
         v = min(s.size(-1), t.size(-1))

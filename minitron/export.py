@@ -67,7 +67,7 @@ FP32_FILE = "model_fp32.onnx"  # a distinct name, so from_pretrained(folder) nev
 TASK = "text-generation-with-past"
 BLOCKWISE_MAX_BLOCK = 128
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
-_REPORT_COLUMNS = ["model", "size_mb", "x_smaller", "perplexity", "ppl_change_pct", "top1_vs_fp32",
+REPORT_COLUMNS = ["model", "size_mb", "x_smaller", "perplexity", "ppl_change_pct", "top1_vs_fp32",
                    "max_logit_diff", "greedy_match", "prefill_tok_s", "decode_ms_tok",
                    "prefill_speedup", "decode_speedup"]
 
@@ -649,7 +649,7 @@ def render_report(report: dict[str, Any]) -> str:
              "equal PyTorch FP32's. Speeds: batch 1, 128-token prompt, 32 decoded tokens with the KV "
              f"cache, median of 3, on {report['device']['cpu']} ({report['device']['cpu_count']} cores, "
              f"load average {report['device']['load_average_1m']} when the report was written).",
-             "", format_table(table_rows(report["rows"]), _REPORT_COLUMNS), ""]
+             "", format_table(table_rows(report["rows"]), REPORT_COLUMNS), ""]
     gpu_rows = [r for r in report["rows"] if "cuda_prefill_tokens_per_s" in r]
     if gpu_rows:
         lines += ["CUDA execution provider:", "", format_table(
@@ -857,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
                     eval_blocks=args.eval_blocks, block_size=args.block_size, ppl_budget=args.ppl_budget,
                     atol=args.atol, keep_fp32=args.keep_fp32, compare=not args.no_compare,
                     measure_speed=not args.no_speed, command=command)
-    print(format_table(report["table"], _REPORT_COLUMNS))
+    print(format_table(report["table"], REPORT_COLUMNS))
     total = sum(t["wall_s"] for t in report["timing"])
     print(f"exported {report['deployed']} to {args.output} in {total:.0f}s "
           "(report.md, report.json, manifest.json)")

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minitron.common import MinitronError, write_json_atomic
+from minitron.data import batches
 from minitron.models import arch_of, decoder_layers, head_layout
 
 Aggregation = Literal["mean", "l2", "var"]
@@ -159,16 +160,12 @@ def _layers_parent(model: nn.Module) -> tuple[nn.Module, str]:
     return spec.get(model, parent_path) if parent_path else model, attr
 
 
-def _batches(blocks: torch.Tensor, batch_size: int):
-    for i in range(0, len(blocks), batch_size):
-        yield blocks[i:i + batch_size]
-
 
 @torch.no_grad()
 def _mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in _batches(blocks, batch_size):
+    for batch in batches(blocks, batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
@@ -273,7 +270,7 @@ def compute_scores(
         add_norm(spec.get(model, spec.final_norm))
         body = model.base_model
         done = 0
-        for batch in _batches(blocks, batch_size):
+        for batch in batches(blocks, batch_size):
             body(input_ids=batch.to(device), use_cache=False)
             done += len(batch)
             if progress and (done // batch_size) % 16 == 0:

@@ -70,11 +70,11 @@ def write_report(ctx: "Context", timings: list[dict[str, Any]], total_s: float) 
         md += ["## Models (held-out eval split)", "",
                format_table(models, [c for c in _MODEL_COLUMNS if any(c in m for m in models)]), ""]
     if export_rows:
-        from minitron.export import _REPORT_COLUMNS, table_rows
+        from minitron.export import REPORT_COLUMNS, table_rows
 
         rows = table_rows(export_rows)
         md += ["## Export (ONNX Runtime, CPU)", "",
-               format_table(rows, [c for c in _REPORT_COLUMNS if any(c in r for r in rows)]), ""]
+               format_table(rows, [c for c in REPORT_COLUMNS if any(c in r for r in rows)]), ""]
     if has_loss:
         md += ["## Distillation", "", "![distillation loss](distill_loss.png)", ""]
     md += ["## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in report["outputs"].items()]
