@@ -29,8 +29,8 @@ from torch import nn
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic)
-from minitron.importance import (AGGREGATIONS, DEPTH_METHODS, ImportanceConfig, Scores,
-                                 compute_scores, describe, load_scores, save_scores)
+from minitron.importance import (AGGREGATIONS, DEPTH_METHODS, HEAD_SCORES, ImportanceConfig,
+                                 Scores, compute_scores, describe, load_scores, save_scores)
 from minitron.models import (EMBEDDED_NAME, arch_of, count_params, head_layout,
                              param_count_from_config)
 
@@ -391,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="layer scores: Block Importance, or LM-loss increase when skipped")
     d.add_argument("--lm-loss-blocks", type=int, default=32,
                    help="calibration blocks for the (costly) LM-loss layer-skip method")
+    d.add_argument("--head-score", default="attention_output", choices=HEAD_SCORES,
+                   help="heads: the papers' attention-output norm, or each head's contribution "
+                        "through o_proj (see ImportanceConfig)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--device", default=None)
     p.add_argument("--dry-run", action="store_true",
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(candidates))
     fields = plan(config, target)
     imp_config = ImportanceConfig(args.aggregation_seq, args.aggregation_batch, args.depth_method,
-                                  args.lm_loss_blocks)
+                                  args.lm_loss_blocks, args.head_score)
     parse_dtype(args.dtype)
     if args.calib_blocks < 1:
         raise MinitronError(f"--calib-blocks {args.calib_blocks} must be at least 1")

@@ -103,6 +103,27 @@ def test_scores_equal_naive_computation(family, seq, bat, batch_size):
     assert scores.layers_lm_loss is None
 
 
+def test_o_proj_contribution_head_scores_equal_naive_computation(family):
+    model = make_tiny_model(family)
+    data = blocks()
+    scores = compute_scores(model, data, 3, ImportanceConfig(head_score="o_proj_contribution"))
+    _, _, _, _, per_sample = naive_scores(model, data, "mean", "l2")
+    m = copy.deepcopy(model).double()
+    expected = []
+    for i, layer in enumerate(m.model.layers):
+        w = layer.self_attn.o_proj.weight  # [hidden, H * d]
+        per_head = []
+        for h in range(model.config.num_attention_heads):  # each head's own output, head by head
+            cols = slice(h * model.config.head_dim, (h + 1) * model.config.head_dim)
+            per_head.append(torch.stack([
+                (s["o_in"][i][:, h] @ w[:, cols].T).norm(dim=-1).abs().mean() for s in per_sample
+            ]).pow(2).sum().sqrt())
+        expected.append(torch.stack(per_head))
+    torch.testing.assert_close(scores.heads, torch.stack(expected).float(), rtol=2e-4, atol=1e-6)
+    default = compute_scores(model, data, 3)
+    assert not torch.allclose(scores.heads, default.heads)
+
+
 def test_lm_loss_scores_equal_models_built_without_each_layer(family):
     model = make_tiny_model(family)
     data = blocks(6)
@@ -150,6 +171,8 @@ def test_bad_settings_are_refused_by_name(tmp_path):
         ImportanceConfig(aggregation_seq="median")
     with pytest.raises(MinitronError, match="depth_method='cosine'.*block_importance, lm_loss"):
         ImportanceConfig(depth_method="cosine")
+    with pytest.raises(MinitronError, match="head_score='q_proj'.*attention_output, o_proj_contribution"):
+        ImportanceConfig(head_score="q_proj")
     with pytest.raises(MinitronError, match="lm_loss_blocks=0"):
         ImportanceConfig(lm_loss_blocks=0)
     with pytest.raises(MinitronError, match="does not exist"):
