@@ -86,9 +86,9 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate, print the plan, shapes and parameter counts; touch no weights."""
     config = source_config(recipe)
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-            "num_hidden_layers")
-    source = {k: getattr(config, k) for k in keys}
+    from minitron.prune import TARGET_KEYS
+
+    source = {k: getattr(config, k) for k in TARGET_KEYS}
     before = param_count_from_config(config)
     plan_info: dict[str, Any] = {"stages": stage_names(recipe), "source_shape": source,
                                  "source_params": before}
@@ -126,7 +126,7 @@ def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.data import load_blocks
     from minitron.importance import compute_scores
     from minitron.models import load_model
-    from minitron.prune import prune, save_pruned
+    from minitron.prune import TARGET_KEYS, prune, save_pruned
 
     r = ctx.recipe
     model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device)
@@ -140,9 +140,8 @@ def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     pruned = prune(model, scores, target, depth=r.prune.depth)
     info = {"recipe": r.source_file, "candidates": candidates}
     save_pruned(pruned, tokenizer, out / "model", info, scores=scores)
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-            "num_hidden_layers", "head_dim")
-    return {"model_dir": str(out / "model"), "shape": {k: getattr(pruned.config, k) for k in keys}}
+    shape = {k: getattr(pruned.config, k) for k in (*TARGET_KEYS, "head_dim")}
+    return {"model_dir": str(out / "model"), "shape": shape}
 
 
 def _distill_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from minitron.common import MinitronError
 from minitron.distill import DistillConfig
 from minitron.importance import ImportanceConfig
 from minitron.models import EMBEDDED_NAME
+from minitron.prune import TARGET_KEYS
 
 
 @dataclass
@@ -66,9 +67,7 @@ class PruneSection:
     depth: Literal["importance", "contiguous"] = "importance"
 
     def target(self) -> dict[str, int]:
-        keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                "num_hidden_layers")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in TARGET_KEYS if getattr(self, k) is not None}
 
     def __post_init__(self):
         if self.target_params is not None and self.target():
