@@ -1,33 +1,44 @@
 """Fused softmax + KL divergence between student and teacher logits, for distillation.
 
-One Triton kernel reads the raw logits once per pass, keeps every statistic in fp32 registers, and
-writes the per-token loss and the gradient with respect to the student logits in the same launch,
-so backward is one multiply and no [N, V] fp32 tensor is ever allocated. The pure-torch definition
-(and the CPU path) is `reference.py`; this file is only a faster way to compute it.
+Two Triton kernels, each one sweep over the vocabulary with every statistic in fp32 registers:
+the loss kernel reads the raw logits once and writes the per-token loss plus a few per-token
+statistics; the gradient kernel, launched from backward, reads the logits once more and writes
+d loss / d student in the input dtype with `grad_output` already folded in. No [N, V] fp32 tensor
+is ever allocated, and nothing waits on the host. The pure-torch definition (and the CPU path) is
+`reference.py`; this file is only a faster way to compute it.
 
 Math, per token (row), with z_s = student / T, z_t = teacher / T over the shared V = min(V_s, V_t)
-columns, q = softmax(z_s), p = softmax(z_t), and the log-sum-exps kept as (max m, log of the
-rescaled sum d) so that log q_j = (z_s_j - m_s) - log d_s loses nothing to cancellation even for
-logits near +-1e4:
+columns, q = softmax(z_s), p = softmax(z_t), and each log-sum-exp kept as (max m, log of the
+rescaled sum ld) so that log q_j = (z_s_j - m_s) - ld_s never subtracts two large numbers:
 
-  pass 1   online max / sum over vocabulary blocks:  m_s, d_s, m_t, d_t  (and m_r, d_r of the raw
-           student logits over all V_s columns when a cross-entropy term is fused)
-  loss     kl:          T^2 sum_j p_j (log p_j - log q_j)
-           reverse_kl:  T^2 sum_j q_j (log q_j - log p_j)
-           jsd:         T^2 (beta KL(p||m) + (1-beta) KL(q||m)),  log m = logaddexp(log p + log beta,
-                        log q + log(1-beta))
-           + ce_weight * (logsumexp(student) - student[label])   (label != ignore_index)
-  gradient d loss / d student_j (chain rule through z_s = s / T gives T^2 / T = T):
-           kl:          T (q_j - p_j)
-           reverse_kl:  T q_j (log q_j - log p_j - KL(q||p))
-           jsd:         T (1-beta) q_j (log q_j - log m_j - KL(q||m))
-           + ce_weight (softmax(student)_j - [j == label]);  columns j >= V of the student get only
-           the CE part (0 without labels).
+  loss pass   online max / sum over vocabulary blocks: (m_s, d_s), (m_t, d_t), and for a fused
+              cross-entropy term (m_r, d_r) of the raw student over all V_s columns. Forward KL
+              rides along with the teacher's sum:  a = sum_j e^(z_t_j - m_t) (z_t_j - z_s_j),
+              rescaled by e^(m_old - m_new) exactly as d_t is, so at the end
+                  KL(p||q) = a / d_t - (m_t - m_s) - (ld_t - ld_s)
+              (reverse KL the same with s and t swapped). JSD needs log m_j = logaddexp(log p_j +
+              log beta, log q_j + log(1-beta)), i.e. both normalizers first: a second sweep.
+  loss        kl:          T^2 KL(p||q);   reverse_kl:  T^2 KL(q||p)
+              jsd:         T^2 (beta KL(p||m) + (1-beta) KL(q||m))
+              + ce_weight * (logsumexp(student) - student[label])   (label != ignore_index)
+  gradient    d loss / d student_j (chain rule through z_s = s / T gives T^2 / T = T):
+              kl:          T (q_j - p_j)
+              reverse_kl:  T q_j (log q_j - log p_j - KL(q||p))
+              jsd:         T (1-beta) q_j (log q_j - log m_j - KL(q||m))
+              + ce_weight (softmax(student)_j - [j == label]);  columns j >= V of the student get
+              only the CE part (0 without labels).
 
-Forward KL needs two passes over the logits (statistics, then loss + gradient). Reverse KL and JSD
-need the row's divergence inside the gradient, so they take a third pass. Memory traffic of the
-forward-KL training step: read student and teacher twice, write the gradient once; then backward
-reads and writes the gradient once more to apply `grad_output` (a scalar that is only known then).
+Why the gradient is not computed in the forward launch and saved (as liger-kernel does, and as
+STYLE.md describes): backward would then have to scale the saved [N, V] gradient by `grad_output`,
+one more read and write of it, unless a host sync proves grad_output == 1; and in distillation it
+rarely is (alpha * kd + ce, or a loss divided by the accumulation steps). Recomputing instead
+costs one read of each input in backward and writes the gradient once, scaled. Memory traffic of
+a forward-KL training step, bf16 [8192, 128256] (2.1 GB per tensor): forward reads student and
+teacher (4.2 GB), backward reads both and writes the gradient (6.3 GB): 10.5 GB in all, against
+14.7 GB for compute-in-forward + scale-in-backward. The peak is the same three [N, V] tensors
+(student, teacher, gradient) either way, only reached in backward instead of at the end of forward.
+The chunked fused-linear form, which needs each chunk's gradient at once, calls both kernels back
+to back (`softmax_kl_rows`).
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from minitron.kernels.reference import DIVERGENCES, Divergence, reference_rows
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the kernel below is defined but never launched.
+except ImportError:  # CPU-only installs: the kernels below are defined but never launched.
     triton = None
     tl = None
 
@@ -53,6 +64,8 @@ Backend = Literal["auto", "triton", "torch"]
 REDUCTIONS = ("mean", "sum", "none")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DIVERGENCE_ID = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+# Per-token statistics the loss kernel leaves for the gradient kernel: [N, 8] fp32.
+_STATS = 8  # m_s, ld_s, m_t, ld_t, m_r, ld_r, row_term (KL(q||p) or KL(q||m)), unused
 
 
 def _jit(fn):
@@ -67,6 +80,21 @@ def _online_lse(m, d, x):
     m_new = tl.maximum(m, tl.max(x, axis=0))
     d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
     return m_new, d
+
+
+@_jit
+def _online_lse_kl(m, d, a, x, y):
+    # `_online_lse` of x, and the running a = sum_j e^(x_j - m) (x_j - y_j) under the same rescaling.
+    # Lanes whose e^(x_j - m) is 0 (x = -inf, or underflow) carry no mass, as in the reference's
+    # 0 log 0 = 0; y = -inf under a live x makes a = +inf (the KL is infinite), which a later rescale
+    # must keep rather than turn into inf * 0 = NaN.
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(x - m_new)
+    term = tl.where(e > 0.0, e * (x - y), 0.0)  # e > 0 only where x is finite
+    a = tl.where(a == float("inf"), a, a * alpha) + tl.sum(term, axis=0)
+    d = d * alpha + tl.sum(e, axis=0)
+    return m_new, d, a
 
 
 @_jit
@@ -92,17 +120,15 @@ def _log_mix(log_p, log_q, log_beta, log_1m_beta):
 
 
 @_jit
-def _softmax_kl_kernel(
+def _softmax_kl_loss_kernel(
     s_ptr,  # [N, V_S] student logits, unit column stride
     t_ptr,  # [N, V_T] teacher logits, unit column stride
     mask_ptr,  # [N] bool: tokens that count (read only if HAS_MASK)
     labels_ptr,  # [N] int64 hard labels (read only if HAS_LABELS)
-    scale_ptr,  # [] fp32: gradient scale (1 / counted tokens for "mean", else 1)
     loss_ptr,  # [N] fp32 per-token loss, 0 where masked
-    grad_ptr,  # [N, V_S] d loss / d student logits in the student's dtype (if COMPUTE_GRAD)
+    stats_ptr,  # [N, 8] fp32 statistics for the gradient kernel (unwritten where masked)
     s_stride,
     t_stride,
-    grad_stride,
     V_S,  # student vocabulary
     V_SHARED,  # min(V_S, V_T): the columns both distributions are taken over
     temperature,
@@ -115,7 +141,120 @@ def _softmax_kl_kernel(
     DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd
     HAS_MASK: tl.constexpr,
     HAS_LABELS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    offs = tl.arange(0, BLOCK_V)
+
+    keep = tl.full([], 1, tl.int1)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+    if keep:
+        # The running maxima start at a finite -3e38, not -inf, so exp(m_old - m_new) never
+        # computes -inf - -inf, even for a block that is all -inf.
+        m_s = tl.full([], -3.0e38, tl.float32)
+        d_s = tl.zeros([], tl.float32)
+        m_t = tl.full([], -3.0e38, tl.float32)
+        d_t = tl.zeros([], tl.float32)
+        m_r = tl.full([], -3.0e38, tl.float32)
+        d_r = tl.zeros([], tl.float32)
+        a = tl.zeros([], tl.float32)  # the running KL numerator (forward or reverse)
+        if HAS_LABELS:
+            n_stat = V_S
+        else:
+            n_stat = V_SHARED
+        for start in range(0, n_stat, BLOCK_V):
+            cols = start + offs
+            shared = cols < V_SHARED
+            s_raw = tl.load(s_row + cols, mask=cols < n_stat, other=float("-inf")).to(tl.float32)
+            t = tl.load(t_row + cols, mask=shared, other=float("-inf")).to(tl.float32) * inv_temperature
+            s = tl.where(shared, s_raw * inv_temperature, float("-inf"))
+            if DIVERGENCE == 0:
+                m_t, d_t, a = _online_lse_kl(m_t, d_t, a, t, s)
+                m_s, d_s = _online_lse(m_s, d_s, s)
+            elif DIVERGENCE == 1:
+                m_s, d_s, a = _online_lse_kl(m_s, d_s, a, s, t)
+                m_t, d_t = _online_lse(m_t, d_t, t)
+            else:
+                m_s, d_s = _online_lse(m_s, d_s, s)
+                m_t, d_t = _online_lse(m_t, d_t, t)
+            if HAS_LABELS:
+                m_r, d_r = _online_lse(m_r, d_r, s_raw)
+        ld_s = tl.log(d_s)
+        ld_t = tl.log(d_t)
+        ld_r = tl.zeros([], tl.float32)
+        if HAS_LABELS:
+            ld_r = tl.log(d_r)
+
+        row_term = tl.zeros([], tl.float32)  # the gradient's row constant: KL(q||p) or KL(q||m)
+        if DIVERGENCE == 0:
+            div = a / d_t - (m_t - m_s) - (ld_t - ld_s)
+        elif DIVERGENCE == 1:
+            div = a / d_s - (m_s - m_t) - (ld_s - ld_t)
+            row_term = div
+        else:
+            div = tl.zeros([], tl.float32)
+            for start in range(0, V_SHARED, BLOCK_V):
+                cols = start + offs
+                live = cols < V_SHARED
+                s_raw = tl.load(s_row + cols, mask=live, other=0.0).to(tl.float32)
+                t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
+                log_q = (s_raw * inv_temperature - m_s) - ld_s
+                log_p = (t * inv_temperature - m_t) - ld_t
+                log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
+                kl_qm = tl.sum(_kl_terms(log_q, log_m, live), axis=0)
+                div += beta * tl.sum(_kl_terms(log_p, log_m, live), axis=0) + (1.0 - beta) * kl_qm
+                row_term += kl_qm
+
+        # The cross-entropy term: logsumexp(student) - student[label].
+        ce = tl.zeros([], tl.float32)
+        if HAS_LABELS:
+            label = tl.load(labels_ptr + row).to(tl.int64)
+            has_ce = label != ignore_index
+            s_label = tl.load(s_row + label, mask=has_ce, other=0.0).to(tl.float32)
+            ce = tl.where(has_ce, ce_weight * ((m_r - s_label) + ld_r), 0.0)
+        tl.store(loss_ptr + row, temperature * temperature * div + ce)
+
+        st = stats_ptr + row * 8
+        tl.store(st + 0, m_s)
+        tl.store(st + 1, ld_s)
+        tl.store(st + 2, m_t)
+        tl.store(st + 3, ld_t)
+        tl.store(st + 4, m_r)
+        tl.store(st + 5, ld_r)
+        tl.store(st + 6, row_term)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+
+
+@_jit
+def _softmax_kl_grad_kernel(
+    s_ptr,  # [N, V_S] student logits, unit column stride
+    t_ptr,  # [N, V_T] teacher logits, unit column stride
+    mask_ptr,  # [N] bool (read only if HAS_MASK)
+    labels_ptr,  # [N] int64 (read only if HAS_LABELS)
+    stats_ptr,  # [N, 8] fp32 from the loss kernel
+    scale_ptr,  # [] fp32: 1 / counted tokens for "mean", else 1
+    go_ptr,  # grad_output: [] (go_stride 0) or [N] (reduction "none"), fp32
+    grad_ptr,  # [N, V_S] out: d loss / d student logits, in the student's dtype
+    s_stride,
+    t_stride,
+    grad_stride,
+    go_stride,
+    V_S,
+    V_SHARED,
+    temperature,
+    inv_temperature,
+    beta,
+    log_beta,
+    log_1m_beta,
+    ce_weight,
+    ignore_index,
+    DIVERGENCE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -128,90 +267,33 @@ def _softmax_kl_kernel(
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
     if keep:
-        # ---- pass 1: online log-sum-exp of z_s, z_t (shared columns) and of the raw student (CE).
-        # The running max starts at a finite -3e38, not -inf, so exp(m_old - m_new) never computes
-        # -inf - -inf, even for a block that is all -inf.
-        m_s = tl.full([], -3.0e38, tl.float32)
-        d_s = tl.zeros([], tl.float32)
-        m_t = tl.full([], -3.0e38, tl.float32)
-        d_t = tl.zeros([], tl.float32)
-        m_r = tl.full([], -3.0e38, tl.float32)
-        d_r = tl.zeros([], tl.float32)
-        if HAS_LABELS:
-            n_stat = V_S
-        else:
-            n_stat = V_SHARED
-        for start in range(0, n_stat, BLOCK_V):
-            cols = start + offs
-            shared = cols < V_SHARED
-            s_raw = tl.load(s_row + cols, mask=cols < n_stat, other=float("-inf")).to(tl.float32)
-            t = tl.load(t_row + cols, mask=shared, other=float("-inf")).to(tl.float32) * inv_temperature
-            s = tl.where(shared, s_raw * inv_temperature, float("-inf"))
-            m_s, d_s = _online_lse(m_s, d_s, s)
-            m_t, d_t = _online_lse(m_t, d_t, t)
-            if HAS_LABELS:
-                m_r, d_r = _online_lse(m_r, d_r, s_raw)
-        log_d_s = tl.log(d_s)
-        log_d_t = tl.log(d_t)
-        log_d_r = tl.zeros([], tl.float32)
-        if HAS_LABELS:
-            log_d_r = tl.log(d_r)
-
-        # ---- the cross-entropy term: logsumexp(student) - student[label]
-        ce = tl.zeros([], tl.float32)
+        st = stats_ptr + row * 8
+        m_s = tl.load(st + 0)
+        ld_s = tl.load(st + 1)
+        m_t = tl.load(st + 2)
+        ld_t = tl.load(st + 3)
+        m_r = tl.load(st + 4)
+        ld_r = tl.load(st + 5)
+        row_term = tl.load(st + 6)
         label = tl.zeros([], tl.int64)
         w_ce = tl.zeros([], tl.float32)
         if HAS_LABELS:
             label = tl.load(labels_ptr + row).to(tl.int64)
-            has_ce = label != ignore_index
-            s_label = tl.load(s_row + label, mask=has_ce, other=0.0).to(tl.float32)
-            w_ce = tl.where(has_ce, ce_weight, 0.0)
-            ce = tl.where(has_ce, (m_r - s_label) + log_d_r, 0.0)
-        scale = tl.load(scale_ptr)
+            w_ce = tl.where(label != ignore_index, ce_weight, 0.0)
+        g_scale = tl.load(scale_ptr) * tl.load(go_ptr + row * go_stride).to(tl.float32)
 
-        # ---- pass 2: the divergence (and, for forward KL, the gradient in the same sweep)
-        div = tl.zeros([], tl.float32)
-        row_term = tl.zeros([], tl.float32)  # KL(q||p) or KL(q||m): the gradient's row constant
-        if DIVERGENCE == 0 and COMPUTE_GRAD:
-            n_pass2 = V_S  # forward KL writes its gradient here, extra student columns included
-        else:
-            n_pass2 = V_SHARED
-        for start in range(0, n_pass2, BLOCK_V):
+        for start in range(0, V_S, BLOCK_V):
             cols = start + offs
             live = cols < V_SHARED
             s_raw = tl.load(s_row + cols, mask=cols < V_S, other=0.0).to(tl.float32)
             t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
-            log_q = (s_raw * inv_temperature - m_s) - log_d_s
-            log_p = (t * inv_temperature - m_t) - log_d_t
+            log_q = (s_raw * inv_temperature - m_s) - ld_s
+            log_p = (t * inv_temperature - m_t) - ld_t
             if DIVERGENCE == 0:
-                div += tl.sum(_kl_terms(log_p, log_q, live), axis=0)
-                if COMPUTE_GRAD:
-                    q = tl.where(live, tl.exp(log_q), 0.0)
-                    p = tl.where(live, tl.exp(log_p), 0.0)
-                    g = temperature * (q - p)
-                    if HAS_LABELS:
-                        g += w_ce * (tl.exp((s_raw - m_r) - log_d_r) - tl.where(cols == label, 1.0, 0.0))
-                    tl.store(g_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V_S)
-            elif DIVERGENCE == 1:
-                div += tl.sum(_kl_terms(log_q, log_p, live), axis=0)
+                q = tl.where(live, tl.exp(log_q), 0.0)
+                p = tl.where(live, tl.exp(log_p), 0.0)
+                g = temperature * (q - p)
             else:
-                log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
-                kl_qm = tl.sum(_kl_terms(log_q, log_m, live), axis=0)
-                div += beta * tl.sum(_kl_terms(log_p, log_m, live), axis=0) + (1.0 - beta) * kl_qm
-                row_term += kl_qm
-        if DIVERGENCE == 1:
-            row_term = div
-        tl.store(loss_ptr + row, temperature * temperature * div + w_ce * ce)
-
-        # ---- pass 3 (reverse KL, JSD): the gradient needs the row constant computed above
-        if DIVERGENCE != 0 and COMPUTE_GRAD:
-            for start in range(0, V_S, BLOCK_V):
-                cols = start + offs
-                live = cols < V_SHARED
-                s_raw = tl.load(s_row + cols, mask=cols < V_S, other=0.0).to(tl.float32)
-                t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
-                log_q = (s_raw * inv_temperature - m_s) - log_d_s
-                log_p = (t * inv_temperature - m_t) - log_d_t
                 ok = live & (log_q > float("-inf"))
                 lq = tl.where(ok, log_q, 0.0)
                 if DIVERGENCE == 1:
@@ -220,17 +302,15 @@ def _softmax_kl_kernel(
                 else:
                     lo = tl.where(ok, _log_mix(log_p, log_q, log_beta, log_1m_beta), 0.0)
                     g = tl.where(ok, temperature * (1.0 - beta) * tl.exp(lq) * (lq - lo - row_term), 0.0)
-                if HAS_LABELS:
-                    g += w_ce * (tl.exp((s_raw - m_r) - log_d_r) - tl.where(cols == label, 1.0, 0.0))
-                tl.store(g_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V_S)
+            if HAS_LABELS:
+                g += w_ce * (tl.exp((s_raw - m_r) - ld_r) - tl.where(cols == label, 1.0, 0.0))
+            tl.store(g_row + cols, (g * g_scale).to(grad_ptr.dtype.element_ty), mask=cols < V_S)
     else:
         # A masked token costs one gradient write of zeros and no reads.
-        tl.store(loss_ptr + row, 0.0)
-        if COMPUTE_GRAD:
-            for start in range(0, V_S, BLOCK_V):
-                cols = start + offs
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty),
-                         mask=cols < V_S)
+        for start in range(0, V_S, BLOCK_V):
+            cols = start + offs
+            tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty),
+                     mask=cols < V_S)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -246,6 +326,111 @@ def _launch_config(vocab: int, interpret: bool) -> tuple[int, int]:
     return block, 8 if block >= 2048 else 4
 
 
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    # Rows may be strided (a vocab-sliced view); the kernels need unit stride along the vocabulary.
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _scalar_args(temperature, divergence, beta, ce_weight, ignore_index) -> tuple:
+    """The kernels' shared runtime scalars, in their signature's order (temperature .. ignore_index)."""
+    jsd = 0.0 < beta < 1.0  # log beta is only read by JSD, which requires this
+    return (float(temperature), 1.0 / float(temperature), float(beta),
+            math.log(beta) if jsd else 0.0, math.log1p(-beta) if jsd else 0.0,
+            float(ce_weight), int(ignore_index))
+
+
+def softmax_kl_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    temperature: float,
+    divergence: Divergence,
+    beta: float,
+    ce_weight: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [N] fp32 and the statistics [N, 8] fp32 that `softmax_kl_grad` needs.
+
+    student [N, V_s], teacher [N, V_t]: fp32/bf16/fp16 (may differ), unit stride along the vocabulary.
+    One read of each input (two for JSD). No host synchronization.
+    """
+    if triton is None:
+        raise RuntimeError("the Triton kernel needs the `triton` package; use backend='torch'")
+    n, v_s = student.shape
+    v_t = teacher.shape[1]
+    loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    stats = torch.empty((n, _STATS), dtype=torch.float32, device=student.device)
+    if n == 0:
+        return loss, stats
+    has_labels = labels is not None and ce_weight != 0.0
+    block, num_warps = _launch_config(max(v_s, v_t), student.device.type == "cpu")
+    _softmax_kl_loss_kernel[(n,)](
+        student, teacher,
+        mask if mask is not None else loss,  # unread placeholders when the feature is off
+        labels if has_labels else loss,
+        loss, stats,
+        student.stride(0), teacher.stride(0),
+        v_s, min(v_s, v_t),
+        *_scalar_args(temperature, divergence, beta, ce_weight, ignore_index),
+        DIVERGENCE=_DIVERGENCE_ID[divergence],
+        HAS_MASK=mask is not None,
+        HAS_LABELS=has_labels,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+    return loss, stats
+
+
+def softmax_kl_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    stats: torch.Tensor,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    grad_output: torch.Tensor,
+    temperature: float,
+    divergence: Divergence,
+    beta: float,
+    ce_weight: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """d loss / d student [N, V_s] in the student's dtype, times grad_scale * grad_output.
+
+    The inputs and options are those `softmax_kl_loss` produced `stats` from; grad_scale is a 0-d
+    fp32 tensor (1 / counted tokens for "mean"), grad_output 0-d or [N] (per token). One read of
+    each input and one write of the gradient; 0 on masked tokens. No host synchronization.
+    """
+    n, v_s = student.shape
+    v_t = teacher.shape[1]
+    grad = torch.empty((n, v_s), dtype=student.dtype, device=student.device)
+    if n == 0:
+        return grad
+    go = grad_output.to(device=student.device, dtype=torch.float32).reshape(-1)
+    if go.numel() not in (1, n):
+        raise ValueError(f"grad_output must be a scalar or have one entry per token ({n}), got {go.numel()}")
+    has_labels = labels is not None and ce_weight != 0.0
+    block, num_warps = _launch_config(max(v_s, v_t), student.device.type == "cpu")
+    _softmax_kl_grad_kernel[(n,)](
+        student, teacher,
+        mask if mask is not None else stats,
+        labels if has_labels else stats,
+        stats,
+        grad_scale.to(device=student.device, dtype=torch.float32),
+        go, grad,
+        student.stride(0), teacher.stride(0), grad.stride(0), go.stride(0) if go.numel() > 1 else 0,
+        v_s, min(v_s, v_t),
+        *_scalar_args(temperature, divergence, beta, ce_weight, ignore_index),
+        DIVERGENCE=_DIVERGENCE_ID[divergence],
+        HAS_MASK=mask is not None,
+        HAS_LABELS=has_labels,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+    return grad
+
+
 def softmax_kl_rows(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -259,49 +444,20 @@ def softmax_kl_rows(
     ignore_index: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel on 2-D logits. Same contract as `reference.reference_rows`.
+    """Loss and gradient in one call: the same contract as `reference.reference_rows`.
 
     student [N, V_s], teacher [N, V_t] (fp32/bf16/fp16, may differ), mask [N] bool or None,
     labels [N] integer or None, grad_scale: 0-d fp32 tensor on the logits' device. Returns the
     per-token loss [N] fp32 and the gradient [N, V_s] in the student's dtype (None unless
-    `compute_grad`). No host synchronization.
+    `compute_grad`): the loss kernel, then the gradient kernel. No host synchronization.
     """
-    if triton is None:
-        raise RuntimeError("the Triton kernel needs the `triton` package; use backend='torch'")
-    n, v_s = student.shape
-    v_t = teacher.shape[1]
-    # Rows may be strided (a vocab-sliced view); the kernel needs unit stride along the vocabulary.
-    if student.stride(1) != 1:
-        student = student.contiguous()
-    if teacher.stride(1) != 1:
-        teacher = teacher.contiguous()
-    loss = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty((n, v_s), dtype=student.dtype, device=student.device) if compute_grad else None
-    if n == 0:
-        return loss, grad
-    has_labels = labels is not None and ce_weight != 0.0
-    block, num_warps = _launch_config(max(v_s, v_t), student.device.type == "cpu")
-    _softmax_kl_kernel[(n,)](
-        student, teacher,
-        mask if mask is not None else loss,  # unread placeholders when the feature is off
-        labels if has_labels else loss,
-        grad_scale.to(device=student.device, dtype=torch.float32),
-        loss,
-        grad if grad is not None else student,
-        student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0,
-        v_s, min(v_s, v_t),
-        float(temperature), 1.0 / float(temperature),
-        float(beta), math.log(beta) if 0.0 < beta < 1.0 else 0.0,
-        math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0,
-        float(ce_weight), int(ignore_index),
-        DIVERGENCE=_DIVERGENCE_ID[divergence],
-        HAS_MASK=mask is not None,
-        HAS_LABELS=has_labels,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block,
-        num_warps=num_warps,
-    )
-    return loss, grad
+    student, teacher = _unit_stride(student), _unit_stride(teacher)
+    options = (temperature, divergence, beta, ce_weight, ignore_index)
+    loss, stats = softmax_kl_loss(student, teacher, mask, labels, *options)
+    if not compute_grad:
+        return loss, None
+    one = torch.ones((), dtype=torch.float32, device=student.device)
+    return loss, softmax_kl_grad(student, teacher, stats, mask, labels, grad_scale, one, *options)
 
 
 def _grad_scale(mask: torch.Tensor | None, n: int, reduction: str, device) -> torch.Tensor:
@@ -322,23 +478,36 @@ def _reduce(loss: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Te
 
 
 class _SoftmaxKLFunction(torch.autograd.Function):
-    """Forward computes loss and gradient together; backward only scales the saved gradient."""
+    """Kernel path: forward runs the loss kernel and keeps the inputs; backward runs the gradient
+    kernel with grad_output folded in (see the module docstring for why). Torch path (CPU): forward
+    computes the loss and the gradient together and backward scales the saved gradient, because on
+    a CPU the cost is arithmetic, which recomputing would double, not memory traffic."""
 
     @staticmethod
     def forward(ctx, student, teacher, mask, labels, rows_fn, options, reduction):
         scale = _grad_scale(mask, student.shape[0], reduction, student.device)
-        loss, grad = rows_fn(student, teacher, mask, labels, scale, *options, compute_grad=True)
-        # save_for_backward tracks the version: a second backward through the same graph (after
-        # the in-place scale below) fails loudly instead of returning a twice-scaled gradient.
-        ctx.save_for_backward(grad)
-        ctx.reduction = reduction
+        ctx.reduction, ctx.options = reduction, options
+        ctx.recompute = rows_fn is softmax_kl_rows
+        if ctx.recompute:
+            student, teacher = _unit_stride(student), _unit_stride(teacher)
+            loss, stats = softmax_kl_loss(student, teacher, mask, labels, *options)
+            # Version-tracked: editing the logits in place before backward is an error, not a
+            # silently wrong gradient.
+            ctx.save_for_backward(student, teacher, stats, mask, labels, scale)
+        else:
+            loss, grad = rows_fn(student, teacher, mask, labels, scale, *options, compute_grad=True)
+            # Scaled in place in backward: a second backward through the same graph trips the
+            # version check instead of returning a twice-scaled gradient.
+            ctx.save_for_backward(grad)
         return _reduce(loss, scale, reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.recompute:
+            student, teacher, stats, mask, labels, scale = ctx.saved_tensors
+            grad = softmax_kl_grad(student, teacher, stats, mask, labels, scale, grad_output, *ctx.options)
+            return grad, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        # In place: the saved gradient is not needed afterwards, so no second [N, V] buffer. The
-        # multiply always runs: skipping it when grad_output == 1 would need a host sync to know.
         if ctx.reduction == "none":
             grad.mul_(grad_output.unsqueeze(-1))
         else:

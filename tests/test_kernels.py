@@ -9,7 +9,11 @@ On CPU the kernel runs under TRITON_INTERPRET=1 (set by conftest): small N, a fe
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -320,13 +324,35 @@ def test_dispatch_follows_device_and_interpreter(monkeypatch):
     assert _pick_rows_fn(s, s, "torch") is reference_rows
 
 
-def test_second_backward_fails_loudly():
-    # The gradient is scaled in place in backward (no second [N, V] buffer), so a retained graph
-    # cannot be replayed; it must raise rather than return a twice-scaled gradient.
-    s = logits(2, 64).requires_grad_(True)
-    loss = softmax_kl(s, logits(2, 64, seed=1))
+def test_second_backward():
+    # The kernel path recomputes the gradient from the saved inputs in backward, so a retained graph
+    # replays correctly: two backwards accumulate exactly twice the gradient.
+    s, t = logits(3, 1271), logits(3, 1271, seed=1)
+    go = torch.tensor(0.7, device=DEVICE)
+    once, twice = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    softmax_kl(once, t, 2.0, backend="triton").backward(go)
+    loss = softmax_kl(twice, t, 2.0, backend="triton")
+    loss.backward(go, retain_graph=True)
+    loss.backward(go)
+    torch.testing.assert_close(twice.grad, 2 * once.grad)
+    # The torch path scales its saved gradient in place (no second [N, V] buffer): it must raise
+    # rather than return a twice-scaled gradient.
+    ref = s.clone().requires_grad_(True)
+    loss = softmax_kl(ref, t, 2.0, backend="torch")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+def test_logits_edited_before_backward_is_an_error():
+    # The kernel path keeps the logits for backward: editing them in place in between must fail
+    # loudly, not produce the gradient of other logits.
+    s = logits(2, 300).requires_grad_(True)
+    student = s * 1.0
+    loss = softmax_kl(student, logits(2, 300, seed=1), backend="triton")
+    with torch.no_grad():
+        student.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
 
@@ -421,6 +447,33 @@ def test_fused_linear_bf16():
     assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
     assert_close(hs_.grad, hs64.grad, rtol=3e-2, atol=3e-2)
     assert_close(ws_.grad, ws64.grad, rtol=3e-2, atol=3e-2)
+
+
+# --------------------------------------------------------------------------- compiled for GPUs (no GPU needed)
+@pytest.fixture(scope="module")
+def compiled_for_gpus():
+    """Every kernel variant lowered to sm_80 and sm_90 cubins by the ptxas in triton's wheel, at the
+    launch configuration for V = 128256, in a fresh process (this one interprets Triton)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "minitron.kernels.aot", "--json", "--dtypes", "bf16", "fp32"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_kernels_compile_for_gpus_without_spills(compiled_for_gpus):
+    # What a memory-bound sweep needs: no spilled blocks, registers leaving room for two 8-warp
+    # programs per SM, 128-bit (fully vectorized) loads, and 128-bit gradient stores. ptxas may
+    # spill a scalar (reverse KL with CE on sm_80: a 4-byte spill, 8-byte frame); a spilled block
+    # of logits costs kilobytes (BLOCK_V = 32768 at 4 warps: a 6.8 KB frame).
+    assert len(compiled_for_gpus) == 2 * 2 * 2 * 3  # arch x kernel x dtype x divergence
+    for c in compiled_for_gpus:
+        assert c["local_bytes"] <= 16, c
+        assert c["registers"] <= 128, c
+        assert c["widest_load_bits"] == 128, c
+        if c["kernel"] == "grad":
+            assert c["widest_store_bits"] == 128, c
 
 
 # --------------------------------------------------------------------------- GPU only
