@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minitron.kernels import softmax_kl, token_losses
+from minitron.kernels import fused_linear_softmax_kl, softmax_kl, token_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -116,8 +116,11 @@ class Timer:
             self.ms = (time.perf_counter() - self.t0) * 1e3
 
 
-def time_phase(fn, s, t, phase, device, reps, warmup) -> tuple[list[float], float | None]:
-    """Milliseconds per rep for one phase, and the peak extra device memory (MiB) it needed."""
+def time_phase(fn, args, phase, device, reps, warmup) -> tuple[list[float], float | None]:
+    """Milliseconds per rep of fn(*args) for one phase, and the peak extra device memory (MiB).
+
+    The args that require grad are the leaves whose .grad is cleared between reps."""
+    leaves = [a for a in args if a.requires_grad]
     times = []
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -125,22 +128,24 @@ def time_phase(fn, s, t, phase, device, reps, warmup) -> tuple[list[float], floa
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     for i in range(warmup + reps):
-        s.grad = None
-        if phase == "fwd":  # a training forward: the student requires grad, so graphs are built
+        for leaf in leaves:
+            leaf.grad = None
+        if phase == "fwd":  # a training forward: the inputs require grad, so graphs are built
             with Timer(device) as tm:
-                fn(s, t)
+                fn(*args)
         elif phase == "bwd":
-            loss = fn(s, t)
+            loss = fn(*args)
             sync(device)
             with Timer(device) as tm:
                 loss.backward()
             del loss
         else:
             with Timer(device) as tm:
-                fn(s, t).backward()
+                fn(*args).backward()
         if i >= warmup:
             times.append(tm.ms)
-    s.grad = None
+    for leaf in leaves:
+        leaf.grad = None
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
     return times, peak
 
@@ -162,6 +167,124 @@ def check(fn, s, t, rows: int) -> str | None:
     if not math.isfinite(grad_err) or grad_err > grad_rtol:
         return f"gradient max error {grad_err:.2e} of its largest entry"
     return None
+
+
+# ----------------------------------------------------------------------------- from hidden states
+# The same loss taken from final hidden states and LM heads: (h_s [N, H_s], w_s [V, H_s], h_t [N, H_t],
+# w_t [V, H_t]); the student's hidden states and head get gradients. This is where the full [N, V]
+# logits can be avoided altogether, so what it is about is peak memory.
+def eager_linear(hs, ws, ht, wt):
+    return eager(hs @ ws.T, ht @ wt.T)
+
+
+def ours_linear_logits(hs, ws, ht, wt):
+    return softmax_kl(hs @ ws.T, ht @ wt.T, TEMPERATURE)
+
+
+def ours_fused_linear(hs, ws, ht, wt):
+    return fused_linear_softmax_kl(hs, ws, ht, wt, TEMPERATURE, chunk_size=1024)
+
+
+def linear_providers(device: str) -> dict:
+    return {"eager": eager_linear, "minitron (logits)": ours_linear_logits,
+            "minitron fused-linear": ours_fused_linear}
+
+
+def check_linear(fn, hs, ws, ht, wt, rows: int) -> str | None:
+    """None if fn's loss and student gradients match float64 on the first `rows` tokens."""
+    hs_, ws_ = hs[:rows].detach().clone().requires_grad_(True), ws.detach().clone().requires_grad_(True)
+    loss = fn(hs_, ws_, ht[:rows], wt)
+    loss.backward()
+    hs64, ws64 = hs_.detach().double().requires_grad_(True), ws_.detach().double().requires_grad_(True)
+    ref = token_losses(hs64 @ ws64.T, ht[:rows].double() @ wt.double().T, TEMPERATURE).mean()
+    ref.backward()
+    # Logits from low-precision matmuls differ from float64 ones by a rounding each.
+    tol = 3e-2 if hs.dtype != torch.float32 else 2e-3
+    loss_err = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-12)
+    if not math.isfinite(loss.item()) or loss_err > tol:
+        return f"loss {loss.item():.6g} vs reference {ref.item():.6g}"
+    for name, got, want in (("hidden", hs_.grad, hs64.grad), ("weight", ws_.grad, ws64.grad)):
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        if not math.isfinite(err) or err > 3 * tol:
+            return f"{name} gradient max error {err:.2e} of its largest entry"
+    return None
+
+
+def run_linear(device, dtypes, vocab, tokens, hidden, reps, warmup) -> list[dict]:
+    rows = []
+    funcs = linear_providers(device)
+    h_s, h_t = hidden
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for v in vocab:
+            for n in tokens:
+                g = torch.Generator(device=device).manual_seed(0)
+                hs = torch.randn(n, h_s, device=device, generator=g).to(dtype).requires_grad_(True)
+                ws = (torch.randn(v, h_s, device=device, generator=g) * h_s**-0.5).to(dtype).requires_grad_(True)
+                ht = torch.randn(n, h_t, device=device, generator=g).to(dtype)
+                wt = (torch.randn(v, h_t, device=device, generator=g) * h_t**-0.5).to(dtype)
+                args = (hs, ws, ht, wt)
+                for name, fn in funcs.items():
+                    base = dict(provider=name, dtype=dname, N=n, V=v, H_student=h_s, H_teacher=h_t)
+                    try:
+                        err = check_linear(fn, *args, rows=min(n, 64))
+                    except torch.cuda.OutOfMemoryError:
+                        err = "oom"
+                    if err is not None:
+                        print(f"{name} (linear) {dname} N={n} V={v}: NOT TIMED, {err}", file=sys.stderr)
+                        rows.append(dict(base, phase="fwd+bwd", error="wrong" if err != "oom" else "oom", detail=err))
+                        continue
+                    try:
+                        times, peak = time_phase(fn, args, "fwd+bwd", device, reps, warmup)
+                    except torch.cuda.OutOfMemoryError:
+                        rows.append(dict(base, phase="fwd+bwd", error="oom"))
+                        continue
+                    med = statistics.median(times)
+                    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [med] * 9
+                    rows.append(dict(base, phase="fwd+bwd", median_ms=med, p10_ms=q[0], p90_ms=q[-1],
+                                     reps=len(times), peak_MiB=peak))
+                    print(f"{name:22s} {dname} N={n:5d} V={v:6d} fwd+bwd {med:9.3f} ms"
+                          + (f" peak {peak:.0f} MiB" if peak is not None else ""), file=sys.stderr)
+                del hs, ws, ht, wt, args
+    return rows
+
+
+def linear_markdown(rows, names) -> list[str]:
+    subject = "minitron fused-linear"
+    lines = ["", "## From hidden states (logits matmuls included)", "",
+             f"Student H={rows[0]['H_student']}, teacher H={rows[0]['H_teacher']}, forward+backward. "
+             "Cells: median ms (p10-p90), peak extra MiB over the inputs. The fused-linear form never "
+             f"holds more than 1024 tokens of logits. Ratios: baseline / {subject} (time; memory).", ""]
+    head = ["dtype", "N", "V"] + names + [f"vs {n}" for n in names if n != subject]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = {}
+    for r in rows:
+        table.setdefault((r["dtype"], r["N"], r["V"]), {})[r["provider"]] = r
+    for key, cells in table.items():
+        out = [str(k) for k in key]
+        for n in names:
+            r = cells.get(n)
+            if r is None:
+                out.append("-")
+            elif r.get("error"):
+                out.append(r["error"])
+            else:
+                mem = f", {r['peak_MiB']:.0f} MiB" if r["peak_MiB"] is not None else ""
+                out.append(f"{r['median_ms']:.3g} ({r['p10_ms']:.3g}-{r['p90_ms']:.3g}){mem}")
+        mine = cells.get(subject, {})
+        for n in names:
+            if n == subject:
+                continue
+            r = cells.get(n, {})
+            if mine.get("median_ms") and r.get("median_ms"):
+                cell = f"{r['median_ms'] / mine['median_ms']:.2f}x"
+                if mine.get("peak_MiB") and r.get("peak_MiB") is not None:
+                    cell += f"; {r['peak_MiB'] / mine['peak_MiB']:.1f}x memory"
+                out.append(cell)
+            else:
+                out.append("-")
+        lines.append("| " + " | ".join(out) + " |")
+    return lines
 
 
 def bandwidth_gbps(device) -> float | None:
@@ -233,7 +356,9 @@ def markdown(meta, rows, names, subject) -> str:
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v), "",
              f"T={TEMPERATURE}, forward KL, reduction mean. Cells: median ms (p10-p90), peak extra MiB, "
              f"GB/s of the least traffic (read student + teacher, write gradient)"
-             + (f", % of {bw:.0f} GB/s peak" if bw else "") + f". Speedup = baseline / {subject}.", ""]
+             + (f", % of {bw:.0f} GB/s peak" if bw else "") + f". Speedup = baseline / {subject}. "
+             "minitron's kernels move 2 NV elements in forward (read both) and 3 NV in backward (read "
+             "both again, write the gradient): 5 NV for forward+backward against the 3 NV counted here.", ""]
     if meta["note"]:
         lines += [f"**{meta['note']}**", ""]
     head = ["dtype", "N", "V", "phase"] + names + [f"{subject} vs {n}" for n in names if n != subject]
@@ -270,15 +395,21 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     ap.add_argument("--reps", type=int, help="timed repetitions per cell")
+    ap.add_argument("--linear-hidden", type=int, nargs=2, metavar=("H_STUDENT", "H_TEACHER"),
+                    help="hidden sizes of the from-hidden-states part (default 3072 4096: an 8B -> 4B pair)")
+    ap.add_argument("--no-linear", action="store_true", help="skip the from-hidden-states part")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
         vocab, tokens, reps, warmup = args.vocab or [32000], args.tokens or [128, 256], args.reps or 5, 1
+        linear_vocab, linear_tokens, linear_hidden = vocab, tokens[-1:], args.linear_hidden or (256, 384)
     else:
         vocab, tokens = args.vocab or [32000, 128256, 151936], args.tokens or [1024, 4096, 8192]
         reps, warmup = args.reps or 20, 3
+        linear_vocab, linear_tokens = args.vocab or [128256], args.tokens or [4096, 8192]
+        linear_hidden = args.linear_hidden or (3072, 4096)
     note = ""
     if device == "cpu":
         note = ("CPU run: reference paths only (eager PyTorch, torch.compile, the chunked torch "
@@ -312,7 +443,7 @@ def main(argv=None):
                         continue
                     for phase in PHASES:
                         try:
-                            times, peak = time_phase(fn, s, t, phase, device, reps, warmup)
+                            times, peak = time_phase(fn, (s, t), phase, device, reps, warmup)
                         except torch.cuda.OutOfMemoryError:
                             rows.append(dict(base, phase=phase, error="oom"))
                             continue
@@ -327,6 +458,8 @@ def main(argv=None):
                               file=sys.stderr)
                 del s, t
     ratios(rows, subject)
+    linear_rows = [] if args.no_linear else run_linear(device, args.dtypes, linear_vocab, linear_tokens,
+                                                       linear_hidden, reps, warmup)
 
     stamp = datetime.now(timezone.utc)
     meta = dict(device=device, device_name=device_name, bandwidth_GBps=bw, versions=versions(),
@@ -335,8 +468,11 @@ def main(argv=None):
                 subject=subject, note=note)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"softmax_kl-{device}-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta, results=rows), indent=1) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta, results=rows, linear_results=linear_rows),
+                                                    indent=1) + "\n")
     table = markdown(meta, rows, list(funcs), subject)
+    if linear_rows:
+        table += "\n".join(linear_markdown(linear_rows, list(linear_providers(device)))) + "\n"
     stem.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {stem}.json and .md", file=sys.stderr)

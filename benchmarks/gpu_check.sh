@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU half of the kernel work, as one script for a lent GPU machine (torch and triton are
+# preinstalled there; it has no package registry). Writes everything under $OUT (default ./gpu-out).
+#
+#   here:   pip download liger-kernel==0.8.5 --no-deps -d .wheels     # optional baseline, carried
+#   there:  bash benchmarks/gpu_check.sh [quick|bar|full]               # default: bar
+#
+# bar  = the GPU tests, then the bar shape (bf16 [8192, 128256]) with every provider, then
+#        the from-hidden-states memory comparison: about 3 minutes on an H100.
+# full = bar, then the whole grid without torch.compile (one compile per shape does not fit a lease).
+set -euo pipefail
+MODE=${1:-bar}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+# minitron.kernels lives in kernels/ and is mapped by the package install; without network or
+# build isolation an editable install may fail, so fall back to a path shim.
+if ! "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . 2>/dev/null; then
+    SHIM=$(mktemp -d)
+    cp -r minitron "$SHIM/minitron"
+    ln -s "$PWD/kernels" "$SHIM/minitron/kernels"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if compgen -G ".wheels/*.whl" >/dev/null; then
+    "$PY" -m pip install --no-deps --no-index -q .wheels/*.whl || echo "wheels in .wheels/ did not install"
+fi
+"$PY" -c "import minitron.kernels as k; print('minitron.kernels from', k.__file__)"
+
+# --noconftest: the shared conftest builds tiny transformers models, which the kernel tests do not
+# need (and the machine's transformers is another major version).
+"$PY" -m pytest --noconftest -p no:cacheprovider -q tests/test_kernels.py -m gpu \
+    --junitxml="$OUT/gpu_tests.xml" || echo "GPU TESTS FAILED"
+"$PY" -m pytest --noconftest -p no:cacheprovider -q tests/test_kernels.py -m "not gpu" \
+    -k "not compile" -x || echo "CPU-SHAPED KERNEL TESTS FAILED ON THE GPU"
+
+case "$MODE" in
+    quick) "$PY" benchmarks/bench_softmax_kl.py --quick --out "$OUT" ;;
+    bar|full)
+        "$PY" benchmarks/bench_softmax_kl.py --vocab 128256 --tokens 8192 --dtypes bf16 --out "$OUT" ;;
+esac
+if [ "$MODE" = full ]; then
+    "$PY" benchmarks/bench_softmax_kl.py --no-compile --no-linear --out "$OUT"
+fi
+ls -l "$OUT"
