@@ -180,6 +180,27 @@ def test_torch_backend_matches_reference(dtype, divergence):
           ce_weight=0.5, grad_output=torch.tensor(1.3, device=DEVICE), backend="torch")
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_small_blocks_cross_every_boundary(monkeypatch, divergence):
+    # The GPU sweeps V in 4096-wide blocks, the interpreter in up to 32768: force 128 so that the
+    # online rescaling (max, sum and the KL numerator) meets every case at a block boundary: a
+    # later block raising the max by far (the earlier sum rescales to ~0), an all -inf block,
+    # extra student columns, and a fused CE over them.
+    kl_module = __import__("minitron.kernels.softmax_kl", fromlist=["_launch_config"])
+    monkeypatch.setattr(kl_module, "_launch_config", lambda vocab, interpret: (128, 4))
+    s, t = logits(5, 1300), logits(5, 1271, seed=1)
+    s[0, 1000], t[0, 1100] = 90.0, 120.0  # late maxima: everything before rescales by e^-90 and less
+    t[1, 256:384] = -math.inf  # one whole block banned for the teacher ...
+    s[1, 256:384] = -math.inf  # ... and the student
+    s[2, :1271] = s[2, :1271] * 0.0 + t[2] * 1.0  # same distribution as the teacher on one row
+    labels = torch.tensor([0, 1299, -100, 700, 5], device=DEVICE)
+    mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool, device=DEVICE)
+    loss, _ = check(s, t, temperature=2.0, mask=mask, divergence=divergence, reduction="none")
+    assert abs(loss[2].item()) < 1e-5
+    check(s, t, temperature=0.5, divergence=divergence, labels=labels, ce_weight=0.7,
+          grad_output=torch.tensor(0.3, device=DEVICE))
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_temperatures(temperature, divergence):
