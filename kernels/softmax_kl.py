@@ -91,7 +91,8 @@ def _online_lse_kl(m, d, a, x, y):
     m_new = tl.maximum(m, tl.max(x, axis=0))
     alpha = tl.exp(m - m_new)
     e = tl.exp(x - m_new)
-    term = tl.where(e > 0.0, e * (x - y), 0.0)  # e > 0 only where x is finite
+    live = e > 0.0  # only where x is finite; the selects keep -inf - -inf out of dead lanes
+    term = tl.where(live, e * (tl.where(live, x, 0.0) - tl.where(live, y, 0.0)), 0.0)
     a = tl.where(a == float("inf"), a, a * alpha) + tl.sum(term, axis=0)
     d = d * alpha + tl.sum(e, axis=0)
     return m_new, d, a
