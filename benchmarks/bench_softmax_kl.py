@@ -185,9 +185,28 @@ def ours_fused_linear(hs, ws, ht, wt):
     return fused_linear_softmax_kl(hs, ws, ht, wt, TEMPERATURE, chunk_size=1024)
 
 
+def make_liger_linear():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except ImportError:
+        return None
+    # Liger's generalized JSD at beta = 0 is forward KL(teacher || student) at temperature T, per
+    # token mean, without the T^2 factor (liger-kernel 0.8.5); the correctness check holds it to ours.
+    loss_fn = LigerFusedLinearJSD(jsd_beta=0.0, temperature=TEMPERATURE)
+
+    def liger_linear(hs, ws, ht, wt):
+        return loss_fn(hs, ws, ht, wt) * TEMPERATURE**2
+
+    return liger_linear
+
+
 def linear_providers(device: str) -> dict:
-    return {"eager": eager_linear, "minitron (logits)": ours_linear_logits,
-            "minitron fused-linear": ours_fused_linear}
+    out = {"eager": eager_linear, "minitron (logits)": ours_linear_logits}
+    liger = make_liger_linear() if device == "cuda" else None
+    if liger is not None:
+        out["liger fused-linear"] = liger
+    out["minitron fused-linear"] = ours_fused_linear
+    return out
 
 
 def check_linear(fn, hs, ws, ht, wt, rows: int) -> str | None:
