@@ -8,10 +8,10 @@ teacher with plain cross-entropy ("teacher correction"). Two baselines run in th
 cross-entropy retraining of the pruned model (`baseline="ce"`) and the pruned shape trained from a
 random initialization (`baseline="scratch"`).
 
-Every run lives in one output folder: `checkpoint/` (latest; atomic), `metrics.jsonl`, `loss.png`,
-`distill_run.json` (the settings the run was started with) and, at the end, the student as a plain
-Hugging Face checkpoint with `minitron.json`. Rerunning the same command resumes from the checkpoint
-in the same data order; a finished run is not repeated.
+Every run lives in one output folder: `checkpoint/` (latest; atomic), `metrics.jsonl`, `loss.png`
+(those three: `minitron.checkpoint`), `distill_run.json` (the settings the run was started with)
+and, at the end, the student as a plain Hugging Face checkpoint with `minitron.json`. Rerunning the
+same command resumes from the checkpoint in the same data order; a finished run is not repeated.
 
 `python -m minitron.distill --teacher T --student S --output DIR [--tokens N] [--baseline ce|scratch]`
 
@@ -19,7 +19,8 @@ Past one device the same command runs under torchrun (`torchrun --nproc_per_node
 minitron.distill ...`, or `--nproc-per-node K`, which starts torchrun itself): PyTorch's FSDP2
 (`fully_shard`) or DDP splits the student, each rank reads a disjoint share of every global batch
 (`batch_indices`), checkpoints are gathered full state (they resume on any process count), and rank 0
-alone writes files and logs. One process is the K=1 case of the same loop, with no wrapper.
+alone writes files and logs. One process is the K=1 case of the same loop, with no wrapper. That
+process plumbing (torchrun, the process group, DDP/FSDP2, gathered state) is `minitron.distributed`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ import json
 import math
 import os
 import random
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,8 +46,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from minitron import distributed
+from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, load_checkpoint,
+                                 plot_losses, save_checkpoint)
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
-                             write_json_atomic, write_text_atomic)
+                             write_json_atomic)
 from minitron.kernels.reference import DIVERGENCES
 
 BASELINES = ("ce", "scratch")
@@ -63,7 +65,6 @@ IGNORE_INDEX = -100
 # Checkpoints hold gathered full state, so the process count and the strategy may change too.
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
                       "strategy", "nproc_per_node"}
-CKPT = "checkpoint"
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -143,7 +144,7 @@ class DistillConfig:
              "None (distillation), " + ", ".join(BASELINES))
         need(self.loss_impl in LOSS_IMPLS, "loss_impl", ", ".join(LOSS_IMPLS))
         need(self.strategy in STRATEGIES, "strategy", ", ".join(STRATEGIES))
-        _check_divisible(self.batch_size, self.nproc_per_node, "nproc_per_node")
+        distributed.check_divisible(self.batch_size, self.nproc_per_node, "nproc_per_node")
         if self.baseline is not None and self.intermediate:
             raise MinitronError(f"intermediate={list(self.intermediate)} needs a teacher; the "
                                 f"'{self.baseline}' baseline trains without one: drop one of them")
@@ -240,128 +241,6 @@ def blocks_fingerprint(blocks: torch.Tensor) -> str:
     return hashlib.sha1(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- processes
-def _check_divisible(batch_size: int, world: int, name: str) -> None:
-    if batch_size % world:
-        raise MinitronError(
-            f"batch_size={batch_size} does not split over {name}={world} processes: each process "
-            f"takes batch_size / {world} sequences of every micro-batch; choose a batch_size that "
-            f"is a multiple of {world}")
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
-def _under_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _on_rank0(fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 alone (file checks and writes); every rank gets its result, or its
-    MinitronError, so all ranks go on, or stop, together."""
-    result, error = None, None
-    if _rank() == 0:
-        try:
-            result = fn()
-        except MinitronError as e:
-            error = str(e)
-    if _dist_on():
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error is not None:
-        raise MinitronError(error)
-    return result
-
-
-def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if _dist_on():
-        t = t.clone()
-        dist.all_reduce(t)  # SUM: gloo has no AVG
-        t /= _world()
-    return t
-
-
-def _strategy(config: DistillConfig, device: torch.device) -> str:
-    if config.strategy != "auto":
-        return config.strategy
-    return "fsdp" if device.type == "cuda" else "ddp"
-
-
-@contextlib.contextmanager
-def _process_group(device: str | None):
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), bind this rank's GPU,
-    yield the student's device, leave the group at the end. Outside torchrun: yield `device`."""
-    from minitron.models import default_device
-
-    device = device or default_device()
-    if not _under_torchrun() or _dist_on():
-        yield device
-        return
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        if local_rank >= torch.cuda.device_count():
-            raise MinitronError(f"local rank {local_rank} has no GPU: this node has "
-                                f"{torch.cuda.device_count()}; start at most that many processes "
-                                f"per node (--nproc_per_node)")
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
-
-
-def launch_torchrun(module: str, argv: list[str], nproc: int) -> None:
-    """`python -m module argv` on `nproc` processes of this node under torchrun; wait for them.
-
-    Their output streams through; when one fails (torchrun then stops the others) the first
-    `error: ...` line a rank printed becomes this process's MinitronError.
-    """
-    import codecs
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", module, *argv]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT")}
-    print(f"[minitron] starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
-    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-    try:
-        while chunk := proc.stderr.read1(1 << 16):
-            text = decoder.decode(chunk)
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            tail = (tail + text)[-(1 << 20):]
-        rc = proc.wait()
-    except BaseException:
-        proc.terminate()  # torchrun passes it on to its workers
-        proc.wait()
-        raise
-    if rc:
-        errors = re.findall(r"^(?:\[rank\d+\]:\s*)?error: (.+)$", tail, re.M)
-        if errors:
-            raise MinitronError(errors[0])
-        # No message (killed, crashed): name the rank torchrun saw fail first.
-        cause = re.search(r"Root Cause[^\n]*\n(?:.*\n)*?\s*rank\s*: (\d+).*\n"
-                          r"\s*exitcode\s*: (-?\d+)(?:[^\n]*\((SIG\w+)\))?", tail)
-        what = (f"rank {cause[1]} failed first (exit code {cause[2]}"
-                f"{', ' + cause[3] if cause[3] else ''}); torchrun stopped the others"
-                if cause else f"torchrun with {nproc} processes exited with code {rc}")
-        raise MinitronError(f"{what}; the log is above")
-
-
 # ----------------------------------------------------------------------------- model plumbing
 class _Trainee(nn.Module):
     """The student and its intermediate-loss projections as the one module DDP/FSDP wrap.
@@ -383,37 +262,6 @@ class _Trainee(nn.Module):
         a = self.loss_args
         return _micro_loss(self.student, a["teacher"], ids, a["config"], a["teacher_head"],
                            a["fused"], self.projections if a["captures"] else None, a["captures"])
-
-
-def _wrap_model(model: _Trainee, config: DistillConfig) -> nn.Module:
-    """The module the loop calls: with one process `model` itself, else DDP or FSDP2 around it."""
-    if not _dist_on():
-        return model
-    device = _device_of(model)
-    if _strategy(config, device) == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)  # no trained buffers; a broadcast would tie eval to lockstep
-    from torch.distributed.fsdp import fully_shard
-
-    from minitron.models import decoder_layers
-
-    for layer in decoder_layers(model.student):
-        fully_shard(layer)
-    fully_shard(model)  # the root: embeddings, final norm, LM head, projections
-    return model
-
-
-def _grad_sync(model: nn.Module, last: bool):
-    """Reduce gradients across ranks on the last micro-batch of an optimizer step only."""
-    if not _dist_on():
-        return contextlib.nullcontext()
-    if hasattr(model, "no_sync"):  # DDP
-        return contextlib.nullcontext() if last else model.no_sync()
-    model.set_requires_gradient_sync(last)  # FSDP2
-    return contextlib.nullcontext()
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -564,184 +412,6 @@ def _micro_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
     return loss + config.intermediate_weight * inter, inter.detach()
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _find_checkpoint(run_dir: Path) -> Path | None:
-    """The latest complete checkpoint; `.old-checkpoint-*` covers a kill between atomic_dir's renames."""
-    ckpt = run_dir / CKPT
-    if (ckpt / "state.json").exists():
-        return ckpt
-    olds = sorted(run_dir.glob(f".old-{CKPT}-*"), key=lambda p: p.stat().st_mtime)
-    olds = [p for p in olds if (p / "state.json").exists()]
-    return olds[-1] if olds else None
-
-
-def _tied_aliases(module: nn.Module) -> dict[str, str]:
-    """{second name: first name} of parameters registered twice (tied embeddings)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
-
-
-def _full_state_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # Gathered to rank 0's CPU when distributed; the K=1 case is the plain state dict.
-    return StateDictOptions(full_state_dict=True, cpu_offload=_dist_on(), **kw)
-
-
-def full_state_dict(module: nn.Module, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """The whole, unsharded state of `module` (plain, DDP or FSDP2-sharded) on rank 0, tied aliases
-    dropped; other ranks get {}. Collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    sd = get_model_state_dict(module, options=_full_state_options())
-    if _rank() != 0:
-        return {}
-    drop = set(aliases if aliases is not None else _tied_aliases(module))
-    return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop}
-
-
-def save_checkpoint(run_dir: Path, trainee: _Trainee, optimizer, scheduler, state: dict[str, Any],
-                    aliases: dict[str, str]) -> Path:
-    """Gathered full weights (safetensors), optimizer (by parameter name) + scheduler, RNG states and
-    the data position, atomically, by rank 0: a checkpoint resumes on any number of processes.
-
-    Collective: every rank calls it. `aliases` names the trainee's tied parameters.
-    """
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    weights = full_state_dict(trainee, aliases)
-    optim = get_optimizer_state_dict(trainee, optimizer, options=_full_state_options())
-    if _rank() == 0:
-        student = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
-        proj = {k[len("projections."):]: v for k, v in weights.items()
-                if k.startswith("projections.")}
-        with atomic_dir(run_dir / CKPT, overwrite=True) as tmp:
-            save_file(student, str(tmp / "model.safetensors"))
-            if proj:
-                save_file(proj, str(tmp / "projections.safetensors"))
-            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()},
-                       tmp / "optimizer.pt")
-            rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                   "python_pos": random.getstate()[2]}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(rng, tmp / "rng.pt")
-            write_json_atomic(tmp / "state.json", state)
-        for old in run_dir.glob(f".old-{CKPT}-*"):
-            shutil.rmtree(old, ignore_errors=True)
-    if _dist_on():
-        dist.barrier()  # nobody goes on (or is killed) before the checkpoint is complete
-    return run_dir / CKPT
-
-
-def load_checkpoint(ckpt: Path, trainee: _Trainee, optimizer, scheduler,
-                    aliases: dict[str, str]) -> dict[str, Any]:
-    """Restore what `save_checkpoint` wrote, on any process count: rank 0 reads the files (tensors
-    only: nothing is unpickled) and the engine scatters them. Collective; returns the state."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    weights, optim, rest = {}, {}, None
-    if _rank() == 0:
-        student = load_file(ckpt / "model.safetensors")
-        for alias, first in aliases.items():  # put tied names back, whichever one was written
-            a, f = alias[len("student."):], first[len("student."):]
-            if f in student or a in student:
-                student.setdefault(a, student.get(f))
-                student.setdefault(f, student[a])
-        weights = {f"student.{k}": v for k, v in student.items()}
-        if (ckpt / "projections.safetensors").exists():
-            weights.update({f"projections.{k}": v for k, v in
-                            load_file(ckpt / "projections.safetensors").items()})
-        opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-        optim = opt["optimizer"]
-        rng = torch.load(ckpt / "rng.pt", weights_only=True)
-        rest = (opt["scheduler"], rng, json.loads((ckpt / "state.json").read_text()))
-    options = _full_state_options(broadcast_from_rank0=_dist_on())
-    set_model_state_dict(trainee, weights, options=options)
-    set_optimizer_state_dict(trainee, optimizer, optim, options=options)
-    if _dist_on():
-        box = [rest]
-        dist.broadcast_object_list(box, src=0)
-        rest = box[0]
-    sched, rng, state = rest
-    scheduler.load_state_dict(sched)
-    torch.set_rng_state(rng["torch"])
-    random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
-    if "cuda" in rng and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
-
-
-# ----------------------------------------------------------------------------- logging
-class _NullLog:
-    """What ranks other than 0 log to."""
-
-    records: list[dict[str, Any]] = []
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-
-class MetricsLog:
-    """Append-only JSONL of train and eval records; on resume, records past the checkpoint go."""
-
-    def __init__(self, path: Path, keep_up_to: int | None = None):
-        """Read `path`; with `keep_up_to`, drop (and rewrite without) records of later steps."""
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    self.records.append(json.loads(line))
-        if keep_up_to is not None:
-            self.records = [r for r in self.records if r.get("step", 0) <= keep_up_to]
-            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Train and held-out loss against training tokens, as a PNG (matplotlib Agg)."""
-    # An Agg canvas of our own: no pyplot, so no global backend switch and no GUI in the caller.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if train:
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
-    if evals:
-        ax.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-",
-                label="held-out CE loss")
-        if any("kl_to_teacher" in r for r in evals):
-            ax.plot([r["tokens"] for r in evals], [r.get("kl_to_teacher") for r in evals], "s--",
-                    label="held-out KL to teacher")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_student(student: nn.Module, teacher: nn.Module | None, blocks: torch.Tensor,
@@ -823,8 +493,8 @@ def _train(
     share of every micro-batch, the loss is averaged over ranks, rank 0 alone logs and writes.
     """
     device = _device_of(student)
-    rank, world = _rank(), _world()
-    _check_divisible(config.batch_size, world, "world size")
+    rank, world = distributed.rank(), distributed.world()
+    distributed.check_divisible(config.batch_size, world, "world size")
     kd = teacher is not None and config.baseline is None
     steps, warmup = config.steps, int(config.warmup_fraction * config.steps)
     n_blocks = len(train_blocks)
@@ -838,8 +508,8 @@ def _train(
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainee = _Trainee(student, projections)
-    aliases = _tied_aliases(trainee)
-    model = _wrap_model(trainee, config)
+    aliases = distributed.tied_aliases(trainee)
+    model = distributed.wrap_model(trainee, config)
     # After wrapping: FSDP2 swaps the parameters for sharded ones, which the optimizer must hold.
     optimizer = torch.optim.AdamW(_param_groups(trainee.student, trainee.projections,
                                                 config.weight_decay),
@@ -847,7 +517,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, config.min_lr_ratio))
 
-    ckpt = _on_rank0(lambda: _find_checkpoint(run_dir))
+    ckpt = distributed.on_rank0(lambda: find_checkpoint(run_dir))
     state: dict[str, Any] = {"step": 0, "tokens": 0, "train_time_s": 0.0}
     if ckpt is not None:
         state = load_checkpoint(ckpt, trainee, optimizer, scheduler, aliases)
@@ -859,7 +529,7 @@ def _train(
         random.seed(config.seed)
     start_step = state["step"]
     log = (MetricsLog(run_dir / "metrics.jsonl", keep_up_to=start_step if ckpt is not None else -1)
-           if rank == 0 else _NullLog())
+           if rank == 0 else NullLog())
     last_ckpt_step = start_step if ckpt is not None else None
 
     teacher_head = None
@@ -910,7 +580,7 @@ def _train(
                 rows = batch_indices(step, micro, n_blocks, config, rank, world)
                 ids = train_blocks[rows].to(device)
                 last = micro == config.grad_accum - 1
-                with _grad_sync(model, last):
+                with distributed.grad_sync(model, last):
                     with autocast():
                         loss, inter = model(ids, loss=True)
                     (loss / config.grad_accum).backward()
@@ -922,7 +592,8 @@ def _train(
             # The global batch's loss: every rank gets the same value, so a non-finite loss stops
             # all ranks at the same step with the same message (none is left waiting in a
             # collective).
-            total, inter_total = _mean_over_ranks(torch.stack([total, inter_total])).unbind()
+            total, inter_total = distributed.mean_over_ranks(
+                torch.stack([total, inter_total])).unbind()
             loss_value = total.item()  # one host sync per optimizer step
             grad_norm = (torch.nn.utils.clip_grad_norm_(
                 [p for g in optimizer.param_groups for p in g["params"]],
@@ -1016,14 +687,14 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
             return json.loads((run_dir / "metrics.json").read_text())
         return None
 
-    saved = _on_rank0(finished)
+    saved = distributed.on_rank0(finished)
     if saved is not None:
         load_model(teacher, str(done))  # every rank reads it: the run folder is shared
-        if _rank() == 0:
+        if distributed.rank() == 0:
             print(f"[minitron] teacher correction: already done, loaded {done}")
         return saved
     metrics = _train(teacher, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
-    if _rank() == 0:
+    if distributed.rank() == 0:
         tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
         save_model(teacher, str(tmp))
         os.replace(tmp, done)
@@ -1065,10 +736,10 @@ def distill(
                 return saved["metrics"]
         return None
 
-    saved = _on_rank0(finished)
+    saved = distributed.on_rank0(finished)
     if saved is not None:
         return saved
-    _check_divisible(config.batch_size, _world(), "world size")
+    distributed.check_divisible(config.batch_size, distributed.world(), "world size")
     if config.uses_teacher and teacher is None:
         raise MinitronError("distillation needs a teacher (--teacher); without one, use "
                             "--baseline ce or --baseline scratch")
@@ -1087,19 +758,20 @@ def distill(
     settings = {"config": config.to_dict(), "train_data": blocks_fingerprint(train_blocks),
                 "eval_data": blocks_fingerprint(eval_blocks),
                 "student_shape": _shape(student), "teacher_shape": _shape(teacher)}
-    if _dist_on():  # every rank must hold the same data and models, or the shards do not add up
-        everyone = [None] * _world()
+    # Every rank must hold the same data and models, or the shards do not add up.
+    if distributed.dist_on():
+        everyone = [None] * distributed.world()
         dist.all_gather_object(everyone, settings)
         if any(s != settings for s in everyone):
             bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
             raise MinitronError(f"ranks {bad} loaded other data or models than rank 0 (data "
                                 f"fingerprints and shapes differ); every rank needs the same inputs")
-    _on_rank0(lambda: _check_run_dir(out, settings))
+    distributed.on_rank0(lambda: _check_run_dir(out, settings))
 
     with StageTimer(phase) as timer:
         result: dict[str, Any] = {}
         if teacher is not None:
-            result["teacher"] = _on_rank0(lambda: _cached(
+            result["teacher"] = distributed.on_rank0(lambda: _cached(
                 out / "teacher_eval.json",
                 lambda: evaluate_student(teacher, None, eval_blocks, config.eval_batch_size)))
         if config.teacher_correction_tokens:
@@ -1107,13 +779,13 @@ def distill(
                 teacher, train_blocks, eval_blocks, config, out / "teacher_correction")
             result["teacher_corrected"] = {k: result["teacher_correction"][k]
                                            for k in ("eval_loss", "eval_perplexity")}
-        if config.baseline == "scratch" and _on_rank0(lambda: _find_checkpoint(out)) is None:
+        if config.baseline == "scratch" and distributed.on_rank0(lambda: find_checkpoint(out)) is None:
             reinitialize_(student, config.seed)  # seeded: the same weights on every rank
         student.float()
         metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
                          on_step=on_step, eval_teacher=teacher)
         timer.tokens = metrics["this_session_tokens"]
-    weights = full_state_dict(student)  # collective under FSDP; {} on ranks other than 0
+    weights = distributed.full_state_dict(student)  # collective under FSDP; {} on ranks other than 0
 
     def finish() -> dict[str, Any]:
         records = MetricsLog(out / "metrics.jsonl").records
@@ -1121,16 +793,16 @@ def distill(
         metrics["start"] = {k: v for k, v in start.items() if k not in ("kind", "step", "tokens")}
         result.update(metrics)
         result["timing"] = timer.as_dict()
-        if _world() > 1:
-            result["processes"] = {"world_size": _world(), "strategy": _strategy(
-                config, _device_of(student))}
+        if distributed.world() > 1:
+            result["processes"] = {"world_size": distributed.world(),
+                                   "strategy": distributed.strategy(config, _device_of(student))}
         plot_losses(records, out / "loss.png", f"{phase}: {out.name}")
         _write_final(out, student, weights, tokenizer, config, result, info or {})
         if not config.keep_checkpoint:
             shutil.rmtree(out / CKPT, ignore_errors=True)
         return result
 
-    return _on_rank0(finish)
+    return distributed.on_rank0(finish)
 
 
 def _shape(model: nn.Module | None) -> dict[str, Any] | None:
@@ -1220,27 +892,19 @@ def run_distill(
     if config.block_size > max_pos:
         raise MinitronError(f"block_size={config.block_size} is longer than the models' context "
                             f"({max_pos} positions); choose block_size <= {max_pos}")
-    if not _under_torchrun() and config.nproc_per_node > 1:
+    if not distributed.under_torchrun() and config.nproc_per_node > 1:
         return _launch(teacher_path, student_path, out, config, data_source=data_source,
                        text_field=text_field, device=device, teacher_device=teacher_device,
                        teacher_dtype=teacher_dtype)
-    with _process_group(device) as device:
+    with distributed.process_group(device) as device:
         try:
             return _run_rank(teacher_path, student_path, out, config, data_source, text_field,
                              device, teacher_device, teacher_dtype, max_pos)
         except MinitronError as e:
-            if _world() == 1:
+            if distributed.world() == 1:
                 raise
-            _record_for_torchrun(e)
-            raise MinitronError(f"rank {_rank()}: {e}") from None
-
-
-def _record_for_torchrun(error: Exception) -> None:
-    """Put the message into torchrun's failure summary (its error file), not only into the log."""
-    with contextlib.suppress(Exception):
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(error)
+            distributed.record_for_torchrun(e)
+            raise MinitronError(f"rank {distributed.rank()}: {e}") from None
 
 
 def _launch(teacher_path, student_path, out: Path, config: DistillConfig, **kw) -> dict[str, Any]:
@@ -1261,7 +925,7 @@ def _launch(teacher_path, student_path, out: Path, config: DistillConfig, **kw) 
     with tempfile.TemporaryDirectory(prefix="minitron-launch-") as tmp:
         settings = Path(tmp) / "distill_settings.json"
         write_json_atomic(settings, config.to_dict())
-        launch_torchrun("minitron.distill", argv + ["--settings", str(settings)], k)
+        distributed.launch_torchrun("minitron.distill", argv + ["--settings", str(settings)], k)
     return json.loads((out / "minitron.json").read_text())["distillation"]["metrics"]
 
 
@@ -1272,7 +936,7 @@ def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data
     from minitron.data import load_blocks
     from minitron.models import load_model, resolve_model
 
-    if _dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
+    if distributed.dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
         teacher_device = device  # this rank's GPU
     student, tokenizer = load_model(student_path, dtype="float32", device=device)
     teacher = None
@@ -1383,7 +1047,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_distill(args.teacher, args.student, args.output, config, data_source=args.data,
                          text_field=args.text_field, device=args.device,
                          teacher_device=args.teacher_device, teacher_dtype=args.teacher_dtype)
-    if int(os.environ.get("RANK", 0)) != 0 or (config.nproc_per_node > 1 and not _under_torchrun()):
+    if int(os.environ.get("RANK", 0)) != 0 or (config.nproc_per_node > 1
+                                               and not distributed.under_torchrun()):
         return 0  # the summary comes from rank 0 (which the launcher's torchrun already ran)
     rows = []
     if "teacher" in result:

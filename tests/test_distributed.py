@@ -66,7 +66,7 @@ d.distill = lambda *a, **k: real_distill(*a, on_step=on_step, **k)
 if __name__ == "__main__":
     run_cli(d.main)
 '''
-LAUNCH = ("import sys; from minitron.common import run_cli; from minitron.distill import "
+LAUNCH = ("import sys; from minitron.common import run_cli; from minitron.distributed import "
           "launch_torchrun; run_cli(lambda argv: launch_torchrun('dworker', argv, 2), sys.argv[1:])")
 
 

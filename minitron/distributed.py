@@ -1,0 +1,216 @@
+"""The distillation loop on K processes: starting torchrun, the process group, work that rank 0 does
+alone, DDP or FSDP2 around the student, and its gathered full state. One plain process is K=1: no
+group and no wrapper."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from minitron.common import MinitronError
+
+if TYPE_CHECKING:
+    from minitron.distill import DistillConfig
+
+
+# ----------------------------------------------------------------------------- processes
+def check_divisible(batch_size: int, world: int, name: str) -> None:
+    if batch_size % world:
+        raise MinitronError(
+            f"batch_size={batch_size} does not split over {name}={world} processes: each process "
+            f"takes batch_size / {world} sequences of every micro-batch; choose a batch_size that "
+            f"is a multiple of {world}")
+
+
+def dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist_on() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist_on() else 1
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 alone (file checks and writes); every rank gets its result, or its
+    MinitronError, so all ranks go on, or stop, together."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except MinitronError as e:
+            error = str(e)
+    if dist_on():
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise MinitronError(error)
+    return result
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if dist_on():
+        t = t.clone()
+        dist.all_reduce(t)  # SUM: gloo has no AVG
+        t /= world()
+    return t
+
+
+def strategy(config: DistillConfig, device: torch.device) -> str:
+    if config.strategy != "auto":
+        return config.strategy
+    return "fsdp" if device.type == "cuda" else "ddp"
+
+
+@contextlib.contextmanager
+def process_group(device: str | None):
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), bind this rank's GPU,
+    yield the student's device, leave the group at the end. Outside torchrun: yield `device`."""
+    from minitron.models import default_device
+
+    device = device or default_device()
+    if not under_torchrun() or dist_on():
+        yield device
+        return
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise MinitronError(f"local rank {local_rank} has no GPU: this node has "
+                                f"{torch.cuda.device_count()}; start at most that many processes "
+                                f"per node (--nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_torchrun(module: str, argv: list[str], nproc: int) -> None:
+    """`python -m module argv` on `nproc` processes of this node under torchrun; wait for them.
+
+    Their output streams through; when one fails (torchrun then stops the others) the first
+    `error: ...` line a rank printed becomes this process's MinitronError.
+    """
+    import codecs
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", module, *argv]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT")}
+    print(f"[minitron] starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    try:
+        while chunk := proc.stderr.read1(1 << 16):
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            tail = (tail + text)[-(1 << 20):]
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()  # torchrun passes it on to its workers
+        proc.wait()
+        raise
+    if rc:
+        errors = re.findall(r"^(?:\[rank\d+\]:\s*)?error: (.+)$", tail, re.M)
+        if errors:
+            raise MinitronError(errors[0])
+        # No message (killed, crashed): name the rank torchrun saw fail first.
+        cause = re.search(r"Root Cause[^\n]*\n(?:.*\n)*?\s*rank\s*: (\d+).*\n"
+                          r"\s*exitcode\s*: (-?\d+)(?:[^\n]*\((SIG\w+)\))?", tail)
+        what = (f"rank {cause[1]} failed first (exit code {cause[2]}"
+                f"{', ' + cause[3] if cause[3] else ''}); torchrun stopped the others"
+                if cause else f"torchrun with {nproc} processes exited with code {rc}")
+        raise MinitronError(f"{what}; the log is above")
+
+
+def record_for_torchrun(error: Exception) -> None:
+    """Put the message into torchrun's failure summary (its error file), not only into the log."""
+    with contextlib.suppress(Exception):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
+
+
+# ----------------------------------------------------------------------------- DDP and FSDP2
+def wrap_model(model: nn.Module, config: DistillConfig) -> nn.Module:
+    """The module the loop calls: with one process `model` itself, else DDP or FSDP2 around it.
+    `model` is the loop's trainee (FSDP2 shards each decoder layer of `model.student`, then the
+    rest)."""
+    if not dist_on():
+        return model
+    device = next(model.parameters()).device
+    if strategy(config, device) == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # no trained buffers; a broadcast would tie eval to lockstep
+    from torch.distributed.fsdp import fully_shard
+
+    from minitron.models import decoder_layers
+
+    for layer in decoder_layers(model.student):
+        fully_shard(layer)
+    fully_shard(model)  # the root: embeddings, final norm, LM head, projections
+    return model
+
+
+def grad_sync(model: nn.Module, last: bool):
+    """Reduce gradients across ranks on the last micro-batch of an optimizer step only."""
+    if not dist_on():
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if last else model.no_sync()
+    model.set_requires_gradient_sync(last)  # FSDP2
+    return contextlib.nullcontext()
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """{second name: first name} of parameters registered twice (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def full_state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Gathered to rank 0's CPU when distributed; the K=1 case is the plain state dict.
+    return StateDictOptions(full_state_dict=True, cpu_offload=dist_on(), **kw)
+
+
+def full_state_dict(module: nn.Module, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The whole, unsharded state of `module` (plain, DDP or FSDP2-sharded) on rank 0, tied aliases
+    dropped; other ranks get {}. Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(module, options=full_state_options())
+    if rank() != 0:
+        return {}
+    drop = set(aliases if aliases is not None else tied_aliases(module))
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop}
