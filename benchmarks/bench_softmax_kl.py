@@ -258,12 +258,8 @@ def run_linear(device, dtypes, vocab, tokens, hidden, reps, warmup) -> list[dict
                     except torch.cuda.OutOfMemoryError:
                         rows.append(dict(base, phase="fwd+bwd", error="oom"))
                         continue
-                    med = statistics.median(times)
-                    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [med] * 9
-                    rows.append(dict(base, phase="fwd+bwd", median_ms=med, p10_ms=q[0], p90_ms=q[-1],
-                                     reps=len(times), peak_MiB=peak))
-                    print(f"{name:22s} {dname} N={n:5d} V={v:6d} fwd+bwd {med:9.3f} ms"
-                          + (f" peak {peak:.0f} MiB" if peak is not None else ""), file=sys.stderr)
+                    rows.append(dict(base, phase="fwd+bwd", **summarize(times, peak)))
+                    print(f"{name:22s} {dname} N={n:5d} V={v:6d} fwd+bwd {cell(rows[-1])}", file=sys.stderr)
                 del hs, ws, ht, wt, args
     return rows
 
@@ -281,25 +277,17 @@ def linear_markdown(rows, names) -> list[str]:
         table.setdefault((r["dtype"], r["N"], r["V"]), {})[r["provider"]] = r
     for key, cells in table.items():
         out = [str(k) for k in key]
-        for n in names:
-            r = cells.get(n)
-            if r is None:
-                out.append("-")
-            elif r.get("error"):
-                out.append(r["error"])
-            else:
-                mem = f", {r['peak_MiB']:.0f} MiB" if r["peak_MiB"] is not None else ""
-                out.append(f"{r['median_ms']:.3g} ({r['p10_ms']:.3g}-{r['p90_ms']:.3g}){mem}")
+        out += [cell(cells.get(n)) for n in names]
         mine = cells.get(subject, {})
         for n in names:
             if n == subject:
                 continue
             r = cells.get(n, {})
             if mine.get("median_ms") and r.get("median_ms"):
-                cell = f"{r['median_ms'] / mine['median_ms']:.2f}x"
+                ratio = f"{r['median_ms'] / mine['median_ms']:.2f}x"
                 if mine.get("peak_MiB") and r.get("peak_MiB") is not None:
-                    cell += f"; {r['peak_MiB'] / mine['peak_MiB']:.1f}x memory"
-                out.append(cell)
+                    ratio += f"; {r['peak_MiB'] / mine['peak_MiB']:.1f}x memory"
+                out.append(ratio)
             else:
                 out.append("-")
         lines.append("| " + " | ".join(out) + " |")
@@ -355,6 +343,28 @@ def versions() -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+def summarize(times: list[float], peak: float | None) -> dict:
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [med] * 9
+    return dict(median_ms=med, p10_ms=q[0], p90_ms=q[-1], reps=len(times), peak_MiB=peak)
+
+
+def cell(r: dict | None) -> str:
+    """A result as a table cell: median ms (p10-p90)[, peak MiB][, GB/s (% of peak)], or why not."""
+    if r is None:
+        return "-"
+    if r.get("error"):
+        return r["error"]
+    text = f"{r['median_ms']:.3g} ({r['p10_ms']:.3g}-{r['p90_ms']:.3g})"
+    if r.get("peak_MiB") is not None:
+        text += f", {r['peak_MiB']:.0f} MiB"
+    if r.get("GBps") is not None:
+        text += f", {r['GBps']:.0f} GB/s"
+        if r.get("pct_bandwidth") is not None:
+            text += f" ({r['pct_bandwidth']:.0f}%)"
+    return text
+
+
 def ratios(rows, subject):
     """baseline ms / subject ms per (dtype, N, V, phase): > 1 means the subject is faster."""
     by_key = {}
@@ -387,17 +397,7 @@ def markdown(meta, rows, names, subject) -> str:
         table.setdefault((r["dtype"], r["N"], r["V"], r["phase"]), {})[r["provider"]] = r
     for key, cells in table.items():
         out = [str(k) for k in key]
-        for n in names:
-            r = cells.get(n)
-            if r is None:
-                out.append("-")
-            elif r.get("error"):
-                out.append(r["error"])
-            else:
-                mem = f", {r['peak_MiB']:.0f} MiB" if r["peak_MiB"] is not None else ""
-                pct = f" ({r['pct_bandwidth']:.0f}%)" if r.get("pct_bandwidth") is not None else ""
-                out.append(f"{r['median_ms']:.3g} ({r['p10_ms']:.3g}-{r['p90_ms']:.3g}){mem}, "
-                           f"{r['GBps']:.0f} GB/s{pct}")
+        out += [cell(cells.get(n)) for n in names]
         for n in names:
             if n != subject:
                 sp = cells.get(n, {}).get(f"{subject}_speedup")
@@ -466,15 +466,11 @@ def main(argv=None):
                         except torch.cuda.OutOfMemoryError:
                             rows.append(dict(base, phase=phase, error="oom"))
                             continue
-                        med = statistics.median(times)
-                        q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [med] * 9
-                        gbps = ideal_bytes(n, v, s.element_size(), phase) / (med * 1e-3) / 1e9
-                        rows.append(dict(base, phase=phase, median_ms=med, p10_ms=q[0], p90_ms=q[-1],
-                                         reps=len(times), peak_MiB=peak, GBps=gbps,
-                                         pct_bandwidth=100 * gbps / bw if bw else None))
-                        print(f"{name:15s} {dname} N={n:5d} V={v:6d} {phase:7s} {med:9.3f} ms "
-                              f"{gbps:8.1f} GB/s" + (f" peak {peak:.0f} MiB" if peak is not None else ""),
-                              file=sys.stderr)
+                        row = dict(base, phase=phase, **summarize(times, peak))
+                        row["GBps"] = ideal_bytes(n, v, s.element_size(), phase) / (row["median_ms"] * 1e-3) / 1e9
+                        row["pct_bandwidth"] = 100 * row["GBps"] / bw if bw else None
+                        rows.append(row)
+                        print(f"{name:15s} {dname} N={n:5d} V={v:6d} {phase:7s} {cell(row)}", file=sys.stderr)
                 del s, t
     ratios(rows, subject)
     linear_rows = [] if args.no_linear else run_linear(device, args.dtypes, linear_vocab, linear_tokens,
