@@ -2,8 +2,9 @@
 # The GPU half of the kernel work, as one script for a lent GPU machine (torch and triton are
 # preinstalled there; it has no package registry). Writes everything under $OUT (default ./gpu-out).
 #
-#   here:   pip download liger-kernel==0.8.5 --no-deps -d .wheels     # optional baseline, carried
-#   there:  bash benchmarks/gpu_check.sh [quick|bar|full]               # default: bar
+#   here:   pip download --no-deps --only-binary=:all: -d .wheels \
+#               pytest pluggy iniconfig liger-kernel==0.8.5     # pure-Python wheels; carry .wheels
+#   there:  bash benchmarks/gpu_check.sh [quick|bar|full]       # default: bar
 #
 # bar  = the GPU tests, then the bar shape (bf16 [8192, 128256]) with every provider, then
 #        the from-hidden-states memory comparison: about 3 minutes on an H100.
@@ -31,6 +32,9 @@ if compgen -G ".wheels/*.whl" >/dev/null; then
 fi
 "$PY" -c "import minitron.kernels as k; print('minitron.kernels from', k.__file__)"
 
+if ! "$PY" -c "import pytest" 2>/dev/null; then
+    echo "pytest is not installed and .wheels/ has none: no GPU tests, benchmark only"
+fi
 # --noconftest: the shared conftest builds tiny transformers models, which the kernel tests do not
 # need (and the machine's transformers is another major version).
 "$PY" -m pytest --noconftest -p no:cacheprovider -q tests/test_kernels.py -m gpu \
