@@ -332,7 +332,7 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _scalar_args(temperature, divergence, beta, ce_weight, ignore_index) -> tuple:
+def _scalar_args(temperature, beta, ce_weight, ignore_index) -> tuple:
     """The kernels' shared runtime scalars, in their signature's order (temperature .. ignore_index)."""
     jsd = 0.0 < beta < 1.0  # log beta is only read by JSD, which requires this
     return (float(temperature), 1.0 / float(temperature), float(beta),
@@ -373,7 +373,7 @@ def softmax_kl_loss(
         loss, stats,
         student.stride(0), teacher.stride(0),
         v_s, min(v_s, v_t),
-        *_scalar_args(temperature, divergence, beta, ce_weight, ignore_index),
+        *_scalar_args(temperature, beta, ce_weight, ignore_index),
         DIVERGENCE=_DIVERGENCE_ID[divergence],
         HAS_MASK=mask is not None,
         HAS_LABELS=has_labels,
@@ -422,7 +422,7 @@ def softmax_kl_grad(
         go, grad,
         student.stride(0), teacher.stride(0), grad.stride(0), go.stride(0) if go.numel() > 1 else 0,
         v_s, min(v_s, v_t),
-        *_scalar_args(temperature, divergence, beta, ce_weight, ignore_index),
+        *_scalar_args(temperature, beta, ce_weight, ignore_index),
         DIVERGENCE=_DIVERGENCE_ID[divergence],
         HAS_MASK=mask is not None,
         HAS_LABELS=has_labels,
