@@ -29,10 +29,12 @@ Divergence = Literal["kl", "reverse_kl", "jsd"]
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
 # Rows per chunk are chosen so that one chunk holds about this many elements per [rows, V]
-# temporary (2^18 fp32 = 1 MiB); a chunk keeps about eight of them alive at its peak, so they stay
-# in the CPU's caches between ops. Measured loss+gradient, bf16, 2 threads: 2^24 -> 2^18 took
-# [512, 49152] from 352 to 97 ms and [64, 128256] from 81 to 25 ms; 2^17 was no faster.
-CHUNK_ELEMENTS = 1 << 18
+# temporary; a chunk keeps about eight of them alive at its peak. On a CPU 2^18 (1 MiB of fp32)
+# keeps them in cache between ops. Measured loss+gradient, bf16, 2 threads: 2^24 -> 2^18 took
+# [512, 49152] from 352 to 97 ms and [64, 128256] from 81 to 25 ms; 2^17 was no faster. On a GPU
+# every op is a kernel launch, so chunks stay large (64 MiB) to amortize the launches.
+CHUNK_ELEMENTS_CPU = 1 << 18
+CHUNK_ELEMENTS_GPU = 1 << 24
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,7 +178,8 @@ def reference_rows(
     dtype = compute_dtype(student.dtype)
     loss = torch.zeros(n, dtype=dtype, device=student.device)
     grad = torch.zeros_like(student, memory_format=torch.contiguous_format) if compute_grad else None
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(v_s, teacher.shape[-1]))
+    elements = CHUNK_ELEMENTS_CPU if student.device.type == "cpu" else CHUNK_ELEMENTS_GPU
+    rows = chunk_rows or max(1, elements // max(v_s, teacher.shape[-1]))
     scale = grad_scale.to(dtype)
     with torch.no_grad():
         for start in range(0, n, rows):
