@@ -1,8 +1,8 @@
 """The distillation loss straight from final hidden states and LM-head weights, chunked over tokens.
 
 For each chunk of tokens: logits = hidden @ weight.T (student and teacher), the fused softmax-KL
-kernel (loss and logit gradient in one launch), then the gradient matmuls into the student's hidden
-states and LM-head weight. The full [N, V] logits never exist: peak extra memory is about
+kernels (the loss, then the logit gradient, one sweep each), then the gradient matmuls into the
+student's hidden states and LM-head weight. The full [N, V] logits never exist: peak extra memory is about
 chunk_size * (2 V_s + V_t) elements in the logits' dtype, whatever N is, plus the weight gradient
 (which autograd would hold anyway).
 
