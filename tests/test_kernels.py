@@ -40,9 +40,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DIVERGENCES = ["kl", "reverse_kl", "jsd"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# Gradient tolerances per dtype. The kernel computes in fp32 and rounds the gradient to the input
-# dtype once, then backward's scale by grad_output rounds once more: 2 x unit roundoff (2^-8 bf16,
-# 2^-11 fp16). Triton's interpreter casts fp32 -> bf16 by truncation, not round-to-nearest as the
+# Gradient tolerances per dtype. Both paths compute in fp32 and round the gradient to the input
+# dtype; the torch path's backward then scales it by grad_output, rounding once more (the kernel
+# folds grad_output in before its one rounding): 2 x unit roundoff (2^-8 bf16, 2^-11 fp16). Triton's interpreter casts fp32 -> bf16 by truncation, not round-to-nearest as the
 # GPU does, which costs up to one more bf16 unit roundoff on CPU. atol is relative to the largest
 # gradient entry, for entries near zero and fp16 subnormals; in fp32 it covers the log-ratios of
 # tiny probabilities (e.g. log q - log m in JSD at T=0.5), which fp32 logs carry to ~1e-6 absolute.
