@@ -3,7 +3,7 @@
 # preinstalled there; it has no package registry). Writes everything under $OUT (default ./gpu-out).
 #
 #   here:   pip download --no-deps --only-binary=:all: -d .wheels \
-#               pytest pluggy iniconfig liger-kernel==0.8.5     # pure-Python wheels; carry .wheels
+#               pytest pluggy iniconfig packaging pygments liger-kernel==0.8.5   # carry .wheels
 #   there:  bash benchmarks/gpu_check.sh [quick|bar|full]       # default: bar
 #
 # bar  = the GPU tests, then the bar shape (bf16 [8192, 128256]) with every provider, then
