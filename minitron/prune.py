@@ -166,7 +166,10 @@ def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int],
                     if key in seen:
                         continue
                     seen.add(key)
-                    fields = plan(config, t)
+                    try:
+                        fields = plan(config, t)
+                    except MinitronError:  # a shape the family cannot take (Phi-3 longrope)
+                        continue
                     n = param_count_from_config(_config_dict(config, fields))
                     least = min(t["hidden_size"] / config.hidden_size,
                                 t["intermediate_size"] / config.intermediate_size,
@@ -292,7 +295,7 @@ def fold_embed_scale_(state: dict[str, torch.Tensor], spec: ArchSpec, config: An
         return
     c = embed_scale(hidden_before, dtype) / embed_scale(hidden_after, dtype)
     key = spec.embed + ".weight"
-    state[key] = (state[key].double() * c).to(dtype)
+    state[key].mul_(c)  # a fresh copy (index_select); no fp64 temporary of a 262k x h' matrix
     if getattr(config, "tie_word_embeddings", False):
         state.pop(spec.lm_head + ".weight", None)  # tied: the embedding is the head
         norm = spec.final_norm + ".weight"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from minitron.common import MinitronError
 from minitron.importance import compute_scores
 from minitron.models import ARCHS, arch_of, count_params, param_count_from_config
-from minitron.prune import plan, prune, save_pruned
+from minitron.prune import plan, prune, save_pruned, target_for_budget
 from tiny import NEW_FAMILIES, make_tiny_model, tiny_config, tiny_tokenizer
 
 IDS = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(3))
@@ -216,6 +216,24 @@ def test_gemma_student_sees_the_teachers_hidden_state_scale(family, tied):
     assert (pruned.lm_head.weight is pruned.model.embed_tokens.weight) == tied
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_embedding_scale_in_bfloat16(family):
+    """In bf16 the model rounds sqrt(h) to bf16 (sqrt(64) = 8 exactly, sqrt(48) = 6.9375); the
+    folded factor uses those rounded values, so the student's first hidden states are the
+    teacher's to bf16 rounding of the stored embedding."""
+    model = make_tiny_model(family).to(torch.bfloat16)
+    ref = model(IDS, output_hidden_states=True).hidden_states[0]
+    scores = compute_scores(model, calib(), 4)
+    pruned = prune(model, scores, {"hidden_size": 48})
+    kept = torch.argsort(scores.hidden, descending=True, stable=True)[:48].sort().values
+    got = pruned(IDS, output_hidden_states=True).hidden_states[0]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref[..., kept].float(), rtol=2 ** -7, atol=0)
+    # Without the fold the stream would be sqrt(48/64) = 0.87 times the teacher's.
+    assert not torch.allclose(got.float() * (6.9375 / 8), ref[..., kept].float(), rtol=2 ** -7)
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_depth_pruning_keeps_each_layers_attention_type(family):
     model = make_tiny_model(family)
@@ -225,6 +243,34 @@ def test_depth_pruning_keeps_each_layers_attention_type(family):
     pruned = prune(model, scores, {"num_hidden_layers": 3})
     assert pruned.config.layer_types == [types[0], types[2], types[3]]
     assert [layer.attention_type for layer in pruned.model.layers] == pruned.config.layer_types
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_inert_layers_prune_away_with_a_working_kv_cache(family):
+    """Layers whose attention and MLP write nothing (for Gemma, the post-norm of zero is zero) rank
+    lowest by both depth methods; without them the logits and greedy generation through the KV
+    cache (Gemma's sliding/global layers, renumbered) are the teacher's."""
+    from minitron.importance import ImportanceConfig
+
+    model = make_tiny_model(family, tie_word_embeddings=TIED[family])
+    for i in (1, 2):
+        layer = model.model.layers[i]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    ref = logits(model)
+    scores = compute_scores(model, calib(), 4, ImportanceConfig(depth_method="lm_loss"))
+    assert sorted(torch.argsort(scores.layers_bi)[:2].tolist()) == [1, 2]
+    assert scores.layers_lm_loss[[1, 2]].abs().max() == 0
+    pruned = prune(model, scores, {"num_hidden_layers": 2}, depth_method="block_importance")
+    assert pruned.minitron_record["kept_layers"] == [0, 3]
+    types = getattr(model.config, "layer_types", None)
+    if types:
+        assert pruned.config.layer_types == [types[0], types[3]]
+    assert torch.equal(logits(pruned), ref)
+    prompt = IDS[:1, :8]  # 8 prompt + 6 new tokens: past Gemma's sliding window of 6
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(pruned.generate(prompt, **gen), model.generate(prompt, **gen))
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +393,9 @@ def test_phi3_longrope_shapes_that_would_not_reload_are_refused():
     from transformers import Phi3Config
 
     Phi3Config(**{**config.to_dict(), **fields})  # the reload check passes
+    # A parameter budget skips the hidden sizes this config cannot take (heads are kept there).
+    target, candidates = target_for_budget(config, 0.8)
+    assert target["hidden_size"] == 64 and all(c["hidden_size"] == 64 for c in candidates)
 
 
 # ----------------------------------------------------------------------------- distillation
