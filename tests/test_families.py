@@ -522,3 +522,32 @@ def test_qwen3_8b_to_4b_recipe_dry_runs_offline_with_counts_of_the_real_architec
     assert plan_info["source_params"] == 8_190_735_360
     assert plan_info["pruned_params"] == 3_986_750_976
     assert "3,986,750,976 parameters" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family,facts", [
+    ("gemma2", dict(vocab_size=256_000, hidden_size=2304, intermediate_size=9216,
+                    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                    head_dim=256, query_pre_attn_scalar=256, tie_word_embeddings=True)),
+    ("gemma3_text", dict(vocab_size=262_144, hidden_size=1152, intermediate_size=6912,
+                         num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                         head_dim=256, query_pre_attn_scalar=256, tie_word_embeddings=True,
+                         layer_types=None)),
+    ("phi3", dict(vocab_size=200_064, hidden_size=3072, intermediate_size=8192,
+                  num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                  head_dim=128, tie_word_embeddings=True)),
+])
+def test_closed_form_at_published_shapes_with_large_tied_vocabularies(family, facts):
+    """Gemma 2 2B, Gemma 3 1B and Phi-4-mini shapes (tied 200k-262k vocabularies), and each pruned
+    to 3/4 of its hidden size and half its MLP, against the model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **facts)
+    heads = config.num_attention_heads
+    for fields in ({}, {"hidden_size": config.hidden_size * 3 // 4 // heads * heads,
+                        "intermediate_size": config.intermediate_size // 2}):
+        c = copy.deepcopy(config)
+        for k, v in plan(config, fields).items():
+            setattr(c, k, v)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(c)
+        assert param_count_from_config(c) == count_params(model)
