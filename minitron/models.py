@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
@@ -72,8 +72,8 @@ class ArchSpec:
     # What optimum-onnx 0.1's ORTModelForCausalLM assumes for the shape of the empty KV cache it
     # feeds the graph: head size from config.head_dim ("config") or hidden_size // heads
     # ("hidden"); KV heads from num_key_value_heads ("config") or num_attention_heads ("heads").
-    ort_head_dim: str = "hidden"
-    ort_kv_heads: str = "config"
+    ort_head_dim: Literal["config", "hidden"] = "hidden"
+    ort_kv_heads: Literal["config", "heads"] = "config"
     # Phi-3's config validates a longrope `rope_scaling` against hidden_size // num_attention_heads
     # (not head_dim), so a pruned shape must keep that quotient's rotary size or it will not reload.
     rope_scaling_from_hidden: bool = False

@@ -551,3 +551,20 @@ def test_closed_form_at_published_shapes_with_large_tied_vocabularies(family, fa
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(c)
         assert param_count_from_config(c) == count_params(model)
+
+
+def test_gemma2_loads_with_eager_attention_because_sdpa_drops_the_soft_cap(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from minitron.models import load_model
+
+    make_tiny_model("gemma2", path=tmp_path)
+    ours, _ = load_model(tmp_path)
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert ours.config._attn_implementation == "eager"
+    assert torch.equal(logits(ours), logits(eager))
+    assert (logits(sdpa) - logits(eager)).abs().max() > 1e-2  # the cap (2.0) is not applied
+    qwen3_dir = tmp_path / "qwen3"
+    make_tiny_model("qwen3", path=qwen3_dir)
+    assert load_model(qwen3_dir)[0].config._attn_implementation == "sdpa"  # nothing to cap
