@@ -60,7 +60,7 @@ class ArchSpec:
     head_norms: tuple[str, ...] = ()
     # A norm multiplies by (norm_offset + weight): 0 for Llama-style RMSNorm, 1 for Gemma's
     # `1 + weight` (weights stored as offsets from 1, zeros = identity). Slicing channels is the
-    # same either way; rescaling a norm's gain must go through `norm_gain` / `set_norm_gain`.
+    # same either way; rescaling a norm's gain must go through `norm_gain` / `set_norm_gain_`.
     norm_offset: float = 0.0
     # Gemma multiplies the embedding output by sqrt(hidden_size) (rounded to the model's dtype);
     # prune.py folds the change of that factor into the kept embedding columns.
@@ -99,7 +99,8 @@ class ArchSpec:
         norm.weight.data.copy_(gain - self.norm_offset)
 
     def attn_implementation(self, config: Any) -> str | None:
-        """"eager" where the config soft-caps attention scores (SDPA would drop it), else None."""
+        """The attention to load with: eager where the config soft-caps attention scores (SDPA
+        would drop the cap), else None (transformers' default)."""
         if self.attn_softcap and getattr(config, self.attn_softcap, None) is not None:
             return "eager"
         return None
