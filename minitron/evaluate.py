@@ -1,6 +1,8 @@
-"""Measure a model: held-out perplexity, agreement with a teacher, parameter count, size, speed.
+"""Measure a model: held-out perplexity, agreement with a teacher, parameter count, size, speed,
+and (with the `tasks` extra) downstream task accuracy through lm-evaluation-harness.
 
-`python -m minitron.evaluate --model M [--teacher T] [--json FILE]`
+`python -m minitron.evaluate --model M [--teacher T] [--tasks T1,T2 [--limit N] [--num-fewshot K]]
+[--json FILE]`; M may be an exported ONNX folder, which is scored on the tasks only.
 """
 
 from __future__ import annotations
@@ -105,8 +107,18 @@ def evaluate(
     batch_size: int = 8,
     device: str | None = None,
     measure_speed: bool = True,
+    tasks: list[str] | None = None,
+    task_limit: int | None = None,
+    num_fewshot: int | None = None,
 ) -> dict[str, Any]:
-    """All measurements of one model, as a flat dict (what the CLI prints and `--json` writes)."""
+    """All measurements of one model, as a flat dict (what the CLI prints and `--json` writes);
+    task accuracy under "tasks" when `tasks` names lm-eval tasks."""
+    from minitron.tasks import evaluate_onnx, is_onnx_folder, require_lm_eval
+
+    if tasks:
+        require_lm_eval()  # before any model loads
+    if is_onnx_folder(model_name):
+        return evaluate_onnx(model_name, tasks, task_limit, num_fewshot)
     with StageTimer("evaluate") as timer:
         model, tokenizer = load_model(model_name, device=device)
         blocks = load_blocks(tokenizer, "eval", num_blocks, source=source, block_size=block_size,
@@ -122,6 +134,10 @@ def evaluate(
             del teacher
         if measure_speed:
             result.update(speed(model))
+        if tasks:
+            from minitron.tasks import score_torch
+
+            result["tasks"] = score_torch(model, tokenizer, tasks, task_limit, num_fewshot, batch_size)
         timer.tokens = result["tokens"]
     result["eval_blocks"] = f"{len(blocks)}x{block_size} of '{source}' eval split"
     result["timing"] = timer.as_dict()
@@ -138,13 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. minitron_words_and_code "
+                   "(shipped, offline) or hellaswag,arc_easy (need a network); extra: minitron[tasks]")
+    p.add_argument("--limit", type=int, help="score at most this many items per task")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per item (task default if unset)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    from minitron.tasks import TASK_COLUMNS, parse_tasks, task_rows
+
     result = evaluate(args.model, args.teacher, source=args.data, num_blocks=args.blocks,
                       block_size=args.block_size, batch_size=args.batch_size, device=args.device,
-                      measure_speed=not args.no_speed)
-    rows = [{"metric": k, "value": v} for k, v in result.items() if k != "timing"]
+                      measure_speed=not args.no_speed, tasks=parse_tasks(args.tasks),
+                      task_limit=args.limit, num_fewshot=args.num_fewshot)
+    rows = [{"metric": k, "value": v} for k, v in result.items() if k not in ("timing", "tasks")]
     print(format_table(rows))
+    if result.get("tasks"):
+        print(format_table(task_rows([{**result, "model": str(args.model)}]), TASK_COLUMNS))
     print(f"evaluated in {result['timing']['wall_s']:.1f}s")
     if args.json:
         write_json_atomic(args.json, result)

@@ -68,6 +68,10 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
     from minitron.prune import plan
 
     shape, candidates = {}, []
+    if recipe.evaluate.enabled and recipe.evaluate.tasks:
+        from minitron.tasks import require_lm_eval
+
+        require_lm_eval()
     if recipe.prune.enabled:
         target, candidates = prune_target(recipe, config)
         shape = plan(config, target)
@@ -176,13 +180,20 @@ def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any
     if "distill" in ctx.outputs:
         models["distilled"] = ctx.outputs["distill"]["model_dir"]
     rows = []
+    tasks = dict(tasks=r.evaluate.tasks, task_limit=r.evaluate.limit,
+                 num_fewshot=r.evaluate.num_fewshot)
     for label, path in models.items():
         result = evaluate(path, None if label == "teacher" else ctx.teacher, source=r.data.source,
                           num_blocks=r.data.eval_blocks, block_size=r.data.block_size,
-                          device=r.model.device, measure_speed=r.evaluate.speed)
+                          device=r.model.device, measure_speed=r.evaluate.speed, **tasks)
         timer.tokens += result["tokens"]
         rows.append({**{k: v for k, v in result.items() if k != "timing"}, "model": label,
                      "path": str(path)})
+    if r.evaluate.tasks and "export" in ctx.outputs:
+        # The deployed model: task accuracy only (the export stage measured the rest).
+        path = ctx.outputs["export"]["onnx_dir"]
+        result = evaluate(path, **tasks)
+        rows.append({"model": "deployed", "path": path, "tasks": result["tasks"]})
     write_json_atomic(out / "models.json", rows)
     return {"models": rows}
 

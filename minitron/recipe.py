@@ -135,6 +135,19 @@ class EvaluateSection:
     enabled: bool = True
     speed: bool = True
     """Measure prefill tokens/s and decode ms/token (batch 1)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks scored on every model, the deployed ONNX one included (extra: minitron[tasks]);
+    `minitron_words_and_code` ships with minitron and runs offline."""
+    limit: int | None = None
+    """Items per task (all when unset)."""
+    num_fewshot: int | None = None
+    """Few-shot examples per item (the task's default when unset)."""
+
+    def __post_init__(self):
+        for key in ("limit", "num_fewshot"):
+            value = getattr(self, key)
+            if value is not None and value < (1 if key == "limit" else 0):
+                raise ValueError(f"{key} must be >= {1 if key == 'limit' else 0}, got {value}")
 
 
 @dataclass

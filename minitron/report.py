@@ -35,9 +35,18 @@ def _plot_stage_times(timings: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _task_table(models: list[dict[str, Any]]) -> str:
+    from minitron.tasks import TASK_COLUMNS, task_rows
+
+    rows = task_rows(models)
+    return format_table(rows, [c for c in TASK_COLUMNS if any(c in r for r in rows)]) if rows else ""
+
+
 def write_report(ctx: "Context", timings: list[dict[str, Any]], total_s: float) -> dict[str, Any]:
     run_dir = ctx.run_dir
     models = ctx.outputs.get("evaluate", {}).get("models", [])
+    # The deployed ONNX model's row carries task accuracy only; its other numbers are in Export.
+    measured = [m for m in models if "parameters" in m]
     export_rows = ctx.outputs.get("export", {}).get("report", {}).get("rows", [])
     report = {
         "recipe": ctx.recipe.source_file,
@@ -66,9 +75,15 @@ def write_report(ctx: "Context", timings: list[dict[str, Any]], total_s: float) 
           f"invocation took {total_s:.1f}s (stages marked skipped were reused from an earlier one).",
           "",
           "## Stages", "", stage_table, "", "![time per stage](stage_times.png)", ""]
-    if models:
+    if measured:
         md += ["## Models (held-out eval split)", "",
-               format_table(models, [c for c in _MODEL_COLUMNS if any(c in m for m in models)]), ""]
+               format_table(measured, [c for c in _MODEL_COLUMNS if any(c in m for m in measured)]),
+               ""]
+    task_table = _task_table(models)
+    if task_table:
+        md += ["## Task accuracy (lm-evaluation-harness)", "",
+               "Accuracy on each task with its standard error; `acc_norm` divides each choice's "
+               "log-likelihood by its length in bytes.", "", task_table, ""]
     if export_rows:
         from minitron.export import REPORT_COLUMNS, table_rows
 
@@ -82,8 +97,11 @@ def write_report(ctx: "Context", timings: list[dict[str, Any]], total_s: float) 
 
     print()
     print(stage_table)
-    if models:
+    if measured:
         print()
-        print(format_table(models, [c for c in _MODEL_COLUMNS if any(c in m for m in models)]))
+        print(format_table(measured, [c for c in _MODEL_COLUMNS if any(c in m for m in measured)]))
+    if task_table:
+        print()
+        print(task_table)
     print(f"\nreport: {run_dir / 'report.md'} (plots and report.json beside it); total {total_s:.1f}s")
     return report

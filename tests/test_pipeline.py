@@ -37,6 +37,8 @@ export:
   ppl_budget: 10.0           # a random tiny model: the INT8 budget is not what this test checks
 evaluate:
   speed: false
+  tasks: [minitron_words_and_code]   # shipped with minitron: offline
+  limit: 8
 """
 
 
@@ -61,7 +63,7 @@ def test_every_stage_runs_and_is_reported(finished_run):
     report = json.loads((run_dir / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["prune", "distill", "export", "evaluate"]
     assert all(s["wall_s"] > 0 and s["peak_rss_mb"] > 0 for s in report["stages"])
-    assert {m["model"] for m in report["models"]} == {"teacher", "pruned", "distilled"}
+    assert {m["model"] for m in report["models"]} == {"teacher", "pruned", "distilled", "deployed"}
     pruned = next(m for m in report["models"] if m["model"] == "pruned")
     teacher = next(m for m in report["models"] if m["model"] == "teacher")
     assert pruned["parameters"] < teacher["parameters"]
@@ -69,6 +71,18 @@ def test_every_stage_runs_and_is_reported(finished_run):
         assert (run_dir / name).stat().st_size > 0, name
     assert "| prune |" in (run_dir / "report.md").read_text()
     assert "report.md" in result.stdout
+
+
+def test_task_accuracy_of_all_four_models_is_reported(finished_run):
+    _, run_dir, _ = finished_run
+    report = json.loads((run_dir / "report.json").read_text())
+    for m in report["models"]:
+        task = m["tasks"]["minitron_words_and_code"]
+        assert task["items"] == 8 and 0 <= task["acc"] <= 1 and task["acc_stderr"] > 0, m["model"]
+    md = (run_dir / "report.md").read_text()
+    table = md.split("## Task accuracy")[1].split("##")[0]
+    for label in ("teacher", "pruned", "distilled", "deployed"):
+        assert f"| {label} | minitron_words_and_code |" in table
 
 
 def test_the_exported_folder_generates_without_minitron(finished_run):
