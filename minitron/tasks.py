@@ -39,8 +39,10 @@ def parse_tasks(spec: str | list[str] | None) -> list[str]:
 
 @contextlib.contextmanager
 def _offline_if_local(tasks: list[str]):
-    """Hub libraries offline while only shipped tasks run: a local task must never wait on the
-    network (datasets and huggingface_hub read these variables when they look something up)."""
+    """Hub libraries offline while only shipped tasks run, so that a local task never waits on the
+    network. Belt and braces: the shipped task's loader reads its JSONL directly, and
+    tests/test_tasks.py runs it with sockets refused; `datasets` reads HF_DATASETS_OFFLINE when it
+    loads anything, while huggingface_hub reads HF_HUB_OFFLINE once, at import."""
     if any(t not in SHIPPED_TASKS for t in tasks):
         yield
         return

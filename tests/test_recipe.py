@@ -121,3 +121,14 @@ def test_plan_that_export_cannot_serve_is_refused_before_any_work():
     with pytest.raises(MinitronError, match=r"export.enabled: .*hidden_size=3072 is not "
                                             r"num_attention_heads x head_dim \(32 x 128 = 4096\)"):
         dry_run(recipe)
+
+
+def test_evaluate_tasks_settings(tmp_path):
+    recipe = load_recipe(write(tmp_path, "evaluate:\n  tasks: [minitron_words_and_code, arc_easy]\n"
+                                         "  limit: 10\n  num_fewshot: 0\n"))
+    assert (recipe.evaluate.tasks, recipe.evaluate.limit, recipe.evaluate.num_fewshot) == (
+        ["minitron_words_and_code", "arc_easy"], 10, 0)
+    with pytest.raises(RecipeError, match=r"evaluate.*limit must be >= 1, got 0"):
+        load_recipe(write(tmp_path, "evaluate:\n  limit: 0\n"))
+    with pytest.raises(RecipeError, match=r"evaluate.tasks: expected a list, got 5"):
+        load_recipe(write(tmp_path, "evaluate:\n  tasks: 5\n"))
