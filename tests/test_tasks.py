@@ -136,22 +136,27 @@ class Block:
         if name == "lm_eval" or name.startswith("lm_eval."):
             raise ImportError("lm_eval blocked for this test")
 sys.meta_path.insert(0, Block())
+import importlib
 from minitron.common import run_cli
-from minitron.evaluate import main
-run_cli(main, sys.argv[1:])
+run_cli(importlib.import_module(sys.argv[1]).main, sys.argv[2:])
 """
 
 
 def test_without_the_extra_tasks_fail_with_one_line_naming_it(tmp_path):
     model = tmp_path / "model"
     make_tiny_model("llama", model)
-    result = subprocess.run([sys.executable, "-c", BLOCK_LM_EVAL, "--model", str(model),
-                             "--tasks", TASK, "--no-speed"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "minitron[tasks]" in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  name: {model}\nprune:\n  enabled: false\ndistill:\n  enabled: false\n"
+                      f"export:\n  enabled: false\nevaluate:\n  tasks: [{TASK}]\n")
+    commands = [["minitron.evaluate", "--model", str(model), "--tasks", TASK, "--no-speed"],
+                ["minitron.pipeline", str(recipe), "--dry-run"]]  # refused before any work
+    for command in commands:
+        result = subprocess.run([sys.executable, "-c", BLOCK_LM_EVAL, *command],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, command
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "minitron[tasks]" in lines[0], result.stderr
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
