@@ -123,10 +123,10 @@ def test_evaluate_cli_scores_an_onnx_folder(exported, tmp_path, no_network):
     from minitron.evaluate import main
 
     out = tmp_path / "tasks.json"
-    assert main(["--model", str(exported[1]), "--tasks", TASK, "--limit", "8",
+    assert main(["--model", str(exported[1]), "--tasks", TASK, "--limit", "8", "--num-fewshot", "1",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())["tasks"][TASK]
-    assert result["items"] == 8 and 0 <= result["acc"] <= 1
+    assert result["items"] == 8 and result["num_fewshot"] == 1 and 0 <= result["acc"] <= 1
 
 
 BLOCK_LM_EVAL = """
