@@ -73,6 +73,11 @@ def score_lm(lm, tasks: list[str], limit: int | None = None,
     errors and the number of items scored."""
     from lm_eval import simple_evaluate
 
+    # lm-eval reads a limit below 1 as a fraction of the task; ours is a count of items.
+    if limit is not None and limit < 1:
+        raise MinitronError(f"limit: {limit} is invalid; valid: a number of items >= 1")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise MinitronError(f"num_fewshot: {num_fewshot} is invalid; valid: an integer >= 0")
     with _offline_if_local(tasks):
         manager = _task_manager(tasks)
         unknown = [t for t in tasks if not manager.match_tasks([t])]

@@ -83,6 +83,8 @@ def test_unknown_task_is_a_one_line_error():
 
     with pytest.raises(MinitronError, match="minitron_words_and_cod"):
         score_torch(make_tiny_model("llama"), tiny_tokenizer(), ["minitron_words_and_cod"])
+    with pytest.raises(MinitronError, match="limit: 0 is invalid"):
+        score_torch(make_tiny_model("llama"), tiny_tokenizer(), [TASK], limit=0)
 
 
 @pytest.fixture(scope="module")
