@@ -26,7 +26,6 @@ process plumbing (torchrun, the process group, DDP/FSDP2, gathered state) is `mi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minitron import distributed
+from minitron import distributed, precision
 from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, load_checkpoint,
                                  plot_losses, save_checkpoint)
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
@@ -93,7 +92,10 @@ class DistillConfig:
     baseline: str | None = None             # None (distill) | "ce" | "scratch"
     loss_impl: str = "auto"                 # auto | logits | fused
     gradient_checkpointing: bool = False
-    autocast: bool = True                   # bf16 autocast when the student is on a GPU
+    precision: str = "auto"                 # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU):
+                                            # see minitron/precision.py
+    fsdp_unsynced_accum: bool = False       # FSDP: reduce-scatter only on the last micro-batch
+                                            # (keeps unsharded fp32 gradients between them)
     checkpoint_every: int = 100             # optimizer steps; a checkpoint is also written at the end
     eval_every: int = 50                    # optimizer steps; also at step 0 and at the end
     eval_blocks: int = 16
@@ -144,6 +146,7 @@ class DistillConfig:
              "None (distillation), " + ", ".join(BASELINES))
         need(self.loss_impl in LOSS_IMPLS, "loss_impl", ", ".join(LOSS_IMPLS))
         need(self.strategy in STRATEGIES, "strategy", ", ".join(STRATEGIES))
+        need(self.precision in precision.PRECISIONS, "precision", ", ".join(precision.PRECISIONS))
         distributed.check_divisible(self.batch_size, self.nproc_per_node, "nproc_per_node")
         if self.baseline is not None and self.intermediate:
             raise MinitronError(f"intermediate={list(self.intermediate)} needs a teacher; the "
@@ -374,7 +377,7 @@ def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: 
     ce_weight = config.alpha / (1 - config.alpha) if config.alpha > 0 else 0.0
     kw = dict(temperature=config.temperature, divergence=config.divergence, beta=config.beta,
               labels=labels.reshape(-1) if labels is not None else None, ce_weight=ce_weight,
-              ignore_index=IGNORE_INDEX)
+              ignore_index=IGNORE_INDEX, check_labels=False)  # `distill` checked the token ids
     t_ids = ids.to(_device_of(teacher))
     dev = ids.device
     if fused:
@@ -537,9 +540,7 @@ def _train(
         teacher_head = teacher.get_output_embeddings().weight.detach().to(device)
 
     def autocast():
-        if config.autocast and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision.autocast(config.precision, device)
 
     captures: list[_Capture] = []
     if projections is not None:
@@ -580,7 +581,7 @@ def _train(
                 rows = batch_indices(step, micro, n_blocks, config, rank, world)
                 ids = train_blocks[rows].to(device)
                 last = micro == config.grad_accum - 1
-                with distributed.grad_sync(model, last):
+                with distributed.grad_sync(model, last, config.fsdp_unsynced_accum):
                     with autocast():
                         loss, inter = model(ids, loss=True)
                     (loss / config.grad_accum).backward()
@@ -750,6 +751,7 @@ def distill(
         raise MinitronError(
             f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
             f"({student.config.vocab_size}); distillation needs the same tokenizer")
+    _check_token_ids(train_blocks, student.config.vocab_size)
     phase = "distill" if config.uses_teacher else f"baseline_{config.baseline}"
     if teacher is not None:
         freeze_(teacher)
@@ -803,6 +805,15 @@ def distill(
         return result
 
     return distributed.on_rank0(finish)
+
+
+def _check_token_ids(blocks: torch.Tensor, vocab: int) -> None:
+    """Every token id in [0, vocab), checked once on the host, so the loss kernels need not check
+    their labels (a device sync) at every step."""
+    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= vocab):
+        raise MinitronError(f"the training data holds token ids in [{int(blocks.min())}, "
+                            f"{int(blocks.max())}] but the student's vocabulary has {vocab} entries: "
+                            f"the tokenizer does not match the model")
 
 
 def _shape(model: nn.Module | None) -> dict[str, Any] | None:
@@ -993,7 +1004,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(random init of the student's shape)")
     p.add_argument("--loss-impl", default=d.loss_impl, help="auto | logits | fused")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast on GPU")
+    p.add_argument("--precision", default=d.precision,
+                   help="bf16 (bf16 compute, fp32 master weights and gradient reduction) | fp32 | "
+                        "auto (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--fsdp-unsynced-accum", action="store_true",
+                   help="under FSDP, reduce-scatter gradients on the last micro-batch only (less "
+                        "communication, unsharded fp32 gradients held between micro-batches)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-blocks", type=int, default=d.eval_blocks)
@@ -1034,7 +1050,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         teacher_correction_tokens=args.teacher_correction_tokens,
         teacher_correction_lr=args.teacher_correction_lr, baseline=args.baseline,
         loss_impl=args.loss_impl, gradient_checkpointing=args.gradient_checkpointing,
-        autocast=not args.no_autocast, checkpoint_every=args.checkpoint_every,
+        precision=args.precision, fsdp_unsynced_accum=args.fsdp_unsynced_accum,
+        checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
         progress=not args.no_progress, keep_checkpoint=not args.drop_checkpoint,
