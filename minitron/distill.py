@@ -259,7 +259,11 @@ class _Trainee(nn.Module):
         self.projections = projections if projections is not None else nn.ModuleList()
         self.loss_args: dict[str, Any] = {}  # teacher, config, ...: set by the loop, not submodules
 
-    def forward(self, ids: torch.Tensor, loss: bool = False):
+    def forward(self, ids: torch.Tensor, loss: bool = False, eval_sums: bool = False):
+        if eval_sums:  # inside the wrapper's forward: FSDP has the root's weights gathered
+            from minitron.evaluate import batch_metric_sums
+
+            return batch_metric_sums(self.student, self.loss_args.get("eval_teacher"), ids)
         if not loss:
             return self.student(ids, use_cache=False)
         a = self.loss_args
@@ -418,20 +422,38 @@ def _micro_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_student(student: nn.Module, teacher: nn.Module | None, blocks: torch.Tensor,
-                     batch_size: int) -> dict[str, float]:
-    """Held-out loss and perplexity, and (with a teacher) KL to it and top-1 agreement."""
-    from minitron.evaluate import perplexity, teacher_agreement
+                     batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
+    """Held-out loss and perplexity, and (with a teacher) KL to it and top-1 agreement.
 
+    From hidden states through chunked logits (`minitron.evaluate.metric_sums`): no [B, T, V]
+    tensor. `student` is a plain model or the loop's (wrapped) trainee, whose forward computes the
+    sums, so that FSDP gathers its weights. `shard=(rank, world)`: this rank evaluates blocks
+    rank, rank + world, ... and the sums are added over ranks (every rank must call it then, and
+    runs the same number of forwards: an FSDP forward is collective).
+    """
+    from minitron.evaluate import batch_metric_sums, metrics_from_sums
+
+    rank, world = shard
+    trainee = isinstance(getattr(student, "module", student), _Trainee)
+    device = _device_of(student)
+    mine = blocks[rank::world]
+    n_batches = math.ceil(math.ceil(len(blocks) / world) / batch_size)  # the same on every rank
     was_training = student.training
     student.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     try:
-        ppl = perplexity(student, blocks, batch_size)
-        out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
-        if teacher is not None:
-            out.update(teacher_agreement(student, teacher, blocks, batch_size))
+        for i in range(n_batches):
+            batch = mine[i * batch_size:(i + 1) * batch_size]
+            padding = len(batch) == 0  # this rank's share ran out: a forward to keep step
+            ids = (blocks[:1] if padding else batch).to(device)
+            s = student(ids, eval_sums=True) if trainee else batch_metric_sums(student, teacher, ids)
+            if not padding:
+                sums += s
     finally:
         student.train(was_training)
-    return out
+    if world > 1:
+        dist.all_reduce(sums)
+    return metrics_from_sums(sums.cpu(), teacher is not None)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -547,15 +569,16 @@ def _train(
         captures = [_Capture(teacher, [t for t, _ in config.intermediate]),
                     _Capture(student, [s for _, s in config.intermediate])]
     trainee.loss_args = {"teacher": teacher if kd else None, "config": config,
-                         "teacher_head": teacher_head, "fused": fused, "captures": captures}
+                         "teacher_head": teacher_head, "fused": fused, "captures": captures,
+                         "eval_teacher": eval_teacher}
 
     def run_eval(step: int) -> dict[str, Any]:
-        # Every rank evaluates the whole (small) eval set through the wrapper: an FSDP forward is
-        # collective. The numbers are the same on every rank; rank 0 logs them.
+        # Each rank evaluates its share of the eval set through the wrapper (an FSDP forward is
+        # collective); the sums are added over ranks, so every rank has the numbers; rank 0 logs.
         rec = {"kind": "eval", "step": step, "tokens": step * config.tokens_per_step}
         with autocast():
             rec.update(evaluate_student(model, eval_teacher, eval_blocks,
-                                        config.eval_batch_size))
+                                        config.eval_batch_size, shard=(rank, world)))
         log.write(rec)
         msg = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("kind", "step", "tokens"))
         if rank == 0:
