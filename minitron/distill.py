@@ -26,6 +26,7 @@ process plumbing (torchrun, the process group, DDP/FSDP2, gathered state) is `mi
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -63,7 +64,7 @@ IGNORE_INDEX = -100
 # Settings that may change between a run and its resumption (they do not change the weights).
 # Checkpoints hold gathered full state, so the process count and the strategy may change too.
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
-                      "strategy", "nproc_per_node"}
+                      "strategy", "nproc_per_node", "gpu_memory_gib"}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -106,6 +107,8 @@ class DistillConfig:
     keep_checkpoint: bool = True            # keep checkpoint/ after the final model is written
     strategy: str = "auto"                  # auto | ddp | fsdp (only used with > 1 process)
     nproc_per_node: int = 1                 # > 1 outside torchrun: start torchrun with that many
+    gpu_memory_gib: float | None = None     # per-GPU memory the memory plan must fit (None: the
+                                            # detected GPU's; no check without a GPU)
 
     def __post_init__(self) -> None:
         self.intermediate = tuple((int(t), int(s)) for t, s in self.intermediate)
@@ -147,6 +150,8 @@ class DistillConfig:
         need(self.loss_impl in LOSS_IMPLS, "loss_impl", ", ".join(LOSS_IMPLS))
         need(self.strategy in STRATEGIES, "strategy", ", ".join(STRATEGIES))
         need(self.precision in precision.PRECISIONS, "precision", ", ".join(precision.PRECISIONS))
+        need(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "gpu_memory_gib",
+             "None (the detected GPU) or a number of GiB > 0")
         distributed.check_divisible(self.batch_size, self.nproc_per_node, "nproc_per_node")
         if self.baseline is not None and self.intermediate:
             raise MinitronError(f"intermediate={list(self.intermediate)} needs a teacher; the "
@@ -692,18 +697,17 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
     """Fine-tune `teacher` in place with cross-entropy for config.teacher_correction_tokens tokens.
 
     The phase checkpoints and resumes like distillation; its result (`teacher.safetensors`) is kept,
-    so a rerun loads it instead of training again. The teacher is trained in its own dtype and left
-    frozen in eval mode. With several processes it trains under DDP whatever `config.strategy`
-    says: the teacher stays a whole (replicated) module for the distillation that follows.
+    so a rerun loads it instead of training again. Training uses the precision policy on an fp32
+    copy of the teacher (fp32 master weights: AdamW's small updates would round away in bf16), under
+    `config.strategy` (FSDP2 shards it on GPUs); the result is loaded back into `teacher`, which
+    keeps its own dtype, stays whole (replicated) and is left frozen in eval mode.
     """
-    from safetensors.torch import load_model, save_model
-
     run_dir = Path(run_dir)
     done = run_dir / "teacher.safetensors"
     tc = dataclasses.replace(
         config, tokens=config.teacher_correction_tokens, teacher_correction_tokens=0,
         lr=config.teacher_correction_lr or config.lr, baseline="ce", intermediate=(), alpha=0.0,
-        seed=config.seed + 1, strategy="ddp")
+        seed=config.seed + 1)
 
     def finished() -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -713,18 +717,41 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
 
     saved = distributed.on_rank0(finished)
     if saved is not None:
-        load_model(teacher, str(done))  # every rank reads it: the run folder is shared
+        _load_corrected(teacher, done)
         if distributed.rank() == 0:
             print(f"[minitron] teacher correction: already done, loaded {done}")
         return saved
-    metrics = _train(teacher, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
-    if distributed.rank() == 0:
+    # A separate fp32 module when the teacher is not fp32, or when FSDP would shard it in place.
+    sharded = distributed.dist_on() and distributed.strategy(tc, _device_of(teacher)) == "fsdp"
+    master = (copy.deepcopy(teacher).float()
+              if sharded or any(p.dtype != torch.float32 for p in teacher.parameters()) else teacher)
+    metrics = _train(master, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
+    weights = distributed.full_state_dict(master)  # collective under FSDP; {} on other ranks
+
+    def save() -> None:
+        from safetensors.torch import save_file
+
         tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
-        save_model(teacher, str(tmp))
+        save_file(weights, str(tmp))
         os.replace(tmp, done)
         write_json_atomic(run_dir / "metrics.json", metrics)
-    freeze_(teacher)
+
+    distributed.on_rank0(save)  # every rank waits for the file
+    del master, weights
+    _load_corrected(teacher, done)  # every rank reads it: the run folder is shared
     return metrics
+
+
+def _load_corrected(teacher: nn.Module, path: Path) -> None:
+    """The corrected fp32 weights into `teacher`, cast to its dtype; tied aliases may be absent."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = teacher.load_state_dict(load_file(str(path)), strict=False)
+    aliases = distributed.tied_aliases(teacher)
+    if unexpected or set(missing) - set(aliases):
+        raise MinitronError(f"{path} does not hold this teacher's weights (missing "
+                            f"{sorted(set(missing) - set(aliases))[:3]}, unexpected {unexpected[:3]})")
+    freeze_(teacher)
 
 
 def distill(
@@ -926,6 +953,8 @@ def run_distill(
     if config.block_size > max_pos:
         raise MinitronError(f"block_size={config.block_size} is longer than the models' context "
                             f"({max_pos} positions); choose block_size <= {max_pos}")
+    world = int(os.environ.get("WORLD_SIZE", config.nproc_per_node))
+    memory_plan_(t_cfg, s_cfg, config, world, teacher_dtype, device, show=False)
     if not distributed.under_torchrun() and config.nproc_per_node > 1:
         return _launch(teacher_path, student_path, out, config, data_source=data_source,
                        text_field=text_field, device=device, teacher_device=teacher_device,
@@ -939,6 +968,28 @@ def run_distill(
                 raise
             distributed.record_for_torchrun(e)
             raise MinitronError(f"rank {distributed.rank()}: {e}") from None
+
+
+def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig, world: int,
+                 teacher_dtype: str | None, device: str | None, show: bool = True):
+    """The per-GPU memory plan (`minitron.memory_plan`), printed if `show`; refuses a plan over
+    `config.gpu_memory_gib` or, on a GPU, the detected memory. Returns the plan."""
+    from minitron import memory_plan
+    from minitron.models import default_device
+
+    dev = torch.device(device or default_device())
+    gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
+           else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
+    strategy = "fsdp" if config.strategy == "fsdp" or (config.strategy == "auto"
+                                                       and (dev.type == "cuda" or gpu)) else "ddp"
+    plan = memory_plan.plan_distill(teacher_cfg or student_cfg, student_cfg, config, world,
+                                    teacher_dtype or "float32", strategy)
+    if show:
+        print(format_table(plan.rows()))
+        print(f"estimated peak per GPU: {plan.peak / memory_plan.GIB:.1f} GiB on {world} "
+              f"process(es), {strategy}" + (f", of {gpu / memory_plan.GIB:.1f} GiB" if gpu else ""))
+    memory_plan.check_fits(plan, gpu)
+    return plan
 
 
 def _launch(teacher_path, student_path, out: Path, config: DistillConfig, **kw) -> dict[str, Any]:
@@ -1051,6 +1102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=d.strategy,
                    help="with several processes: fsdp (sharded student) | ddp (replicated) | auto "
                         "(fsdp on GPUs, ddp on CPU)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="per-GPU memory the plan must fit (default: the detected GPU's)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-GPU memory plan from the model configs and stop")
     p.add_argument("--settings", help="JSON file of DistillConfig fields (what --nproc-per-node "
                                       "hands to its processes); replaces the training flags")
     return p
@@ -1078,12 +1133,20 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
         progress=not args.no_progress, keep_checkpoint=not args.drop_checkpoint,
-        strategy=args.strategy, nproc_per_node=args.nproc_per_node)
+        strategy=args.strategy, nproc_per_node=args.nproc_per_node,
+        gpu_memory_gib=args.gpu_memory_gib)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    if args.dry_run:
+        from minitron.models import load_config
+
+        t_cfg = load_config(args.teacher) if args.teacher else None
+        memory_plan_(t_cfg, load_config(args.student), config, config.nproc_per_node,
+                     args.teacher_dtype, args.device)
+        return 0
     result = run_distill(args.teacher, args.student, args.output, config, data_source=args.data,
                          text_field=args.text_field, device=args.device,
                          teacher_device=args.teacher_device, teacher_dtype=args.teacher_dtype)

@@ -137,8 +137,10 @@ def plan_distill(teacher: Any, student: Any, config: Any, world: int,
                       + s.layer_activation_bytes(eval_tokens)
                       + EVAL_CHUNK * s.vocab * (2 + 2 + 3 * 4))
     if getattr(config, "teacher_correction_tokens", 0):
-        tshard = world if world > 1 else 1
-        phases["teacher correction"] = (16 * t.params // tshard + 2 * t.root_params
+        tshard = shard
+        # The teacher stays loaded in its dtype while an fp32 copy trains (sharded under FSDP).
+        phases["teacher correction"] = (terms["teacher weights"]
+                                        + 16 * t.params // tshard + 2 * t.root_params
                                         + 4 * t.root_params
                                         + t.layers * tokens * t.hidden * 2
                                         + t.layer_activation_bytes(tokens) * 3 // 2

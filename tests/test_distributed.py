@@ -282,6 +282,28 @@ def test_bf16_policy_one_process_and_fsdp_agree_and_track_fp32(world, reference,
     assert all(v.dtype == torch.float32 for v in (*w1.values(), *w2.values()))
 
 
+def test_teacher_correction_on_two_fsdp_ranks_matches_one_process(world, tmp_path):
+    """Teacher correction (fp32 master weights, sharded under FSDP2), then distillation."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--teacher-correction-tokens", str(2 * BATCH * BLOCK), "--teacher-dtype", "bfloat16"]
+    rc, log, _ = _one_rank(world, one, *extra)
+    assert rc == 0, log[-3000:]
+    rc, log, _ = _two_ranks(world, two, *extra, "--strategy", "fsdp")
+    assert rc == 0, log[-3000:]
+    c1, c2 = (load_file(p / "teacher_correction" / "teacher.safetensors") for p in (one, two))
+    assert all(v.dtype == torch.float32 for v in c1.values())  # the fp32 master weights
+    start = load_file(world["root"] / "teacher" / "model.safetensors")
+    assert max((c1[k] - start[k]).abs().max() for k in c1) > 1e-3  # it did train
+    for k in c1:
+        torch.testing.assert_close(c1[k], c2[k], rtol=1e-4, atol=1e-4, msg=k)
+    # The distillation after it reads the teacher in bf16, whose matmuls round differently on half
+    # a batch: the losses agree to bf16 rounding.
+    l1, l2 = _train_losses(one), _train_losses(two)
+    assert l1.keys() == l2.keys() == set(range(1, STEPS + 1))
+    for s in l1:
+        assert l2[s] == pytest.approx(l1[s], rel=BF16_VS_BF16), s
+
+
 # ----------------------------------------------------------------------------- failures
 def test_error_on_one_rank_ends_all_ranks_with_its_message(world, tmp_path):
     rc, log, wall = _two_ranks(world, tmp_path / "fail", fail_at=2)

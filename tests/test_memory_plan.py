@@ -132,3 +132,36 @@ def test_plan_refuses_naming_the_biggest_term():
     with pytest.raises(MinitronError, match=r"biggest term is activations \("):
         check_fits(plan, 80 * 10**9)
     assert Shape.of(llama).params == 8_030_261_248  # Llama-3.1-8B's published count
+
+
+LARGE_RECIPES = ["llama-3.1-8b-to-4b-width.yaml", "llama-3.1-8b-to-4b-depth.yaml",
+                 "mistral-nemo-12b-to-8b.yaml"]
+
+
+@pytest.mark.parametrize("name", LARGE_RECIPES)
+def test_shipped_large_recipes_fit_80gb_gpus(name, capsys):
+    from minitron.pipeline import dry_run
+    from minitron.recipe import load_recipe
+
+    recipe = load_recipe(f"recipes/{name}")
+    assert recipe.distill.nproc_per_node == 8 and recipe.distill.gpu_memory_gib == 79
+    plan = dry_run(recipe)["memory_plan"]
+    assert plan["peak_gib"] <= 79
+    assert "estimated peak per GPU" in capsys.readouterr().out
+    # The same recipe on one process does not fit, and says why.
+    with pytest.raises(MinitronError, match=r"biggest term is optimizer \(AdamW fp32\)"):
+        dry_run(load_recipe(f"recipes/{name}", ["distill.nproc_per_node=1"]))
+
+
+def test_distill_cli_dry_run_prints_the_plan(tmp_path, capsys):
+    from minitron.distill import main
+    from tiny import make_tiny_model
+
+    make_tiny_model("llama", path=tmp_path / "t")
+    assert main(["--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "t"),
+                 "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "peak: train step" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(MinitronError, match="more than the 0.0 GiB available; the biggest term"):
+        main(["--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "t"),
+              "--output", str(tmp_path / "o"), "--dry-run", "--gpu-memory-gib", "0.001"])
