@@ -765,8 +765,12 @@ def distill(
     tokenizer=None,
     info: dict[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
+    student_device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train `student` (in place) from `teacher` and write the finished model to `output_dir`.
+
+    `student_device`: where the student trains, when it is handed over elsewhere (on the host, so
+    that a teacher correction has the GPU to itself); it moves there after the correction.
 
     train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits. `teacher` may be None
     only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
@@ -834,6 +838,8 @@ def distill(
         if config.baseline == "scratch" and distributed.on_rank0(lambda: find_checkpoint(out)) is None:
             reinitialize_(student, config.seed)  # seeded: the same weights on every rank
         student.float()
+        if student_device is not None:
+            student.to(student_device)
         metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
                          on_step=on_step, eval_teacher=teacher)
         timer.tokens = metrics["this_session_tokens"]
@@ -1023,10 +1029,12 @@ def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data
 
     if distributed.dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
         teacher_device = device  # this rank's GPU
-    student, tokenizer = load_model(student_path, dtype="float32", device=device)
     teacher = None
     if teacher_path is not None:
         teacher, _ = load_model(teacher_path, dtype=teacher_dtype, device=teacher_device or device)
+    # A teacher correction trains first: the student waits on the host until it is done.
+    student, tokenizer = load_model(student_path, dtype="float32",
+                                    device="cpu" if config.teacher_correction_tokens else device)
     n_train = config.steps * config.batch_size * config.grad_accum
     train_blocks = load_blocks(tokenizer, "train", n_train, source=data_source,
                                block_size=config.block_size, seed=config.seed,
@@ -1041,7 +1049,7 @@ def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data
                      "eval_blocks": len(eval_blocks), "block_size": config.block_size},
             "pruning": info or None}
     return distill(teacher, student, train_blocks, eval_blocks, config, out, tokenizer=tokenizer,
-                   info=info)
+                   info=info, student_device=device)
 
 
 # ----------------------------------------------------------------------------- CLI
