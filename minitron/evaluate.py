@@ -69,7 +69,8 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def metric_sums(s_hidden: torch.Tensor, s_head: torch.Tensor, ids: torch.Tensor,
                 t_hidden: torch.Tensor | None = None, t_head: torch.Tensor | None = None,
-                chunk_tokens: int = EVAL_CHUNK_TOKENS) -> torch.Tensor:
+                chunk_tokens: int | None = None, s_softcap: float | None = None,
+                t_softcap: float | None = None) -> torch.Tensor:
     """Evaluation sums of one batch from hidden states, `chunk_tokens` tokens of logits at a time.
 
     s_hidden [B, T, H_s] and s_head [V, H_s] (the student), ids [B, T]; optionally the teacher's
@@ -79,10 +80,13 @@ def metric_sums(s_hidden: torch.Tensor, s_head: torch.Tensor, ids: torch.Tensor,
     positions where both argmaxes agree, and B * T. The full [B, T, V] logits never exist: the peak
     is a few [chunk_tokens, V] temporaries. Logits are computed as in the fused training loss:
     in autocast's dtype when autocast is on, else the hidden states' (`compute_dtype_for`).
+    `s_softcap` / `t_softcap`: a family's final-logit soft-cap (Gemma 2), applied per chunk as the
+    model's own head would.
     """
     from minitron.kernels import softmax_kl
     from minitron.kernels.fused_linear import compute_dtype_for
 
+    chunk_tokens = chunk_tokens or EVAL_CHUNK_TOKENS
     b, t = ids.shape
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
@@ -96,7 +100,7 @@ def metric_sums(s_hidden: torch.Tensor, s_head: torch.Tensor, ids: torch.Tensor,
         wt = t_head.to(device=hs.device, dtype=dtype) if t_head is not None else None
         for start in range(0, b * t, chunk_tokens):
             sl = slice(start, min(start + chunk_tokens, b * t))
-            s = hs[sl].to(dtype) @ ws.T  # [C, V]
+            s = _softcap(hs[sl].to(dtype) @ ws.T, s_softcap)  # [C, V]
             lab = labels[sl]
             keep = lab != -100
             picked = s.gather(-1, torch.where(keep, lab, 0)[:, None]).squeeze(-1).float()
@@ -105,23 +109,31 @@ def metric_sums(s_hidden: torch.Tensor, s_head: torch.Tensor, ids: torch.Tensor,
             sums[1] += keep.sum()
             sums[4] += sl.stop - sl.start
             if ht is not None:
-                tc = ht[sl].to(device=hs.device, dtype=dtype) @ wt.T  # [C, V_t]
+                tc = _softcap(ht[sl].to(device=hs.device, dtype=dtype) @ wt.T, t_softcap)  # [C, V_t]
                 v = min(s.shape[-1], tc.shape[-1])
                 sums[2] += softmax_kl(s, tc, reduction="sum")
                 sums[3] += (s[:, :v].argmax(-1) == tc[:, :v].argmax(-1)).sum()
     return sums
 
 
+def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 @torch.no_grad()
 def batch_metric_sums(student, teacher, ids: torch.Tensor) -> torch.Tensor:
     """`metric_sums` of one batch of token ids through the student (and the teacher, if any)."""
+    from minitron.models import logit_softcap
+
     s_hidden = final_hidden(student, ids)
+    s_cap = logit_softcap(student.config)
     if teacher is None:
-        return metric_sums(s_hidden, student.get_output_embeddings().weight, ids)
+        return metric_sums(s_hidden, student.get_output_embeddings().weight, ids, s_softcap=s_cap)
     t_dev = next(teacher.parameters()).device
     t_hidden = final_hidden(teacher, ids.to(t_dev)).to(s_hidden.device)
     return metric_sums(s_hidden, student.get_output_embeddings().weight, ids, t_hidden,
-                       teacher.get_output_embeddings().weight)
+                       teacher.get_output_embeddings().weight, s_softcap=s_cap,
+                       t_softcap=logit_softcap(teacher.config))
 
 
 def metrics_from_sums(sums: torch.Tensor, with_teacher: bool) -> dict[str, float]:

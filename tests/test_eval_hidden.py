@@ -17,12 +17,14 @@ def _torch_loss_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU path, as distillation runs it
 
 
-@pytest.mark.parametrize("chunk", [7, 512])
-def test_hidden_state_eval_equals_full_logits_eval(tokenizer, monkeypatch, chunk):
+@pytest.mark.parametrize("family,chunk", [("llama", 7), ("llama", 512), ("gemma2", 7)])
+def test_hidden_state_eval_equals_full_logits_eval(tokenizer, monkeypatch, family, chunk):
+    # gemma2: its final-logit soft-cap is applied to each chunk, as its own head does.
     monkeypatch.setattr("minitron.evaluate.EVAL_CHUNK_TOKENS", chunk)
-    teacher = make_tiny_model("llama", seed=0)
-    student = make_tiny_model("llama", seed=1, hidden_size=32, num_attention_heads=4,
-                              intermediate_size=48, tie_word_embeddings=True)
+    teacher = make_tiny_model(family, seed=0)
+    student = (make_tiny_model("llama", seed=1, hidden_size=32, num_attention_heads=4,
+                               intermediate_size=48, tie_word_embeddings=True)
+               if family == "llama" else make_tiny_model(family, seed=1))
     blocks = load_blocks(tokenizer, "eval", 5, block_size=24)
     got = evaluate_student(student, teacher, blocks, batch_size=2)
     # Today's evaluation: full [B, T, V] fp32 logits through the model's own head.

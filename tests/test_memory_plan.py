@@ -135,7 +135,7 @@ def test_plan_refuses_naming_the_biggest_term():
 
 
 LARGE_RECIPES = ["llama-3.1-8b-to-4b-width.yaml", "llama-3.1-8b-to-4b-depth.yaml",
-                 "mistral-nemo-12b-to-8b.yaml"]
+                 "mistral-nemo-12b-to-8b.yaml", "qwen3-8b-to-4b-width.yaml"]
 
 
 @pytest.mark.parametrize("name", LARGE_RECIPES)
