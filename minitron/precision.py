@@ -21,9 +21,12 @@ not by a different policy; tests/test_precision.py states the tolerance.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported inside the functions: settings modules validate against PRECISIONS without it.
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -33,11 +36,13 @@ def resolve(precision: str, device: torch.device | str) -> str:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
-    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return "bf16" if str(device).startswith("cuda") else "fp32"
 
 
 def autocast(precision: str, device: torch.device | str):
     """The compute context of one training or evaluation forward under `precision`."""
+    import torch
+
     device = torch.device(device)
     if resolve(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -49,6 +54,7 @@ def fsdp_policy(precision: str, device: torch.device | str):
     dtype, fp32 here)."""
     if resolve(precision, device) != "bf16":
         return None
+    import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
