@@ -138,13 +138,13 @@ def plan_distill(teacher: Any, student: Any, config: Any, world: int,
                       + EVAL_CHUNK * s.vocab * (2 + 2 + 3 * 4))
     if getattr(config, "teacher_correction_tokens", 0):
         tshard = shard
-        # The teacher stays loaded in its dtype while an fp32 copy trains (sharded under FSDP).
-        phases["teacher correction"] = (terms["teacher weights"]
-                                        + 16 * t.params // tshard + 2 * t.root_params
-                                        + 4 * t.root_params
-                                        + t.layers * tokens * t.hidden * 2
-                                        + t.layer_activation_bytes(tokens) * 3 // 2
-                                        + 3 * tokens * t.vocab * 2)
+        # The teacher stays loaded in its dtype while an fp32 copy trains (sharded under FSDP); the
+        # copy is whole for a moment before fully_shard splits it.
+        phases["teacher correction"] = terms["teacher weights"] + max(
+            4 * t.params,
+            16 * t.params // tshard + 2 * t.root_params + 4 * t.root_params
+            + t.layers * tokens * t.hidden * 2 + t.layer_activation_bytes(tokens) * 3 // 2
+            + 3 * tokens * t.vocab * 2)
     plan = Plan(world=world, terms=terms, phases=phases)
     plan.peak = max(phases.values())
     return plan
