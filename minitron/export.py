@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic, write_text_atomic)
+from minitron.cpu import INT8_CPUS, Int8Settings, int8_target
 from minitron.data import SOURCES_HELP, load_blocks
 from minitron.evaluate import speed as torch_speed
 from minitron.evaluate import weights_size_mb
@@ -79,6 +80,9 @@ class ExportSettings:
 
     int8: str = "blockwise"
     per_channel: bool = False
+    int8_cpu: str = "auto"
+    """The CPU kind the dynamic/static INT8 models are made for: 'auto' (this one), 'vnni', 'no-vnni'
+    or 'arm' (minitron.cpu); it picks ONNX Runtime's activation/weight types and weight range."""
     calib_samples: int = 16
     bnb: bool = False
     source: str = "stdlib"
@@ -96,6 +100,8 @@ class ExportSettings:
     def __post_init__(self):
         if self.int8 not in INT8_SCHEMES:
             raise MinitronError(f"--int8 '{self.int8}' is not a scheme; valid: {', '.join(INT8_SCHEMES)}")
+        if self.int8_cpu not in INT8_CPUS:
+            raise MinitronError(f"--int8-cpu '{self.int8_cpu}' is not a CPU kind; valid: {', '.join(INT8_CPUS)}")
         if self.per_channel and self.int8 == "blockwise":
             raise MinitronError("--per-channel applies to --int8 dynamic or static; blockwise already "
                                 f"has one scale per block of at most {BLOCKWISE_MAX_BLOCK} weights")
@@ -357,11 +363,17 @@ def _matmul_nbits_quantizer():
 
 
 def quantize_int8(src: Path, dst: Path, variant: Int8Variant,
-                  calib_blocks: torch.Tensor | None = None) -> None:
-    """Write an INT8 copy of the FP32 graph `src` (transposes folded) to `dst` with ORT's quantizers."""
+                  calib_blocks: torch.Tensor | None = None, cpu: Int8Settings | None = None) -> None:
+    """Write an INT8 copy of the FP32 graph `src` (transposes folded) to `dst` with ORT's quantizers.
+
+    `cpu`: the types and weight range for the CPU that will run it (`minitron.cpu`); this machine's
+    by default. Only `dynamic` and `static` use it: MatMulNBits quantizes activations to int8 per
+    block and multiplies int8 x int8, whose pair sums (2 x 127 x 127) fit int16 on any x86 CPU.
+    """
+    cpu = cpu or int8_target("auto")
     _matmul_nbits_quantizer()
     with _quiet_logs("", "onnxruntime.quantization.matmul_nbits_quantizer"):
-        _quantize_int8(src, dst, variant, calib_blocks)
+        _quantize_int8(src, dst, variant, calib_blocks, cpu)
 
 
 def blockwise_block_size(proto) -> int:
@@ -376,12 +388,14 @@ def blockwise_block_size(proto) -> int:
     return block
 
 
-def _quantize_int8(src: Path, dst: Path, variant: Int8Variant, calib_blocks: torch.Tensor | None) -> None:
+def _quantize_int8(src: Path, dst: Path, variant: Int8Variant, calib_blocks: torch.Tensor | None,
+                   cpu: Int8Settings) -> None:
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_dynamic, quantize_static)
 
     external = uses_external_data(src)
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     if variant.scheme == "blockwise":
         proto = onnx.load(str(src))
         quantizer = _matmul_nbits_quantizer()(proto, bits=8, block_size=blockwise_block_size(proto),
@@ -396,8 +410,8 @@ def _quantize_int8(src: Path, dst: Path, variant: Int8Variant, calib_blocks: tor
         remove_onnx(mid)
     elif variant.scheme == "dynamic":
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gather"],
-                         per_channel=variant.per_channel, weight_type=QuantType.QInt8,
-                         use_external_data_format=external)
+                         per_channel=variant.per_channel, weight_type=qtype[cpu.weight_type],
+                         reduce_range=cpu.reduce_range, use_external_data_format=external)
     elif variant.scheme == "static":
         if calib_blocks is None:
             raise ValueError("static quantization needs calibration blocks")
@@ -411,7 +425,8 @@ def _quantize_int8(src: Path, dst: Path, variant: Int8Variant, calib_blocks: tor
 
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul", "Gather"], per_channel=variant.per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=qtype[cpu.activation_type],
+                        weight_type=qtype[cpu.weight_type], reduce_range=cpu.reduce_range,
                         calibrate_method=CalibrationMethod.MinMax,
                         use_external_data_format=external,
                         extra_options={"MatMulConstBOnly": True})

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from minitron.common import MinitronError
+from minitron.cpu import CpuDescription, describe_cpu, int8_settings, int8_target
 from minitron.data import load_blocks
 from tiny import make_tiny_model, tiny_tokenizer
 
@@ -174,12 +175,24 @@ def test_deployed_int8_model_agrees_and_is_smaller(exported, torch_model):
     assert (_ort_decode_logits(session, ids, prefill=5) - full).abs().max().item() < 0.05
 
 
+def _int8_weights(path: Path) -> list[np.ndarray]:
+    """The int8 weight initializers of a quantized graph (the matmul weights, not zero points)."""
+    import onnx
+    from onnx import numpy_helper
+
+    return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+
+
+# "auto" is what this machine selects; "no-vnni" forces the settings an AVX2 CPU without VNNI
+# gets, so the floor is checked for both on every machine (CI may be either kind).
+@pytest.mark.parametrize("cpu", ["auto", "no-vnni"])
 @pytest.mark.parametrize("scheme,per_channel,op", [("dynamic", False, "MatMulInteger"),
                                                    ("dynamic", True, "MatMulInteger"),
                                                    ("static", False, "QuantizeLinear"),
                                                    ("static", True, "QuantizeLinear")])
 def test_int8_variants_agree_with_pytorch(exported, torch_model, tmp_path, calib_blocks, scheme,
-                                          per_channel, op):
+                                          per_channel, op, cpu):
     import onnx
 
     out, _ = exported
@@ -187,10 +200,56 @@ def test_int8_variants_agree_with_pytorch(exported, torch_model, tmp_path, calib
     ex.fold_initializer_transposes(out / ex.FP32_FILE, folded)
     variant = ex.Int8Variant(scheme, per_channel)
     dst = tmp_path / variant.file
-    ex.quantize_int8(folded, dst, variant, calib_blocks if scheme == "static" else None)
+    settings = int8_target(cpu)
+    ex.quantize_int8(folded, dst, variant, calib_blocks if scheme == "static" else None, settings)
     assert op in {n.op_type for n in onnx.load(str(dst)).graph.node}
     assert dst.stat().st_size < 0.75 * folded.stat().st_size
     assert _top1_agreement(_session(dst), torch_model, _ids(4, 32, seed=7)) >= INT8_TOP1_FLOOR
+    weights = _int8_weights(dst)
+    assert weights
+    if settings.reduce_range:
+        # 7-bit weights: u8 x s8 pair sums (2 x 255 x 64) cannot saturate VPMADDUBSW's int16
+        assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+    else:
+        assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) > 64
+
+
+# ----------------------------------------------------------------------------- CPU-aware INT8
+def test_int8_settings_follow_onnx_runtime_cpu_guidance():
+    """ORT's guidance (quantize_static docstring): no VNNI -> u8 activations, s8 weights,
+    reduce_range; VNNI -> the same at full range; ARM -> s8 activations and weights, full range."""
+    avx2 = CpuDescription("x86_64", frozenset({"sse4_2", "avx", "avx2", "fma"}))
+    avx512 = CpuDescription("x86_64", frozenset({"avx2", "avx512f", "avx512bw"}))
+    vnni = CpuDescription("x86_64", frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    avx_vnni = CpuDescription("x86_64", frozenset({"avx2", "avx_vnni"}))  # Alder Lake: no AVX-512
+    amx = CpuDescription("x86_64", frozenset({"avx2", "avx512f", "amx_int8"}))
+    for cpu in (avx2, avx512):
+        s = int8_settings(cpu)
+        assert (s.integer_dot, s.activation_type, s.weight_type, s.reduce_range) == \
+            (False, "uint8", "int8", True)
+        assert "no VNNI" in s.isa
+    assert int8_settings(avx512).isa.startswith("x86-64 AVX-512")
+    for cpu, name in ((vnni, "AVX-512 VNNI"), (avx_vnni, "AVX-VNNI"), (amx, "AMX-INT8")):
+        s = int8_settings(cpu)
+        assert (s.integer_dot, s.activation_type, s.weight_type, s.reduce_range) == \
+            (True, "uint8", "int8", False)
+        assert name in s.isa
+    arm = int8_settings(CpuDescription("aarch64", frozenset({"asimd", "asimddp", "i8mm"})))
+    assert (arm.integer_dot, arm.activation_type, arm.weight_type, arm.reduce_range) == \
+        (True, "int8", "int8", False)
+    assert "dotprod" in arm.isa and "i8mm" in arm.isa
+    # unknown flags on x86: the setting that is safe on every CPU
+    assert int8_settings(CpuDescription("x86_64", frozenset())).reduce_range is True
+
+
+def test_cpu_description_is_read_from_cpuinfo():
+    amd = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n" \
+          "processor\t: 1\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+    cpu = describe_cpu(amd, machine="x86_64")
+    assert cpu.model == "AMD EPYC 7B12" and "avx2" in cpu.flags and "avx512_vnni" not in cpu.flags
+    assert int8_settings(cpu).reduce_range is True
+    graviton = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes asimddp sha512 i8mm bf16\n"
+    assert int8_settings(describe_cpu(graviton, machine="aarch64")).integer_dot is True
 
 
 def test_tied_embeddings_lm_head_is_quantized(tmp_path, torch_model, fast):
