@@ -146,25 +146,43 @@ def variants_to_measure(settings: ExportSettings) -> list[Int8Variant]:
 
 
 # ----------------------------------------------------------------------------- checks before work
-def ort_cache_problem(config: Any) -> str | None:
-    """Why ORTModelForCausalLM cannot run this shape with a KV cache, or None.
+def onnx_config(model) -> Any:
+    """optimum's own ONNX config for this model type, extended so that every pruned shape serves.
 
-    optimum-onnx 0.1 sizes the empty KV cache of Llama/Mistral/Qwen2 as hidden_size //
-    num_attention_heads per head, ignoring config.head_dim, so a model pruned in hidden size but
-    not in heads (e.g. Llama-3.1-Minitron-4B-Width: 3072 = 32 x 96, head_dim 128) fails at the
-    first generate step.
+    optimum-onnx 0.1 exports the KV cache with head_dim correctly (its Mistral-style dummy cache
+    reads config.head_dim), but ORTModelForCausalLM sizes the *empty* cache of the first step as
+    hidden_size // num_attention_heads for Llama/Mistral/Qwen2, ignoring config.head_dim. For a
+    model pruned in width but not in heads (Llama-3.1-Minitron-4B-Width: 3072 = 32 x 96, heads of
+    128) that tensor is [b, kv, 0, 96] where the graph declares [b, kv, past, 128], and ONNX Runtime
+    refuses it. Naming the head axis of the cache (a dynamic axis) lets the graph accept that empty
+    tensor; an empty past contributes nothing to the Concat that extends the cache, so the result is
+    exact. Only the shapes that need it get the dynamic axis; the others keep optimum's config.
+    Passed to the exporter as `custom_onnx_configs`, optimum's extension point for this.
     """
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
+    from optimum.exporters.tasks import TasksManager
+
+    constructor = TasksManager.get_exporter_config_constructor(
+        "onnx", model=model, task=TASK, library_name="transformers")
+    base = constructor.func if hasattr(constructor, "func") else constructor
+    kwargs = {**getattr(constructor, "keywords", {}), "use_past": True, "use_past_in_inputs": True}
+    if not needs_named_head_axis(model.config):
+        return base(model.config, **kwargs)
+
+    class HeadDimCacheOnnxConfig(base):
+        def add_past_key_values(self, inputs_or_outputs, direction):
+            super().add_past_key_values(inputs_or_outputs, direction)
+            for name, axes in inputs_or_outputs.items():
+                if name.startswith(("past_key_values.", "present.")):
+                    axes[3] = "head_dim"
+
+    return HeadDimCacheOnnxConfig(model.config, **kwargs)
+
+
+def needs_named_head_axis(config: Any) -> bool:
+    """Whether ORTModelForCausalLM's hidden_size // heads differs from the true head_dim."""
     hl = head_layout(config)
-    if config.hidden_size == hl.num_heads * hl.head_dim:
-        return None
-    fits = config.hidden_size // hl.head_dim
-    hint = (f"num_attention_heads={fits} (a multiple of num_key_value_heads={hl.num_kv_heads})"
-            if config.hidden_size % hl.head_dim == 0 and fits % hl.num_kv_heads == 0
-            else f"hidden_size={hl.num_heads * hl.head_dim}")
-    return (f"hidden_size={config.hidden_size} is not num_attention_heads x head_dim "
-            f"({hl.num_heads} x {hl.head_dim} = {hl.num_heads * hl.head_dim}); ONNX Runtime's "
-            f"ORTModelForCausalLM derives the KV-cache head size as hidden_size / heads and cannot "
-            f"run this model. Prune to a shape where they match, e.g. {hint}")
+    return config.hidden_size // hl.num_heads != hl.head_dim
 
 
 def check_model(model: str | os.PathLike):
@@ -185,9 +203,6 @@ def check_model(model: str | os.PathLike):
             f"causal-LM checkpoint, one of: {', '.join(ARCHS)}"
         )
     arch_of(config)  # refuses unsupported families by name
-    problem = ort_cache_problem(config)
-    if problem:
-        raise MinitronError(f"model '{model}' cannot be exported for ONNX Runtime: {problem}")
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
     from optimum.exporters.tasks import TasksManager
 
@@ -751,7 +766,8 @@ def export(
             warnings.simplefilter("ignore")
             from optimum.exporters.onnx import onnx_export_from_model
 
-            onnx_export_from_model(pt_model, tmp, task=TASK, do_validation=False)
+            onnx_export_from_model(pt_model, tmp, task=TASK, do_validation=False,
+                                   custom_onnx_configs={"model": onnx_config(pt_model)})
             if not (tmp / "tokenizer_config.json").exists():
                 tokenizer.save_pretrained(tmp)
         timings.append(t.as_dict())
