@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import math
@@ -43,17 +44,19 @@ import platform
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic, write_text_atomic)
-from minitron.cpu import INT8_CPUS, Int8Settings, int8_target
+from minitron.cpu import INT8_CPUS, Int8Settings, describe_cpu, int8_settings, int8_target
 from minitron.data import SOURCES_HELP, load_blocks
 from minitron.evaluate import speed as torch_speed
 from minitron.evaluate import weights_size_mb
@@ -62,6 +65,9 @@ from minitron.models import (ARCHS, EMBEDDED_NAME, arch_of, count_params, head_l
 
 Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
 INT8_SCHEMES: tuple[str, ...] = ("blockwise", "dynamic", "static", "none")
+INT4_SCHEMES: tuple[str, ...] = ("rtn", "gptq", "none")
+ACCURACY_LEVELS: tuple[str, ...] = ("auto", "0", "1", "2", "3", "4")
+MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes validate on 512
 MANIFEST_KIND = "minitron-export"
 DEPLOY_FILE = "model.onnx"  # the name ORTModelForCausalLM looks for first
 FP32_FILE = "model_fp32.onnx"  # a distinct name, so from_pretrained(folder) never picks it by accident
@@ -83,25 +89,39 @@ class ExportSettings:
     int8_cpu: str = "auto"
     """The CPU kind the dynamic/static INT8 models are made for: 'auto' (this one), 'vnni', 'no-vnni'
     or 'arm' (minitron.cpu); it picks ONNX Runtime's activation/weight types and weight range."""
+    int4: str = "none"
+    """'rtn' or 'gptq' deploys 4-bit MatMulNBits weights (embedding too) instead of INT8."""
+    accuracy_level: str = "auto"
+    """MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float activations)
+    and 4 (int8 activations) and deploys the faster one that passes the gates; or '0'..'4'."""
     calib_samples: int = 16
     bnb: bool = False
     source: str = "stdlib"
     eval_blocks: int = 16
     block_size: int = 256
+    max_eval_tokens: int = 8192
+    """Validation reads at most this many tokens (blocks of at most MAX_EVAL_BLOCK, batch 1),
+    whatever the model's context or the recipe's block size, so 8B-scale exports fit a host."""
     ppl_budget: float = 0.02
     atol: float = 1e-3
     fp32_min_top1: float = 0.99
     int8_min_top1: float = 0.80
     gen_tokens: int = 16
     keep_fp32: bool = False
-    compare: bool = True
+    compare: bool = False
+    """Also measure every variant that is not a deployment candidate (a report for choosing)."""
     measure_speed: bool = True
 
     def __post_init__(self):
         if self.int8 not in INT8_SCHEMES:
             raise MinitronError(f"--int8 '{self.int8}' is not a scheme; valid: {', '.join(INT8_SCHEMES)}")
+        if self.int4 not in INT4_SCHEMES:
+            raise MinitronError(f"--int4 '{self.int4}' is not a scheme; valid: {', '.join(INT4_SCHEMES)}")
         if self.int8_cpu not in INT8_CPUS:
             raise MinitronError(f"--int8-cpu '{self.int8_cpu}' is not a CPU kind; valid: {', '.join(INT8_CPUS)}")
+        if str(self.accuracy_level) not in ACCURACY_LEVELS:
+            raise MinitronError(f"--accuracy-level '{self.accuracy_level}' is not valid; valid: "
+                                f"{', '.join(ACCURACY_LEVELS)}")
         if self.per_channel and self.int8 == "blockwise":
             raise MinitronError("--per-channel applies to --int8 dynamic or static; blockwise already "
                                 f"has one scale per block of at most {BLOCKWISE_MAX_BLOCK} weights")
@@ -110,6 +130,8 @@ class ExportSettings:
                 raise MinitronError(f"{name}={getattr(self, name)} must be at least 1")
         if self.block_size < 2:
             raise MinitronError(f"block_size={self.block_size} must be at least 2")
+        if self.max_eval_tokens < 2:
+            raise MinitronError(f"max_eval_tokens={self.max_eval_tokens} must be at least 2")
         for name in ("ppl_budget", "atol"):
             if not getattr(self, name) >= 0:
                 raise MinitronError(f"{name}={getattr(self, name)} must be a number >= 0")
@@ -117,31 +139,60 @@ class ExportSettings:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise MinitronError(f"{name}={getattr(self, name)} must be between 0 and 1")
 
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return (0, 4) if str(self.accuracy_level) == "auto" else (int(self.accuracy_level),)
+
+    def eval_shape(self) -> tuple[int, int]:
+        """(blocks, block length) of the validation data: bounded whatever the recipe asks."""
+        length = min(self.block_size, MAX_EVAL_BLOCK)
+        return max(1, min(self.eval_blocks, self.max_eval_tokens // length)), length
+
 
 @dataclass(frozen=True)
-class Int8Variant:
+class QuantVariant:
+    """One quantized graph: 8-bit `blockwise|dynamic|static` or 4-bit `rtn|gptq`."""
+
     scheme: str
     per_channel: bool = False
+    bits: int = 8
+    accuracy_level: int | None = None  # MatMulNBits only
 
     @property
     def name(self) -> str:
-        return self.scheme + ("-per-channel" if self.per_channel else "")
+        return (f"int{self.bits}-{self.scheme}" + ("-per-channel" if self.per_channel else "")
+                + (f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""))
 
     @property
     def file(self) -> str:
-        return f"model_int8_{self.name.replace('-', '_')}.onnx"
+        return f"model_{self.name.replace('-', '_')}.onnx"
+
+    @property
+    def matmul_nbits(self) -> bool:
+        return self.bits == 4 or self.scheme == "blockwise"
 
 
-def variants_to_measure(settings: ExportSettings) -> list[Int8Variant]:
-    """The deployed variant first, then (with `compare`) every other scheme x granularity."""
-    out: list[Int8Variant] = []
+def deploy_candidates(settings: ExportSettings) -> list[QuantVariant]:
+    """The variants the deployed model.onnx is chosen from (one per accuracy level measured)."""
+    if settings.int4 != "none":
+        return [QuantVariant(settings.int4, bits=4, accuracy_level=lv) for lv in settings.levels]
+    if settings.int8 == "blockwise":
+        return [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
     if settings.int8 != "none":
-        out.append(Int8Variant(settings.int8, settings.per_channel))
+        return [QuantVariant(settings.int8, settings.per_channel)]
+    return []
+
+
+def variants_to_measure(settings: ExportSettings) -> list[QuantVariant]:
+    """The deployment candidates first, then (with `compare`) every other scheme and level."""
+    out = deploy_candidates(settings)
     if settings.compare:
-        for v in (Int8Variant("blockwise"), Int8Variant("dynamic"), Int8Variant("dynamic", True),
-                  Int8Variant("static"), Int8Variant("static", True)):
-            if v not in out:
-                out.append(v)
+        others = [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
+        others += [QuantVariant("dynamic"), QuantVariant("dynamic", True), QuantVariant("static"),
+                   QuantVariant("static", True)]
+        others += [QuantVariant(s, bits=4, accuracy_level=lv) for s in INT4_SCHEMES[:-1]
+                   for lv in settings.levels]
+        out += [v for v in others if v not in out]
     return out
 
 
@@ -339,15 +390,32 @@ def _past_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _prefill_feeds(path: Path, blocks: torch.Tensor):
+def _prefill_feeds(path: Path, blocks: torch.Tensor) -> list[dict[str, Any]]:
     """ONNX input dicts for a no-cache forward over each block (calibration)."""
     import numpy as np
 
     past = {k: np.zeros(s, dtype=np.float32) for k, s in _past_shapes(path).items()}
+    feeds = []
     for block in blocks:
         ids = block[None].numpy().astype(np.int64)
-        yield {"input_ids": ids, "attention_mask": np.ones_like(ids),
-               "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past}
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                      "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past})
+    return feeds
+
+
+def _calibration_reader(path: Path, blocks: torch.Tensor):
+    """An ORT CalibrationDataReader over the blocks; a list inside, so GPTQ may deep-copy it."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds, self.i = _prefill_feeds(path, blocks), 0
+
+        def get_next(self):
+            self.i += 1
+            return self.feeds[self.i - 1] if self.i <= len(self.feeds) else None
+
+    return Reader()
 
 
 @contextlib.contextmanager
@@ -377,9 +445,9 @@ def _matmul_nbits_quantizer():
     return MatMulNBitsQuantizer
 
 
-def quantize_int8(src: Path, dst: Path, variant: Int8Variant,
-                  calib_blocks: torch.Tensor | None = None, cpu: Int8Settings | None = None) -> None:
-    """Write an INT8 copy of the FP32 graph `src` (transposes folded) to `dst` with ORT's quantizers.
+def quantize(src: Path, dst: Path, variant: QuantVariant, calib_blocks: torch.Tensor | None = None,
+             cpu: Int8Settings | None = None) -> None:
+    """Write a quantized copy of the FP32 graph `src` (transposes folded) to `dst` with ORT's quantizers.
 
     `cpu`: the types and weight range for the CPU that will run it (`minitron.cpu`); this machine's
     by default. Only `dynamic` and `static` use it: MatMulNBits quantizes activations to int8 per
@@ -387,8 +455,15 @@ def quantize_int8(src: Path, dst: Path, variant: Int8Variant,
     """
     cpu = cpu or int8_target("auto")
     _matmul_nbits_quantizer()
-    with _quiet_logs("", "onnxruntime.quantization.matmul_nbits_quantizer"):
-        _quantize_int8(src, dst, variant, calib_blocks, cpu)
+    # np.errstate: ORT's block quantizer divides by the scale of all-zero blocks, then masks them.
+    with _quiet_logs("", "onnxruntime.quantization.matmul_nbits_quantizer"), \
+            np.errstate(divide="ignore", invalid="ignore"):
+        if variant.bits == 4:
+            _quantize_int4(src, dst, variant, calib_blocks)
+        else:
+            _quantize_int8(src, dst, variant, calib_blocks, cpu)
+    if uses_external_data(dst):  # the quantizers name external data `<file>.data`; use `<file>_data`
+        rename_onnx(dst, dst)
 
 
 def blockwise_block_size(proto) -> int:
@@ -403,22 +478,33 @@ def blockwise_block_size(proto) -> int:
     return block
 
 
-def _quantize_int8(src: Path, dst: Path, variant: Int8Variant, calib_blocks: torch.Tensor | None,
+def _save_quantizer(quantizer, dst: Path, external: bool) -> None:
+    model = quantizer.model
+    if hasattr(model, "save_model_to_file"):  # ORT's ONNXModel wrapper (HQQ/DEFAULT paths)
+        model.save_model_to_file(str(dst), external)
+    else:  # a ModelProto (the GPTQ path)
+        import onnx
+
+        onnx.save(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
+                  location=dst.name + "_data")
+
+
+def _quantize_int8(src: Path, dst: Path, variant: QuantVariant, calib_blocks: torch.Tensor | None,
                    cpu: Int8Settings) -> None:
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
 
     external = uses_external_data(src)
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     if variant.scheme == "blockwise":
         proto = onnx.load(str(src))
         quantizer = _matmul_nbits_quantizer()(proto, bits=8, block_size=blockwise_block_size(proto),
-                                         is_symmetric=True, accuracy_level=4,
-                                         op_types_to_quantize=("MatMul",))
+                                              is_symmetric=True, accuracy_level=variant.accuracy_level,
+                                              op_types_to_quantize=("MatMul",))
         quantizer.process()
         mid = dst.with_name(dst.stem + "_matmul.onnx")
-        quantizer.model.save_model_to_file(str(mid), external)
+        _save_quantizer(quantizer, mid, external)
         # MatMulNBits has no Gather counterpart at 8 bits: the embedding gets ORT's dynamic INT8.
         quantize_dynamic(str(mid), str(dst), op_types_to_quantize=["Gather"],
                          weight_type=QuantType.QInt8, use_external_data_format=external)
@@ -430,25 +516,53 @@ def _quantize_int8(src: Path, dst: Path, variant: Int8Variant, calib_blocks: tor
     elif variant.scheme == "static":
         if calib_blocks is None:
             raise ValueError("static quantization needs calibration blocks")
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.feeds = _prefill_feeds(src, calib_blocks)
-
-            def get_next(self):
-                return next(self.feeds, None)
-
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul", "Gather"], per_channel=variant.per_channel,
-                        activation_type=qtype[cpu.activation_type],
+        quantize_static(str(src), str(dst), _calibration_reader(src, calib_blocks),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gather"],
+                        per_channel=variant.per_channel, activation_type=qtype[cpu.activation_type],
                         weight_type=qtype[cpu.weight_type], reduce_range=cpu.reduce_range,
                         calibrate_method=CalibrationMethod.MinMax,
-                        use_external_data_format=external,
-                        extra_options={"MatMulConstBOnly": True})
+                        use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
     else:
         raise ValueError(f"unknown INT8 scheme {variant.scheme}")
-    if external:  # the quantizers name external data `<file>.data`; use optimum's `<file>_data`
-        rename_onnx(dst, dst)
+
+
+def _quantize_int4(src: Path, dst: Path, variant: QuantVariant,
+                   calib_blocks: torch.Tensor | None) -> None:
+    """4-bit MatMulNBits (asymmetric, one scale and zero point per block) for every MatMul weight,
+    and GatherBlockQuantized for the embedding, so no FP32 matrix is left to dominate the file.
+    `rtn` rounds to nearest; `gptq` (data-aware) corrects each column's rounding error on the
+    calibration blocks' activations (ORT's bundled Intel Neural Compressor GPTQ)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 GPTQWeightOnlyQuantConfig)
+
+    external = uses_external_data(src)
+    proto = onnx.load(str(src))
+    block = blockwise_block_size(proto)
+    level = variant.accuracy_level
+    quantizer_cls = _matmul_nbits_quantizer()
+    if variant.scheme == "rtn":
+        ops = ("MatMul", "Gather")
+    elif variant.scheme == "gptq":
+        if calib_blocks is None:
+            raise ValueError("GPTQ needs calibration blocks")
+        gptq = GPTQWeightOnlyQuantConfig(calibration_data_reader=_calibration_reader(src, calib_blocks),
+                                         block_size=BLOCKWISE_MAX_BLOCK)
+        # Symmetric: ORT 1.32's bundled GPTQ packs asymmetric zero points wrongly when a row has
+        # an odd number of blocks (K=96 in blocks of 32 fails to reshape).
+        quantizer = quantizer_cls(proto, bits=4, block_size=block, is_symmetric=True,
+                                  accuracy_level=level, algo_config=gptq)
+        with contextlib.redirect_stdout(io.StringIO()):  # it draws a progress bar on stdout
+            quantizer.process()
+        proto = quantizer.model if isinstance(quantizer.model, onnx.ModelProto) else quantizer.model.model
+        ops = ("Gather",)  # GPTQ covers MatMuls only; the embedding is rounded to nearest
+    else:
+        raise ValueError(f"unknown INT4 scheme {variant.scheme}")
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, accuracy_level=level,
+                                          op_types_to_quantize=ops, bits=4)
+    quantizer = quantizer_cls(proto, bits=4, block_size=block, algo_config=config)
+    quantizer.process()
+    _save_quantizer(quantizer, dst, external)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -606,7 +720,7 @@ def check_fp32(row: dict[str, Any], settings: ExportSettings, gen_tokens: int) -
     return problems
 
 
-def check_int8(row: dict[str, Any], fp32_ppl: float, settings: ExportSettings) -> list[str]:
+def check_quantized(row: dict[str, Any], fp32_ppl: float, settings: ExportSettings) -> list[str]:
     problems = []
     change = row["perplexity"] / fp32_ppl - 1
     if change > settings.ppl_budget:
@@ -630,13 +744,9 @@ def _versions() -> dict[str, str]:
 
 
 def _device() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    d: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    cpu = describe_cpu()
+    d: dict[str, Any] = {"cpu": cpu.model, "isa": int8_settings(cpu).isa, "cpu_count": os.cpu_count(),
+                         "torch_threads": torch.get_num_threads(),
                          "load_average_1m": round(os.getloadavg()[0], 2)}
     if torch.cuda.is_available():
         d["gpu"] = torch.cuda.get_device_name(0)
@@ -679,6 +789,10 @@ def render_report(report: dict[str, Any]) -> str:
              "equal PyTorch FP32's. Speeds: batch 1, 128-token prompt, 32 decoded tokens with the KV "
              f"cache, median of 3, on {report['device']['cpu']} ({report['device']['cpu_count']} cores, "
              f"load average {report['device']['load_average_1m']} when the report was written).",
+             "", f"CPU ISA: {report['device']['isa']}. Dynamic/static INT8 made for "
+             f"{report['int8_cpu']['isa']}: {report['int8_cpu']['activation_type']} activations, "
+             f"{report['int8_cpu']['weight_type']} weights, reduce_range={report['int8_cpu']['reduce_range']} "
+             f"({report['int8_cpu']['reason']}).",
              "", format_table(table_rows(report["rows"]), REPORT_COLUMNS), ""]
     gpu_rows = [r for r in report["rows"] if "cuda_prefill_tokens_per_s" in r]
     if gpu_rows:
@@ -696,165 +810,233 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- the stage
-def export(
-    model: str | os.PathLike = EMBEDDED_NAME,
-    output_dir: str | os.PathLike = "export",
-    *,
-    int8: Int8Scheme = "blockwise",
-    per_channel: bool = False,
-    calib_samples: int = 16,
-    bnb: bool = False,
-    source: str = "stdlib",
-    eval_blocks: int = 16,
-    block_size: int = 256,
-    ppl_budget: float = 0.02,
-    atol: float = 1e-3,
-    fp32_min_top1: float = 0.99,
-    int8_min_top1: float = 0.80,
-    gen_tokens: int = 16,
-    keep_fp32: bool = False,
-    compare: bool = True,
-    measure_speed: bool = True,
-    command: str | None = None,
-) -> dict[str, Any]:
+@dataclass
+class Job:
+    """What every step of one export reads: the source, its held-out data and the reference."""
+
+    model: str
+    where: str
+    config: Any
+    settings: ExportSettings
+    pt_model: Any
+    tokenizer: Any
+    blocks: torch.Tensor
+    calib: torch.Tensor | None
+    prompt: torch.Tensor
+    ref: Reference | None = None
+    timings: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    def timed(self, name: str) -> StageTimer:
+        timer = StageTimer(name)
+        self.timings.append(timer)  # as_dict() once the block has run (see _timings)
+        return timer
+
+
+def _timings(job: Job) -> list[dict[str, Any]]:
+    return [t.as_dict() for t in job.timings]
+
+
+def load_job(model, where: str, config, settings: ExportSettings) -> Job:
+    """Load the PyTorch model and the bounded validation (and calibration) blocks."""
+    n_blocks, length = settings.eval_shape()
+    pt_model, tokenizer = load_model(where)
+    blocks = load_blocks(tokenizer, "eval", n_blocks, source=settings.source, block_size=length,
+                         max_positions=config.max_position_embeddings)
+    calib = None
+    if any(v.scheme in ("static", "gptq") for v in variants_to_measure(settings)):
+        calib = load_blocks(tokenizer, "calibration", settings.calib_samples, source=settings.source,
+                            block_size=length, max_positions=config.max_position_embeddings)
+    return Job(str(model), where, config, settings, pt_model, tokenizer, blocks, calib,
+               prompt=blocks[:1, :min(16, length - 1)])
+
+
+def measure_pytorch(job: Job) -> dict[str, Any]:
+    """The PyTorch FP32 row; sets the reference every other row is compared with."""
+    row, job.ref = score(lambda b: job.pt_model(b).logits, job.blocks)
+    job.ref.generation = _generate(job.pt_model, job.prompt, job.settings.gen_tokens, job.pad_id)
+    row.update(top1_vs_fp32=1.0, max_logit_diff=0.0, greedy_match=len(job.ref.generation),
+               greedy_tokens=job.ref.generation)
+    row["size_mb"] = weights_size_mb(job.where) or count_params(job.pt_model) * 4 / 2**20
+    if job.settings.measure_speed:
+        row.update(torch_speed(job.pt_model))
+        if torch.cuda.is_available():
+            gpu = torch_speed(job.pt_model.to("cuda"))
+            row.update({f"cuda_{k}": v for k, v in gpu.items()})
+            job.pt_model.to("cpu")
+    return {"model": "pytorch-fp32", **row}
+
+
+def export_fp32(job: Job, tmp: Path, file_name: str) -> dict[str, Any]:
+    """optimum's export of the graph with a KV cache, validated against PyTorch (raises if off)."""
+    with job.timed("onnx_export"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        onnx_export_from_model(job.pt_model, tmp, task=TASK, do_validation=False,
+                               custom_onnx_configs={"model": onnx_config(job.pt_model)})
+        if not (tmp / "tokenizer_config.json").exists():
+            job.tokenizer.save_pretrained(tmp)
+    if file_name != DEPLOY_FILE:
+        rename_onnx(tmp / DEPLOY_FILE, tmp / file_name)
+    with job.timed("validate_fp32"):
+        row = measure_onnx(tmp, file_name, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
+    problems = check_fp32(row, job.settings, len(job.ref.generation))
+    if problems:
+        raise MinitronError("the FP32 ONNX export does not match PyTorch: " + "; ".join(problems))
+    return {"model": "onnx-fp32", **row}
+
+
+def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
+                      cpu: Int8Settings) -> list[dict[str, Any]]:
+    """Quantize and measure each variant; every file is kept until the deployed one is chosen."""
+    variants = variants_to_measure(job.settings)
+    if not variants:
+        return []
+    folded = tmp / "model_fp32_folded.onnx"
+    fold_initializer_transposes(tmp / fp32_file, folded)
+    rows = []
+    for v in variants:
+        with job.timed(v.name.replace("-", "_")):
+            quantize(folded, tmp / v.file, v, job.calib, cpu)
+            row = measure_onnx(tmp, v.file, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
+        problems = check_quantized(row, fp32_ppl, job.settings)
+        rows.append({"model": f"onnx-{v.name}", "variant": v, "within_budget": not problems,
+                     "problems": problems, **row})
+    remove_onnx(folded)
+    return rows
+
+
+def choose_deployed(rows: list[dict[str, Any]], candidates: list[QuantVariant]) -> QuantVariant | None:
+    """The fastest candidate (decode, then prefill) that passes the gates; without speed numbers the
+    lowest accuracy level (exact float activations). Raises with every candidate's problems."""
+    measured = [r for r in rows if r["variant"] in candidates]
+    if not measured:
+        return None
+    passing = [r for r in measured if r["within_budget"]]
+    if not passing:
+        detail = "; ".join(f"{r['variant'].name}: " + "; ".join(r["problems"]) for r in measured)
+        raise MinitronError(f"the quantized model fails validation: {detail}; try another --int8/--int4 "
+                            "scheme, or raise --ppl-budget to accept it")
+    if all("decode_ms_per_token" in r for r in passing):
+        best = min(passing, key=lambda r: (r["decode_ms_per_token"], -r["prefill_tokens_per_s"]))
+    else:
+        best = min(passing, key=lambda r: r["variant"].accuracy_level or 0)
+    return best["variant"]
+
+
+def _deployed_name(deploy: QuantVariant | None) -> str:
+    if deploy is None:
+        return "FP32"
+    level = f", accuracy_level {deploy.accuracy_level}" if deploy.accuracy_level is not None else ""
+    return f"INT{deploy.bits} ({deploy.scheme}{'-per-channel' if deploy.per_channel else ''}{level})"
+
+
+def keep_deployed(tmp: Path, rows: list[dict[str, Any]], deploy: QuantVariant | None, fp32_file: str,
+                  keep_fp32: bool) -> None:
+    """Rename the deployed variant to model.onnx and remove the others (and FP32 unless kept)."""
+    for r in rows:
+        r["deployed"] = r["variant"] == deploy
+        if r["variant"] != deploy:
+            remove_onnx(tmp / r["variant"].file)
+        r["variant"] = r["variant"].name
+    if deploy is not None:
+        rename_onnx(tmp / deploy.file, tmp / DEPLOY_FILE)
+        if not keep_fp32:
+            remove_onnx(tmp / fp32_file)
+
+
+def measure_bnb(job: Job) -> list[dict[str, Any]]:
+    rows = []
+    for scheme in ("int8", "nf4"):
+        with job.timed(f"bnb_{scheme}"), _quiet_logs("bitsandbytes"):
+            # A side measurement for PyTorch users: a kernel bitsandbytes lacks for this shape or
+            # device is reported in the row, not fatal to the ONNX export.
+            try:
+                qmodel = load_bnb(job.where, scheme)
+                row = measure_torch(qmodel, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
+                row["size_mb"] = qmodel.get_memory_footprint() / 2**20
+                del qmodel
+            except Exception as e:  # noqa: BLE001
+                row = {"error": f"{type(e).__name__}: {e}".strip()}
+                print(f"[minitron] bitsandbytes {scheme} failed: {row['error']}")
+        rows.append({"model": f"bnb-{scheme}", **row})
+    return rows
+
+
+def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str, cpu: Int8Settings,
+                 command: str) -> dict[str, Any]:
+    """report.json, report.md and manifest.json in the (temporary) output folder."""
+    report = {
+        "kind": "minitron-export-report",
+        "source": {"model": job.model, "path": job.where, "architecture": job.config.architectures,
+                   "parameters": count_params(job.pt_model)},
+        "deployed": deployed,
+        "eval": f"{len(job.blocks)}x{job.blocks.shape[1]} tokens of the '{job.settings.source}' eval split",
+        "settings": asdict(job.settings),
+        "int8_cpu": cpu.as_dict(),
+        "rows": rows,
+        "table": table_rows(rows),
+        "device": _device(),
+        "versions": _versions(),
+        "timing": _timings(job),
+        "command": command,
+    }
+    source_info = Path(job.where) / "minitron.json"
+    manifest = {
+        "kind": MANIFEST_KIND,
+        "format_version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {**report["source"],
+                   "minitron": json.loads(source_info.read_text()) if source_info.exists() else None},
+        "deployed": {"file": DEPLOY_FILE, "precision": deployed,
+                     "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)"},
+        "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
+        "settings": asdict(job.settings),
+        "int8_cpu": report["int8_cpu"],
+        "versions": report["versions"],
+        "command": report["command"],
+    }
+    write_json_atomic(tmp / "report.json", report)
+    write_text_atomic(tmp / "report.md", render_report(report))
+    write_json_atomic(tmp / "manifest.json", manifest)
+    return report
+
+
+def export(model: str | os.PathLike = EMBEDDED_NAME, output_dir: str | os.PathLike = "export",
+           settings: ExportSettings | None = None, *, command: str | None = None,
+           **overrides: Any) -> dict[str, Any]:
     """Export `model` (folder, hub id or 'smollm2-135m') to a deployable ONNX folder; returns the report.
 
-    Raises MinitronError, leaving no output folder, when validation fails; see the module docstring.
+    `settings` (or keyword overrides of its fields) shape the export. Raises MinitronError, leaving
+    no output folder, when validation fails; see the module docstring.
     """
-    settings = ExportSettings(int8=int8, per_channel=per_channel, calib_samples=calib_samples, bnb=bnb,
-                              source=source, eval_blocks=eval_blocks, block_size=block_size,
-                              ppl_budget=ppl_budget, atol=atol, fp32_min_top1=fp32_min_top1,
-                              int8_min_top1=int8_min_top1, gen_tokens=gen_tokens, keep_fp32=keep_fp32,
-                              compare=compare, measure_speed=measure_speed)
+    settings = dataclasses.replace(settings or ExportSettings(), **overrides)
     output = check_output(output_dir)
     where, config = check_model(model)
-    if bnb:
+    if settings.bnb:
         _check_bnb()
-    variants = variants_to_measure(settings)
-    deploy = Int8Variant(int8, per_channel) if int8 != "none" else None
-    timings: list[dict[str, Any]] = []
-
+    cpu = int8_target(settings.int8_cpu)
+    candidates = deploy_candidates(settings)
+    fp32_file = FP32_FILE if candidates else DEPLOY_FILE
     with StageTimer("load") as t:
-        pt_model, tokenizer = load_model(where)
-        blocks = load_blocks(tokenizer, "eval", eval_blocks, source=source, block_size=block_size,
-                             max_positions=config.max_position_embeddings)
-        calib = None
-        if any(v.scheme == "static" for v in variants):
-            calib = load_blocks(tokenizer, "calibration", calib_samples, source=source,
-                                block_size=block_size, max_positions=config.max_position_embeddings)
-    timings.append(t.as_dict())
-    prompt = blocks[:1, :min(16, block_size - 1)]
-    pad_id = tokenizer.pad_token_id
-
-    with StageTimer("pytorch_fp32") as t:
-        fp32_row, ref = score(lambda b: pt_model(b).logits, blocks)
-        ref.generation = _generate(pt_model, prompt, gen_tokens, pad_id)
-        fp32_row.update(top1_vs_fp32=1.0, max_logit_diff=0.0, greedy_match=len(ref.generation),
-                        greedy_tokens=ref.generation)
-        fp32_row["size_mb"] = weights_size_mb(where) or count_params(pt_model) * 4 / 2**20
-        if measure_speed:
-            fp32_row.update(torch_speed(pt_model))
-            if torch.cuda.is_available():
-                gpu = torch_speed(pt_model.to("cuda"))
-                fp32_row.update({f"cuda_{k}": v for k, v in gpu.items()})
-                pt_model.to("cpu")
-    timings.append(t.as_dict())
-    rows = [{"model": "pytorch-fp32", **fp32_row}]
-
+        job = load_job(model, where, config, settings)
+    job.timings.append(t)
+    with job.timed("pytorch_fp32"):
+        rows = [measure_pytorch(job)]
     with atomic_dir(output, overwrite=True) as tmp:
-        with StageTimer("onnx_export") as t, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from optimum.exporters.onnx import onnx_export_from_model
-
-            onnx_export_from_model(pt_model, tmp, task=TASK, do_validation=False,
-                                   custom_onnx_configs={"model": onnx_config(pt_model)})
-            if not (tmp / "tokenizer_config.json").exists():
-                tokenizer.save_pretrained(tmp)
-        timings.append(t.as_dict())
-        fp32_file = FP32_FILE if int8 != "none" else DEPLOY_FILE
-        if fp32_file != DEPLOY_FILE:
-            rename_onnx(tmp / DEPLOY_FILE, tmp / fp32_file)
-
-        with StageTimer("validate_fp32") as t:
-            row = measure_onnx(tmp, fp32_file, blocks, ref, prompt, settings, pad_id)
-        timings.append(t.as_dict())
-        rows.append({"model": "onnx-fp32", "deployed": int8 == "none", **row})
-        problems = check_fp32(row, settings, len(ref.generation))
-        if problems:
-            raise MinitronError("the FP32 ONNX export does not match PyTorch: " + "; ".join(problems))
-
-        if variants:
-            folded = tmp / "model_fp32_folded.onnx"
-            fold_initializer_transposes(tmp / fp32_file, folded)
-        for v in variants:
-            with StageTimer(f"int8_{v.name}") as t:
-                quantize_int8(folded, tmp / v.file, v, calib)
-                row = measure_onnx(tmp, v.file, blocks, ref, prompt, settings, pad_id)
-            timings.append(t.as_dict())
-            row["within_budget"] = not check_int8(row, fp32_row["perplexity"], settings)
-            rows.append({"model": f"onnx-int8-{v.name}", "deployed": v == deploy, **row})
-            if v == deploy and not row["within_budget"]:
-                raise MinitronError(f"the INT8 ({v.name}) model fails validation: "
-                                    + "; ".join(check_int8(row, fp32_row["perplexity"], settings))
-                                    + "; try another --int8 scheme, or raise --ppl-budget to accept it")
-        if variants:
-            remove_onnx(folded)
-        for v in variants:
-            if v != deploy:
-                remove_onnx(tmp / v.file)
-        if deploy is not None:
-            rename_onnx(tmp / deploy.file, tmp / DEPLOY_FILE)
-            if not keep_fp32:
-                remove_onnx(tmp / fp32_file)
-
-        if bnb:
-            for scheme in ("int8", "nf4"):
-                with StageTimer(f"bnb_{scheme}") as t, _quiet_logs("bitsandbytes"):
-                    # A side measurement for PyTorch users: a kernel bitsandbytes lacks for this
-                    # shape or device is reported in the row, not fatal to the ONNX export.
-                    try:
-                        qmodel = load_bnb(where, scheme)
-                        row = measure_torch(qmodel, blocks, ref, prompt, settings, pad_id)
-                        row["size_mb"] = qmodel.get_memory_footprint() / 2**20
-                        del qmodel
-                    except Exception as e:  # noqa: BLE001
-                        row = {"error": f"{type(e).__name__}: {e}".strip()}
-                        print(f"[minitron] bitsandbytes {scheme} failed: {row['error']}")
-                timings.append(t.as_dict())
-                rows.append({"model": f"bnb-{scheme}", **row})
-
-        deployed = f"INT8 ({deploy.name})" if deploy else "FP32"
-        report = {
-            "kind": "minitron-export-report",
-            "source": {"model": str(model), "path": where, "architecture": config.architectures,
-                       "parameters": count_params(pt_model)},
-            "deployed": deployed,
-            "eval": f"{len(blocks)}x{block_size} tokens of the '{source}' eval split",
-            "settings": asdict(settings),
-            "rows": rows,
-            "table": table_rows(rows),
-            "device": _device(),
-            "versions": _versions(),
-            "timing": timings,
-            "command": command or f"minitron.export.export({str(model)!r}, {str(output)!r}, ...)",
-        }
-        source_info = Path(where) / "minitron.json"
-        manifest = {
-            "kind": MANIFEST_KIND,
-            "format_version": 1,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {**report["source"],
-                       "minitron": json.loads(source_info.read_text()) if source_info.exists() else None},
-            "deployed": {"file": DEPLOY_FILE, "precision": deployed,
-                         "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)"},
-            "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
-            "settings": asdict(settings),
-            "versions": report["versions"],
-            "command": report["command"],
-        }
-        write_json_atomic(tmp / "report.json", report)
-        write_text_atomic(tmp / "report.md", render_report(report))
-        write_json_atomic(tmp / "manifest.json", manifest)
+        rows.append({**export_fp32(job, tmp, fp32_file), "deployed": not candidates})
+        quantized = quantize_variants(job, tmp, fp32_file, rows[0]["perplexity"], cpu)
+        deploy = choose_deployed(quantized, candidates)
+        keep_deployed(tmp, quantized, deploy, fp32_file, settings.keep_fp32)
+        rows += quantized
+        if settings.bnb:
+            rows += measure_bnb(job)
+        report = write_report(job, tmp, rows, _deployed_name(deploy), cpu,
+                              command or f"minitron.export.export({str(model)!r}, {str(output)!r}, ...)")
     return report
 
 
@@ -866,6 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8", default="blockwise", choices=INT8_SCHEMES,
                    help="INT8 scheme of the deployed model.onnx (default: blockwise; see the module doc)")
     p.add_argument("--per-channel", action="store_true", help="per-channel weight scales (dynamic/static)")
+    p.add_argument("--int8-cpu", default="auto", choices=INT8_CPUS,
+                   help="CPU kind the dynamic/static INT8 model is made for (default: this one)")
+    p.add_argument("--int4", default="none", choices=INT4_SCHEMES,
+                   help="deploy 4-bit weights (MatMulNBits) quantized by rtn or gptq instead of INT8")
+    p.add_argument("--accuracy-level", default="auto", choices=ACCURACY_LEVELS,
+                   help="MatMulNBits accuracy_level; auto: measure 0 and 4, deploy the faster that passes")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration blocks for --int8 static")
     p.add_argument("--bnb", action="store_true", help="also measure bitsandbytes INT8 and NF4 loading")
     p.add_argument("--data", default="stdlib", help=f"data source: {SOURCES_HELP}")
@@ -875,8 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest relative perplexity increase of the deployed INT8 model (0.02 = 2%%)")
     p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| ONNX FP32 vs PyTorch")
     p.add_argument("--keep-fp32", action="store_true", help=f"keep the FP32 graph as {FP32_FILE}")
-    p.add_argument("--no-compare", action="store_true",
-                   help="measure only the deployed INT8 variant, not every scheme")
+    p.add_argument("--compare", action="store_true",
+                   help="also measure every INT8/INT4 scheme that is not a deployment candidate")
     p.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
     args = p.parse_args(argv)
     import shlex
@@ -884,9 +1072,10 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m minitron.export " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = export(args.model, args.output, int8=args.int8, per_channel=args.per_channel,
+                    int8_cpu=args.int8_cpu, int4=args.int4, accuracy_level=args.accuracy_level,
                     calib_samples=args.calib_samples, bnb=args.bnb, source=args.data,
                     eval_blocks=args.eval_blocks, block_size=args.block_size, ppl_budget=args.ppl_budget,
-                    atol=args.atol, keep_fp32=args.keep_fp32, compare=not args.no_compare,
+                    atol=args.atol, keep_fp32=args.keep_fp32, compare=args.compare,
                     measure_speed=not args.no_speed, command=command)
     print(format_table(report["table"], REPORT_COLUMNS))
     total = sum(t["wall_s"] for t in report["timing"])

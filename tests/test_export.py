@@ -198,10 +198,10 @@ def test_int8_variants_agree_with_pytorch(exported, torch_model, tmp_path, calib
     out, _ = exported
     folded = tmp_path / "folded.onnx"
     ex.fold_initializer_transposes(out / ex.FP32_FILE, folded)
-    variant = ex.Int8Variant(scheme, per_channel)
+    variant = ex.QuantVariant(scheme, per_channel)
     dst = tmp_path / variant.file
     settings = int8_target(cpu)
-    ex.quantize_int8(folded, dst, variant, calib_blocks if scheme == "static" else None, settings)
+    ex.quantize(folded, dst, variant, calib_blocks if scheme == "static" else None, settings)
     assert op in {n.op_type for n in onnx.load(str(dst)).graph.node}
     assert dst.stat().st_size < 0.75 * folded.stat().st_size
     assert _top1_agreement(_session(dst), torch_model, _ids(4, 32, seed=7)) >= INT8_TOP1_FLOOR
@@ -315,7 +315,7 @@ def test_report_and_manifest(exported, source, torch_model, corpus):
     rows = {r["model"]: r for r in report["rows"]}
     assert rows["pytorch-fp32"]["perplexity"] == pytest.approx(naive, rel=1e-5)
     assert rows["onnx-fp32"]["max_logit_diff"] < 1e-4
-    assert rows["onnx-int8-blockwise"]["deployed"] is True
+    assert [r["model"] for r in report["rows"] if r.get("deployed")] == ["onnx-int8-blockwise-acc0"]
 
 
 def test_previous_export_is_replaced(exported, source, tmp_path, fast):
@@ -333,8 +333,12 @@ def test_previous_export_is_replaced(exported, source, tmp_path, fast):
     # every INT8 variant was measured for the report, none deployed
     rows = {r["model"]: r for r in report["rows"]}
     assert rows["onnx-fp32"]["deployed"] is True
-    int8 = [r for name, r in rows.items() if name.startswith("onnx-int8-")]
-    assert len(int8) == 5 and not any(r["deployed"] for r in int8)
+    quantized = [r for name, r in rows.items() if name.startswith(("onnx-int8-", "onnx-int4-"))]
+    assert sorted(r["variant"] for r in quantized) == sorted(
+        ["int8-blockwise-acc0", "int8-blockwise-acc4", "int8-dynamic", "int8-dynamic-per-channel",
+         "int8-static", "int8-static-per-channel", "int4-rtn-acc0", "int4-rtn-acc4", "int4-gptq-acc0",
+         "int4-gptq-acc4"])
+    assert not any(r["deployed"] for r in quantized)
 
 
 # ----------------------------------------------------------------------------- failures
@@ -342,7 +346,7 @@ def test_interrupted_export_leaves_no_folder(source, tmp_path, monkeypatch, fast
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ex, "quantize_int8", interrupt)
+    monkeypatch.setattr(ex, "quantize", interrupt)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         ex.export(source, out, **fast)
@@ -357,8 +361,8 @@ def test_fp32_mismatch_fails_with_numbers(source, tmp_path, fast):
 
 
 def test_int8_outside_budget_fails_with_numbers(source, tmp_path, fast):
-    with pytest.raises(MinitronError, match=r"INT8 \(dynamic\) model fails validation: top-1 agreement "
-                                            r"with FP32 0\.\d+ < 0\.9999"):
+    with pytest.raises(MinitronError, match=r"quantized model fails validation: int8-dynamic: top-1 "
+                                            r"agreement with FP32 0\.\d+ < 0\.9999"):
         ex.export(source, tmp_path / "out", int8="dynamic", int8_min_top1=0.9999, **fast)
     assert not (tmp_path / "out").exists()
 
