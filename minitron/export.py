@@ -67,6 +67,7 @@ Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
 INT8_SCHEMES: tuple[str, ...] = ("blockwise", "dynamic", "static", "none")
 INT4_SCHEMES: tuple[str, ...] = ("rtn", "gptq", "none")
 ACCURACY_LEVELS: tuple[str, ...] = ("auto", "0", "1", "2", "3", "4")
+GGUF_CHOICES: tuple[str, ...] = ("none", "f16", "q8_0", "all")
 MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes validate on 512
 MANIFEST_KIND = "minitron-export"
 DEPLOY_FILE = "model.onnx"  # the name ORTModelForCausalLM looks for first
@@ -95,6 +96,9 @@ class ExportSettings:
     accuracy_level: str = "auto"
     """MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float activations)
     and 4 (int8 activations) and deploys the faster one that passes the gates; or '0'..'4'."""
+    gguf: str = "none"
+    """Also write GGUF for llama.cpp/ollama (Llama family): 'f16', 'q8_0' or 'all'; each file is
+    loaded back by transformers' GGUF loader and held to the same gates as the ONNX variants."""
     calib_samples: int = 16
     bnb: bool = False
     source: str = "stdlib"
@@ -120,6 +124,8 @@ class ExportSettings:
             raise MinitronError(f"--int4 '{self.int4}' is not a scheme; valid: {', '.join(INT4_SCHEMES)}")
         if self.int8_cpu not in INT8_CPUS:
             raise MinitronError(f"--int8-cpu '{self.int8_cpu}' is not a CPU kind; valid: {', '.join(INT8_CPUS)}")
+        if self.gguf not in GGUF_CHOICES:
+            raise MinitronError(f"--gguf '{self.gguf}' is not valid; valid: {', '.join(GGUF_CHOICES)}")
         if str(self.accuracy_level) not in ACCURACY_LEVELS:
             raise MinitronError(f"--accuracy-level '{self.accuracy_level}' is not valid; valid: "
                                 f"{', '.join(ACCURACY_LEVELS)}")
@@ -827,6 +833,7 @@ class Job:
     calib: torch.Tensor | None
     prompt: torch.Tensor
     ref: Reference | None = None
+    ref_perplexity: float = math.nan
     timings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -870,6 +877,7 @@ def measure_pytorch(job: Job) -> dict[str, Any]:
             gpu = torch_speed(job.pt_model.to("cuda"))
             row.update({f"cuda_{k}": v for k, v in gpu.items()})
             job.pt_model.to("cpu")
+    job.ref_perplexity = row["perplexity"]
     return {"model": "pytorch-fp32", **row}
 
 
@@ -970,6 +978,30 @@ def measure_bnb(job: Job) -> list[dict[str, Any]]:
     return rows
 
 
+def export_gguf(job: Job, tmp: Path) -> list[dict[str, Any]]:
+    """GGUF files beside the ONNX ones, each validated through transformers' GGUF loader."""
+    from minitron.to_gguf import GGUF_TYPES, load_gguf, write_gguf
+
+    rows = []
+    for qtype in GGUF_TYPES if job.settings.gguf == "all" else (job.settings.gguf,):
+        path = tmp / f"model-{qtype}.gguf"
+        with job.timed(f"gguf_{qtype}"):
+            write_gguf(job.pt_model, job.tokenizer, job.where, path, qtype)
+            reloaded = load_gguf(path)
+            row = measure_torch(reloaded, job.blocks, job.ref, job.prompt,
+                                dataclasses.replace(job.settings, measure_speed=False), job.pad_id)
+            del reloaded
+        row["size_mb"] = path.stat().st_size / 2**20
+        problems = check_quantized(row, job.ref_perplexity, job.settings)
+        if qtype == "f16" and row["greedy_match"] < len(job.ref.generation):
+            problems.append(f"greedy generation matches only {row['greedy_match']}/"
+                            f"{len(job.ref.generation)} tokens")
+        if problems:
+            raise MinitronError(f"the GGUF {qtype} file fails validation: " + "; ".join(problems))
+        rows.append({"model": f"gguf-{qtype}", "within_budget": True, **row})
+    return rows
+
+
 def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str, cpu: Int8Settings,
                  command: str) -> dict[str, Any]:
     """report.json, report.md and manifest.json in the (temporary) output folder."""
@@ -1020,6 +1052,10 @@ def export(model: str | os.PathLike = EMBEDDED_NAME, output_dir: str | os.PathLi
     settings = dataclasses.replace(settings or ExportSettings(), **overrides)
     output = check_output(output_dir)
     where, config = check_model(model)
+    if settings.gguf != "none":
+        from minitron.to_gguf import gguf_arch
+
+        gguf_arch(config)  # refuses other families before any work
     if settings.bnb:
         _check_bnb()
     cpu = int8_target(settings.int8_cpu)
@@ -1036,6 +1072,8 @@ def export(model: str | os.PathLike = EMBEDDED_NAME, output_dir: str | os.PathLi
         deploy = choose_deployed(quantized, candidates)
         keep_deployed(tmp, quantized, deploy, fp32_file, settings.keep_fp32)
         rows += quantized
+        if settings.gguf != "none":
+            rows += export_gguf(job, tmp)
         if settings.bnb:
             rows += measure_bnb(job)
         report = write_report(job, tmp, rows, _deployed_name(deploy), cpu,
@@ -1057,7 +1095,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="deploy 4-bit weights (MatMulNBits) quantized by rtn or gptq instead of INT8")
     p.add_argument("--accuracy-level", default="auto", choices=ACCURACY_LEVELS,
                    help="MatMulNBits accuracy_level; auto: measure 0 and 4, deploy the faster that passes")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration blocks for --int8 static")
+    p.add_argument("--gguf", default="none", choices=GGUF_CHOICES,
+                   help="also write GGUF (llama.cpp/ollama; Llama family): f16, q8_0 or all")
+    p.add_argument("--gguf", default="none", choices=GGUF_CHOICES,
+                   help="also write GGUF (llama.cpp/ollama; Llama family): f16, q8_0 or all")
+    p.add_argument("--calib-samples", type=int, default=16,
+                   help="calibration blocks for --int8 static and --int4 gptq")
     p.add_argument("--bnb", action="store_true", help="also measure bitsandbytes INT8 and NF4 loading")
     p.add_argument("--data", default="stdlib", help=f"data source: {SOURCES_HELP}")
     p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for validation")
@@ -1076,6 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m minitron.export " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = export(args.model, args.output, int8=args.int8, per_channel=args.per_channel,
                     int8_cpu=args.int8_cpu, int4=args.int4, accuracy_level=args.accuracy_level,
+                    gguf=args.gguf,
                     calib_samples=args.calib_samples, bnb=args.bnb, source=args.data,
                     eval_blocks=args.eval_blocks, block_size=args.block_size, ppl_budget=args.ppl_budget,
                     atol=args.atol, keep_fp32=args.keep_fp32, compare=args.compare,

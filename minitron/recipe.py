@@ -120,6 +120,8 @@ class ExportSection:
     """Deploy 4-bit MatMulNBits weights instead of INT8."""
     accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = "auto"
     """MatMulNBits accuracy_level; auto measures 0 and 4 and deploys the faster that passes."""
+    gguf: Literal["none", "f16", "q8_0", "all"] = "none"
+    """Also write GGUF files (Llama family), validated through transformers' GGUF loader."""
     calib_samples: int = 32
     """Calibration blocks for int8=static and int4=gptq."""
     bnb: bool = False

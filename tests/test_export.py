@@ -258,6 +258,46 @@ def test_int4_export_is_5x_smaller_and_reports_both_accuracy_levels(wide_source,
     assert "accuracy_level" in report["deployed"]
 
 
+# ----------------------------------------------------------------------------- GGUF
+def test_gguf_round_trip_through_transformers_loader(tmp_path, fast):
+    """F16 and Q8_0 GGUF of a width-pruned shape load back with transformers' GGUF loader and match
+    PyTorch's logits (and, for F16, its greedy tokens)."""
+    from minitron import to_gguf
+
+    src = tmp_path / "m"
+    # hidden 96 with 4 heads of 16: hidden != heads x head_dim; every width a multiple of Q8_0's 32
+    model = make_tiny_model("llama", src, seed=6, hidden_size=96, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, intermediate_size=128)
+    out = tmp_path / "out"
+    report = ex.export(src, out, int8="none", gguf="all", **fast)
+    rows = {r["model"]: r for r in report["rows"]}
+    ids = _ids(2, 24, seed=11)
+    prompt = _ids(1, 8, seed=12)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
+              do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref, ref_gen = model(ids).logits, model.generate(prompt, **kw)
+    for qtype, atol in (("f16", 5e-3), ("q8_0", 5e-2)):
+        path = out / f"model-{qtype}.gguf"
+        assert path.exists() and f"gguf-{qtype}" in rows
+        reloaded = to_gguf.load_gguf(path)
+        assert (reloaded.config.hidden_size, reloaded.config.head_dim) == (96, 16)
+        with torch.no_grad():
+            got = reloaded(ids).logits
+        assert (got - ref).abs().max().item() < atol
+        if qtype == "f16":
+            assert torch.equal(reloaded.generate(prompt, **kw), ref_gen)
+    assert rows["gguf-q8_0"]["size_mb"] < 0.6 * rows["gguf-f16"]["size_mb"]
+
+
+def test_gguf_refuses_other_families(tmp_path, fast):
+    src = tmp_path / "q"
+    make_tiny_model("qwen2", src)
+    with pytest.raises(MinitronError, match=r"GGUF export supports LlamaForCausalLM"):
+        ex.export(src, tmp_path / "out", gguf="f16", **fast)
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- CPU-aware INT8
 def test_int8_settings_follow_onnx_runtime_cpu_guidance():
     """ORT's guidance (quantize_static docstring): no VNNI -> u8 activations, s8 weights,
