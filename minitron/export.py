@@ -1097,8 +1097,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="MatMulNBits accuracy_level; auto: measure 0 and 4, deploy the faster that passes")
     p.add_argument("--gguf", default="none", choices=GGUF_CHOICES,
                    help="also write GGUF (llama.cpp/ollama; Llama family): f16, q8_0 or all")
-    p.add_argument("--gguf", default="none", choices=GGUF_CHOICES,
-                   help="also write GGUF (llama.cpp/ollama; Llama family): f16, q8_0 or all")
     p.add_argument("--calib-samples", type=int, default=16,
                    help="calibration blocks for --int8 static and --int4 gptq")
     p.add_argument("--bnb", action="store_true", help="also measure bitsandbytes INT8 and NF4 loading")
