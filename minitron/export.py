@@ -1,34 +1,36 @@
-"""Export a causal LM to a deployable ONNX folder: KV-cache graph, INT8, validated against PyTorch.
+"""Export a causal LM to a deployable ONNX folder: KV-cache graph, INT8/INT4, GGUF, validated.
 
 `python -m minitron.export --model M --output DIR [--int8 blockwise|dynamic|static|none]
- [--per-channel] [--calib-samples N] [--bnb]`
+ [--per-channel] [--int8-cpu auto|vnni|no-vnni|arm] [--int4 rtn|gptq|none]
+ [--accuracy-level auto|0..4] [--gguf none|f16|q8_0|all] [--compare] [--bnb]`
 
 The folder loads and generates with ONNX Runtime and optimum alone:
-`ORTModelForCausalLM.from_pretrained(DIR).generate(...)` picks up `model.onnx` (the INT8 model unless
-`--int8 none`) with the config, generation config and tokenizer beside it. `report.json` /
+`ORTModelForCausalLM.from_pretrained(DIR).generate(...)` picks up `model.onnx` (the quantized model
+unless `--int8 none`) with the config, generation config and tokenizer beside it. Every shape the
+pruner makes serves, including hidden_size != heads x head_dim (see `onnx_config`). `report.json` /
 `report.md` hold the measurements, `manifest.json` the source, settings and versions.
 
-INT8 schemes (all ONNX Runtime quantizers; MatMuls with constant weights and the embedding Gather):
-- `blockwise` (default): MatMulNBits with 8-bit weights in blocks of 128 input channels (fewer when
-  128 does not divide the width: 64 for SmolLM2), one scale per block, and `accuracy_level=4`, which
-  quantizes activations to int8 per block at run time.
+Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and the embedding):
+- `blockwise` INT8 (default): MatMulNBits with 8-bit weights in blocks of 128 input channels (fewer
+  when 128 does not divide the width: 64 for SmolLM2), one scale per block.
 - `dynamic`: `quantize_dynamic`, MatMulInteger; weights per tensor (or per output channel with
   `--per-channel`), activations uint8 with one scale per tensor computed at run time.
 - `static`: `quantize_static` in QDQ format, activation ranges calibrated (min/max) on blocks of
   the calibration split; per tensor or per channel.
-Why `blockwise` is the default, measured on SmolLM2-135M (16x256 tokens of the stdlib eval split,
-2-core x86 CPU with VNNI): it is the only scheme inside the 2% perplexity budget (+0.6%, 3.1x smaller
-than the FP32 safetensors, decode ~2x faster than PyTorch FP32, prefill ~1.1x at one thread each).
-`dynamic` is the fastest (prefill ~3.4x) but doubles the perplexity (+101% per tensor, +83% per
-channel) and `static` QDQ quintuples it (+414% / +395%): one activation scale per tensor cannot cover
-the outlier channels of the MLP down-projection inputs (leaving the down projections in FP32 still
-cost +9%), while blockwise scales activations per block of 64-128 values.
-Every variant's numbers are in the report (`--no-compare` measures only the deployed one).
+- `--int4 rtn|gptq`: MatMulNBits with 4-bit weights (and a 4-bit GatherBlockQuantized embedding).
+`dynamic` and `static` take their types and weight range from the CPU they are made for
+(`minitron.cpu`: reduced-range weights without VNNI, per ONNX Runtime's guidance). MatMulNBits
+models run at `accuracy_level` 0 (float activations) or 4 (int8 activations per block, faster, but
+onnxruntime issue #29849 reports flipped greedy tokens on outlier-heavy LLMs): `auto` measures both
+and deploys the faster one that passes the gates. The measured comparison of the schemes on
+SmolLM2-135M is in the README; `--compare` puts every variant's numbers in the report.
 
-Validation fails the export (nothing is written) when the FP32 graph's logits differ from PyTorch's
-by more than `atol`, its top-1 agreement is below `fp32_min_top1`, or its greedy continuation of a
-held-out prompt differs by a token; or when the deployed INT8 model's perplexity exceeds FP32's by
-more than `ppl_budget` (relative) or its top-1 agreement is below `int8_min_top1`.
+Validation reads a bounded number of tokens at batch 1 (`max_eval_tokens`, blocks of at most 512)
+whatever the model's context. It fails the export (nothing is written) when the FP32 graph's
+logits differ from PyTorch's by more than `atol`, its top-1 agreement is below `fp32_min_top1`, or
+its greedy continuation of a held-out prompt differs by a token; or when no deployment candidate's
+perplexity is within `ppl_budget` (relative) of FP32's with top-1 agreement at least
+`int8_min_top1` (the same gates for INT4 and GGUF).
 """
 
 from __future__ import annotations

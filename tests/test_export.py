@@ -425,6 +425,27 @@ def test_previous_export_is_replaced(exported, source, tmp_path, fast):
     assert not any(r["deployed"] for r in quantized)
 
 
+def test_external_data_path(source, tmp_path, fast, monkeypatch):
+    """Models over 2 GB are written with ONNX external data. optimum's own switch forces that layout
+    on the tiny model, so every step (fold, each INT8/INT4 quantizer, renames, loading) runs on it
+    in seconds. (A real >2 GB model is not exported here: minutes and ~10 GB of RAM.)"""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    out = tmp_path / "out"
+    report = ex.export(source, out, keep_fp32=True, accuracy_level="0", **{**fast, "compare": True})
+    assert sorted(p.name for p in out.glob("*.onnx*")) == sorted(
+        [ex.DEPLOY_FILE, ex.DEPLOY_FILE + "_data", ex.FP32_FILE, ex.FP32_FILE + "_data"])
+    assert ex.uses_external_data(out / ex.DEPLOY_FILE) and ex.uses_external_data(out / ex.FP32_FILE)
+    quantized = [r for r in report["rows"] if r["model"].startswith(("onnx-int8", "onnx-int4"))]
+    assert len(quantized) == 7 and all("perplexity" in r for r in quantized)
+    model = ORTModelForCausalLM.from_pretrained(out)
+    prompt = _ids(1, 6, seed=13)
+    gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                         min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 11)
+
+
 # ----------------------------------------------------------------------------- failures
 def test_interrupted_export_leaves_no_folder(source, tmp_path, monkeypatch, fast):
     def interrupt(*a, **k):
