@@ -661,11 +661,20 @@ def ort_speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int =
             "decode_ms_per_token": 1000 * statistics.median(decode)}
 
 
+IO_BINDING_NOTE = ("hidden_size != num_attention_heads x head_dim: on CUDA pass use_io_binding=False "
+                   "(optimum-onnx 0.1 pre-sizes bound cache outputs as hidden_size // heads)")
+
+
 def load_ort(folder: Path, file_name: str, provider: str = "CPUExecutionProvider"):
     from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoConfig
 
+    # I/O binding (optimum's default on CUDA) allocates the cache outputs with the hidden // heads
+    # size, which the named head axis cannot fix; without it ORT sizes the outputs itself.
+    binding = None if not needs_named_head_axis(AutoConfig.from_pretrained(folder)) else False
     return ORTModelForCausalLM.from_pretrained(folder, file_name=file_name, use_cache=True,
-                                               provider=provider, local_files_only=True)
+                                               provider=provider, local_files_only=True,
+                                               use_io_binding=binding)
 
 
 def _cuda_ort_available() -> bool:
@@ -1030,7 +1039,8 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
         "source": {**report["source"],
                    "minitron": json.loads(source_info.read_text()) if source_info.exists() else None},
         "deployed": {"file": DEPLOY_FILE, "precision": deployed,
-                     "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)"},
+                     "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)",
+                     **({"note": IO_BINDING_NOTE} if needs_named_head_axis(job.config) else {})},
         "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
         "settings": asdict(job.settings),
         "int8_cpu": report["int8_cpu"],

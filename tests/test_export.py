@@ -556,6 +556,8 @@ def test_width_pruned_shape_exports_and_generates_like_pytorch(tmp_path, fast, f
         expected = model.generate(prompt, **kw)
     assert torch.equal(ort_model.generate(prompt, use_cache=True, **kw), expected)
     assert torch.equal(ort_model.generate(prompt, use_cache=False, **kw), expected)
+    # the manifest tells CUDA users the one loader option this shape needs
+    assert "use_io_binding=False" in json.loads((out / "manifest.json").read_text())["deployed"]["note"]
 
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
