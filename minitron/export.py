@@ -94,7 +94,7 @@ class ExportSettings:
     or 'arm' (minitron.cpu); it picks ONNX Runtime's activation/weight types and weight range."""
     int4: str = "none"
     """'rtn' or 'hqq' deploys 4-bit MatMulNBits weights (embedding too) instead of INT8."""
-    accuracy_level: str = "auto"
+    accuracy_level: str | int = "auto"
     """MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float activations)
     and 4 (int8 activations) and deploys the faster one that passes the gates; or '0'..'4'."""
     gguf: str = "none"

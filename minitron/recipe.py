@@ -118,7 +118,7 @@ class ExportSection:
     """CPU kind the dynamic/static INT8 model is made for (minitron.cpu); auto: this machine."""
     int4: Literal["rtn", "hqq", "none"] = "none"
     """Deploy 4-bit MatMulNBits weights instead of INT8."""
-    accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = "auto"
+    accuracy_level: Literal["auto", 0, 1, 2, 3, 4] = "auto"
     """MatMulNBits accuracy_level; auto measures 0 and 4 and deploys the faster that passes."""
     gguf: Literal["none", "f16", "q8_0", "all"] = "none"
     """Also write GGUF files (Llama family), validated through transformers' GGUF loader."""
