@@ -64,7 +64,6 @@ from minitron.evaluate import weights_size_mb
 from minitron.models import (ARCHS, EMBEDDED_NAME, arch_of, count_params, head_layout, load_model,
                              resolve_model)
 
-Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
 INT8_SCHEMES: tuple[str, ...] = ("blockwise", "dynamic", "static", "none")
 INT4_SCHEMES: tuple[str, ...] = ("rtn", "hqq", "none")
 ACCURACY_LEVELS: tuple[str, ...] = ("auto", "0", "1", "2", "3", "4")
