@@ -207,15 +207,17 @@ def variants_to_measure(settings: ExportSettings) -> list[QuantVariant]:
 def onnx_config(model) -> Any:
     """optimum's own ONNX config for this model type, extended so that every pruned shape serves.
 
-    optimum-onnx 0.1 exports the KV cache with head_dim correctly (its Mistral-style dummy cache
-    reads config.head_dim), but ORTModelForCausalLM sizes the *empty* cache of the first step as
-    hidden_size // num_attention_heads for Llama/Mistral/Qwen2, ignoring config.head_dim. For a
-    model pruned in width but not in heads (Llama-3.1-Minitron-4B-Width: 3072 = 32 x 96, heads of
-    128) that tensor is [b, kv, 0, 96] where the graph declares [b, kv, past, 128], and ONNX Runtime
-    refuses it. Naming the head axis of the cache (a dynamic axis) lets the graph accept that empty
-    tensor; an empty past contributes nothing to the Concat that extends the cache, so the result is
-    exact. Only the shapes that need it get the dynamic axis; the others keep optimum's config.
-    Passed to the exporter as `custom_onnx_configs`, optimum's extension point for this.
+    optimum-onnx 0.1 exports the KV cache with the true geometry, but ORTModelForCausalLM builds
+    the *empty* cache of the first step from the config by model type (the family's
+    `ort_head_dim` / `ort_kv_heads` in minitron.models): Llama, Mistral, Qwen2/3, Gemma 2 and Phi-3
+    size a head as hidden_size // num_attention_heads, ignoring config.head_dim, and Gemma 2 and
+    Phi-3 take num_attention_heads as the number of KV heads. For a model pruned in width but not
+    in heads (Llama-3.1-Minitron-4B-Width: 3072 = 32 x 96, heads of 128) that tensor is
+    [b, kv, 0, 96] where the graph declares [b, kv, past, 128], and ONNX Runtime refuses it. Naming
+    those axes of the cache (dynamic axes) lets the graph accept that empty tensor; an empty past
+    contributes nothing to the Concat that extends the cache, so the result is exact. Only the
+    shapes that need it get the dynamic axes; the others keep optimum's config. Passed to the
+    exporter as `custom_onnx_configs`, optimum's extension point for this.
     """
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
     from optimum.exporters.tasks import TasksManager
@@ -224,23 +226,34 @@ def onnx_config(model) -> Any:
         "onnx", model=model, task=TASK, library_name="transformers")
     base = constructor.func if hasattr(constructor, "func") else constructor
     kwargs = {**getattr(constructor, "keywords", {}), "use_past": True, "use_past_in_inputs": True}
-    if not needs_named_head_axis(model.config):
+    named = ort_cache_axes(model.config)
+    if not named:
         return base(model.config, **kwargs)
 
-    class HeadDimCacheOnnxConfig(base):
+    class NamedCacheAxesOnnxConfig(base):
         def add_past_key_values(self, inputs_or_outputs, direction):
             super().add_past_key_values(inputs_or_outputs, direction)
             for name, axes in inputs_or_outputs.items():
                 if name.startswith(("past_key_values.", "present.")):
-                    axes[3] = "head_dim"
+                    axes.update(named)
 
-    return HeadDimCacheOnnxConfig(model.config, **kwargs)
+    return NamedCacheAxesOnnxConfig(model.config, **kwargs)
+
+
+def ort_cache_axes(config: Any) -> dict[int, str]:
+    """The cache axes ORTModelForCausalLM would size wrongly for this shape (see onnx_config)."""
+    spec, hl = arch_of(config), head_layout(config)
+    axes = {}
+    if spec.ort_kv_heads == "heads" and hl.num_kv_heads != hl.num_heads:
+        axes[1] = "num_key_value_heads"
+    if spec.ort_head_dim == "hidden" and config.hidden_size // hl.num_heads != hl.head_dim:
+        axes[3] = "head_dim"
+    return axes
 
 
 def needs_named_head_axis(config: Any) -> bool:
-    """Whether ORTModelForCausalLM's hidden_size // heads differs from the true head_dim."""
-    hl = head_layout(config)
-    return config.hidden_size // hl.num_heads != hl.head_dim
+    """Whether ORTModelForCausalLM sizes this shape's empty cache differently from the graph."""
+    return bool(ort_cache_axes(config))
 
 
 def check_model(model: str | os.PathLike):
@@ -660,8 +673,8 @@ def ort_speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int =
             "decode_ms_per_token": 1000 * statistics.median(decode)}
 
 
-IO_BINDING_NOTE = ("hidden_size != num_attention_heads x head_dim: on CUDA pass use_io_binding=False "
-                   "(optimum-onnx 0.1 pre-sizes bound cache outputs as hidden_size // heads)")
+IO_BINDING_NOTE = ("on CUDA pass use_io_binding=False: optimum-onnx 0.1 pre-sizes bound cache outputs "
+                   "from hidden_size // heads and num_attention_heads, not this model's cache geometry")
 
 
 def load_ort(folder: Path, file_name: str, provider: str = "CPUExecutionProvider"):
