@@ -1,11 +1,11 @@
 """Export a causal LM to a deployable ONNX folder: KV-cache graph, INT8, validated against PyTorch.
 
-`python -m minitron.export --model M --output DIR [--int8 blockwise|dynamic|static|none]
- [--per-channel] [--calib-samples N] [--bnb]`
+`python -m minitron.export --model M --output DIR [export.int8=blockwise|dynamic|static|none]
+ [export.per_channel=true] [export.calib_samples=N] [export.bnb=true]` (`--help` lists every setting)
 
 The folder loads and generates with ONNX Runtime and optimum alone:
 `ORTModelForCausalLM.from_pretrained(DIR).generate(...)` picks up `model.onnx` (the INT8 model unless
-`--int8 none`) with the config, generation config and tokenizer beside it. `report.json` /
+`int8=none`) with the config, generation config and tokenizer beside it. `report.json` /
 `report.md` hold the measurements, `manifest.json` the source, settings and versions.
 
 INT8 schemes (all ONNX Runtime quantizers; MatMuls with constant weights and the embedding Gather):
@@ -13,7 +13,7 @@ INT8 schemes (all ONNX Runtime quantizers; MatMuls with constant weights and the
   128 does not divide the width: 64 for SmolLM2), one scale per block, and `accuracy_level=4`, which
   quantizes activations to int8 per block at run time.
 - `dynamic`: `quantize_dynamic`, MatMulInteger; weights per tensor (or per output channel with
-  `--per-channel`), activations uint8 with one scale per tensor computed at run time.
+  `per_channel`), activations uint8 with one scale per tensor computed at run time.
 - `static`: `quantize_static` in QDQ format, activation ranges calibrated (min/max) on blocks of
   the calibration split; per tensor or per channel.
 Why `blockwise` is the default, measured on SmolLM2-135M (16x256 tokens of the stdlib eval split,
@@ -23,7 +23,7 @@ than the FP32 safetensors, decode ~2x faster than PyTorch FP32, prefill ~1.1x at
 channel) and `static` QDQ quintuples it (+414% / +395%): one activation scale per tensor cannot cover
 the outlier channels of the MLP down-projection inputs (leaving the down projections in FP32 still
 cost +9%), while blockwise scales activations per block of 64-128 values.
-Every variant's numbers are in the report (`--no-compare` measures only the deployed one).
+Every variant's numbers are in the report (`compare=false` measures only the deployed one).
 
 Validation fails the export (nothing is written) when the FP32 graph's logits differ from PyTorch's
 by more than `atol`, its top-1 agreement is below `fp32_min_top1`, or its greedy continuation of a
@@ -33,7 +33,6 @@ more than `ppl_budget` (relative) or its top-1 agreement is below `int8_min_top1
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -43,7 +42,7 @@ import platform
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -53,19 +52,18 @@ import torch.nn.functional as F
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic, write_text_atomic)
-from minitron.data import SOURCES_HELP, load_blocks
+from minitron.config import (BLOCKWISE_MAX_BLOCK, INT8_SCHEMES, DataConfig, Dtype, ExportConfig,
+                             ModelConfig)
+from minitron.data import load_blocks
 from minitron.evaluate import speed as torch_speed
 from minitron.evaluate import weights_size_mb
-from minitron.models import (ARCHS, EMBEDDED_NAME, arch_of, count_params, head_layout, load_model,
+from minitron.models import (ARCHS, arch_of, count_params, head_layout, load_model,
                              resolve_model)
 
-Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
-INT8_SCHEMES: tuple[str, ...] = ("blockwise", "dynamic", "static", "none")
 MANIFEST_KIND = "minitron-export"
 DEPLOY_FILE = "model.onnx"  # the name ORTModelForCausalLM looks for first
 FP32_FILE = "model_fp32.onnx"  # a distinct name, so from_pretrained(folder) never picks it by accident
 TASK = "text-generation-with-past"
-BLOCKWISE_MAX_BLOCK = 128
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
 REPORT_COLUMNS = ["model", "size_mb", "x_smaller", "perplexity", "ppl_change_pct", "top1_vs_fp32",
                    "max_logit_diff", "greedy_match", "prefill_tok_s", "decode_ms_tok",
@@ -73,45 +71,6 @@ REPORT_COLUMNS = ["model", "size_mb", "x_smaller", "perplexity", "ppl_change_pct
 
 
 # ----------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class ExportSettings:
-    """Everything that shapes an export; stored in manifest.json. Validates itself."""
-
-    int8: str = "blockwise"
-    per_channel: bool = False
-    calib_samples: int = 16
-    bnb: bool = False
-    source: str = "stdlib"
-    eval_blocks: int = 16
-    block_size: int = 256
-    ppl_budget: float = 0.02
-    atol: float = 1e-3
-    fp32_min_top1: float = 0.99
-    int8_min_top1: float = 0.80
-    gen_tokens: int = 16
-    keep_fp32: bool = False
-    compare: bool = True
-    measure_speed: bool = True
-
-    def __post_init__(self):
-        if self.int8 not in INT8_SCHEMES:
-            raise MinitronError(f"--int8 '{self.int8}' is not a scheme; valid: {', '.join(INT8_SCHEMES)}")
-        if self.per_channel and self.int8 == "blockwise":
-            raise MinitronError("--per-channel applies to --int8 dynamic or static; blockwise already "
-                                f"has one scale per block of at most {BLOCKWISE_MAX_BLOCK} weights")
-        for name in ("calib_samples", "eval_blocks", "gen_tokens"):
-            if getattr(self, name) < 1:
-                raise MinitronError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.block_size < 2:
-            raise MinitronError(f"block_size={self.block_size} must be at least 2")
-        for name in ("ppl_budget", "atol"):
-            if not getattr(self, name) >= 0:
-                raise MinitronError(f"{name}={getattr(self, name)} must be a number >= 0")
-        for name in ("fp32_min_top1", "int8_min_top1"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise MinitronError(f"{name}={getattr(self, name)} must be between 0 and 1")
-
-
 @dataclass(frozen=True)
 class Int8Variant:
     scheme: str
@@ -126,7 +85,7 @@ class Int8Variant:
         return f"model_int8_{self.name.replace('-', '_')}.onnx"
 
 
-def variants_to_measure(settings: ExportSettings) -> list[Int8Variant]:
+def variants_to_measure(settings: ExportConfig) -> list[Int8Variant]:
     """The deployed variant first, then (with `compare`) every other scheme x granularity."""
     out: list[Int8Variant] = []
     if settings.int8 != "none":
@@ -221,7 +180,7 @@ def _check_bnb() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise MinitronError("--bnb needs bitsandbytes: pip install 'minitron[bnb]'") from None
+        raise MinitronError("export.bnb needs bitsandbytes: pip install 'minitron[bnb]'") from None
 
 
 # ----------------------------------------------------------------------------- ONNX files
@@ -521,7 +480,7 @@ def _cuda_ort_available() -> bool:
 
 
 def measure_onnx(folder: Path, file_name: str, blocks: torch.Tensor, ref: Reference,
-                 prompt: torch.Tensor, settings: ExportSettings, pad_id: int | None) -> dict[str, Any]:
+                 prompt: torch.Tensor, settings: ExportConfig, pad_id: int | None) -> dict[str, Any]:
     model = load_ort(folder, file_name)
     row, _ = score(lambda b: model(input_ids=b, attention_mask=torch.ones_like(b),
                                    use_cache=False).logits, blocks, ref)
@@ -538,7 +497,7 @@ def measure_onnx(folder: Path, file_name: str, blocks: torch.Tensor, ref: Refere
 
 
 def measure_torch(model, blocks: torch.Tensor, ref: Reference, prompt: torch.Tensor,
-                  settings: ExportSettings, pad_id: int | None) -> dict[str, Any]:
+                  settings: ExportConfig, pad_id: int | None) -> dict[str, Any]:
     device = model.device
     row, _ = score(lambda b: model(b.to(device)).logits.cpu(), blocks, ref)
     tokens = _generate(model, prompt.to(device), settings.gen_tokens, pad_id)
@@ -565,7 +524,7 @@ def load_bnb(where: str, scheme: Literal["int8", "nf4"]):
 
 
 # ----------------------------------------------------------------------------- validation gates
-def check_fp32(row: dict[str, Any], settings: ExportSettings, gen_tokens: int) -> list[str]:
+def check_fp32(row: dict[str, Any], settings: ExportConfig, gen_tokens: int) -> list[str]:
     problems = []
     if row["max_logit_diff"] > settings.atol:
         problems.append(f"max |logit difference| {row['max_logit_diff']:.3g} > atol {settings.atol:g}")
@@ -576,12 +535,12 @@ def check_fp32(row: dict[str, Any], settings: ExportSettings, gen_tokens: int) -
     return problems
 
 
-def check_int8(row: dict[str, Any], fp32_ppl: float, settings: ExportSettings) -> list[str]:
+def check_int8(row: dict[str, Any], fp32_ppl: float, settings: ExportConfig) -> list[str]:
     problems = []
     change = row["perplexity"] / fp32_ppl - 1
     if change > settings.ppl_budget:
         problems.append(f"perplexity {row['perplexity']:.4g} vs FP32 {fp32_ppl:.4g} (+{100 * change:.2f}%) "
-                        f"exceeds the budget of +{100 * settings.ppl_budget:.2f}% (--ppl-budget)")
+                        f"exceeds the budget of +{100 * settings.ppl_budget:.2f}% (export.ppl_budget)")
     if row["top1_vs_fp32"] < settings.int8_min_top1:
         problems.append(f"top-1 agreement with FP32 {row['top1_vs_fp32']:.4f} < {settings.int8_min_top1}")
     return problems
@@ -667,62 +626,53 @@ def render_report(report: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- the stage
 def export(
-    model: str | os.PathLike = EMBEDDED_NAME,
-    output_dir: str | os.PathLike = "export",
+    model: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    settings: ExportConfig | None = None,
+    data: DataConfig | None = None,
     *,
-    int8: Int8Scheme = "blockwise",
-    per_channel: bool = False,
-    calib_samples: int = 16,
-    bnb: bool = False,
-    source: str = "stdlib",
-    eval_blocks: int = 16,
-    block_size: int = 256,
-    ppl_budget: float = 0.02,
-    atol: float = 1e-3,
-    fp32_min_top1: float = 0.99,
-    int8_min_top1: float = 0.80,
-    gen_tokens: int = 16,
-    keep_fp32: bool = False,
-    compare: bool = True,
-    measure_speed: bool = True,
+    dtype: Dtype = "float32",
     command: str | None = None,
 ) -> dict[str, Any]:
     """Export `model` (folder, hub id or 'smollm2-135m') to a deployable ONNX folder; returns the report.
 
-    Raises MinitronError, leaving no output folder, when validation fails; see the module docstring.
+    `data` gives the eval (and, for int8=static, calibration) blocks; the PyTorch reference loads
+    in `dtype`. Raises MinitronError, leaving no output folder, when validation fails; see the
+    module docstring.
     """
-    settings = ExportSettings(int8=int8, per_channel=per_channel, calib_samples=calib_samples, bnb=bnb,
-                              source=source, eval_blocks=eval_blocks, block_size=block_size,
-                              ppl_budget=ppl_budget, atol=atol, fp32_min_top1=fp32_min_top1,
-                              int8_min_top1=int8_min_top1, gen_tokens=gen_tokens, keep_fp32=keep_fp32,
-                              compare=compare, measure_speed=measure_speed)
+    settings = settings or ExportConfig()
+    data = data or DataConfig()
+    # What manifest.json and the report record: the export's settings and the data it measured.
+    record = {**settings.to_dict(), "data": data.to_dict(), "dtype": dtype}
     output = check_output(output_dir)
     where, config = check_model(model)
-    if bnb:
+    if settings.bnb:
         _check_bnb()
     variants = variants_to_measure(settings)
-    deploy = Int8Variant(int8, per_channel) if int8 != "none" else None
+    deploy = Int8Variant(settings.int8, settings.per_channel) if settings.int8 != "none" else None
     timings: list[dict[str, Any]] = []
 
     with StageTimer("load") as t:
-        pt_model, tokenizer = load_model(where)
-        blocks = load_blocks(tokenizer, "eval", eval_blocks, source=source, block_size=block_size,
+        pt_model, tokenizer = load_model(where, dtype=dtype)
+        blocks = load_blocks(tokenizer, "eval", data.eval_blocks, source=data.source,
+                             block_size=data.block_size, text_field=data.text_field,
                              max_positions=config.max_position_embeddings)
         calib = None
         if any(v.scheme == "static" for v in variants):
-            calib = load_blocks(tokenizer, "calibration", calib_samples, source=source,
-                                block_size=block_size, max_positions=config.max_position_embeddings)
+            calib = load_blocks(tokenizer, "calibration", settings.calib_samples, source=data.source,
+                                block_size=data.block_size, text_field=data.text_field,
+                                max_positions=config.max_position_embeddings)
     timings.append(t.as_dict())
-    prompt = blocks[:1, :min(16, block_size - 1)]
+    prompt = blocks[:1, :min(16, data.block_size - 1)]
     pad_id = tokenizer.pad_token_id
 
     with StageTimer("pytorch_fp32") as t:
         fp32_row, ref = score(lambda b: pt_model(b).logits, blocks)
-        ref.generation = _generate(pt_model, prompt, gen_tokens, pad_id)
+        ref.generation = _generate(pt_model, prompt, settings.gen_tokens, pad_id)
         fp32_row.update(top1_vs_fp32=1.0, max_logit_diff=0.0, greedy_match=len(ref.generation),
                         greedy_tokens=ref.generation)
         fp32_row["size_mb"] = weights_size_mb(where) or count_params(pt_model) * 4 / 2**20
-        if measure_speed:
+        if settings.speed:
             fp32_row.update(torch_speed(pt_model))
             if torch.cuda.is_available():
                 gpu = torch_speed(pt_model.to("cuda"))
@@ -740,14 +690,14 @@ def export(
             if not (tmp / "tokenizer_config.json").exists():
                 tokenizer.save_pretrained(tmp)
         timings.append(t.as_dict())
-        fp32_file = FP32_FILE if int8 != "none" else DEPLOY_FILE
+        fp32_file = FP32_FILE if settings.int8 != "none" else DEPLOY_FILE
         if fp32_file != DEPLOY_FILE:
             rename_onnx(tmp / DEPLOY_FILE, tmp / fp32_file)
 
         with StageTimer("validate_fp32") as t:
             row = measure_onnx(tmp, fp32_file, blocks, ref, prompt, settings, pad_id)
         timings.append(t.as_dict())
-        rows.append({"model": "onnx-fp32", "deployed": int8 == "none", **row})
+        rows.append({"model": "onnx-fp32", "deployed": settings.int8 == "none", **row})
         problems = check_fp32(row, settings, len(ref.generation))
         if problems:
             raise MinitronError("the FP32 ONNX export does not match PyTorch: " + "; ".join(problems))
@@ -765,7 +715,7 @@ def export(
             if v == deploy and not row["within_budget"]:
                 raise MinitronError(f"the INT8 ({v.name}) model fails validation: "
                                     + "; ".join(check_int8(row, fp32_row["perplexity"], settings))
-                                    + "; try another --int8 scheme, or raise --ppl-budget to accept it")
+                                    + "; try another export.int8 scheme, or raise export.ppl_budget to accept it")
         if variants:
             remove_onnx(folded)
         for v in variants:
@@ -773,10 +723,10 @@ def export(
                 remove_onnx(tmp / v.file)
         if deploy is not None:
             rename_onnx(tmp / deploy.file, tmp / DEPLOY_FILE)
-            if not keep_fp32:
+            if not settings.keep_fp32:
                 remove_onnx(tmp / fp32_file)
 
-        if bnb:
+        if settings.bnb:
             for scheme in ("int8", "nf4"):
                 with StageTimer(f"bnb_{scheme}") as t, _quiet_logs("bitsandbytes"):
                     # A side measurement for PyTorch users: a kernel bitsandbytes lacks for this
@@ -798,8 +748,8 @@ def export(
             "source": {"model": str(model), "path": where, "architecture": config.architectures,
                        "parameters": count_params(pt_model)},
             "deployed": deployed,
-            "eval": f"{len(blocks)}x{block_size} tokens of the '{source}' eval split",
-            "settings": asdict(settings),
+            "eval": f"{len(blocks)}x{data.block_size} tokens of the '{data.source}' eval split",
+            "settings": record,
             "rows": rows,
             "table": table_rows(rows),
             "device": _device(),
@@ -817,7 +767,7 @@ def export(
             "deployed": {"file": DEPLOY_FILE, "precision": deployed,
                          "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)"},
             "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
-            "settings": asdict(settings),
+            "settings": record,
             "versions": report["versions"],
             "command": report["command"],
         }
@@ -828,35 +778,25 @@ def export(
 
 
 # ----------------------------------------------------------------------------- CLI
+# The settings the command takes (minitron.cli): the model is --model.
+CLI_KEYS = {"model": ("dtype",), "data": ("source", "text_field", "block_size", "eval_blocks"),
+            "export": None}
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minitron.export", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=EMBEDDED_NAME, help=f"model folder, hub id or '{EMBEDDED_NAME}'")
-    p.add_argument("--output", required=True, help="output folder (new, empty, or a previous export)")
-    p.add_argument("--int8", default="blockwise", choices=INT8_SCHEMES,
-                   help="INT8 scheme of the deployed model.onnx (default: blockwise; see the module doc)")
-    p.add_argument("--per-channel", action="store_true", help="per-channel weight scales (dynamic/static)")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration blocks for --int8 static")
-    p.add_argument("--bnb", action="store_true", help="also measure bitsandbytes INT8 and NF4 loading")
-    p.add_argument("--data", default="stdlib", help=f"data source: {SOURCES_HELP}")
-    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for validation")
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--ppl-budget", type=float, default=0.02,
-                   help="largest relative perplexity increase of the deployed INT8 model (0.02 = 2%%)")
-    p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| ONNX FP32 vs PyTorch")
-    p.add_argument("--keep-fp32", action="store_true", help=f"keep the FP32 graph as {FP32_FILE}")
-    p.add_argument("--no-compare", action="store_true",
-                   help="measure only the deployed INT8 variant, not every scheme")
-    p.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
-    args = p.parse_args(argv)
     import shlex
     import sys
 
+    from minitron import cli
+
+    p = cli.stage_parser("python -m minitron.export", __doc__.splitlines()[0], CLI_KEYS)
+    p.add_argument("--model", default=ModelConfig.name, help="model folder, hub id or 'smollm2-135m'")
+    p.add_argument("--output", required=True, help="output folder (new, empty, or a previous export)")
+    args = cli.parse(p, argv)
+    c = cli.configs(args)
     command = "python -m minitron.export " + shlex.join(sys.argv[1:] if argv is None else argv)
-    report = export(args.model, args.output, int8=args.int8, per_channel=args.per_channel,
-                    calib_samples=args.calib_samples, bnb=args.bnb, source=args.data,
-                    eval_blocks=args.eval_blocks, block_size=args.block_size, ppl_budget=args.ppl_budget,
-                    atol=args.atol, keep_fp32=args.keep_fp32, compare=not args.no_compare,
-                    measure_speed=not args.no_speed, command=command)
+    report = export(args.model, args.output, c["export"], c["data"], dtype=c["model"].dtype,
+                    command=command)
     print(format_table(report["table"], REPORT_COLUMNS))
     total = sum(t["wall_s"] for t in report["timing"])
     print(f"exported {report['deployed']} to {args.output} in {total:.0f}s "

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from minitron.config import TARGET_KEYS
 from minitron.common import (MinitronError, StageTimer, format_table, run_cli, write_json_atomic,
                              write_text_atomic)
 from minitron.models import load_config, param_count_from_config, resolve_model
@@ -86,8 +87,6 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate, print the plan, shapes and parameter counts; touch no weights."""
     config = source_config(recipe)
-    from minitron.prune import TARGET_KEYS
-
     source = {k: getattr(config, k) for k in TARGET_KEYS}
     before = param_count_from_config(config)
     plan_info: dict[str, Any] = {"stages": stage_names(recipe), "source_shape": source,
@@ -123,17 +122,13 @@ class Context:
 
 
 def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
-    from minitron.data import load_blocks
     from minitron.importance import compute_scores
     from minitron.models import load_model
-    from minitron.prune import TARGET_KEYS, prune, save_pruned
+    from minitron.prune import calibration_blocks, prune, save_pruned
 
     r = ctx.recipe
     model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device)
-    blocks = load_blocks(tokenizer, "calibration", r.data.calibration_blocks, source=r.data.source,
-                         block_size=r.data.block_size, seed=r.data.seed,
-                         text_field=r.data.text_field,
-                         max_positions=model.config.max_position_embeddings)
+    blocks = calibration_blocks(tokenizer, r.data, model.config)
     scores = compute_scores(model, blocks, config=r.importance, progress=True)
     timer.tokens = blocks.numel()
     target, candidates = prune_target(r, model.config)
@@ -148,10 +143,8 @@ def _distill_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]
     from minitron.distill import run_distill
 
     r = ctx.recipe
-    result = run_distill(ctx.teacher, ctx.student, out / "model",
-                         r.distill.config(r.teacher_correction), data_source=r.data.source,
-                         text_field=r.data.text_field, device=r.model.device,
-                         teacher_dtype=r.model.dtype)
+    result = run_distill(ctx.teacher, ctx.student, out / "model", r.distill,
+                         correction=r.teacher_correction, data=r.data, model=r.model)
     timer.tokens = result.get("this_session_tokens", 0)
     return {"model_dir": str(out / "model"), **{k: v for k, v in result.items() if k != "history"}}
 
@@ -160,9 +153,7 @@ def _export_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.export import export
 
     r = ctx.recipe
-    report = export(ctx.student, out / "onnx", **r.export.kwargs(), source=r.data.source,
-                    eval_blocks=r.data.eval_blocks, block_size=r.data.block_size,
-                    measure_speed=r.evaluate.speed)
+    report = export(ctx.student, out / "onnx", r.export, r.data, dtype=r.model.dtype)
     return {"onnx_dir": str(out / "onnx"), "report": report}
 
 
@@ -177,9 +168,8 @@ def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any
         models["distilled"] = ctx.outputs["distill"]["model_dir"]
     rows = []
     for label, path in models.items():
-        result = evaluate(path, None if label == "teacher" else ctx.teacher, source=r.data.source,
-                          num_blocks=r.data.eval_blocks, block_size=r.data.block_size,
-                          device=r.model.device, measure_speed=r.evaluate.speed)
+        result = evaluate(path, None if label == "teacher" else ctx.teacher, r.evaluate, r.data,
+                          r.model)
         timer.tokens += result["tokens"]
         rows.append({**{k: v for k, v in result.items() if k != "timing"}, "model": label,
                      "path": str(path)})
@@ -205,9 +195,9 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     distill = {k: v for k, v in dataclasses.asdict(r.distill).items() if k not in RESUMABLE_SETTINGS}
     return {
         "prune": [r.model, r.data, r.importance, r.prune],
-        "distill": [r.data.source, r.data.text_field, r.teacher_correction, distill],
-        "export": [r.data.source, r.data.eval_blocks, r.data.block_size, r.export, r.evaluate.speed],
-        "evaluate": [r.data.source, r.data.eval_blocks, r.data.block_size, r.evaluate],
+        "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill],
+        "export": [r.data, r.model.dtype, r.export],
+        "evaluate": [r.data, r.model.dtype, r.model.device, r.evaluate],
     }[name]
 
 
@@ -248,7 +238,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
         upstream = fp
     from minitron.report import write_report
 
-    return write_report(ctx, timings, total_s=time.perf_counter() - t_start)
+    return write_report(run_dir, recipe.name, recipe.source_file, ctx.outputs, timings,
+                        total_s=time.perf_counter() - t_start)
 
 
 def main(argv: list[str] | None = None) -> int:

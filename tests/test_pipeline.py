@@ -35,6 +35,7 @@ export:
   int8: blockwise
   compare: false
   ppl_budget: 10.0           # a random tiny model: the INT8 budget is not what this test checks
+  speed: false
 evaluate:
   speed: false
 """
