@@ -73,11 +73,11 @@ def _base_type(tp: Any) -> Any:
 def describe_valid(tp: Any, rule: Rule | None) -> str:
     """What a field accepts, in words: its literal choices or its rule (and `null` if optional)."""
     choices = literal_choices(tp)
-    text = ", ".join(map(str, choices)) if choices else (rule.text if rule else "")
-    if not text:
-        base = _base_type(tp)
-        text = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-            base, "see the documentation")
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        _base_type(tp), "see the documentation")
+    text = ", ".join(map(str, choices)) if choices else (rule.text if rule else kind)
+    if rule and not choices and rule.text[:1] in "<>":
+        text = f"{kind} {rule.text}"
     return text + (" or null" if allows_none(tp) else "")
 
 
@@ -151,9 +151,9 @@ class ModelConfig(Section):
     name: str = setting(EMBEDDED_NAME, "Local folder, hub id, or the embedded 'smollm2-135m'.")
     config: str | None = setting(None, "A config.json for dry runs of models that are not on this "
                                        "machine (relative to the recipe).")
-    dtype: Dtype = setting("float32", "Dtype models are loaded in for importance, evaluation and "
-                                      "export, and the teacher's in distillation (the student "
-                                      "trains in float32).")
+    dtype: Dtype = setting("float32", "Dtype models are loaded in for importance and evaluation, "
+                                      "and the teacher's in distillation (the student trains in "
+                                      "float32; export works in float32, what ONNX Runtime takes).")
     device: str | None = setting(None, "cpu, cuda, cuda:N; null picks CUDA when available.")
 
 

@@ -107,21 +107,33 @@ def launch_torchrun(module: str, argv: list[str], nproc: int) -> None:
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5)
+                          monitor_interval=0.1)  # torchrun's default
     print(f"[minitron] starting {nproc} processes: python -m {module} {' '.join(argv)}",
           file=sys.stderr)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        raise MinitronError(failure_message(rank, failure)) from None
+        raise MinitronError(failure_message(*root_failure(e.failures))) from None
+
+
+def _recorded(failure: Any) -> str | None:
+    """The message a rank recorded (`record_for_torchrun`) in its error file, if any."""
+    data = failure.error_file_data.get("message")
+    return str(data.get("message", "")) if isinstance(data, dict) else None
+
+
+def root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The rank that caused the stop. Timestamps have one-second resolution, so the others that
+    fell with it (a peer's collective broke) can tie: a recorded message, then a signal (a rank that
+    was killed), then the earliest time, then the lowest rank decides."""
+    return min(failures.items(), key=lambda kv: (_recorded(kv[1]) is None, kv[1].exitcode >= 0,
+                                                 kv[1].timestamp, kv[0]))
 
 
 def failure_message(rank: int, failure: Any) -> str:
     """One line from a worker's failure record (torch's ProcessFailure)."""
-    recorded = failure.error_file_data.get("message")
-    if isinstance(recorded, dict):  # what ErrorHandler.record_exception wrote for that rank
-        message = str(recorded.get("message", ""))
+    message = _recorded(failure)
+    if message is not None:
         return f"rank {rank}: {message.removeprefix('MinitronError: ')}"
     if failure.exitcode < 0:
         return (f"rank {rank} died ({failure.signal_name()}) with no error message; the "

@@ -52,8 +52,7 @@ import torch.nn.functional as F
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic, write_text_atomic)
-from minitron.config import (BLOCKWISE_MAX_BLOCK, INT8_SCHEMES, DataConfig, Dtype, ExportConfig,
-                             ModelConfig)
+from minitron.config import BLOCKWISE_MAX_BLOCK, INT8_SCHEMES, DataConfig, ExportConfig, ModelConfig
 from minitron.data import load_blocks
 from minitron.evaluate import speed as torch_speed
 from minitron.evaluate import weights_size_mb
@@ -631,19 +630,19 @@ def export(
     settings: ExportConfig | None = None,
     data: DataConfig | None = None,
     *,
-    dtype: Dtype = "float32",
     command: str | None = None,
 ) -> dict[str, Any]:
     """Export `model` (folder, hub id or 'smollm2-135m') to a deployable ONNX folder; returns the report.
 
-    `data` gives the eval (and, for int8=static, calibration) blocks; the PyTorch reference loads
-    in `dtype`. Raises MinitronError, leaving no output folder, when validation fails; see the
-    module docstring.
+    `data` gives the eval (and, for int8=static, calibration) blocks. The model loads in float32
+    whatever the recipe's model.dtype: the ONNX graph and ORT's INT8 quantizers take float32
+    (optimum-onnx 0.1 fails to export a bfloat16 Llama on CPU). Raises MinitronError, leaving no
+    output folder, when validation fails; see the module docstring.
     """
     settings = settings or ExportConfig()
     data = data or DataConfig()
     # What manifest.json and the report record: the export's settings and the data it measured.
-    record = {**settings.to_dict(), "data": data.to_dict(), "dtype": dtype}
+    record = {**settings.to_dict(), "data": data.to_dict()}
     output = check_output(output_dir)
     where, config = check_model(model)
     if settings.bnb:
@@ -653,7 +652,7 @@ def export(
     timings: list[dict[str, Any]] = []
 
     with StageTimer("load") as t:
-        pt_model, tokenizer = load_model(where, dtype=dtype)
+        pt_model, tokenizer = load_model(where, dtype="float32")
         blocks = load_blocks(tokenizer, "eval", data.eval_blocks, source=data.source,
                              block_size=data.block_size, text_field=data.text_field,
                              max_positions=config.max_position_embeddings)
@@ -779,8 +778,7 @@ def export(
 
 # ----------------------------------------------------------------------------- CLI
 # The settings the command takes (minitron.cli): the model is --model.
-CLI_KEYS = {"model": ("dtype",), "data": ("source", "text_field", "block_size", "eval_blocks"),
-            "export": None}
+CLI_KEYS = {"data": ("source", "text_field", "block_size", "eval_blocks"), "export": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -795,8 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse(p, argv)
     c = cli.configs(args)
     command = "python -m minitron.export " + shlex.join(sys.argv[1:] if argv is None else argv)
-    report = export(args.model, args.output, c["export"], c["data"], dtype=c["model"].dtype,
-                    command=command)
+    report = export(args.model, args.output, c["export"], c["data"], command=command)
     print(format_table(report["table"], REPORT_COLUMNS))
     total = sum(t["wall_s"] for t in report["timing"])
     print(f"exported {report['deployed']} to {args.output} in {total:.0f}s "

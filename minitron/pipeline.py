@@ -153,7 +153,7 @@ def _export_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.export import export
 
     r = ctx.recipe
-    report = export(ctx.student, out / "onnx", r.export, r.data, dtype=r.model.dtype)
+    report = export(ctx.student, out / "onnx", r.export, r.data)  # float32: see export()
     return {"onnx_dir": str(out / "onnx"), "report": report}
 
 
@@ -196,7 +196,7 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     return {
         "prune": [r.model, r.data, r.importance, r.prune],
         "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill],
-        "export": [r.data, r.model.dtype, r.export],
+        "export": [r.data, r.export],
         "evaluate": [r.data, r.model.dtype, r.model.device, r.evaluate],
     }[name]
 

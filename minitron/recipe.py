@@ -136,6 +136,8 @@ def build_section(cls: type, raw: Any, key: str, where: str) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError, MinitronError) as e:
+        if key and str(e).startswith(f"{key}."):  # a section's own message names the key path
+            raise RecipeError(f"{where}: {e}") from None
         _fail(where, key or "(top level)", str(e))
 
 

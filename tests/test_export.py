@@ -25,9 +25,10 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("optimum.onnxruntime")
 
 from minitron import export as ex  # noqa: E402
+from minitron.config import DataConfig, ExportConfig  # noqa: E402
 
-SMALL = dict(eval_blocks=2, block_size=32, calib_samples=2, gen_tokens=8, compare=False,
-             measure_speed=False)
+SMALL = dict(calib_samples=2, gen_tokens=8, compare=False, speed=False)
+SMALL_DATA = dict(eval_blocks=2, block_size=32)
 INT8_TOP1_FLOOR = 0.85  # tiny random models have small logit margins; measured ~0.93-0.97
 
 
@@ -79,8 +80,12 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def fast(corpus):
-    """export() arguments for quick runs: few short blocks, no speed, only the deployed variant."""
-    return {**SMALL, "source": corpus}
+    """export() for quick runs: few short blocks, no speed, only the deployed variant."""
+    data = DataConfig(source=corpus, **SMALL_DATA)
+
+    def run(model, out, **settings):
+        return ex.export(model, out, ExportConfig(**{**SMALL, **settings}), data)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +98,7 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(source, fast):
     out = source.parent / "out"
-    report = ex.export(source, out, int8="blockwise", keep_fp32=True, **fast)
+    report = fast(source, out, int8="blockwise", keep_fp32=True)
     return out, report
 
 
@@ -200,7 +205,7 @@ def test_tied_embeddings_lm_head_is_quantized(tmp_path, torch_model, fast):
     src = tmp_path / "tied"
     make_tiny_model("llama", src, tie_word_embeddings=True)
     out = tmp_path / "out"
-    ex.export(src, out, int8="dynamic", **fast)
+    fast(src, out, int8="dynamic")
     graph = onnx.load(str(out / ex.DEPLOY_FILE)).graph
     head = [n for n in graph.node if n.output and any(o == "logits" for o in n.output)]
     producers = {o: n for n in graph.node for o in n.output}
@@ -248,7 +253,7 @@ def test_report_and_manifest(exported, source, torch_model, corpus):
     assert json.loads((out / "report.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     assert "| pytorch-fp32 |" in (out / "report.md").read_text()
     # the reported PyTorch perplexity equals a naive recomputation on the same held-out blocks
-    blocks = load_blocks(tiny_tokenizer(), "eval", SMALL["eval_blocks"], block_size=SMALL["block_size"],
+    blocks = load_blocks(tiny_tokenizer(), "eval", SMALL_DATA["eval_blocks"], block_size=SMALL_DATA["block_size"],
                          source=corpus)
     with torch.no_grad():
         logits = torch_model(blocks).logits[:, :-1]
@@ -266,7 +271,7 @@ def test_previous_export_is_replaced(exported, source, tmp_path, fast):
     out, _ = exported
     copy = tmp_path / "again"
     shutil.copytree(out, copy)
-    report = ex.export(source, copy, int8="none", **{**fast, "compare": True})
+    report = fast(source, copy, int8="none", compare=True)
     ops = {n.op_type for n in onnx.load(str(copy / ex.DEPLOY_FILE)).graph.node}
     assert not ops & {"MatMulNBits", "MatMulInteger", "DequantizeLinear"} and "MatMul" in ops
     assert sorted(p.name for p in copy.glob("*.onnx*")) == [ex.DEPLOY_FILE]
@@ -286,21 +291,21 @@ def test_interrupted_export_leaves_no_folder(source, tmp_path, monkeypatch, fast
     monkeypatch.setattr(ex, "quantize_int8", interrupt)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        ex.export(source, out, **fast)
+        fast(source, out)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_fp32_mismatch_fails_with_numbers(source, tmp_path, fast):
     with pytest.raises(MinitronError,
                        match=r"does not match PyTorch: max \|logit difference\| [0-9.e-]+ > atol 0"):
-        ex.export(source, tmp_path / "out", atol=0.0, **fast)
+        fast(source, tmp_path / "out", atol=0.0)
     assert not (tmp_path / "out").exists()
 
 
 def test_int8_outside_budget_fails_with_numbers(source, tmp_path, fast):
     with pytest.raises(MinitronError, match=r"INT8 \(dynamic\) model fails validation: top-1 agreement "
                                             r"with FP32 0\.\d+ < 0\.9999"):
-        ex.export(source, tmp_path / "out", int8="dynamic", int8_min_top1=0.9999, **fast)
+        fast(source, tmp_path / "out", int8="dynamic", int8_min_top1=0.9999)
     assert not (tmp_path / "out").exists()
 
 
@@ -331,13 +336,13 @@ def test_bad_inputs_are_clear_errors(source, tmp_path):
     with pytest.raises(MinitronError, match="exists and is not a previous minitron export"):
         ex.export(source, taken)
     assert (taken / "notes.txt").read_text() == "mine"
-    with pytest.raises(MinitronError,
-                       match="--int8 'int4' is not a scheme; valid: blockwise, dynamic, static, none"):
-        ex.export(source, tmp_path / "o5", int8="int4")
-    with pytest.raises(MinitronError, match="--per-channel applies to --int8 dynamic or static"):
-        ex.export(source, tmp_path / "o6", int8="blockwise", per_channel=True)
-    with pytest.raises(MinitronError, match="calib_samples=0 must be at least 1"):
-        ex.export(source, tmp_path / "o7", calib_samples=0)
+    with pytest.raises(MinitronError, match="export.int8='int4' is invalid; valid: blockwise, "
+                                            "dynamic, static, none"):
+        ex.export(source, tmp_path / "o5", ExportConfig(int8="int4"))
+    with pytest.raises(MinitronError, match="export.per_channel=True applies to int8 dynamic or static"):
+        ex.export(source, tmp_path / "o6", ExportConfig(int8="blockwise", per_channel=True))
+    with pytest.raises(MinitronError, match="export.calib_samples=0 is invalid; valid: an integer >= 1"):
+        ex.export(source, tmp_path / "o7", ExportConfig(calib_samples=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "empty", "gpt2", "taken"]
 
 
