@@ -100,14 +100,15 @@ def weights_size_mb(path: str | Path) -> float | None:
 def evaluate(
     model_name: str,
     teacher_name: str | None = None,
-    settings: EvaluateConfig = EvaluateConfig(),
-    data: DataConfig = DataConfig(),
-    model: ModelConfig = ModelConfig(),
+    settings: EvaluateConfig | None = None,
+    data: DataConfig | None = None,
+    model: ModelConfig | None = None,
 ) -> dict[str, Any]:
     """All measurements of one model, as a flat dict (what the CLI prints and `--json` writes).
 
     Both models load in `model.dtype` on `model.device`; the eval split of `data` is measured.
     """
+    settings, data, model = settings or EvaluateConfig(), data or DataConfig(), model or ModelConfig()
     with StageTimer("evaluate") as timer:
         lm, tokenizer = load_model(model_name, dtype=model.dtype, device=model.device)
         blocks = load_blocks(tokenizer, "eval", data.eval_blocks, source=data.source,
@@ -131,14 +132,20 @@ def evaluate(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     from minitron import cli
 
     p = cli.stage_parser("python -m minitron.evaluate", __doc__.splitlines()[0], CLI_KEYS)
     p.add_argument("--model", default=ModelConfig.name, help="folder, hub id or 'smollm2-135m'")
     p.add_argument("--teacher", help="also report top-1 agreement and KL to this model")
     p.add_argument("--json", help="also write the results to this JSON file")
-    args = cli.parse(p, argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minitron import cli
+
+    args = cli.parse(build_parser(), argv)
     c = cli.configs(args)
     result = evaluate(args.model, args.teacher, c["evaluate"], c["data"], c["model"])
     rows = [{"metric": k, "value": v} for k, v in result.items() if k != "timing"]

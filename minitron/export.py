@@ -487,7 +487,7 @@ def measure_onnx(folder: Path, file_name: str, blocks: torch.Tensor, ref: Refere
     row["greedy_match"] = greedy_match(tokens, ref.generation)
     row["greedy_tokens"] = tokens
     row["size_mb"] = onnx_size_mb(folder / file_name)
-    if settings.measure_speed:
+    if settings.speed:
         row.update(ort_speed(model))
         if _cuda_ort_available():
             gpu = ort_speed(load_ort(folder, file_name, "CUDAExecutionProvider"))
@@ -502,7 +502,7 @@ def measure_torch(model, blocks: torch.Tensor, ref: Reference, prompt: torch.Ten
     tokens = _generate(model, prompt.to(device), settings.gen_tokens, pad_id)
     row["greedy_match"] = greedy_match(tokens, ref.generation)
     row["greedy_tokens"] = tokens
-    if settings.measure_speed:
+    if settings.speed:
         row.update(torch_speed(model))
     return row
 
@@ -781,16 +781,22 @@ def export(
 CLI_KEYS = {"data": ("source", "text_field", "block_size", "eval_blocks"), "export": None}
 
 
+def build_parser():
+    from minitron import cli
+
+    p = cli.stage_parser("python -m minitron.export", __doc__.splitlines()[0], CLI_KEYS)
+    p.add_argument("--model", default=ModelConfig.name, help="model folder, hub id or 'smollm2-135m'")
+    p.add_argument("--output", required=True, help="output folder (new, empty, or a previous export)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     import shlex
     import sys
 
     from minitron import cli
 
-    p = cli.stage_parser("python -m minitron.export", __doc__.splitlines()[0], CLI_KEYS)
-    p.add_argument("--model", default=ModelConfig.name, help="model folder, hub id or 'smollm2-135m'")
-    p.add_argument("--output", required=True, help="output folder (new, empty, or a previous export)")
-    args = cli.parse(p, argv)
+    args = cli.parse(build_parser(), argv)
     c = cli.configs(args)
     command = "python -m minitron.export " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = export(args.model, args.output, c["export"], c["data"], command=command)

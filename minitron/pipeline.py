@@ -243,7 +243,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minitron.run", description=__doc__.splitlines()[0])
+    from minitron.cli import settings_help
+    from minitron.config import SECTIONS, docs
+
+    every_key = {s: tuple(d["key"] for d in docs(cls)) for s, cls in SECTIONS.items()}
+    p = argparse.ArgumentParser(prog="python -m minitron.run", description=__doc__.splitlines()[0],
+                                epilog=settings_help(every_key),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
     p.add_argument("--dry-run", action="store_true",
