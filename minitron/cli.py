@@ -63,7 +63,9 @@ def settings_help(keys: Keys, aliases: dict[str, str] | None = None) -> str:
         items = [d for s, d in exposed({section: keys[section]})]
         if not items:
             continue
-        lines.append(f"\n{section}: {(SECTIONS[section].__doc__ or '').strip().splitlines()[0]}")
+        summary = " ".join((SECTIONS[section].__doc__ or "").strip().split("\n\n")[0].split())
+        lines.append("")
+        lines += textwrap.wrap(f"{section}: {summary}", 98)
         for d in items:
             name = f"{section}.{d['key']}"
             alias = aliases.get(name)

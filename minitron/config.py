@@ -376,8 +376,9 @@ BLOCKWISE_MAX_BLOCK = 128
 
 @dataclass(frozen=True)
 class ExportConfig(Section):
-    """Everything that shapes an export (see minitron/export.py for the INT8 schemes); stored in
-    the export's manifest.json with the data settings."""
+    """Everything that shapes an export; stored in its manifest.json with the data settings.
+
+    See minitron/export.py for the INT8 schemes and the validation rules."""
 
     SECTION: ClassVar[str] = "export"
 
