@@ -698,32 +698,11 @@ def distill(
     the final weights are in `output_dir`), and all ranks return rank 0's metrics.
     """
     out = Path(output_dir)
-    final = out / "minitron.json"
-
-    def finished() -> dict | None:
-        if final.exists():
-            saved = json.loads(final.read_text()).get("distillation", {})
-            if saved.get("status") == "finished":
-                print(f"[minitron] {out} holds a finished run; not repeating it")
-                return saved["metrics"]
-        return None
-
-    saved = distributed.on_rank0(finished)
+    saved = distributed.on_rank0(lambda: _finished_metrics(out))
     if saved is not None:
         return saved
     correction = correction or TeacherCorrectionConfig()
-    check_correction(config, correction)
-    distributed.check_divisible(config.batch_size, distributed.world(), "world size")
-    if config.uses_teacher and teacher is None:
-        raise MinitronError("distillation needs a teacher (--teacher); without one, use "
-                            "--baseline ce or --baseline scratch")
-    if train_blocks.ndim != 2 or train_blocks.size(1) != config.block_size:
-        raise MinitronError(f"train blocks have shape {tuple(train_blocks.shape)}; expected "
-                            f"[n, block_size={config.block_size}]")
-    if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
-        raise MinitronError(
-            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
-            f"({student.config.vocab_size}); distillation needs the same tokenizer")
+    _check_inputs(teacher, student, train_blocks, config, correction)
     phase = "distill" if config.uses_teacher else f"baseline_{config.baseline}"
     if teacher is not None:
         freeze_(teacher)
@@ -733,14 +712,7 @@ def distill(
                 "train_data": blocks_fingerprint(train_blocks),
                 "eval_data": blocks_fingerprint(eval_blocks),
                 "student_shape": _shape(student), "teacher_shape": _shape(teacher)}
-    # Every rank must hold the same data and models, or the shards do not add up.
-    if distributed.dist_on():
-        everyone = [None] * distributed.world()
-        dist.all_gather_object(everyone, settings)
-        if any(s != settings for s in everyone):
-            bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
-            raise MinitronError(f"ranks {bad} loaded other data or models than rank 0 (data "
-                                f"fingerprints and shapes differ); every rank needs the same inputs")
+    _same_on_every_rank(settings)
     distributed.on_rank0(lambda: _check_run_dir(out, settings))
 
     with StageTimer(phase) as timer:
@@ -769,8 +741,8 @@ def distill(
         result.update(metrics)
         result["timing"] = timer.as_dict()
         if distributed.world() > 1:
-            result["processes"] = {"world_size": distributed.world(),
-                                   "strategy": distributed.strategy(config.strategy, _device_of(student))}
+            result["processes"] = {"world_size": distributed.world(), "strategy":
+                                   distributed.strategy(config.strategy, _device_of(student))}
         plot_losses(records, out / "loss.png", f"{phase}: {out.name}")
         _write_final(out, student, weights, tokenizer, config, result, info or {})
         if not config.keep_checkpoint:
@@ -778,6 +750,46 @@ def distill(
         return result
 
     return distributed.on_rank0(finish)
+
+
+def _finished_metrics(out: Path) -> dict | None:
+    """The metrics of a run that already finished in `out`, else None."""
+    final = out / "minitron.json"
+    if final.exists():
+        saved = json.loads(final.read_text()).get("distillation", {})
+        if saved.get("status") == "finished":
+            print(f"[minitron] {out} holds a finished run; not repeating it")
+            return saved["metrics"]
+    return None
+
+
+def _check_inputs(teacher: nn.Module | None, student: nn.Module, train_blocks: torch.Tensor,
+                  config: DistillConfig, correction: TeacherCorrectionConfig) -> None:
+    """Refuse, before any work, inputs the run cannot use."""
+    check_correction(config, correction)
+    distributed.check_divisible(config.batch_size, distributed.world(), "world size")
+    if config.uses_teacher and teacher is None:
+        raise MinitronError("distillation needs a teacher (--teacher); without one, use "
+                            "distill.baseline=ce or distill.baseline=scratch")
+    if train_blocks.ndim != 2 or train_blocks.size(1) != config.block_size:
+        raise MinitronError(f"train blocks have shape {tuple(train_blocks.shape)}; expected "
+                            f"[n, block_size={config.block_size}]")
+    if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
+        raise MinitronError(
+            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
+            f"({student.config.vocab_size}); distillation needs the same tokenizer")
+
+
+def _same_on_every_rank(settings: dict[str, Any]) -> None:
+    """Every rank must hold the same data and models, or the shards do not add up."""
+    if not distributed.dist_on():
+        return
+    everyone = [None] * distributed.world()
+    dist.all_gather_object(everyone, settings)
+    if any(s != settings for s in everyone):
+        bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
+        raise MinitronError(f"ranks {bad} loaded other data or models than rank 0 (data "
+                            f"fingerprints and shapes differ); every rank needs the same inputs")
 
 
 def _shape(model: nn.Module | None) -> dict[str, Any] | None:

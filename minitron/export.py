@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic, write_text_atomic)
-from minitron.config import BLOCKWISE_MAX_BLOCK, INT8_SCHEMES, DataConfig, ExportConfig, ModelConfig
+from minitron.config import BLOCKWISE_MAX_BLOCK, DataConfig, ExportConfig, ModelConfig
 from minitron.data import load_blocks
 from minitron.evaluate import speed as torch_speed
 from minitron.evaluate import weights_size_mb

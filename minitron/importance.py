@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minitron.common import MinitronError, write_json_atomic
-from minitron.config import AGGREGATIONS, DEPTH_METHODS, HEAD_SCORES, ImportanceConfig
+from minitron.config import AGGREGATIONS, DEPTH_METHODS, ImportanceConfig
 from minitron.data import batches
 from minitron.models import arch_of, decoder_layers, head_layout
 

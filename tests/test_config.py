@@ -267,3 +267,36 @@ def test_text_field_reaches_export(body_corpus, tmp_path):
     assert export_main([*argv, "--text-field", "body"]) == 0
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert manifest["settings"]["data"]["text_field"] == "body"
+
+
+def test_no_import_cycle_anywhere():
+    """No minitron module imports, at any level (top or inside a function), one that leads back."""
+    import ast
+
+    graph = {}
+    for path in [*(ROOT / "minitron").glob("*.py"), *(ROOT / "kernels").glob("*.py")]:
+        package = "minitron" if path.parent.name == "minitron" else "minitron.kernels"
+        name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minitron"):
+                deps |= ({f"minitron.{a.name}" for a in node.names} if node.module == "minitron"
+                         else {node.module})
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("minitron")}
+        graph[name] = deps - {name}
+
+    def reaches(start, node, seen):
+        for dep in graph.get(node, ()):
+            if dep == start:
+                return [node]
+            if dep not in seen:
+                seen.add(dep)
+                path = reaches(start, dep, seen)
+                if path:
+                    return [node, *path]
+        return None
+
+    for module in graph:
+        cycle = reaches(module, module, set())
+        assert cycle is None, " -> ".join([*cycle, module])
