@@ -11,6 +11,7 @@ the same way (`as_overrides`). The console scripts in pyproject.toml are the fun
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import textwrap
@@ -20,7 +21,7 @@ import yaml
 
 from minitron.common import run_cli
 from minitron.config import SECTIONS, Section, docs
-from minitron.recipe import RecipeError, build_section
+from minitron.recipe import RecipeError, build_section, parse_overrides
 
 # Which keys of which sections a command exposes: None means every key but `enabled` (which only
 # means something in a recipe).
@@ -105,26 +106,18 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return parser.parse_intermixed_args(argv)
 
 
-def _value(text: Any) -> Any:
-    return yaml.safe_load(text) if isinstance(text, str) and text.strip() else (
-        None if isinstance(text, str) else text)
-
-
 def configs(args: argparse.Namespace) -> dict[str, Section]:
-    """The exposed sections, built from the defaults, the aliases and the overrides."""
+    """The exposed sections, built from the defaults, the aliases and the overrides (in that
+    order; a later value wins), through the recipe's own conversion."""
     keys: Keys = args._keys
     valid = {f"{s}.{d['key']}" for s, d in exposed(keys)}
     raw: dict[str, dict[str, Any]] = {section: {} for section in keys}
-    given = [(name, _value(v)) for name, v in vars(args).items() if name in valid]
-    for item in args.overrides:
-        dotted, sep, text = item.partition("=")
-        if not sep or not dotted.strip():
-            raise RecipeError(f"command line: '{item}' is not of the form section.key=value")
-        given.append((dotted.strip(), _value(text)))
+    flags = {name: v for name, v in vars(args).items() if name in valid}
+    given = [(n, v) for n, v in flags.items() if not isinstance(v, str)]  # --flag / --no-flag
+    given += parse_overrides([f"{n}={v}" for n, v in flags.items() if isinstance(v, str)])
+    given += parse_overrides(args.overrides)
     for name, value in given:
         if name not in valid:
-            import difflib
-
             close = difflib.get_close_matches(name, sorted(valid), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise RecipeError(f"command line: {name}: unknown key; {hint}valid keys: "

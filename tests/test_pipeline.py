@@ -122,7 +122,7 @@ def test_bad_recipe_exits_2_with_a_message_and_keeps_the_run(finished_run):
     before = sorted(p.name for p in run_dir.iterdir())
     result = run_recipe(recipe, "distill.temperature=0")
     assert result.returncode == 2
-    assert "distill: temperature=0.0 is invalid; valid: a number > 0" in result.stderr
+    assert "distill.temperature=0.0 is invalid; valid: a number > 0" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
