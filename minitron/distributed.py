@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import uuid
 from typing import Any, Callable
@@ -122,12 +123,21 @@ def _recorded(failure: Any) -> str | None:
     return str(data.get("message", "")) if isinstance(data, dict) else None
 
 
+def _blame(failure: Any) -> int:
+    """How likely a failed rank caused the stop (lower: likelier)."""
+    if _recorded(failure) is not None:
+        return 0
+    if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:
+        return 1  # killed from outside (SIGKILL, the OOM killer, a segfault)
+    if failure.exitcode > 0:
+        return 2  # crashed, maybe because a peer's collective broke
+    return 3  # SIGTERM: what the launcher sends the other ranks when it stops them
+
+
 def root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
-    """The rank that caused the stop. Timestamps have one-second resolution, so the others that
-    fell with it (a peer's collective broke) can tie: a recorded message, then a signal (a rank that
-    was killed), then the earliest time, then the lowest rank decides."""
-    return min(failures.items(), key=lambda kv: (_recorded(kv[1]) is None, kv[1].exitcode >= 0,
-                                                 kv[1].timestamp, kv[0]))
+    """The rank that caused the stop. Timestamps have one-second resolution and the ranks that
+    fell with it tie, so what each failure record says decides first, then time, then rank."""
+    return min(failures.items(), key=lambda kv: (_blame(kv[1]), kv[1].timestamp, kv[0]))
 
 
 def failure_message(rank: int, failure: Any) -> str:

@@ -293,3 +293,26 @@ def test_fsdp_on_two_gpus_matches_one_gpu(world, tmp_path):
                            *extra], _env(world))
         assert rc == 0, log[-3000:]
     _assert_same_model(one, two)
+
+
+def test_failing_rank_is_read_from_the_failure_records(tmp_path):
+    """The launcher's ChildFailedError holds one ProcessFailure per failed rank; the one that
+    caused the stop wins over the ranks the launcher stopped (SIGTERM) or that fell with it."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from minitron.distributed import failure_message, root_failure
+
+    def failure(rank, exitcode, message=None):
+        path = tmp_path / f"error-{rank}.json"
+        if message is not None:  # what ErrorHandler.record_exception writes
+            path.write_text(json.dumps({"message": {"message": message, "extraInfo": {
+                "py_callstack": "", "timestamp": "0"}}}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(path))
+
+    stopped, killed, crashed = failure(0, -signal.SIGTERM), failure(1, -signal.SIGKILL), failure(2, 1)
+    assert failure_message(*root_failure({0: stopped, 1: killed, 2: crashed})) == (
+        "rank 1 died (SIGKILL) with no error message; the launcher stopped the others; the log is "
+        "above")
+    assert root_failure({0: stopped, 2: crashed})[0] == 2
+    said = failure(3, 2, "MinitronError: the disk is full")
+    assert failure_message(*root_failure({1: killed, 3: said})) == "rank 3: the disk is full"
