@@ -363,6 +363,7 @@ class _Loop:
     config: DistillConfig
     phase: str
     run_dir: Path
+    device: torch.device  # the student's, taken before wrapping (FSDP2 makes its parameters DTensors)
     student: nn.Module
     trainee: _Trainee
     model: nn.Module  # the trainee, or DDP / FSDP2 around it
@@ -380,10 +381,6 @@ class _Loop:
     last_ckpt_step: int | None = None
     start_step: int = 0
     bar: Any = None
-
-    @property
-    def device(self) -> torch.device:
-        return _device_of(self.student)
 
     @property
     def steps(self) -> int:
@@ -601,13 +598,16 @@ def _train(
     (tests use it to interrupt a run). Under torch.distributed every rank calls it: each takes its
     share of every micro-batch, the loss is averaged over ranks, rank 0 alone logs and writes.
     """
+    device = _device_of(student)
     distributed.check_divisible(config.batch_size, distributed.world(), "world size")
     kd = teacher is not None and config.baseline is None
     fused = kd and _use_fused(config, student.config.vocab_size)
     projections, trainee, aliases, model = _setup_model(student, teacher, config, kd)
     optimizer, scheduler = _setup_optimizer(trainee, config)
-    loop = _Loop(config, phase, run_dir, student, trainee, model, aliases, optimizer, scheduler,
-                 train_blocks, eval_blocks, eval_teacher, kd, fused, projections)
+    loop = _Loop(config=config, phase=phase, run_dir=run_dir, device=device, student=student,
+                 trainee=trainee, model=model, aliases=aliases, optimizer=optimizer,
+                 scheduler=scheduler, train_blocks=train_blocks, eval_blocks=eval_blocks,
+                 eval_teacher=eval_teacher, kd=kd, fused=fused, projections=projections)
     _resume(loop)
     captures = _set_loss(loop, teacher).captures
     if config.progress and distributed.rank() == 0:
