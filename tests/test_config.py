@@ -210,7 +210,6 @@ def loaded(monkeypatch):
 
     monkeypatch.setattr(minitron.models, "load_model", look)
     monkeypatch.setattr(minitron.evaluate, "load_model", look)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch loss path, as test_distill
     return seen
 
 

@@ -243,24 +243,24 @@ def test_parameter_budget_picks_the_largest_candidate_that_fits():
 
 # ----------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("target,message", [
-    ({"hidden_size": 128}, r"hidden_size \(--hidden-size\) = 128 is larger than the source "
+    ({"hidden_size": 128}, r"hidden_size \(prune.hidden_size\) = 128 is larger than the source "
                            r"model's 64; .* valid values 1 to 64"),
-    ({"intermediate_size": 97}, r"intermediate_size \(--intermediate-size\) = 97 is larger.*1 to 96"),
-    ({"num_attention_heads": 16}, r"num_attention_heads \(--num-attention-heads\) = 16 is larger"),
-    ({"num_key_value_heads": 3}, r"num_key_value_heads \(--num-key-value-heads\) = 3 is larger"),
-    ({"num_hidden_layers": 5}, r"num_hidden_layers \(--num-hidden-layers\) = 5 is larger.*1 to 4"),
-    ({"num_hidden_layers": 0}, r"num_hidden_layers \(--num-hidden-layers\) = 0 must be at least "
+    ({"intermediate_size": 97}, r"intermediate_size \(prune.intermediate_size\) = 97 is larger.*1 to 96"),
+    ({"num_attention_heads": 16}, r"num_attention_heads \(prune.num_attention_heads\) = 16 is larger"),
+    ({"num_key_value_heads": 3}, r"num_key_value_heads \(prune.num_key_value_heads\) = 3 is larger"),
+    ({"num_hidden_layers": 5}, r"num_hidden_layers \(prune.num_hidden_layers\) = 5 is larger.*1 to 4"),
+    ({"num_hidden_layers": 0}, r"num_hidden_layers \(prune.num_hidden_layers\) = 0 must be at least "
                                r"1; valid values: 1 to 4"),
-    ({"num_attention_heads": 5}, r"num_attention_heads \(--num-attention-heads\) = 5 cannot be "
+    ({"num_attention_heads": 5}, r"num_attention_heads \(prune.num_attention_heads\) = 5 cannot be "
                                  r"spread evenly over 2 KV groups.*valid values: 2, 4, 6, 8"),
     ({"num_attention_heads": 6, "num_key_value_heads": 1},
      r"= 6 cannot be spread evenly over 1 KV groups of at most 4.*valid values: 1, 2, 3, 4"),
-    ({"hidden_size": 60}, r"hidden_size \(--hidden-size\) = 60 is not divisible by the head "
+    ({"hidden_size": 60}, r"hidden_size \(prune.hidden_size\) = 60 is not divisible by the head "
                           r"layout \(num_attention_heads=8\); valid values: multiples of 8 up to "
                           r"64: 8, 16, 24, 32, 40, 48, 56, 64"),
     ({"hidden_size": 40, "num_attention_heads": 6}, r"= 40 is not divisible.*=6\).*6, 12, .*60"),
     ({"num_layers": 2}, r"unknown target key\(s\) num_layers; valid keys: hidden_size, "),
-    ({"hidden_size": 32.0}, r"hidden_size \(--hidden-size\) = 32.0 must be a whole number"),
+    ({"hidden_size": 32.0}, r"hidden_size \(prune.hidden_size\) = 32.0 must be a whole number"),
 ])
 def test_impossible_targets_are_refused_with_the_valid_values(target, message):
     with pytest.raises(MinitronError, match=message):
