@@ -52,6 +52,7 @@ from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table
                              write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
                              check_correction)
+from minitron.models import logit_softcap
 
 # Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
 FUSED_MIN_VOCAB = 32_768
@@ -225,7 +226,16 @@ def intermediate_loss(s: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tens
     return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
 
 
-def _use_fused(config: DistillConfig, vocab: int) -> bool:
+def _use_fused(config: DistillConfig, vocab: int, model_config: Any = None) -> bool:
+    # The fused kernel forms logits as hidden @ W^T itself, so it cannot apply a family's final
+    # logit soft-capping (Gemma 2): such models take the logits path, where the model applies it.
+    softcap = logit_softcap(model_config) if model_config is not None else None
+    if softcap is not None:
+        if config.loss_impl == "fused":
+            raise MinitronError(f"loss_impl='fused' cannot be used with this model: it soft-caps "
+                                f"its logits (final_logit_softcapping={softcap}), which the fused "
+                                f"kernel does not apply; use loss_impl 'auto' or 'logits'")
+        return False
     if config.loss_impl == "fused":
         return True
     return config.loss_impl == "auto" and vocab >= FUSED_MIN_VOCAB
@@ -601,7 +611,7 @@ def _train(
     device = _device_of(student)
     distributed.check_divisible(config.batch_size, distributed.world(), "world size")
     kd = teacher is not None and config.baseline is None
-    fused = kd and _use_fused(config, student.config.vocab_size)
+    fused = kd and _use_fused(config, student.config.vocab_size, student.config)
     projections, trainee, aliases, model = _setup_model(student, teacher, config, kd)
     optimizer, scheduler = _setup_optimizer(trainee, config)
     loop = _Loop(config=config, phase=phase, run_dir=run_dir, device=device, student=student,
