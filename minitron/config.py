@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 from minitron.common import MinitronError
+from minitron.precision import PRECISIONS  # imports no torch
 
 EMBEDDED_NAME = "smollm2-135m"
 
@@ -297,7 +298,13 @@ class DistillConfig(Section):
     loss_impl: LossImpl = setting("auto", "auto takes the fused linear+KL form for vocabularies "
                                           ">= 32768.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward.")
-    autocast: bool = setting(True, "bf16 autocast when the student is on a GPU.")
+    precision: str = setting("auto", "bf16 (bf16 compute, fp32 master weights and gradient "
+                                      "reduction), fp32, or auto (bf16 on CUDA, fp32 on CPU); see "
+                                      "minitron/precision.py.",
+                             Rule(", ".join(PRECISIONS), lambda v: v in PRECISIONS))
+    fsdp_unsynced_accum: bool = setting(False, "Under FSDP, reduce-scatter gradients on the last "
+                                               "micro-batch only (less communication; unsharded "
+                                               "fp32 gradients held between micro-batches).")
     checkpoint_every: int = setting(100, "Optimizer steps between checkpoints (also at the end).",
                                     at_least(1))
     eval_every: int = setting(50, "Optimizer steps between evaluations (also at 0 and the end).",
@@ -313,6 +320,9 @@ class DistillConfig(Section):
     nproc_per_node: int = setting(1, "> 1 outside torchrun: start torchrun with that many "
                                      "processes on this node.", at_least(1))
     teacher_device: str | None = setting(None, "The teacher's device (null: the student's).")
+    gpu_memory_gib: float | None = setting(None, "Per-GPU memory the memory plan must fit (null: "
+                                                 "the detected GPU's; no check without a GPU).",
+                                           POSITIVE)
 
     def __post_init__(self) -> None:
         if isinstance(self.intermediate, (list, tuple)):  # lists from YAML / JSON

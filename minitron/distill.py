@@ -26,7 +26,7 @@ process plumbing (torchrun, the process group, DDP/FSDP2, gathered state) is `mi
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minitron import distributed
+from minitron import distributed, precision
 from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, load_checkpoint,
                                  plot_losses, save_checkpoint)
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
@@ -60,7 +60,8 @@ IGNORE_INDEX = -100
 # Settings that may change between a run and its resumption (they do not change the weights).
 # Checkpoints hold gathered full state, so the process count and the strategy may change too.
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
-                      "strategy", "nproc_per_node", "teacher_device", "enabled"}
+                      "strategy", "nproc_per_node", "teacher_device", "enabled",
+                      "gpu_memory_gib"}
 # The settings the command takes (minitron.cli); the models are --teacher and --student. The
 # distill section comes first, so `--tokens` and `--lr` are its aliases (teacher_correction.tokens
 # is set by name).
@@ -122,6 +123,7 @@ class LossSetup:
     teacher_head: torch.Tensor | None = None
     fused: bool = False
     captures: list["_Capture"] = dataclasses.field(default_factory=list)
+    eval_teacher: nn.Module | None = None  # for evaluation sums inside the wrapper's forward
 
 
 class _Trainee(nn.Module):
@@ -139,7 +141,11 @@ class _Trainee(nn.Module):
         self.projections = projections if projections is not None else nn.ModuleList()
         self.setup: LossSetup | None = None
 
-    def forward(self, ids: torch.Tensor, loss: bool = False):
+    def forward(self, ids: torch.Tensor, loss: bool = False, eval_sums: bool = False):
+        if eval_sums:  # inside the wrapper's forward: FSDP has the root's weights gathered
+            from minitron.evaluate import batch_metric_sums
+
+            return batch_metric_sums(self.student, self.setup.eval_teacher, ids)
         if not loss:
             return self.student(ids, use_cache=False)
         a = self.setup
@@ -266,7 +272,7 @@ def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: 
     ce_weight = config.alpha / (1 - config.alpha) if config.alpha > 0 else 0.0
     kw = dict(temperature=config.temperature, divergence=config.divergence, beta=config.beta,
               labels=labels.reshape(-1) if labels is not None else None, ce_weight=ce_weight,
-              ignore_index=IGNORE_INDEX)
+              ignore_index=IGNORE_INDEX, check_labels=False)  # `distill` checked the token ids
     t_ids = ids.to(_device_of(teacher))
     dev = ids.device
     if fused:
@@ -307,20 +313,38 @@ def _micro_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_student(student: nn.Module, teacher: nn.Module | None, blocks: torch.Tensor,
-                     batch_size: int) -> dict[str, float]:
-    """Held-out loss and perplexity, and (with a teacher) KL to it and top-1 agreement."""
-    from minitron.evaluate import perplexity, teacher_agreement
+                     batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
+    """Held-out loss and perplexity, and (with a teacher) KL to it and top-1 agreement.
 
+    From hidden states through chunked logits (`minitron.evaluate.metric_sums`): no [B, T, V]
+    tensor. `student` is a plain model or the loop's (wrapped) trainee, whose forward computes the
+    sums, so that FSDP gathers its weights. `shard=(rank, world)`: this rank evaluates blocks
+    rank, rank + world, ... and the sums are added over ranks (every rank must call it then, and
+    runs the same number of forwards: an FSDP forward is collective).
+    """
+    from minitron.evaluate import batch_metric_sums, metrics_from_sums
+
+    rank, world = shard
+    trainee = isinstance(getattr(student, "module", student), _Trainee)
+    device = _device_of(student)
+    mine = blocks[rank::world]
+    n_batches = math.ceil(math.ceil(len(blocks) / world) / batch_size)  # the same on every rank
     was_training = student.training
     student.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     try:
-        ppl = perplexity(student, blocks, batch_size)
-        out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
-        if teacher is not None:
-            out.update(teacher_agreement(student, teacher, blocks, batch_size))
+        for i in range(n_batches):
+            batch = mine[i * batch_size:(i + 1) * batch_size]
+            padding = len(batch) == 0  # this rank's share ran out: a forward to keep step
+            ids = (blocks[:1] if padding else batch).to(device)
+            s = student(ids, eval_sums=True) if trainee else batch_metric_sums(student, teacher, ids)
+            if not padding:
+                sums += s
     finally:
         student.train(was_training)
-    return out
+    if world > 1:
+        dist.all_reduce(sums)
+    return metrics_from_sums(sums.cpu(), teacher is not None)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -397,9 +421,7 @@ class _Loop:
         return self.config.steps
 
     def autocast(self):
-        if self.config.autocast and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision.autocast(self.config.precision, self.device)
 
 
 def _setup_model(student: nn.Module, teacher: nn.Module | None, config: DistillConfig, kd: bool):
@@ -412,7 +434,7 @@ def _setup_model(student: nn.Module, teacher: nn.Module | None, config: DistillC
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainee = _Trainee(student, projections)
     aliases = distributed.tied_aliases(trainee)
-    model = distributed.wrap_model(trainee, config.strategy)
+    model = distributed.wrap_model(trainee, config.strategy, config.precision)
     return projections, trainee, aliases, model
 
 
@@ -460,18 +482,20 @@ def _set_loss(loop: _Loop, teacher: nn.Module | None) -> LossSetup:
         captures = [_Capture(teacher, [t for t, _ in config.intermediate]),
                     _Capture(loop.student, [s for _, s in config.intermediate])]
     loop.trainee.setup = LossSetup(teacher if loop.kd else None, config, teacher_head, loop.fused,
-                                   captures)
+                                   captures, loop.eval_teacher)
     return loop.trainee.setup
 
 
 def _evaluate(loop: _Loop, step: int) -> dict[str, Any]:
-    """Held-out metrics at `step`. Every rank evaluates the whole (small) eval set through the
-    wrapper: an FSDP forward is collective. The numbers are the same on every rank; rank 0 logs."""
+    """Held-out metrics at `step`. Each rank evaluates its share of the eval set through the
+    wrapper (an FSDP forward is collective); the sums are added over ranks, so every rank has the
+    numbers; rank 0 logs."""
     config = loop.config
     rec = {"kind": "eval", "step": step, "tokens": step * config.tokens_per_step}
     with loop.autocast():
         rec.update(evaluate_student(loop.model, loop.eval_teacher, loop.eval_blocks,
-                                    config.eval_batch_size))
+                                    config.eval_batch_size,
+                                    shard=(distributed.rank(), distributed.world())))
     loop.log.write(rec)
     msg = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("kind", "step", "tokens"))
     if distributed.rank() == 0:
@@ -490,7 +514,7 @@ def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
         rows = batch_indices(step, micro, len(loop.train_blocks), config, rank, world)
         ids = loop.train_blocks[rows].to(device)
         last = micro == config.grad_accum - 1
-        with distributed.grad_sync(loop.model, last):
+        with distributed.grad_sync(loop.model, last, config.fsdp_unsynced_accum):
             with loop.autocast():
                 loss, inter = loop.model(ids, loss=True)
             (loss / config.grad_accum).backward()
@@ -648,17 +672,16 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
     settings are distillation's).
 
     The phase checkpoints and resumes like distillation; its result (`teacher.safetensors`) is kept,
-    so a rerun loads it instead of training again. The teacher is trained in its own dtype and left
-    frozen in eval mode. With several processes it trains under DDP whatever `config.strategy`
-    says: the teacher stays a whole (replicated) module for the distillation that follows.
+    so a rerun loads it instead of training again. Training uses the precision policy on an fp32
+    copy of the teacher (fp32 master weights: AdamW's small updates would round away in bf16), under
+    `config.strategy` (FSDP2 shards it on GPUs); the result is loaded back into `teacher`, which
+    keeps its own dtype, stays whole (replicated) and is left frozen in eval mode.
     """
-    from safetensors.torch import load_model, save_model
-
     run_dir = Path(run_dir)
     done = run_dir / "teacher.safetensors"
     tc = dataclasses.replace(
         config, tokens=correction.tokens, lr=correction.lr or config.lr, baseline="ce",
-        intermediate=(), alpha=0.0, seed=config.seed + 1, strategy="ddp")
+        intermediate=(), alpha=0.0, seed=config.seed + 1)
 
     def finished() -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -668,18 +691,42 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
 
     saved = distributed.on_rank0(finished)
     if saved is not None:
-        load_model(teacher, str(done))  # every rank reads it: the run folder is shared
+        _load_corrected(teacher, done)
         if distributed.rank() == 0:
             print(f"[minitron] teacher correction: already done, loaded {done}")
         return saved
-    metrics = _train(teacher, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
-    if distributed.rank() == 0:
+    # A separate fp32 module when the teacher is not fp32, or when FSDP would shard it in place.
+    sharded = (distributed.dist_on()
+               and distributed.strategy(tc.strategy, _device_of(teacher)) == "fsdp")
+    master = (copy.deepcopy(teacher).float()
+              if sharded or any(p.dtype != torch.float32 for p in teacher.parameters()) else teacher)
+    metrics = _train(master, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
+    weights = distributed.full_state_dict(master)  # collective under FSDP; {} on other ranks
+
+    def save() -> None:
+        from safetensors.torch import save_file
+
         tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
-        save_model(teacher, str(tmp))
+        save_file(weights, str(tmp))
         os.replace(tmp, done)
         write_json_atomic(run_dir / "metrics.json", metrics)
-    freeze_(teacher)
+
+    distributed.on_rank0(save)  # every rank waits for the file
+    del master, weights
+    _load_corrected(teacher, done)  # every rank reads it: the run folder is shared
     return metrics
+
+
+def _load_corrected(teacher: nn.Module, path: Path) -> None:
+    """The corrected fp32 weights into `teacher`, cast to its dtype; tied aliases may be absent."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = teacher.load_state_dict(load_file(str(path)), strict=False)
+    aliases = distributed.tied_aliases(teacher)
+    if unexpected or set(missing) - set(aliases):
+        raise MinitronError(f"{path} does not hold this teacher's weights (missing "
+                            f"{sorted(set(missing) - set(aliases))[:3]}, unexpected {unexpected[:3]})")
+    freeze_(teacher)
 
 
 def distill(
@@ -694,10 +741,13 @@ def distill(
     info: dict[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
     correction: TeacherCorrectionConfig | None = None,
+    student_device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train `student` (in place) from `teacher` and write the finished model to `output_dir`.
 
     `correction` (tokens > 0) first fine-tunes the teacher on the train blocks.
+    `student_device`: where the student trains, when it is handed over elsewhere (on the host, so
+    that a teacher correction has the GPU to itself); it moves there after the correction.
 
     train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits. `teacher` may be None
     only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
@@ -739,6 +789,8 @@ def distill(
         if config.baseline == "scratch" and distributed.on_rank0(lambda: find_checkpoint(out)) is None:
             reinitialize_(student, config.seed)  # seeded: the same weights on every rank
         student.float()
+        if student_device is not None:
+            student.to(student_device)
         metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
                          on_step=on_step, eval_teacher=teacher)
         timer.tokens = metrics["this_session_tokens"]
@@ -788,6 +840,16 @@ def _check_inputs(teacher: nn.Module | None, student: nn.Module, train_blocks: t
         raise MinitronError(
             f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
             f"({student.config.vocab_size}); distillation needs the same tokenizer")
+    _check_token_ids(train_blocks, student.config.vocab_size)
+
+
+def _check_token_ids(blocks: torch.Tensor, vocab: int) -> None:
+    """Every token id in [0, vocab), checked once on the host, so the loss kernels need not check
+    their labels (a device sync) at every step."""
+    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= vocab):
+        raise MinitronError(f"the training data holds token ids in [{int(blocks.min())}, "
+                            f"{int(blocks.max())}] but the student's vocabulary has {vocab} entries: "
+                            f"the tokenizer does not match the model")
 
 
 def _same_on_every_rank(settings: dict[str, Any]) -> None:
@@ -891,6 +953,8 @@ def run_distill(
     if config.block_size > max_pos:
         raise MinitronError(f"distill.block_size={config.block_size} is longer than the models' "
                             f"context ({max_pos} positions); choose block_size <= {max_pos}")
+    world = int(os.environ.get("WORLD_SIZE", config.nproc_per_node))
+    memory_plan_(t_cfg, s_cfg, config, correction, world, model, show=False)
     sections = {"distill": config, "teacher_correction": correction, "data": data, "model": model}
     if not distributed.under_torchrun() and config.nproc_per_node > 1:
         return _launch(teacher_path, student_path, out, sections)
@@ -902,6 +966,29 @@ def run_distill(
                 raise
             distributed.record_for_torchrun(e)
             raise MinitronError(f"rank {distributed.rank()}: {e}") from None
+
+
+def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig,
+                 correction: TeacherCorrectionConfig, world: int, model: ModelConfig,
+                 show: bool = True):
+    """The per-GPU memory plan (`minitron.memory_plan`), printed if `show`; refuses a plan over
+    `config.gpu_memory_gib` or, on a GPU, the detected memory. Returns the plan."""
+    from minitron import memory_plan
+    from minitron.models import default_device
+
+    dev = torch.device(model.device or default_device())
+    gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
+           else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
+    strategy = "fsdp" if config.strategy == "fsdp" or (config.strategy == "auto"
+                                                       and (dev.type == "cuda" or gpu)) else "ddp"
+    plan = memory_plan.plan_distill(teacher_cfg or student_cfg, student_cfg, config, world,
+                                    model.dtype, strategy, correction_tokens=correction.tokens)
+    if show:
+        print(format_table(plan.rows()))
+        print(f"estimated peak per GPU: {plan.peak / memory_plan.GIB:.1f} GiB on {world} "
+              f"process(es), {strategy}" + (f", of {gpu / memory_plan.GIB:.1f} GiB" if gpu else ""))
+    memory_plan.check_fits(plan, gpu)
+    return plan
 
 
 def _launch(teacher_path, student_path, out: Path, sections: dict[str, Any]) -> dict[str, Any]:
@@ -933,10 +1020,13 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     teacher_device = config.teacher_device
     if distributed.dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
         teacher_device = device  # this rank's GPU
-    student, tokenizer = load_model(student_path, dtype="float32", device=device)
     teacher = None
     if teacher_path is not None:
         teacher, _ = load_model(teacher_path, dtype=model.dtype, device=teacher_device or device)
+    # A teacher correction trains first: the student waits on the host until it is done.
+    correction = sections["teacher_correction"]
+    student, tokenizer = load_model(student_path, dtype="float32",
+                                    device="cpu" if correction.tokens else device)
     n_train = config.steps * config.batch_size * config.grad_accum
     train_blocks = load_blocks(tokenizer, "train", n_train, source=data.source,
                                block_size=config.block_size, seed=config.seed,
@@ -951,7 +1041,7 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
                      "eval_blocks": len(eval_blocks), "block_size": config.block_size},
             "pruning": info or None}
     return distill(teacher, student, train_blocks, eval_blocks, config, out, tokenizer=tokenizer,
-                   info=info, correction=sections["teacher_correction"])
+                   info=info, correction=correction, student_device=device)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -963,6 +1053,8 @@ def build_parser():
                                      "(needed unless a baseline; with a baseline, only for eval KL)")
     p.add_argument("--student", required=True, help="student model folder (e.g. a pruned model)")
     p.add_argument("--output", required=True, help="run folder; the final HF model is written here")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-GPU memory plan from the model configs and stop")
     return p
 
 
@@ -972,6 +1064,13 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse(build_parser(), argv)
     c = cli.configs(args)
     config = c["distill"]
+    if args.dry_run:
+        from minitron.models import load_config
+
+        t_cfg = load_config(args.teacher) if args.teacher else None
+        memory_plan_(t_cfg, load_config(args.student), config, c["teacher_correction"],
+                     config.nproc_per_node, c["model"])
+        return 0
     result = run_distill(args.teacher, args.student, args.output, config,
                          correction=c["teacher_correction"], data=c["data"], model=c["model"])
     if int(os.environ.get("RANK", 0)) != 0 or (config.nproc_per_node > 1

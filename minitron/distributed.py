@@ -161,9 +161,9 @@ def record_for_torchrun(error: Exception) -> None:
 
 
 # ----------------------------------------------------------------------------- DDP and FSDP2
-def wrap_model(model: nn.Module, strategy_name: str) -> nn.Module:
+def wrap_model(model: nn.Module, strategy_name: str, precision_name: str = "auto") -> nn.Module:
     """The module the loop calls: with one process `model` itself, else DDP or FSDP2 around it
-    (`strategy_name`: auto, ddp, fsdp).
+    (`strategy_name`: auto, ddp, fsdp; `precision_name`: the precision policy's name).
     `model` is the loop's trainee (FSDP2 shards each decoder layer of `model.student`, then the
     rest)."""
     if not dist_on():
@@ -177,21 +177,28 @@ def wrap_model(model: nn.Module, strategy_name: str) -> nn.Module:
             broadcast_buffers=False)  # no trained buffers; a broadcast would tie eval to lockstep
     from torch.distributed.fsdp import fully_shard
 
+    from minitron import precision
     from minitron.models import decoder_layers
 
+    # bf16 all-gathers and compute, fp32 reduce-scatters; the sharded parameters (the optimizer's
+    # master weights) stay fp32.
+    kw = {"mp_policy": p} if (p := precision.fsdp_policy(precision_name, device)) else {}
     for layer in decoder_layers(model.student):
-        fully_shard(layer)
-    fully_shard(model)  # the root: embeddings, final norm, LM head, projections
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)  # the root: embeddings, final norm, LM head, projections
     return model
 
 
-def grad_sync(model: nn.Module, last: bool):
-    """Reduce gradients across ranks on the last micro-batch of an optimizer step only."""
+def grad_sync(model: nn.Module, last: bool, fsdp_unsynced: bool = False):
+    """DDP: all-reduce on the last micro-batch of an optimizer step only (its gradients are whole
+    either way). FSDP2: reduce-scatter every micro-batch, so each rank holds only its shard of the
+    gradients between micro-batches; `fsdp_unsynced` defers it to the last one instead (less
+    communication, but every rank keeps whole unsharded fp32 gradients in between)."""
     if not dist_on():
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
         return contextlib.nullcontext() if last else model.no_sync()
-    model.set_requires_gradient_sync(last)  # FSDP2
+    model.set_requires_gradient_sync(last or not fsdp_unsynced)  # FSDP2
     return contextlib.nullcontext()
 
 
