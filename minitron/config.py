@@ -246,6 +246,7 @@ IntermediateLoss = Literal["cosine", "mse"]
 LossImpl = Literal["auto", "logits", "fused"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 DIVERGENCES: tuple[str, ...] = typing.get_args(Divergence)
+Precision = Literal[PRECISIONS]  # the names minitron.precision defines
 
 
 @dataclass
@@ -298,10 +299,9 @@ class DistillConfig(Section):
     loss_impl: LossImpl = setting("auto", "auto takes the fused linear+KL form for vocabularies "
                                           ">= 32768.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward.")
-    precision: str = setting("auto", "bf16 (bf16 compute, fp32 master weights and gradient "
-                                      "reduction), fp32, or auto (bf16 on CUDA, fp32 on CPU); see "
-                                      "minitron/precision.py.",
-                             Rule(", ".join(PRECISIONS), lambda v: v in PRECISIONS))
+    precision: Precision = setting("auto", "bf16 (bf16 compute, fp32 master weights and "
+                                            "gradient reduction), fp32, or auto (bf16 on CUDA, "
+                                            "fp32 on CPU); see minitron/precision.py.")
     fsdp_unsynced_accum: bool = setting(False, "Under FSDP, reduce-scatter gradients on the last "
                                                "micro-batch only (less communication; unsharded "
                                                "fp32 gradients held between micro-batches).")

@@ -240,7 +240,7 @@ def test_text_field_and_dtype_reach_prune_distill_and_evaluate(body_corpus, load
                          "2", "--block-size", "16", "distill.eval_blocks=2", "--no-progress",
                          "--dtype", "bfloat16", "--device", "cpu", *data]) == 0
     # the student trains in float32; the teacher is loaded in model.dtype
-    assert loaded[-2:] == [("pruned", torch.float32), ("teacher", torch.bfloat16)]
+    assert loaded[-2:] == [("teacher", torch.bfloat16), ("pruned", torch.float32)]
     info = json.loads((tmp_path / "distilled" / "minitron.json").read_text())
     assert info["data"]["source"] == str(body_corpus)
 
