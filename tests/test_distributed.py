@@ -285,7 +285,7 @@ def test_bf16_policy_one_process_and_fsdp_agree_and_track_fp32(world, reference,
 def test_teacher_correction_on_two_fsdp_ranks_matches_one_process(world, tmp_path):
     """Teacher correction (fp32 master weights, sharded under FSDP2), then distillation."""
     one, two = tmp_path / "one", tmp_path / "two"
-    extra = ["--teacher-correction-tokens", str(2 * BATCH * BLOCK), "--teacher-dtype", "bfloat16"]
+    extra = [f"teacher_correction.tokens={2 * BATCH * BLOCK}", "model.dtype=bfloat16"]
     rc, log, _ = _one_rank(world, one, *extra)
     assert rc == 0, log[-3000:]
     rc, log, _ = _two_ranks(world, two, *extra, "--strategy", "fsdp")
