@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 from minitron.common import MinitronError
+from minitron.cpu import INT8_CPUS  # imports no torch
 from minitron.precision import PRECISIONS  # imports no torch
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -381,6 +382,14 @@ def check_correction(distill: DistillConfig, correction: TeacherCorrectionConfig
 # ----------------------------------------------------------------------------- export and evaluate
 Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
 INT8_SCHEMES: tuple[str, ...] = typing.get_args(Int8Scheme)
+Int4Scheme = Literal["rtn", "hqq", "none"]
+INT4_SCHEMES: tuple[str, ...] = typing.get_args(Int4Scheme)
+# 'auto' measures levels 0 and 4; YAML and `key=value` read a bare 4 as a number.
+AccuracyLevel = Literal["auto", 0, 1, 2, 3, 4]
+GgufChoice = Literal["none", "f16", "q8_0", "all"]
+# A Literal (so --help and recipes list the kinds); minitron.cpu's targets are the same names.
+Int8Cpu = Literal["auto", "vnni", "no-vnni", "arm"]
+assert typing.get_args(Int8Cpu) == INT8_CPUS, "config.Int8Cpu and cpu.CPU_TARGETS disagree"
 BLOCKWISE_MAX_BLOCK = 128
 
 
@@ -396,7 +405,22 @@ class ExportConfig(Section):
     int8: Int8Scheme = setting("blockwise", "INT8 scheme of the deployed model.onnx.")
     per_channel: bool = setting(False, "Per-channel weight scales (dynamic / static).")
     # One default for the recipe and the command (they were 32 and 16): 32 calibration blocks.
+    int8_cpu: Int8Cpu = setting("auto", "The CPU kind the dynamic/static INT8 models are made "
+                                        "for: 'auto' (this one) or a kind (minitron.cpu); it picks "
+                                        "ONNX Runtime's activation/weight types and weight range.")
+    int4: Int4Scheme = setting("none", "'rtn' or 'hqq' deploys 4-bit MatMulNBits weights "
+                                       "(embedding too) instead of INT8.")
+    accuracy_level: AccuracyLevel = setting(
+        "auto", "MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float "
+                "activations) and 4 (int8 activations) and deploys the faster one that passes the "
+                "gates; or 0..4.")
+    gguf: GgufChoice = setting("none", "Also write GGUF for llama.cpp/ollama (Llama family), each "
+                                       "file validated through transformers' GGUF loader.")
+    # One default for the recipe and the command (they were 32 and 16): 32 calibration blocks.
     calib_samples: int = setting(32, "Calibration blocks for int8=static.", at_least(1))
+    max_eval_tokens: int = setting(8192, "Validation reads at most this many tokens (blocks of at "
+                                         "most 512, batch 1), whatever the model's context.",
+                                   at_least(2))
     bnb: bool = setting(False, "Also measure bitsandbytes INT8 / NF4 loading (PyTorch side).")
     ppl_budget: float = setting(0.02, "Largest relative perplexity increase of the deployed INT8 "
                                       "model (0.02 = 2%).", NON_NEGATIVE)
@@ -407,8 +431,14 @@ class ExportConfig(Section):
     int8_min_top1: float = setting(0.80, "Least top-1 agreement of INT8 with FP32.", between(0, 1))
     gen_tokens: int = setting(16, "Greedy tokens that must match PyTorch's.", at_least(1))
     keep_fp32: bool = setting(False, "Keep the FP32 graph as model_fp32.onnx.")
-    compare: bool = setting(True, "Also measure the INT8 schemes that are not deployed.")
+    compare: bool = setting(False, "Also measure every variant that is not a deployment "
+                                   "candidate (a report for choosing).")
     speed: bool = setting(True, "Measure latency.")
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The MatMulNBits accuracy levels to measure."""
+        return (0, 4) if self.accuracy_level == "auto" else (int(self.accuracy_level),)
 
     def check(self) -> None:
         if self.per_channel and self.int8 == "blockwise":
