@@ -30,13 +30,6 @@ def require_lm_eval() -> None:
                             f"installed: {INSTALL_HINT}") from None
 
 
-def parse_tasks(spec: str | list[str] | None) -> list[str]:
-    if spec is None:
-        return []
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    return [n.strip() for n in names if n.strip()]
-
-
 @contextlib.contextmanager
 def _offline_if_local(tasks: list[str]):
     """Hub libraries offline while only shipped tasks run, so that a local task never waits on the

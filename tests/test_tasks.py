@@ -89,13 +89,15 @@ def test_unknown_task_is_a_one_line_error():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    from minitron.config import DataConfig, ExportConfig
     from minitron.export import export
 
     root = tmp_path_factory.mktemp("tasks")
     model = make_tiny_model("llama", root / "model", seed=3)
     corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
-    export(root / "model", root / "onnx", int8="none", eval_blocks=2, block_size=32, calib_samples=2,
-           gen_tokens=8, compare=False, measure_speed=False, source=corpus)
+    export(root / "model", root / "onnx",
+           ExportConfig(int8="none", calib_samples=2, gen_tokens=8, compare=False, speed=False),
+           DataConfig(source=corpus, eval_blocks=2, block_size=32))
     return model, root / "onnx"
 
 
