@@ -19,7 +19,8 @@ from typing import Iterable, Iterator, Literal
 
 import torch
 
-from minitron.common import MinitronError
+from minitron.common import MinitronError, run_cli
+from minitron.shards import Prepared, is_prepared, prepare
 
 Split = Literal["train", "calibration", "eval"]
 SPLITS: tuple[str, ...] = ("train", "calibration", "eval")
@@ -31,7 +32,8 @@ _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".c", 
 _SINGLE_FILE_CHUNK = 16_384  # characters: one big text file is split at paragraphs into documents
 
 SOURCES_HELP = ("'stdlib' (the Python standard library source, embedded), a text file, a folder, a "
-                "glob, a .jsonl file (with text_field), or 'hf:NAME' / a saved `datasets` folder")
+                "glob, a .jsonl file (with text_field), 'hf:NAME' / a saved `datasets` folder, or a folder "
+                "made by `python -m minitron.data prepare`")
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,13 @@ class Document:
     text: str
 
 
-def split_of(key: str) -> str:
-    """The split a document key belongs to; stable across runs, machines and Python versions."""
+def split_of(key: str, edges: dict[str, tuple[float, float]] | None = None) -> str:
+    """The split a document key belongs to; stable across runs, machines and Python versions.
+
+    `edges` (split -> [lo, hi) of the hash bucket) defaults to today's 5% eval, 10% calibration.
+    """
     bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
-    for split, (lo, hi) in _SPLIT_EDGES.items():
+    for split, (lo, hi) in (edges or _SPLIT_EDGES).items():
         if lo <= bucket < hi:
             return split
     return "train"
@@ -204,7 +209,9 @@ def load_blocks(
     """Token blocks [n, block_size] (int64) of one split; the same arguments give the same blocks.
 
     `num_blocks=None` packs the whole split. `max_positions` (the model's context length) refuses
-    blocks the model cannot attend over.
+    blocks the model cannot attend over. A prepared folder (`python -m minitron.data prepare`) as
+    `source` reads the blocks from its shards; its document order was fixed by the `seed` it was
+    prepared with, so `seed` applies to raw sources only.
     """
     if block_size < 2:
         raise MinitronError(f"block_size={block_size} is too small; it must be at least 2")
@@ -215,6 +222,8 @@ def load_blocks(
         )
     if num_blocks is not None and num_blocks < 1:
         raise MinitronError(f"num_blocks={num_blocks} must be at least 1")
+    if is_prepared(source):
+        return _prepared_blocks(tokenizer, split, num_blocks, source, block_size)
     docs = split_documents(source, split, text_field)
     if not docs:
         raise MinitronError(
@@ -232,3 +241,96 @@ def load_blocks(
         print(f"[minitron] note: the '{split}' split of '{source}' holds only {len(blocks)} blocks "
               f"of {block_size} tokens ({num_blocks} asked for); using {len(blocks)}")
     return blocks
+
+
+def _prepared_blocks(tokenizer, split: str, num_blocks: int | None, source: str,
+                     block_size: int) -> torch.Tensor:
+    if split not in SPLITS:
+        raise MinitronError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+    prepared = Prepared(source)
+    prepared.check_tokenizer(tokenizer)
+    view = prepared.blocks(split, block_size, num_blocks)
+    if len(view) == 0:
+        raise MinitronError(
+            f"the '{split}' split of prepared data '{source}' has fewer than block_size="
+            f"{block_size} tokens; give more text or a smaller block_size")
+    if num_blocks is not None and len(view) < num_blocks:
+        print(f"[minitron] note: the '{split}' split of '{source}' holds only {len(view)} blocks "
+              f"of {block_size} tokens ({num_blocks} asked for); using {len(view)}")
+    return view.tensor()
+
+
+def open_blocks(tokenizer, split: str, num_blocks: int | None, *, source: str, block_size: int,
+                seed: int = 0, text_field: str = "text", max_positions: int | None = None):
+    """Like `load_blocks`, but a prepared `source` gives a `BlockView` that reads rows from the
+    shards on demand (training data at corpus scale), never the whole split in memory."""
+    if not is_prepared(source):
+        return load_blocks(tokenizer, split, num_blocks, source=source, block_size=block_size,
+                           seed=seed, text_field=text_field, max_positions=max_positions)
+    load_blocks(tokenizer, split, 1, source=source, block_size=block_size,
+                max_positions=max_positions)  # the same checks and errors, on one block
+    return Prepared(source).blocks(split, block_size, num_blocks)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minitron.data",
+                                description="Prepare a corpus: tokenize it once into shards.")
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="tokenize SOURCE into memory-mapped shards + manifest")
+    prep.add_argument("source", help=f"data source: {SOURCES_HELP}")
+    prep.add_argument("--output", required=True, help="folder for the shards and manifest.json")
+    prep.add_argument("--tokenizer", default="smollm2-135m",
+                      help="model folder, hub id or 'smollm2-135m' whose tokenizer to use")
+    prep.add_argument("--text-field", default="text")
+    prep.add_argument("--block-size", type=int, default=256,
+                      help="default block size of readers (any size reads the same shards)")
+    prep.add_argument("--seed", type=int, default=0, help="document order within each split")
+    prep.add_argument("--eval-fraction", type=float, default=0.05)
+    prep.add_argument("--calibration-fraction", type=float, default=0.10)
+    prep.add_argument("--workers", type=int, default=None,
+                      help="tokenizing processes (default: CPU count, at most 8)")
+    prep.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file")
+    prep.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from minitron.models import resolve_model
+
+    # A tokenizer folder needs no model config; anything else resolves like a model name.
+    where = name if Path(name).expanduser().is_dir() else resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise MinitronError(f"--tokenizer {name}: could not load a tokenizer ({e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minitron.common import format_table
+    from minitron.shards import DEFAULT_SHARD_TOKENS
+
+    args = build_parser().parse_args(argv)
+    manifest = prepare(
+        args.source, args.output, load_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer,
+        text_field=args.text_field, seed=args.seed, block_size=args.block_size,
+        eval_fraction=args.eval_fraction, calibration_fraction=args.calibration_fraction,
+        workers=args.workers, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+        progress=not args.no_progress)
+    rows = [{"split": s, "documents": v["documents"], "tokens": v["tokens"],
+             "shards": len(v["shards"])} for s, v in manifest["splits"].items()]
+    print(format_table(rows))
+    st = manifest["stats"]
+    rate = st["tokens_tokenized"] / max(st["tokenize_s"], 1e-9)
+    print(f"wrote {args.output} (fingerprint {manifest['fingerprint']}; tokenized "
+          f"{st['tokens_tokenized']} tokens in {st['tokenize_s']:.1f}s = {rate:,.0f} tokens/s "
+          f"with {st['workers']} workers)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
