@@ -15,7 +15,7 @@ import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 
@@ -40,6 +40,7 @@ SOURCES_HELP = ("'stdlib' (the Python standard library source, embedded), a text
 class Document:
     key: str
     text: str
+    messages: tuple[dict[str, str], ...] | None = None  # a conversation (chat JSONL); text is its JSON
 
 
 def split_of(key: str, edges: dict[str, tuple[float, float]] | None = None) -> str:
@@ -98,6 +99,11 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise MinitronError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if isinstance(record, dict) and text_field not in record and "messages" in record:
+                messages = _check_messages(record["messages"], f"{path}:{line_no}")
+                blob = json.dumps(messages, sort_keys=True)
+                yield Document(hashlib.sha1(blob.encode()).hexdigest(), blob, messages)
+                continue
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise MinitronError(
@@ -105,6 +111,48 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                 )
             text = str(record[text_field])
             yield Document(hashlib.sha1(text.encode()).hexdigest(), text)
+
+
+def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise MinitronError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., "
+                            f"\"content\": ...}} objects (strings); got {str(messages)[:80]!r}")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def encode_chat(tokenizer, messages: tuple[dict[str, str], ...]) -> tuple[list[int], list[int]]:
+    """A conversation rendered with the tokenizer's chat template, and its loss mask (1 on the
+    tokens of assistant replies, 0 on everything the model is prompted with).
+
+    A reply's span starts after the generation prompt (`<|im_start|>assistant\\n` in ChatML)
+    and runs to the end of the message's rendering (its end-of-turn marker included); spans come
+    from rendering each prefix of the conversation, which the template must render as a prefix.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise MinitronError("a chat source ('messages' records) needs a tokenizer with a chat "
+                            "template; this tokenizer has none")
+
+    def render(msgs, prompt=False) -> list[int]:
+        if not msgs and not prompt:
+            return []
+        return list(tokenizer.apply_chat_template(list(msgs), tokenize=True,
+                                                  add_generation_prompt=prompt))
+
+    ids = render(messages)
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head, upto = render(messages[:i], prompt=True), render(messages[:i + 1])
+        if ids[:len(head)] != head or ids[:len(upto)] != upto:
+            raise MinitronError("the tokenizer's chat template renders a conversation's beginning "
+                                "differently from the whole conversation; the prompt tokens cannot "
+                                "be told from the reply tokens")
+        mask[len(head):len(upto)] = [1] * (len(upto) - len(head))
+    return ids, mask
 
 
 def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
@@ -164,16 +212,30 @@ def split_documents(source: str, split: str, text_field: str = "text") -> list[D
 
 
 # ----------------------------------------------------------------------------- packing
-def token_stream(docs: Iterable[Document], tokenizer, batch: int = 64) -> Iterator[list[int]]:
-    """Token ids of each document followed by EOS, tokenized `batch` documents at a time."""
+def encode_documents(docs: Iterable[Document], tokenizer, batch: int = 64
+                     ) -> Iterator[tuple[list[int], list[int] | None]]:
+    """(token ids + EOS, loss mask or None) per document, texts tokenized `batch` at a time;
+    conversations rendered with the chat template (their mask: 1 on reply tokens, 0 on EOS)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise MinitronError("the tokenizer has no EOS token; documents cannot be separated")
     docs = list(docs)
     for i in range(0, len(docs), batch):
-        encoded = tokenizer([d.text for d in docs[i:i + batch]], add_special_tokens=False)
-        for ids in encoded["input_ids"]:
-            yield ids + [eos]
+        chunk = docs[i:i + batch]
+        plain = [d.text for d in chunk if d.messages is None]
+        encoded = iter(tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
+        for doc in chunk:
+            if doc.messages is None:
+                yield next(encoded) + [eos], None
+            else:
+                ids, mask = encode_chat(tokenizer, doc.messages)
+                yield ids + [eos], mask + [0]
+
+
+def token_stream(docs: Iterable[Document], tokenizer, batch: int = 64) -> Iterator[list[int]]:
+    """Token ids of each document followed by EOS, tokenized `batch` documents at a time."""
+    for ids, _ in encode_documents(docs, tokenizer, batch):
+        yield ids
 
 
 def pack(streams: Iterable[list[int]], block_size: int, num_blocks: int | None = None) -> torch.Tensor:

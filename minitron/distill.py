@@ -237,7 +237,11 @@ def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return _PERM_CACHE[key]
 
 
-def blocks_fingerprint(blocks: torch.Tensor) -> str:
+def blocks_fingerprint(blocks) -> str:
+    """Shards' blocks (`minitron.shards.BlockView`) name their manifest's fingerprint, so nothing
+    hashes a corpus; an in-memory tensor is hashed."""
+    if hasattr(blocks, "fingerprint"):
+        return blocks.fingerprint
     return hashlib.sha1(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -256,12 +260,13 @@ class _Trainee(nn.Module):
         self.projections = projections if projections is not None else nn.ModuleList()
         self.loss_args: dict[str, Any] = {}  # teacher, config, ...: set by the loop, not submodules
 
-    def forward(self, ids: torch.Tensor, loss: bool = False):
+    def forward(self, ids: torch.Tensor, loss: bool = False, mask: torch.Tensor | None = None):
         if not loss:
             return self.student(ids, use_cache=False)
         a = self.loss_args
         return _micro_loss(self.student, a["teacher"], ids, a["config"], a["teacher_head"],
-                           a["fused"], self.projections if a["captures"] else None, a["captures"])
+                           a["fused"], self.projections if a["captures"] else None, a["captures"],
+                           mask)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -357,15 +362,34 @@ def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _ce_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def position_mask(token_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Which positions' predictions count: position i predicts token i + 1, so it counts when that
+    token does (a reply token of a conversation); the last position has no next token."""
+    if token_mask is None:
+        return None
+    pos = torch.zeros_like(token_mask, dtype=torch.bool)
+    pos[:, :-1] = token_mask[:, 1:]
+    return pos
+
+
+def _ce_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     logits = model(ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                           ids[:, 1:].reshape(-1))
+    flat = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    if mask is None:
+        return F.cross_entropy(flat, ids[:, 1:].reshape(-1))
+    # Mean over the counted targets; a batch of prompts only contributes 0 (not 0/0).
+    labels = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE_INDEX).reshape(-1)
+    total = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: DistillConfig,
-             teacher_head: torch.Tensor | None, fused: bool) -> torch.Tensor:
-    """(1 - alpha) * divergence(teacher || student) + alpha * CE, through the kernel in one pass."""
+             teacher_head: torch.Tensor | None, fused: bool,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - alpha) * divergence(teacher || student) + alpha * CE, through the kernel in one pass.
+
+    `mask` (bool [B, T], per token; chat data) restricts both terms to the positions that predict
+    reply tokens (the kernel's mean is over those; 0 when there are none)."""
     from minitron import kernels
 
     # KL counts every position (the last one has a teacher distribution too); CE every position
@@ -375,6 +399,8 @@ def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: 
     kw = dict(temperature=config.temperature, divergence=config.divergence, beta=config.beta,
               labels=labels.reshape(-1) if labels is not None else None, ce_weight=ce_weight,
               ignore_index=IGNORE_INDEX)
+    if mask is not None:
+        kw["mask"] = position_mask(mask).reshape(-1)
     t_ids = ids.to(_device_of(teacher))
     dev = ids.device
     if fused:
@@ -397,11 +423,12 @@ def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: 
 def _micro_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
                 config: DistillConfig, teacher_head: torch.Tensor | None, fused: bool,
                 projections: nn.ModuleList | None, captures: list["_Capture"],
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch's training loss (and its intermediate part, detached, if any)."""
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch's training loss (and its intermediate part, detached, if any); `mask`
+    (per token, chat data) selects the tokens the logit losses learn."""
     if teacher is None:
-        return _ce_loss(model, ids), None
-    loss = _kd_loss(model, teacher, ids, config, teacher_head, fused)
+        return _ce_loss(model, ids, mask), None
+    loss = _kd_loss(model, teacher, ids, config, teacher_head, fused, mask)
     if projections is None:
         return loss, None
     t_out, s_out = captures[0].outputs, captures[1].outputs
@@ -579,10 +606,13 @@ def _train(
             for micro in range(config.grad_accum):
                 rows = batch_indices(step, micro, n_blocks, config, rank, world)
                 ids = train_blocks[rows].to(device)
+                # Chat shards carry a loss mask beside the tokens (prompt tokens excluded).
+                mask = (train_blocks.mask(rows).to(device)
+                        if getattr(train_blocks, "has_mask", False) else None)
                 last = micro == config.grad_accum - 1
                 with distributed.grad_sync(model, last):
                     with autocast():
-                        loss, inter = model(ids, loss=True)
+                        loss, inter = model(ids, loss=True, mask=mask)
                     (loss / config.grad_accum).backward()
                 total += loss.detach() / config.grad_accum
                 if inter is not None:
@@ -933,7 +963,7 @@ def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data
               text_field: str, device: str, teacher_device: str | None, teacher_dtype: str | None,
               max_pos: int) -> dict[str, Any]:
     """One process's part of `run_distill` (all of it when there is one process)."""
-    from minitron.data import load_blocks
+    from minitron.data import load_blocks, open_blocks
     from minitron.models import load_model, resolve_model
 
     if distributed.dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
@@ -943,7 +973,8 @@ def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data
     if teacher_path is not None:
         teacher, _ = load_model(teacher_path, dtype=teacher_dtype, device=teacher_device or device)
     n_train = config.steps * config.batch_size * config.grad_accum
-    train_blocks = load_blocks(tokenizer, "train", n_train, source=data_source,
+    # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
+    train_blocks = open_blocks(tokenizer, "train", n_train, source=data_source,
                                block_size=config.block_size, seed=config.seed,
                                text_field=text_field, max_positions=max_pos)
     eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data_source,

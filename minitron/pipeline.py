@@ -48,7 +48,10 @@ def prune_target(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str,
 
 
 def stage_names(recipe: Recipe) -> list[str]:
-    names = []
+    from minitron.shards import is_prepared
+
+    # A raw source is tokenized once into shards (stage "data"); a prepared folder is read as is.
+    names = [] if is_prepared(recipe.data.source) else ["data"]
     if recipe.prune.enabled:
         names.append("prune")
     if recipe.distill.enabled:
@@ -114,12 +117,32 @@ class Context:
     outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
+    def data(self) -> str:
+        """The prepared data folder every stage reads its blocks from."""
+        if "data" in self.outputs:
+            return self.outputs["data"]["data_dir"]
+        return self.recipe.data.source
+
+    @property
     def student(self) -> str:
         """The newest model folder the stages so far produced."""
         for name in ("distill", "prune"):
             if name in self.outputs and "model_dir" in self.outputs[name]:
                 return self.outputs[name]["model_dir"]
         return self.teacher
+
+
+def _data_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    from minitron.data import load_tokenizer
+    from minitron.shards import prepare
+
+    r = ctx.recipe
+    manifest = prepare(r.data.source, out / "shards", load_tokenizer(ctx.teacher),
+                       tokenizer_name=r.model.name, text_field=r.data.text_field,
+                       seed=r.data.seed, block_size=r.data.block_size)
+    timer.tokens = manifest["stats"]["tokens_tokenized"]
+    return {"data_dir": str(out / "shards"), "fingerprint": manifest["fingerprint"],
+            "tokens": {s: v["tokens"] for s, v in manifest["splits"].items()}}
 
 
 def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
@@ -130,7 +153,7 @@ def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
 
     r = ctx.recipe
     model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device)
-    blocks = load_blocks(tokenizer, "calibration", r.data.calibration_blocks, source=r.data.source,
+    blocks = load_blocks(tokenizer, "calibration", r.data.calibration_blocks, source=ctx.data,
                          block_size=r.data.block_size, seed=r.data.seed,
                          text_field=r.data.text_field,
                          max_positions=model.config.max_position_embeddings)
@@ -149,7 +172,7 @@ def _distill_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]
 
     r = ctx.recipe
     result = run_distill(ctx.teacher, ctx.student, out / "model",
-                         r.distill.config(r.teacher_correction), data_source=r.data.source,
+                         r.distill.config(r.teacher_correction), data_source=ctx.data,
                          text_field=r.data.text_field, device=r.model.device,
                          teacher_dtype=r.model.dtype)
     timer.tokens = result.get("this_session_tokens", 0)
@@ -160,7 +183,7 @@ def _export_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.export import export
 
     r = ctx.recipe
-    report = export(ctx.student, out / "onnx", **r.export.kwargs(), source=r.data.source,
+    report = export(ctx.student, out / "onnx", **r.export.kwargs(), source=ctx.data,
                     eval_blocks=r.data.eval_blocks, block_size=r.data.block_size,
                     measure_speed=r.evaluate.speed)
     return {"onnx_dir": str(out / "onnx"), "report": report}
@@ -177,7 +200,7 @@ def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any
         models["distilled"] = ctx.outputs["distill"]["model_dir"]
     rows = []
     for label, path in models.items():
-        result = evaluate(path, None if label == "teacher" else ctx.teacher, source=r.data.source,
+        result = evaluate(path, None if label == "teacher" else ctx.teacher, source=ctx.data,
                           num_blocks=r.data.eval_blocks, block_size=r.data.block_size,
                           device=r.model.device, measure_speed=r.evaluate.speed)
         timer.tokens += result["tokens"]
@@ -188,6 +211,7 @@ def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any
 
 
 STAGES: dict[str, Callable[[Context, Path, StageTimer], dict[str, Any]]] = {
+    "data": _data_stage,
     "prune": _prune_stage,
     "distill": _distill_stage,
     "export": _export_stage,
@@ -199,15 +223,21 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     """What a stage's result depends on (besides the stages before it)."""
     from minitron.distill import RESUMABLE_SETTINGS
 
+    from minitron.shards import Prepared, is_prepared
+
     r = recipe
+    # A prepared folder counts by its content (the manifest's fingerprint), not its path.
+    data = [Prepared(r.data.source).fingerprint] if is_prepared(r.data.source) else []
     # Settings a distillation may change on resume (process count, checkpoint interval, ...) must
     # not make the pipeline throw its checkpoint away.
     distill = {k: v for k, v in dataclasses.asdict(r.distill).items() if k not in RESUMABLE_SETTINGS}
     return {
-        "prune": [r.model, r.data, r.importance, r.prune],
-        "distill": [r.data.source, r.data.text_field, r.teacher_correction, distill],
-        "export": [r.data.source, r.data.eval_blocks, r.data.block_size, r.export, r.evaluate.speed],
-        "evaluate": [r.data.source, r.data.eval_blocks, r.data.block_size, r.evaluate],
+        "data": [r.data.source, r.data.text_field, r.data.seed, r.data.block_size],
+        "prune": [r.model, r.data, r.importance, r.prune, *data],
+        "distill": [r.data.source, r.data.text_field, r.teacher_correction, distill, *data],
+        "export": [r.data.source, r.data.eval_blocks, r.data.block_size, r.export, r.evaluate.speed,
+                   *data],
+        "evaluate": [r.data.source, r.data.eval_blocks, r.data.block_size, r.evaluate, *data],
     }[name]
 
 
@@ -221,7 +251,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     upstream = fingerprint(recipe.model)
     timings = []
     t_start = time.perf_counter()
-    for index, name in enumerate(stage_names(recipe), 1):
+    names = stage_names(recipe)
+    # The data stage is 0-data, so the model stages keep their folder names (1-prune, ...).
+    for index, name in enumerate(names, 0 if names[:1] == ["data"] else 1):
         out = run_dir / f"{index}-{name}"
         fp = fingerprint(upstream, *_settings(recipe, name))
         state_file = out / "stage.json"

@@ -243,39 +243,45 @@ def _init_worker(tokenizer_blob: bytes) -> None:
     _WORKER_TOKENIZER = pickle.loads(tokenizer_blob)
 
 
-def _chunk_files(work: Path, index: int, split: str) -> tuple[Path, Path]:
-    return work / f"{split}-{index:06d}.bin", work / f"{split}-{index:06d}.len.npy"
+def _chunk_files(work: Path, index: int, split: str) -> tuple[Path, Path, Path]:
+    stem = work / f"{split}-{index:06d}"
+    return stem.with_suffix(".bin"), stem.with_suffix(".len.npy"), stem.with_suffix(".mask")
 
 
-def _encode(tokenizer, docs: list[tuple[str, str, str]]) -> Iterator[tuple[str, list[int]]]:
-    """(split, token ids + EOS) per document, tokenized a batch at a time."""
-    eos = tokenizer.eos_token_id
-    for i in range(0, len(docs), _TOKENIZE_BATCH):
-        batch = docs[i:i + _TOKENIZE_BATCH]
-        encoded = tokenizer([text for _, _, text in batch], add_special_tokens=False)["input_ids"]
-        for (split, _, _), ids in zip(batch, encoded):
-            yield split, ids + [eos]
+def _save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        if path.suffix == ".npy":
+            np.save(f, array)
+        else:
+            array.tofile(f)
+    os.replace(tmp, path)
 
 
-def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, str, str]],
+def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, Any]],
                     dtype: str) -> dict[str, Any]:
-    """Tokenize one chunk of (split, key, text) documents into `.work`; the marker goes last."""
+    """Tokenize one chunk of (split, Document) into `.work`; the marker goes last."""
+    from minitron.data import encode_documents
+
     work_dir, dt = Path(work), np.dtype(dtype)
-    per_split: dict[str, tuple[list[np.ndarray], list[int]]] = {}
-    for split, ids in _encode(_WORKER_TOKENIZER, docs):
-        arrays, lengths = per_split.setdefault(split, ([], []))
+    per_split: dict[str, tuple[list, list, list]] = {}
+    encoded = encode_documents([d for _, d in docs], _WORKER_TOKENIZER, _TOKENIZE_BATCH)
+    for (split, _), (ids, mask) in zip(docs, encoded):
+        arrays, lengths, masks = per_split.setdefault(split, ([], [], []))
         arrays.append(np.asarray(ids, dtype=dt))
         lengths.append(len(ids))
+        masks.append(mask)
     marker = {"digest": digest, "splits": {}}
-    for split, (arrays, lengths) in per_split.items():
-        tok_path, len_path = _chunk_files(work_dir, index, split)
-        tmp = tok_path.with_name(f".{tok_path.name}.tmp")
-        np.concatenate(arrays).tofile(tmp)
-        os.replace(tmp, tok_path)
-        tmp = len_path.with_name(f".{len_path.name}.tmp.npy")
-        np.save(tmp, np.asarray(lengths, dtype=np.int64))
-        os.replace(tmp, len_path)
-        marker["splits"][split] = {"documents": len(lengths), "tokens": int(sum(lengths))}
+    for split, (arrays, lengths, masks) in per_split.items():
+        tok_path, len_path, mask_path = _chunk_files(work_dir, index, split)
+        _save(tok_path, np.concatenate(arrays))
+        _save(len_path, np.asarray(lengths, dtype=np.int64))
+        has_mask = any(m is not None for m in masks)
+        if has_mask:  # plain documents in a chat chunk: every token counts
+            _save(mask_path, np.concatenate([np.asarray(m if m is not None else [1] * n, np.uint8)
+                                             for m, n in zip(masks, lengths)]))
+        marker["splits"][split] = {"documents": len(lengths), "tokens": int(sum(lengths)),
+                                   "mask": has_mask}
     write_json_atomic(work_dir / f"chunk-{index:06d}.json", marker)
     return marker
 
@@ -290,7 +296,7 @@ def _chunks(settings: PrepareSettings, chunk_chars: int, fingerprint) -> Iterato
         if not doc.text:
             continue
         fingerprint.update(f"{doc.key}\0{hashlib.sha1(doc.text.encode()).hexdigest()}\n".encode())
-        chunk.append((split_of(doc.key, settings.edges), doc.key, doc.text))
+        chunk.append((split_of(doc.key, settings.edges), doc))
         size += len(doc.text)
         if size >= chunk_chars:
             yield chunk
@@ -301,9 +307,9 @@ def _chunks(settings: PrepareSettings, chunk_chars: int, fingerprint) -> Iterato
 
 def _chunk_digest(chunk: list) -> str:
     h = hashlib.sha1()
-    for split, key, text in chunk:
-        h.update(f"{split}\0{key}\0{len(text)}\0".encode())
-        h.update(text.encode())
+    for split, doc in chunk:
+        h.update(f"{split}\0{doc.key}\0{len(doc.text)}\0{doc.messages is not None}\0".encode())
+        h.update(doc.text.encode())
     return h.hexdigest()
 
 
@@ -373,6 +379,39 @@ def _split_documents(work: Path, markers: list[dict], split: str):
     return np.concatenate(chunk_ids), np.concatenate(offsets), np.concatenate(lengths)
 
 
+class _ChunkReader:
+    """Reads a document's tokens (or mask) from the pass-1 chunk files, memory-mapped lazily."""
+
+    def __init__(self, work: Path, split: str, dtype: np.dtype, mask: bool):
+        self.work, self.split, self.dtype, self.mask = work, split, dtype, mask
+        self.files: dict[int, np.ndarray | None] = {}
+
+    def get(self, chunk: int, lo: int, hi: int) -> np.ndarray:
+        if chunk not in self.files:
+            tok, _, mask = _chunk_files(self.work, chunk, self.split)
+            path, dt = (mask, np.uint8) if self.mask else (tok, self.dtype)
+            self.files[chunk] = np.memmap(path, dtype=dt, mode="r") if path.exists() else None
+        data = self.files[chunk]
+        if data is None:  # a chunk of plain documents in a split with conversations
+            return np.ones(hi - lo, dtype=np.uint8)
+        return data[lo:hi]
+
+
+def _fill(buf: np.ndarray, lo: int, reader: _ChunkReader, order, ends, lengths, chunk_ids,
+          offsets) -> None:
+    """Stream positions [lo, lo + len(buf)) of the shuffled split, copied document by document."""
+    hi, pos = lo + len(buf), lo
+    d = int(np.searchsorted(ends, lo, side="right"))  # the first document ending after lo
+    while pos < hi:
+        doc = order[d]
+        start = int(ends[d] - lengths[doc])  # the document's place in the stream
+        a, b = pos - start, min(hi, int(ends[d])) - start
+        base = int(offsets[doc])
+        buf[pos - lo:pos - lo + b - a] = reader.get(int(chunk_ids[doc]), base + a, base + b)
+        pos += b - a
+        d += 1
+
+
 def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: int,
                  dtype: np.dtype, shard_tokens: int) -> dict[str, Any]:
     """Pass 2 for one split: the seeded document order written as shards (each by rename)."""
@@ -382,33 +421,22 @@ def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: i
     order = np.asarray(order, dtype=np.int64)
     ends = np.cumsum(lengths[order]) if len(order) else np.zeros(0, dtype=np.int64)
     total = int(ends[-1]) if len(ends) else 0
-    files: dict[int, np.memmap] = {}
+    with_mask = any(m["splits"].get(split, {}).get("mask") for m in markers)
+    kinds = [(".bin", dtype, False)] + ([(".mask", np.dtype(np.uint8), True)] if with_mask else [])
+    readers = {mask: _ChunkReader(work, split, dtype, mask) for _, _, mask in kinds}
     shards = []
     for k in range(math.ceil(total / shard_tokens)):
         lo, hi = k * shard_tokens, min((k + 1) * shard_tokens, total)
-        name = f"{split}-{k:05d}.bin"
-        shards.append({"file": name, "tokens": hi - lo})
-        if (out / name).exists() and (out / name).stat().st_size == (hi - lo) * dtype.itemsize:
-            continue  # written by an interrupted run (shards appear only by rename)
-        buf = np.empty(hi - lo, dtype=dtype)
-        d = int(np.searchsorted(ends, lo, side="right"))  # first document ending after lo
-        pos = lo
-        while pos < hi:
-            doc = order[d]
-            start = int(ends[d] - lengths[doc])  # the document's place in the stream
-            c = int(chunk_ids[doc])
-            if c not in files:
-                files[c] = np.memmap(_chunk_files(work, c, split)[0], dtype=dtype, mode="r")
-            a, b = pos - start, min(hi, int(ends[d])) - start
-            base = int(offsets[doc])
-            buf[pos - lo:pos - lo + b - a] = files[c][base + a:base + b]
-            pos += b - a
-            d += 1
-        tmp = out / f".{name}.tmp"
-        buf.tofile(tmp)
-        os.replace(tmp, out / name)
+        shards.append({"file": f"{split}-{k:05d}.bin", "tokens": hi - lo})
+        for suffix, dt, mask in kinds:
+            path = out / f"{split}-{k:05d}{suffix}"
+            if path.exists() and path.stat().st_size == (hi - lo) * dt.itemsize:
+                continue  # written by an interrupted run (shards appear only by rename)
+            buf = np.empty(hi - lo, dtype=dt)
+            _fill(buf, lo, readers[mask], order, ends, lengths, chunk_ids, offsets)
+            _save(path, buf)
     return {"documents": len(lengths), "tokens": total, "shard_tokens": shard_tokens,
-            "shards": shards}
+            "mask": with_mask, "shards": shards}
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -460,7 +488,7 @@ def prepare(
     work.mkdir(parents=True, exist_ok=True)
     if (work / "plan.json").exists() and json.loads((work / "plan.json").read_text()) != plan:
         shutil.rmtree(work)  # an interrupted preparation with other settings: start over
-        for stale in out.glob("*.bin"):
+        for stale in [*out.glob("*.bin"), *out.glob("*.mask")]:
             stale.unlink()
         work.mkdir()
     write_json_atomic(work / "plan.json", plan)

@@ -223,6 +223,26 @@ def test_baselines_ce_and_scratch(world, tmp_path):
     assert s.config.hidden_size == 32
 
 
+def test_training_from_shards_matches_training_from_memory(world, tmp_path):
+    """Rows read by index from prepared shards train exactly like the in-memory blocks, and the
+    run's data fingerprint is the manifest's (no hashing of the corpus)."""
+    from minitron.shards import Prepared, prepare
+
+    prepare(str(world["data"]), tmp_path / "shards", world["tok"], workers=1, shard_tokens=1000,
+            progress=False)
+    view = Prepared(tmp_path / "shards").blocks("train", BLOCK, len(world["train"]))
+    cfg = _cfg(tokens=4 * 8 * BLOCK)
+    _run(world, tmp_path / "memory", cfg)
+    student = copy.deepcopy(world["student"])
+    distill(copy.deepcopy(world["teacher"]), student, view, world["eval"], cfg,
+            tmp_path / "shards_run", tokenizer=world["tok"])
+    a = load_file(tmp_path / "memory" / "model.safetensors")
+    b = load_file(tmp_path / "shards_run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run = json.loads((tmp_path / "shards_run" / "distill_run.json").read_text())
+    assert run["train_data"] == view.fingerprint
+
+
 # ----------------------------------------------------------------------------- resume
 class _Killed(Exception):
     pass
@@ -387,10 +407,13 @@ def test_parse_intermediate():
 
 
 def test_cli_killed_at_any_moment_resumes_to_the_same_weights(world, tmp_path):
-    """The real command: a refusal exits 2 with one line; a run killed with SIGKILL mid-training
-    and rerun ends with the weights of an uninterrupted run (here, in-process)."""
+    """The real command on prepared shards: a refusal exits 2 with one line; a run killed with
+    SIGKILL mid-training and rerun ends with the weights of an uninterrupted run (in-process)."""
+    from minitron.shards import prepare
+
+    prepare(str(world["data"]), tmp_path / "shards", world["tok"], workers=1, progress=False)
     args = ["--teacher", str(world["teacher_dir"]), "--student", str(world["student_dir"]),
-            "--data", str(world["data"]), "--block-size", str(BLOCK), "--batch-size", "4",
+            "--data", str(tmp_path / "shards"), "--block-size", str(BLOCK), "--batch-size", "4",
             "--eval-blocks", "4", "--no-progress", "--tokens", str(16 * 4 * BLOCK),
             "--checkpoint-every", "2", "--eval-every", "5", "--alpha", "0.1"]
     cmd = [sys.executable, "-m", "minitron.distill", *args]
