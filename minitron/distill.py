@@ -64,7 +64,7 @@ IGNORE_INDEX = -100
 # Settings that may change between a run and its resumption (they do not change the weights).
 # Checkpoints hold gathered full state, so the process count and the strategy may change too.
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
-                      "strategy", "nproc_per_node"}
+                      "strategy", "nproc_per_node", "micro_batch_size"}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -76,6 +76,11 @@ class DistillConfig:
     batch_size: int = 8                     # sequences per micro-batch
     block_size: int = 256                   # tokens per sequence
     grad_accum: int = 1                     # micro-batches per optimizer step
+    # Sequences per process per forward; None: each micro-batch of batch_size is split over the
+    # processes. When set, the global batch stays batch_size x grad_accum and each process runs
+    # global / (micro_batch_size x processes) micro-steps per optimizer step (any process count
+    # that divides it).
+    micro_batch_size: int | None = None
     lr: float = 1e-4
     min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
     warmup_fraction: float = 0.05           # of the optimizer steps, linear warmup
@@ -144,7 +149,10 @@ class DistillConfig:
              "None (distillation), " + ", ".join(BASELINES))
         need(self.loss_impl in LOSS_IMPLS, "loss_impl", ", ".join(LOSS_IMPLS))
         need(self.strategy in STRATEGIES, "strategy", ", ".join(STRATEGIES))
-        distributed.check_divisible(self.batch_size, self.nproc_per_node, "nproc_per_node")
+        if self.micro_batch_size is not None:
+            need(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1,
+                 "micro_batch_size", "None or an integer >= 1")
+        check_world(self, self.nproc_per_node, "nproc_per_node")
         if self.baseline is not None and self.intermediate:
             raise MinitronError(f"intermediate={list(self.intermediate)} needs a teacher; the "
                                 f"'{self.baseline}' baseline trains without one: drop one of them")
@@ -199,6 +207,27 @@ def parse_intermediate(text: str | None) -> tuple[tuple[int, int], ...]:
 
 
 # ----------------------------------------------------------------------------- schedule and data
+def check_world(config: DistillConfig, world: int, name: str) -> None:
+    """Refuse a process count the batch does not split over."""
+    if config.micro_batch_size is None:
+        distributed.check_divisible(config.batch_size, world, name)
+        return
+    per_step = config.batch_size * config.grad_accum
+    if per_step % (config.micro_batch_size * world):
+        raise MinitronError(
+            f"the global batch (batch_size {config.batch_size} x grad_accum {config.grad_accum} = "
+            f"{per_step} sequences) does not split into micro_batch_size={config.micro_batch_size}"
+            f" x {name}={world} processes; choose a micro_batch_size and process count whose "
+            f"product divides {per_step}")
+
+
+def micro_steps(config: DistillConfig, world: int) -> int:
+    """Forward/backward passes per process per optimizer step."""
+    if config.micro_batch_size is None:
+        return config.grad_accum
+    return config.batch_size * config.grad_accum // (config.micro_batch_size * world)
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Multiplier of the peak lr at optimizer step `step`: linear warmup, then cosine to min_ratio."""
     if step < warmup:
@@ -213,10 +242,17 @@ def batch_indices(step: int, micro: int, n_blocks: int, config: DistillConfig,
 
     Global sample g = (step * grad_accum + micro) * batch_size + j walks a fresh seeded permutation
     of the train blocks each epoch; rank r of `world` takes the samples with j % world == r, so ranks
-    read disjoint shares and the global order does not depend on the process count.
+    read disjoint shares and the global order does not depend on the process count. With a
+    per-process `micro_batch_size` m, the step's samples are cut into runs of m and run
+    micro * world + r goes to rank r: the same samples per step, whatever the process count.
     """
-    start = (step * config.grad_accum + micro) * config.batch_size
-    samples = range(start + rank, start + config.batch_size, world)
+    if config.micro_batch_size is not None:
+        m = config.micro_batch_size
+        start = step * config.batch_size * config.grad_accum + (micro * world + rank) * m
+        samples = range(start, start + m)
+    else:
+        start = (step * config.grad_accum + micro) * config.batch_size
+        samples = range(start + rank, start + config.batch_size, world)
     out = []
     for g in samples:
         epoch, pos = divmod(g, n_blocks)
@@ -521,7 +557,8 @@ def _train(
     """
     device = _device_of(student)
     rank, world = distributed.rank(), distributed.world()
-    distributed.check_divisible(config.batch_size, world, "world size")
+    check_world(config, world, "world size")
+    n_micro = micro_steps(config, world)
     kd = teacher is not None and config.baseline is None
     steps, warmup = config.steps, int(config.warmup_fraction * config.steps)
     n_blocks = len(train_blocks)
@@ -603,20 +640,20 @@ def _train(
             t0 = time.perf_counter()
             total = torch.zeros((), device=device)
             inter_total = torch.zeros((), device=device)
-            for micro in range(config.grad_accum):
+            for micro in range(n_micro):
                 rows = batch_indices(step, micro, n_blocks, config, rank, world)
                 ids = train_blocks[rows].to(device)
                 # Chat shards carry a loss mask beside the tokens (prompt tokens excluded).
                 mask = (train_blocks.mask(rows).to(device)
                         if getattr(train_blocks, "has_mask", False) else None)
-                last = micro == config.grad_accum - 1
+                last = micro == n_micro - 1
                 with distributed.grad_sync(model, last):
                     with autocast():
                         loss, inter = model(ids, loss=True, mask=mask)
-                    (loss / config.grad_accum).backward()
-                total += loss.detach() / config.grad_accum
+                    (loss / n_micro).backward()
+                total += loss.detach() / n_micro
                 if inter is not None:
-                    inter_total += inter / config.grad_accum
+                    inter_total += inter / n_micro
                 for c in captures:
                     c.outputs.clear()
             # The global batch's loss: every rank gets the same value, so a non-finite loss stops
@@ -769,7 +806,7 @@ def distill(
     saved = distributed.on_rank0(finished)
     if saved is not None:
         return saved
-    distributed.check_divisible(config.batch_size, distributed.world(), "world size")
+    check_world(config, distributed.world(), "world size")
     if config.uses_teacher and teacher is None:
         raise MinitronError("distillation needs a teacher (--teacher); without one, use "
                             "--baseline ce or --baseline scratch")
@@ -1005,6 +1042,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--block-size", "--seq-len", dest="block_size", type=int, default=d.block_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="sequences per process per forward (default: batch_size split over the "
+                        "processes); the global batch stays batch_size x grad_accum")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
@@ -1056,7 +1096,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
             raise MinitronError(f"--settings {args.settings}: {e}") from None
     return DistillConfig(
         tokens=args.tokens, batch_size=args.batch_size, block_size=args.block_size,
-        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        grad_accum=args.grad_accum, micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
         clip_grad=args.clip_grad, temperature=args.temperature, alpha=args.alpha,
         divergence=args.divergence, beta=args.beta,

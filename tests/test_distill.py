@@ -296,7 +296,9 @@ def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch):
         _run(world, out, _cfg())
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4
-    weights = load_file(out / "checkpoint" / "model.safetensors")
+    shards = sorted((out / "checkpoint").glob("*.safetensors"))  # torch.distributed.checkpoint's
+    weights = {k: v for f in shards for k, v in load_file(f).items()}
+    assert any(k.startswith("model.student.") for k in weights)
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "minitron.json").exists()
     monkeypatch.setattr(d, "_kd_loss", real)
@@ -314,6 +316,25 @@ def test_data_order_is_a_permutation_per_epoch_and_sharded_disjointly():
         whole = batch_indices(step, micro, 12, cfg)
         shards = [batch_indices(step, micro, 12, cfg, rank=r, world=2) for r in range(2)]
         assert sorted(torch.cat(shards).tolist()) == sorted(whole.tolist())
+
+
+def test_per_process_micro_batches_cover_each_step_on_any_process_count():
+    """micro_batch_size: every process count that divides the global batch reads, per optimizer
+    step, exactly the samples one process reads (disjointly); one that does not is refused."""
+    from minitron.distill import check_world, micro_steps
+
+    cfg = DistillConfig(tokens=10_000, batch_size=6, block_size=8, grad_accum=2, micro_batch_size=2)
+    plain = DistillConfig(tokens=10_000, batch_size=6, block_size=8, grad_accum=2)
+    for step in (0, 1, 7):
+        want = sorted(torch.cat([batch_indices(step, m, 50, plain) for m in range(2)]).tolist())
+        for world in (1, 2, 3, 6):
+            parts = [batch_indices(step, m, 50, cfg, rank=r, world=world).tolist()
+                     for r in range(world) for m in range(micro_steps(cfg, world))]
+            assert all(len(p) == 2 for p in parts)
+            assert sorted(sum(parts, [])) == want, (step, world)
+    assert micro_steps(cfg, 3) == 2 and micro_steps(cfg, 6) == 1
+    with pytest.raises(MinitronError, match="does not split into micro_batch_size=2 x world size=4"):
+        check_world(cfg, 4, "world size")
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -9,6 +9,7 @@ actually received, so the sharding is checked on what was consumed, not on the i
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from minitron.common import MinitronError
 from tiny import make_tiny_model
 
-BLOCK, BATCH, ACCUM, STEPS = 32, 4, 2, 6
+BLOCK, BATCH, ACCUM, STEPS = 32, 6, 2, 6  # BATCH splits over 1, 2 and 3 processes
 # The fused linear+KL form, CE mixed in, an intermediate loss through a learned 32 -> 64 projection,
 # two micro-batches per step and a tied-embedding student: every path where a wrapper could miss a
 # gradient sync or a checkpoint could miss a tensor.
@@ -66,8 +67,9 @@ d.distill = lambda *a, **k: real_distill(*a, on_step=on_step, **k)
 if __name__ == "__main__":
     run_cli(d.main)
 '''
-LAUNCH = ("import sys; from minitron.common import run_cli; from minitron.distributed import "
-          "launch_torchrun; run_cli(lambda argv: launch_torchrun('dworker', argv, 2), sys.argv[1:])")
+LAUNCH = ("import os, sys; from minitron.common import run_cli; from minitron.distributed import "
+          "launch_torchrun; run_cli(lambda argv: launch_torchrun('dworker', argv, "
+          "int(os.environ.get('DW_NPROC', 2))), sys.argv[1:])")
 
 
 @pytest.fixture(autouse=True)
@@ -203,9 +205,10 @@ def test_ddp_on_two_processes_matches_one_process(world, reference, tmp_path):
             == json.loads((reference["out"] / "config.json").read_text()))
 
 
-def test_fsdp_rank_killed_mid_run_resumes_on_one_process(world, reference, tmp_path):
-    """FSDP on 2 ranks, rank 1 SIGKILLed after step 5 (checkpoint at 4): torchrun ends rank 0 too;
-    one plain process then resumes from the sharded run's checkpoint to the reference result."""
+def test_fsdp_rank_killed_mid_run_resumes_on_one_and_on_three_processes(world, reference, tmp_path):
+    """FSDP on 2 ranks, rank 1 SIGKILLed after step 5 (checkpoint at 4, one shard per rank):
+    torchrun ends rank 0 too; one plain process, and separately 3 FSDP ranks, then resume from the
+    sharded checkpoint to the reference result (the three with per-process micro-batches)."""
     out, record = tmp_path / "fsdp", tmp_path / "ids"
     rc, log, wall = _two_ranks(world, out, "--strategy", "fsdp", record=record, kill_at=5)
     assert rc == 2, log[-3000:]
@@ -225,10 +228,21 @@ def test_fsdp_rank_killed_mid_run_resumes_on_one_process(world, reference, tmp_p
         assert sorted(r0[i] + r1[i]) == sorted(reference["batches"][i]), i
     assert not {r for b in r0 for r in b} & {r for b in r1 for r in b}
 
+    shards = sorted(p.name for p in (out / "checkpoint").glob("*.safetensors"))
+    assert len(shards) == 2, shards  # each rank wrote its own; no rank gathered the whole state
+    shutil.copytree(out, tmp_path / "three")
+
     rc, log, _ = _one_rank(world, out)
     assert rc == 0, log[-3000:]
     assert "resuming from step 4/6" in log
     _assert_same_model(reference["out"], out)
+
+    # Per-process micro-batches of 2 (2 micro-steps each): the same global batch of 12.
+    rc, log, _ = _two_ranks(world, tmp_path / "three", "--strategy", "fsdp",
+                            "--micro-batch-size", "2", nproc=3)
+    assert rc == 0, log[-3000:]
+    assert "resuming from step 4/6 (" in log and "on 3 processes" in log
+    _assert_same_model(reference["out"], tmp_path / "three")
 
 
 def test_one_process_checkpoint_resumes_on_two_processes(world, reference, tmp_path):
