@@ -18,8 +18,8 @@ same command resumes from the checkpoint in the same data order; a finished run 
 Past one device the same command runs under torchrun (`torchrun --nproc_per_node=K -m
 minitron.distill ...`, or `--nproc-per-node K`, which starts torchrun itself): PyTorch's FSDP2
 (`fully_shard`) or DDP splits the student, each rank reads a disjoint share of every global batch
-(`batch_indices`), checkpoints are gathered full state (they resume on any process count), and rank 0
-alone writes files and logs. One process is the K=1 case of the same loop, with no wrapper. That
+(`batch_indices`), checkpoints are sharded (torch.distributed.checkpoint: each rank writes its part;
+they resume on any process count), and rank 0 alone writes the other files and logs. One process is the K=1 case of the same loop, with no wrapper. That
 process plumbing (torchrun, the process group, DDP/FSDP2, gathered state) is `minitron.distributed`.
 """
 
@@ -57,14 +57,15 @@ BASELINES = ("ce", "scratch")
 INTERMEDIATE_LOSSES = ("cosine", "mse")
 LOSS_IMPLS = ("auto", "logits", "fused")
 # How the student is split across processes: auto = FSDP on GPUs, DDP on CPU (K=1: no wrapper).
-STRATEGIES = ("auto", "ddp", "fsdp")
+STRATEGIES = ("auto", "ddp", "fsdp", "hsdp")
 # Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
 FUSED_MIN_VOCAB = 32_768
 IGNORE_INDEX = -100
 # Settings that may change between a run and its resumption (they do not change the weights).
-# Checkpoints hold gathered full state, so the process count and the strategy may change too.
+# Checkpoints are resharded on load, so the process count and the strategy may change too.
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
-                      "strategy", "nproc_per_node", "micro_batch_size"}
+                      "strategy", "nproc_per_node", "micro_batch_size", "nnodes", "rdzv_endpoint",
+                      "hsdp_shard_size", "process_group_timeout_s"}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -109,6 +110,10 @@ class DistillConfig:
     keep_checkpoint: bool = True            # keep checkpoint/ after the final model is written
     strategy: str = "auto"                  # auto | ddp | fsdp (only used with > 1 process)
     nproc_per_node: int = 1                 # > 1 outside torchrun: start torchrun with that many
+    nnodes: int = 1                         # > 1: this node joins the others (c10d rendezvous)
+    rdzv_endpoint: str | None = None        # host:port of the rendezvous (the first node)
+    hsdp_shard_size: int | None = None      # strategy hsdp: ranks per shard group (default: a node)
+    process_group_timeout_s: float = 1800.0  # a collective waits this long for a missing rank
 
     def __post_init__(self) -> None:
         self.intermediate = tuple((int(t), int(s)) for t, s in self.intermediate)
@@ -118,7 +123,7 @@ class DistillConfig:
                 raise MinitronError(f"{name}={getattr(self, name)!r} is invalid; valid: {valid}")
 
         for name in ("batch_size", "block_size", "grad_accum", "checkpoint_every", "eval_every",
-                     "eval_blocks", "eval_batch_size", "log_every", "nproc_per_node"):
+                     "eval_blocks", "eval_batch_size", "log_every", "nproc_per_node", "nnodes"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                  "an integer >= 1")
         need(self.block_size >= 2, "block_size", "an integer >= 2")
@@ -152,7 +157,12 @@ class DistillConfig:
         if self.micro_batch_size is not None:
             need(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1,
                  "micro_batch_size", "None or an integer >= 1")
-        check_world(self, self.nproc_per_node, "nproc_per_node")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise MinitronError(f"nnodes={self.nnodes} needs rdzv_endpoint (host:port on the first "
+                                f"node, the same on every node), e.g. --rdzv-endpoint node0:29500")
+        need(self.process_group_timeout_s > 0, "process_group_timeout_s", "a number of seconds > 0")
+        check_world(self, self.nproc_per_node * self.nnodes,
+                    "nproc_per_node" if self.nnodes == 1 else "nproc_per_node x nnodes")
         if self.baseline is not None and self.intermediate:
             raise MinitronError(f"intermediate={list(self.intermediate)} needs a teacher; the "
                                 f"'{self.baseline}' baseline trains without one: drop one of them")
@@ -784,8 +794,9 @@ def distill(
 ) -> dict[str, Any]:
     """Train `student` (in place) from `teacher` and write the finished model to `output_dir`.
 
-    train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits. `teacher` may be None
-    only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
+    train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits (train_blocks may
+    be a `minitron.shards.BlockView`, read by index, with a loss mask for chat data). `teacher`
+    may be None only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
     metrics saved in `output_dir/minitron.json` (at once, if the run has already finished).
 
     Under torch.distributed (e.g. torchrun) every rank calls it with the same arguments; the
@@ -959,11 +970,11 @@ def run_distill(
     if config.block_size > max_pos:
         raise MinitronError(f"block_size={config.block_size} is longer than the models' context "
                             f"({max_pos} positions); choose block_size <= {max_pos}")
-    if not distributed.under_torchrun() and config.nproc_per_node > 1:
+    if not distributed.under_torchrun() and (config.nproc_per_node > 1 or config.nnodes > 1):
         return _launch(teacher_path, student_path, out, config, data_source=data_source,
                        text_field=text_field, device=device, teacher_device=teacher_device,
                        teacher_dtype=teacher_dtype)
-    with distributed.process_group(device) as device:
+    with distributed.process_group(device, config.process_group_timeout_s) as device:
         try:
             return _run_rank(teacher_path, student_path, out, config, data_source, text_field,
                              device, teacher_device, teacher_dtype, max_pos)
@@ -992,7 +1003,9 @@ def _launch(teacher_path, student_path, out: Path, config: DistillConfig, **kw) 
     with tempfile.TemporaryDirectory(prefix="minitron-launch-") as tmp:
         settings = Path(tmp) / "distill_settings.json"
         write_json_atomic(settings, config.to_dict())
-        distributed.launch_torchrun("minitron.distill", argv + ["--settings", str(settings)], k)
+        distributed.launch_torchrun("minitron.distill", argv + ["--settings", str(settings)], k,
+                                    config.nnodes, config.rdzv_endpoint,
+                                    f"minitron-{out.resolve().name}")
     return json.loads((out / "minitron.json").read_text())["distillation"]["metrics"]
 
 
@@ -1081,8 +1094,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start torchrun with this many processes on this node (outside torchrun; "
                         "under torchrun its own --nproc_per_node counts)")
     p.add_argument("--strategy", default=d.strategy,
-                   help="with several processes: fsdp (sharded student) | ddp (replicated) | auto "
-                        "(fsdp on GPUs, ddp on CPU)")
+                   help="with several processes: fsdp (sharded student) | ddp (replicated) | hsdp "
+                        "(sharded inside a node, replicated across nodes) | auto (fsdp on GPUs, "
+                        "ddp on CPU)")
+    p.add_argument("--nnodes", type=int, default=d.nnodes,
+                   help="nodes (run the same command on each; needs --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous")
+    p.add_argument("--hsdp-shard-size", type=int, default=None,
+                   help="strategy hsdp: ranks per shard group (default: the ranks of a node)")
+    p.add_argument("--process-group-timeout", type=float, default=d.process_group_timeout_s,
+                   help="seconds a collective waits for a missing rank before failing")
     p.add_argument("--settings", help="JSON file of DistillConfig fields (what --nproc-per-node "
                                       "hands to its processes); replaces the training flags")
     return p
@@ -1109,7 +1130,9 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
         progress=not args.no_progress, keep_checkpoint=not args.drop_checkpoint,
-        strategy=args.strategy, nproc_per_node=args.nproc_per_node)
+        strategy=args.strategy, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+        rdzv_endpoint=args.rdzv_endpoint, hsdp_shard_size=args.hsdp_shard_size,
+        process_group_timeout_s=args.process_group_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1118,8 +1141,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_distill(args.teacher, args.student, args.output, config, data_source=args.data,
                          text_field=args.text_field, device=args.device,
                          teacher_device=args.teacher_device, teacher_dtype=args.teacher_dtype)
-    if int(os.environ.get("RANK", 0)) != 0 or (config.nproc_per_node > 1
-                                               and not distributed.under_torchrun()):
+    launched = config.nproc_per_node > 1 or config.nnodes > 1
+    if int(os.environ.get("RANK", 0)) != 0 or (launched and not distributed.under_torchrun()):
         return 0  # the summary comes from rank 0 (which the launcher's torchrun already ran)
     rows = []
     if "teacher" in result:

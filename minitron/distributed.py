@@ -73,15 +73,20 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def strategy(config: DistillConfig, device: torch.device) -> str:
+    """ddp (replicated), fsdp (sharded over all ranks) or hsdp (a 2-D mesh: sharded inside a
+    group of ranks, replicated across groups: shard inside a node, replicate across nodes)."""
     if config.strategy != "auto":
         return config.strategy
     return "fsdp" if device.type == "cuda" else "ddp"
 
 
 @contextlib.contextmanager
-def process_group(device: str | None):
+def process_group(device: str | None, timeout_s: float = 1800.0):
     """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), bind this rank's GPU,
-    yield the student's device, leave the group at the end. Outside torchrun: yield `device`."""
+    yield the student's device, leave the group at the end. Outside torchrun: yield `device`.
+
+    `timeout_s` bounds every collective: a rank that never arrives (a dead node) fails the others
+    after that long instead of hanging them."""
     from minitron.models import default_device
 
     device = device or default_device()
@@ -96,23 +101,42 @@ def process_group(device: str | None):
                                 f"per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    from datetime import timedelta
+
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=timedelta(seconds=timeout_s))
     try:
         yield device
     finally:
         dist.destroy_process_group()
 
 
-def launch_torchrun(module: str, argv: list[str], nproc: int) -> None:
+def rendezvous_args(nnodes: int, endpoint: str | None, run_id: str) -> list[str]:
+    """torchrun's rendezvous flags: one node alone (--standalone), or `nnodes` nodes meeting at
+    `endpoint` (host:port of the c10d store, on the first node) under `run_id`; every node runs
+    the same command and the rendezvous gives out the ranks."""
+    if nnodes == 1 and endpoint is None:
+        return ["--standalone"]
+    if endpoint is None:
+        raise MinitronError(f"nnodes={nnodes} needs rdzv_endpoint (host:port on the first node, "
+                            f"the same on every node), e.g. --rdzv-endpoint node0:29500")
+    return [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={run_id}"]
+
+
+def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
+                    rdzv_endpoint: str | None = None, rdzv_id: str = "minitron") -> None:
     """`python -m module argv` on `nproc` processes of this node under torchrun; wait for them.
+    With `nnodes` > 1 this node joins the others through a c10d rendezvous at `rdzv_endpoint`.
 
     Their output streams through; when one fails (torchrun then stops the others) the first
     `error: ...` line a rank printed becomes this process's MinitronError.
     """
     import codecs
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", module, *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           *rendezvous_args(nnodes, rdzv_endpoint, rdzv_id), f"--nproc-per-node={nproc}", "-m",
+           module, *argv]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                         "MASTER_PORT")}
@@ -169,10 +193,26 @@ def wrap_model(model: nn.Module, config: DistillConfig) -> nn.Module:
 
     from minitron.models import decoder_layers
 
+    mesh = None
+    if strategy(config, device) == "hsdp":
+        mesh = hybrid_mesh(device.type, config.hsdp_shard_size)
     for layer in decoder_layers(model.student):
-        fully_shard(layer)
-    fully_shard(model)  # the root: embeddings, final norm, LM head, projections
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, LM head, projections
     return model
+
+
+def hybrid_mesh(device_type: str, shard_size: int | None):
+    """The 2-D device mesh of hybrid sharding: ("replicate", "shard"), shard groups of
+    `shard_size` consecutive ranks (default: the ranks of one node, LOCAL_WORLD_SIZE)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    size = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world()))
+    if size < 1 or world() % size:
+        raise MinitronError(f"hsdp_shard_size={size} does not divide the {world()} processes; "
+                            f"choose a divisor of {world()} (the processes of one node by default)")
+    return init_device_mesh(device_type, (world() // size, size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def grad_sync(model: nn.Module, last: bool):

@@ -260,6 +260,45 @@ def test_one_process_checkpoint_resumes_on_two_processes(world, reference, tmp_p
     _assert_same_model(reference["out"], out)
 
 
+def test_hybrid_sharding_on_a_2x2_mesh_matches_one_process(world, reference, tmp_path):
+    """HSDP over a (replicate 2, shard 2) gloo mesh of 4 processes, per-process micro-batches of 1
+    (3 micro-steps each: the same global batch of 12): the reference's weights and losses."""
+    out = tmp_path / "hsdp"
+    rc, log, _ = _two_ranks(world, out, "--strategy", "hsdp", "--hsdp-shard-size", "2",
+                            "--micro-batch-size", "1", nproc=4)
+    assert rc == 0, log[-3000:]
+    _assert_same_model(reference["out"], out)
+    info = json.loads((out / "minitron.json").read_text())
+    assert info["distillation"]["metrics"]["processes"] == {"world_size": 4, "strategy": "hsdp"}
+
+
+def test_two_nodes_through_a_loopback_rendezvous(world, reference, tmp_path):
+    """Two launchers, one process each, as two nodes meeting at a c10d rendezvous on 127.0.0.1
+    (the real CLI: --nnodes 2 --rdzv-endpoint): the run completes with the reference's result."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous store
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    cmd = [sys.executable, "-m", "minitron.distill", *world["args"], "--output", str(out),
+           "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+           "--strategy", "ddp", "--process-group-timeout", "120"]
+    env = _env(world)
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(l[-2000:] for l in logs)
+    _assert_same_model(reference["out"], out)
+    info = json.loads((out / "minitron.json").read_text())
+    assert info["distillation"]["metrics"]["processes"]["world_size"] == 2
+
+
 # ----------------------------------------------------------------------------- failures
 def test_error_on_one_rank_ends_all_ranks_with_its_message(world, tmp_path):
     rc, log, wall = _two_ranks(world, tmp_path / "fail", fail_at=2)
@@ -285,7 +324,8 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "3", "--nproc-per-node", "2", "--tokens", "3000"],
      r"batch_size=3 does not split over nproc_per_node=2 processes"),
-    (["--strategy", "zero3"], r"strategy='zero3' is invalid; valid: auto, ddp, fsdp"),
+    (["--strategy", "zero3"], r"strategy='zero3' is invalid; valid: auto, ddp, fsdp, hsdp"),
+    (["--nnodes", "2"], r"nnodes=2 needs rdzv_endpoint"),
     (["--nproc-per-node", "0"], r"nproc_per_node=0 is invalid; valid: an integer >= 1"),
 ])
 def test_refusals_before_any_process_starts(world, tmp_path, extra, message):
