@@ -166,7 +166,7 @@ def main(argv=None):
     from minitron.shards import prepare
 
     tokenizer = load_tokenizer("smollm2-135m")
-    rows = []
+    rows, stamp = [], datetime.now(timezone.utc)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=args.work) as tmp:
         root = Path(tmp)
         teacher, student = tiny_models(root, tokenizer)
@@ -198,23 +198,29 @@ def main(argv=None):
                                    budget)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "corpus"}), file=sys.stderr)
+            table = write(args.out, stamp, rows)
             for p in root.glob(f"*-{size:g}M*"):  # free the disk before the next size
                 subprocess.run(["rm", "-rf", str(p)], check=True)
 
-    stamp = datetime.now(timezone.utc)
+    print(table)
+
+
+def write(out: Path, stamp: datetime, rows: list[dict]) -> str:
+    """JSON + table of the sizes done so far (rewritten after each size: a long run that is
+    stopped keeps what it measured)."""
     meta = dict(device="cpu", device_name=f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
                 versions=versions(), git_sha=commit(), timestamp=stamp.isoformat(timespec="seconds"),
                 tokenizer="smollm2-135m (vocab 49152, uint16 shards)", block_size=BLOCK,
-                note=("Peak RSS of the start-up from shards stays flat as the corpus grows: the "
-                      "train blocks stay memory-mapped and are read by index per micro-batch. "
-                      "From a raw source every start-up tokenizes and packs the train split in "
-                      "memory. The machine is shared: throughput varies between runs."))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"data-cpu-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
+                note=("Start-up from shards: the train blocks stay memory-mapped and are read by "
+                      "index per micro-batch. From a raw source: every start-up tokenizes and packs "
+                      "the train split in memory. The machine is shared with other jobs: "
+                      "throughput varies between runs."))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"data-cpu-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
     stem.with_suffix(".json").write_text(json.dumps(dict(meta, results=rows), indent=1) + "\n")
     table = markdown(meta, rows)
     stem.with_suffix(".md").write_text(table)
-    print(table)
+    return table
 
 
 if __name__ == "__main__":

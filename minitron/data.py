@@ -342,7 +342,10 @@ def build_parser():
                                 description="Prepare a corpus: tokenize it once into shards.")
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="tokenize SOURCE into memory-mapped shards + manifest")
-    prep.add_argument("source", help=f"data source: {SOURCES_HELP}")
+    prep.add_argument("source", nargs="+", help=f"data source(s): {SOURCES_HELP}; several with "
+                                                "--weights make a weighted mixture")
+    prep.add_argument("--weights", type=float, nargs="+", default=None,
+                      help="one per source: its share of the train split's tokens")
     prep.add_argument("--output", required=True, help="folder for the shards and manifest.json")
     prep.add_argument("--tokenizer", default="smollm2-135m",
                       help="model folder, hub id or 'smollm2-135m' whose tokenizer to use")
@@ -377,8 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     from minitron.shards import DEFAULT_SHARD_TOKENS
 
     args = build_parser().parse_args(argv)
+    source = args.source[0] if len(args.source) == 1 and not args.weights else None
+    if source is None:
+        weights = args.weights or []
+        if len(weights) != len(args.source):
+            raise MinitronError(f"--weights {' '.join(map(str, weights)) or '(none)'}: give one "
+                                f"weight per source ({len(args.source)} sources)")
+        source = list(zip(args.source, weights))
     manifest = prepare(
-        args.source, args.output, load_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer,
+        source, args.output, load_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer,
         text_field=args.text_field, seed=args.seed, block_size=args.block_size,
         eval_fraction=args.eval_fraction, calibration_fraction=args.calibration_fraction,
         workers=args.workers, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,

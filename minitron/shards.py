@@ -205,9 +205,12 @@ def is_prepared(source: str | os.PathLike) -> bool:
 # ----------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class PrepareSettings:
-    """What a prepared folder's content depends on (besides the source's documents)."""
+    """What a prepared folder's content depends on (besides the sources' documents).
 
-    source: str
+    `sources`: (source, weight) pairs; one source, or a weighted mixture whose weights are the
+    shares of the train split's tokens (eval and calibration keep every document once)."""
+
+    sources: tuple[tuple[str, float], ...]
     text_field: str = "text"
     seed: int = 0
     block_size: int = 256
@@ -226,6 +229,10 @@ class PrepareSettings:
                 f"valid: a sum < 1")
         if self.block_size < 2:
             raise MinitronError(f"block_size={self.block_size} is invalid; valid: an integer >= 2")
+        for source, weight in self.sources:
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+                raise MinitronError(f"weight {weight!r} of source '{source}' is invalid; valid: "
+                                    f"a number > 0")
 
     @property
     def edges(self) -> dict[str, tuple[float, float]]:
@@ -259,7 +266,7 @@ def _save(path: Path, array: np.ndarray) -> None:
 
 
 def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, Any]],
-                    dtype: str) -> dict[str, Any]:
+                    dtype: str, source_index: int = 0) -> dict[str, Any]:
     """Tokenize one chunk of (split, Document) into `.work`; the marker goes last."""
     from minitron.data import encode_documents
 
@@ -271,7 +278,7 @@ def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, An
         arrays.append(np.asarray(ids, dtype=dt))
         lengths.append(len(ids))
         masks.append(mask)
-    marker = {"digest": digest, "splits": {}}
+    marker = {"digest": digest, "source": source_index, "splits": {}}
     for split, (arrays, lengths, masks) in per_split.items():
         tok_path, len_path, mask_path = _chunk_files(work_dir, index, split)
         _save(tok_path, np.concatenate(arrays))
@@ -286,23 +293,27 @@ def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, An
     return marker
 
 
-def _chunks(settings: PrepareSettings, chunk_chars: int, fingerprint) -> Iterator[list]:
-    """Lists of (split, key, text) documents of about `chunk_chars` characters, in source order;
-    `fingerprint` (a hashlib object) absorbs every document's key and content on the way."""
+def _chunks(settings: PrepareSettings, chunk_chars: int, fingerprint) -> Iterator[tuple[int, list]]:
+    """(source index, [(split, Document)]) chunks of about `chunk_chars` characters, in source
+    order (a chunk holds one source's documents); `fingerprint` (a hashlib object) absorbs every
+    document's key and content on the way."""
     from minitron.data import iter_documents, split_of
 
-    chunk, size = [], 0
-    for doc in iter_documents(settings.source, settings.text_field):
-        if not doc.text:
-            continue
-        fingerprint.update(f"{doc.key}\0{hashlib.sha1(doc.text.encode()).hexdigest()}\n".encode())
-        chunk.append((split_of(doc.key, settings.edges), doc))
-        size += len(doc.text)
-        if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+    for source_index, (source, _) in enumerate(settings.sources):
+        fingerprint.update(f"source {source_index}: {source}\n".encode())
+        chunk, size = [], 0
+        for doc in iter_documents(source, settings.text_field):
+            if not doc.text:
+                continue
+            digest = hashlib.sha1(doc.text.encode()).hexdigest()
+            fingerprint.update(f"{doc.key}\0{digest}\n".encode())
+            chunk.append((split_of(doc.key, settings.edges), doc))
+            size += len(doc.text)
+            if size >= chunk_chars:
+                yield source_index, chunk
+                chunk, size = [], 0
+        if chunk:
+            yield source_index, chunk
 
 
 def _chunk_digest(chunk: list) -> str:
@@ -338,16 +349,17 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
     else:
         _init_worker(pickle.dumps(tokenizer))
     try:
-        for index, chunk in enumerate(_chunks(settings, chunk_chars, source_fp)):
-            digest = _chunk_digest(chunk)
+        for index, (src, chunk) in enumerate(_chunks(settings, chunk_chars, source_fp)):
+            digest = f"{src}:{_chunk_digest(chunk)}"
             marker_path = work / f"chunk-{index:06d}.json"
             if marker_path.exists() and json.loads(marker_path.read_text())["digest"] == digest:
                 done(index, json.loads(marker_path.read_text()), fresh=False)
                 continue
             if pool is None:
-                done(index, _tokenize_chunk(str(work), index, digest, chunk, dtype.str), True)
+                done(index, _tokenize_chunk(str(work), index, digest, chunk, dtype.str, src), True)
                 continue
-            pending[index] = pool.submit(_tokenize_chunk, str(work), index, digest, chunk, dtype.str)
+            pending[index] = pool.submit(_tokenize_chunk, str(work), index, digest, chunk, dtype.str,
+                                         src)
             while len(pending) >= 2 * workers:  # bounded: chunks of text wait in memory
                 first = min(pending)
                 done(first, pending.pop(first).result(), True)
@@ -377,6 +389,28 @@ def _split_documents(work: Path, markers: list[dict], split: str):
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
     return np.concatenate(chunk_ids), np.concatenate(offsets), np.concatenate(lengths)
+
+
+def _mixture_order(markers: list[dict], chunk_ids: np.ndarray, lengths: np.ndarray,
+                   weights: list[float], seed: int) -> tuple[list[int], list[dict]]:
+    """The train documents with each source repeated (or subsampled) so that its share of the
+    split's tokens is its weight, the total staying the sources' own: source i's documents are
+    taken r_i = w_i * total / tokens_i times, whole copies plus a seeded sample for the rest."""
+    source_of = np.asarray([markers[c]["source"] for c in chunk_ids], dtype=np.int64)
+    total, share = int(lengths.sum()), [w / sum(weights) for w in weights]
+    rng, order, summary = random.Random(seed), [], []
+    for i, w in enumerate(share):
+        docs = np.flatnonzero(source_of == i).tolist()
+        tokens = int(lengths[docs].sum()) if docs else 0
+        if not tokens:
+            raise MinitronError(f"mixture source {i} has no train documents; drop it or give it "
+                                f"more text")
+        repeat = w * total / tokens
+        whole, rest = int(repeat), round((repeat - int(repeat)) * len(docs))
+        order += docs * whole + sorted(rng.sample(docs, rest))
+        summary.append({"weight": w, "documents": len(docs), "tokens": tokens,
+                        "repeat": round(repeat, 4)})
+    return order, summary
 
 
 class _ChunkReader:
@@ -413,10 +447,14 @@ def _fill(buf: np.ndarray, lo: int, reader: _ChunkReader, order, ends, lengths, 
 
 
 def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: int,
-                 dtype: np.dtype, shard_tokens: int) -> dict[str, Any]:
+                 dtype: np.dtype, shard_tokens: int, weights: list[float]) -> dict[str, Any]:
     """Pass 2 for one split: the seeded document order written as shards (each by rename)."""
     chunk_ids, offsets, lengths = _split_documents(work, markers, split)
-    order = list(range(len(lengths)))
+    mixture = None
+    if split == "train" and len(weights) > 1:
+        order, mixture = _mixture_order(markers, chunk_ids, lengths, weights, seed)
+    else:
+        order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)  # the permutation data.load_blocks applies to the docs
     order = np.asarray(order, dtype=np.int64)
     ends = np.cumsum(lengths[order]) if len(order) else np.zeros(0, dtype=np.int64)
@@ -435,13 +473,16 @@ def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: i
             buf = np.empty(hi - lo, dtype=dt)
             _fill(buf, lo, readers[mask], order, ends, lengths, chunk_ids, offsets)
             _save(path, buf)
-    return {"documents": len(lengths), "tokens": total, "shard_tokens": shard_tokens,
+    info = {"documents": len(lengths), "tokens": total, "shard_tokens": shard_tokens,
             "mask": with_mask, "shards": shards}
+    if mixture is not None:
+        info["mixture"] = mixture
+    return info
 
 
 # ----------------------------------------------------------------------------- prepare
 def prepare(
-    source: str,
+    source: str | list[tuple[str, float]],
     output: str | os.PathLike,
     tokenizer,
     *,
@@ -461,7 +502,11 @@ def prepare(
     A folder that already holds the same preparation is returned as is; an interrupted one is
     resumed (finished chunks and shards are kept); a folder holding anything else is refused.
     """
-    settings = PrepareSettings(source, text_field, seed, block_size, eval_fraction,
+    sources = ((source, 1.0),) if isinstance(source, str) else tuple(
+        (str(s), float(w)) for s, w in source)
+    if not sources:
+        raise MinitronError("no data source given")
+    settings = PrepareSettings(sources, text_field, seed, block_size, eval_fraction,
                                calibration_fraction)
     if tokenizer.eos_token_id is None:
         raise MinitronError("the tokenizer has no EOS token; documents cannot be separated")
@@ -475,6 +520,7 @@ def prepare(
     plan = {"format": FORMAT, "settings": settings.__dict__, "tokenizer_hash":
             tokenizer_hash(tokenizer), "dtype": dtype.str, "shard_tokens": shard_tokens,
             "chunk_chars": chunk_chars}
+    plan = json.loads(json.dumps(plan))  # as it reads back from JSON (tuples become lists)
     if (out / MANIFEST).exists():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("plan") == plan:
@@ -496,12 +542,15 @@ def prepare(
     markers, source_fp, stats = _tokenize_all(settings, work, tokenizer, dtype, workers,
                                               chunk_chars, progress)
     t0 = time.perf_counter()
-    splits = {s: _write_split(out, work, markers, s, seed, dtype, shard_tokens)
+    weights = [w for _, w in sources]
+    splits = {s: _write_split(out, work, markers, s, seed, dtype, shard_tokens, weights)
               for s in ("train", "calibration", "eval")}
     if not any(s["tokens"] for s in splits.values()):
         raise MinitronError(f"data source '{source}' holds no non-empty documents")
     manifest = {
-        "format": FORMAT, "plan": plan, "source": {"spec": source, "fingerprint": source_fp},
+        "format": FORMAT, "plan": plan,
+        "source": {"spec": source if isinstance(source, str) else [list(x) for x in sources],
+                   "fingerprint": source_fp},
         "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", None),
                       "hash": plan["tokenizer_hash"], "vocab_size": vocab,
                       "eos_token_id": tokenizer.eos_token_id},

@@ -119,3 +119,28 @@ def test_prepare_cli(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "eval_fraction=1.5 is invalid" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_weighted_mixture_gives_each_source_its_share_of_train_tokens(tmp_path, tokenizer):
+    """Two sources, 9:1 in size, mixed 1:1: the train stream holds each source's documents in
+    proportion to its weight (counted from the stream itself), eval/calibration once each."""
+    big, small = tmp_path / "big", tmp_path / "small.jsonl"
+    big.mkdir()
+    for i in range(90):
+        (big / f"{i}.txt").write_text(f"alpha {i} " * 30)
+    small.write_text("".join(json.dumps({"text": f"omega {i} " * 30}) + "\n" for i in range(10)))
+    m = prepare([(str(big), 1.0), (str(small), 1.0)], tmp_path / "mix", tokenizer, workers=1,
+                seed=0, eval_fraction=0.0, calibration_fraction=0.0, progress=False)
+    stream = Prepared(tmp_path / "mix").stream("train")
+    ids = stream.read(0, stream.tokens).tolist()
+    eos, tokens, doc = tokenizer.eos_token_id, {"alpha": 0, "omega": 0}, []
+    for t in ids:
+        doc.append(t)
+        if t == eos:
+            tokens["alpha" if "alpha" in tokenizer.decode(doc) else "omega"] += len(doc)
+            doc = []
+    share = tokens["omega"] / sum(tokens.values())
+    assert abs(share - 0.5) < 0.05, (tokens, m["splits"]["train"]["mixture"])
+    assert sum(tokens.values()) == pytest.approx(stream.tokens, rel=0) and not doc
+    with pytest.raises(MinitronError, match="weight -1.0 of source"):
+        prepare([(str(big), -1.0), (str(small), 1.0)], tmp_path / "bad", tokenizer, workers=1)
