@@ -156,6 +156,8 @@ def encode_chat(tokenizer, messages: tuple[dict[str, str], ...]) -> tuple[list[i
 
 
 def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
+    """A `datasets` source, record by record: `hf:NAME[:CONFIG]` streams (nothing is downloaded
+    whole or held in memory), a saved dataset folder is memory-mapped Arrow read in batches."""
     try:
         import datasets
     except ImportError:
@@ -164,17 +166,21 @@ def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
         ) from None
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split="train")
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        columns = ds.column_names or []
     else:
         ds = datasets.load_from_disk(source)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    if text_field not in ds.column_names:
+        columns = ds.column_names
+    if columns and text_field not in columns:
         raise MinitronError(
-            f"dataset '{source}' has no column '{text_field}' (text_field); columns: {ds.column_names}"
+            f"dataset '{source}' has no column '{text_field}' (text_field); columns: {columns}"
         )
-    for text in ds[text_field]:
-        yield Document(hashlib.sha1(str(text).encode()).hexdigest(), str(text))
+    for batch in ds.iter(batch_size=1000):
+        for text in batch[text_field]:
+            text = str(text)
+            yield Document(hashlib.sha1(text.encode()).hexdigest(), text)
 
 
 def iter_documents(source: str = "stdlib", text_field: str = "text") -> Iterator[Document]:
