@@ -141,12 +141,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "| first step s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        base = r.get("raw") or {}
+        raw = r.get("raw")
+        base = f"{raw['peak_rss_mb']:.0f} | {raw['first_step_s']:.1f}" if raw else "not run | -"
         lines.append(
             f"| {r['tokens'] / 1e6:.1f}M | {r['workers']} | {r['prepare_s']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_worker']:,.0f} | {r['shards_mb']:.0f} "
-            f"| {r['shards']['peak_rss_mb']:.0f} | {r['shards']['first_step_s']:.1f} | "
-            f"{base.get('peak_rss_mb', float('nan')):.0f} | {base.get('first_step_s', float('nan')):.1f} |")
+            f"| {r['shards']['peak_rss_mb']:.0f} | {r['shards']['first_step_s']:.1f} | {base} |")
     lines += ["", meta["note"], ""]
     return "\n".join(lines)
 

@@ -60,7 +60,8 @@ def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, sta
 
     tmp = run_dir / f".tmp-{CKPT}-{state['step']}"
     if distributed.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving
+        for stale in run_dir.glob(f".tmp-{CKPT}-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     tensors, groups = _tensor_state(trainee, optimizer, aliases)

@@ -194,8 +194,11 @@ def test_jsd_and_intermediate_loss_train(world, tmp_path):
     assert train[-1]["loss"] < train[0]["loss"]
     assert train[-1]["intermediate_loss"] < train[0]["intermediate_loss"]
     # The learned width map (32 -> 64) is checkpointed with the student.
-    proj = load_file(tmp_path / "run" / "checkpoint" / "projections.safetensors")
+    shards = sorted((tmp_path / "run" / "checkpoint").glob("*.safetensors"))
+    saved = {k: v for f in shards for k, v in load_file(f).items()}
+    proj = {k: v for k, v in saved.items() if k.startswith("model.projections.")}
     assert sorted(v.shape for v in proj.values()) == [torch.Size([64, 32])] * 2
+    assert any(k.startswith("optim.projections.") for k in saved)  # with its AdamW state
 
 
 def test_teacher_correction_then_distill(world, tmp_path):

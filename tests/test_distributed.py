@@ -232,10 +232,13 @@ def test_fsdp_rank_killed_mid_run_resumes_on_one_and_on_three_processes(world, r
     assert len(shards) == 2, shards  # each rank wrote its own; no rank gathered the whole state
     shutil.copytree(out, tmp_path / "three")
 
-    rc, log, _ = _one_rank(world, out)
+    resumed = tmp_path / "resumed.ids"
+    rc, log, _ = _one_rank(world, out, record=resumed)
     assert rc == 0, log[-3000:]
     assert "resuming from step 4/6" in log
     _assert_same_model(reference["out"], out)
+    # The resumed run consumed exactly the token ids the uninterrupted one did from step 5 on.
+    assert _records(Path(f"{resumed}.0")) == reference["batches"][4 * ACCUM:]
 
     # Per-process micro-batches of 2 (2 micro-steps each): the same global batch of 12.
     rc, log, _ = _two_ranks(world, tmp_path / "three", "--strategy", "fsdp",
