@@ -52,6 +52,7 @@ from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, loa
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic)
 from minitron.kernels.reference import DIVERGENCES
+from minitron.models import logit_softcap
 
 BASELINES = ("ce", "scratch")
 INTERMEDIATE_LOSSES = ("cosine", "mse")
@@ -394,7 +395,16 @@ def intermediate_loss(s: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tens
     return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
 
 
-def _use_fused(config: DistillConfig, vocab: int) -> bool:
+def _use_fused(config: DistillConfig, vocab: int, model_config: Any = None) -> bool:
+    # The fused kernel forms logits as hidden @ W^T itself, so it cannot apply a family's final
+    # logit soft-capping (Gemma 2): such models take the logits path, where the model applies it.
+    softcap = logit_softcap(model_config) if model_config is not None else None
+    if softcap is not None:
+        if config.loss_impl == "fused":
+            raise MinitronError(f"loss_impl='fused' cannot be used with this model: it soft-caps "
+                                f"its logits (final_logit_softcapping={softcap}), which the fused "
+                                f"kernel does not apply; use loss_impl 'auto' or 'logits'")
+        return False
     if config.loss_impl == "fused":
         return True
     return config.loss_impl == "auto" and vocab >= FUSED_MIN_VOCAB
@@ -573,7 +583,7 @@ def _train(
     steps, warmup = config.steps, int(config.warmup_fraction * config.steps)
     n_blocks = len(train_blocks)
     vocab = student.config.vocab_size
-    fused = kd and _use_fused(config, vocab)
+    fused = kd and _use_fused(config, vocab, student.config)
 
     projections = make_projections(teacher, student, config) if kd and config.intermediate else None
     student.train()

@@ -143,13 +143,22 @@ def variants_to_measure(settings: ExportSettings) -> list[Int8Variant]:
 def ort_cache_problem(config: Any) -> str | None:
     """Why ORTModelForCausalLM cannot run this shape with a KV cache, or None.
 
-    optimum-onnx 0.1 sizes the empty KV cache of Llama/Mistral/Qwen2 as hidden_size //
-    num_attention_heads per head, ignoring config.head_dim, so a model pruned in hidden size but
-    not in heads (e.g. Llama-3.1-Minitron-4B-Width: 3072 = 32 x 96, head_dim 128) fails at the
-    first generate step.
+    optimum-onnx 0.1 builds the empty KV cache of the first step from the config by model type
+    (the family's `ort_head_dim` / `ort_kv_heads` in minitron.models): Llama, Mistral, Qwen2/3,
+    Gemma 2 and Phi-3 size a head as hidden_size // num_attention_heads, ignoring config.head_dim,
+    so a model pruned in hidden size but not in heads (e.g. Llama-3.1-Minitron-4B-Width: 3072 =
+    32 x 96, head_dim 128) fails at the first generate step; Gemma 2 and Phi-3 also take
+    num_attention_heads as the number of KV heads, so only their multi-head-attention shapes run.
     """
+    spec = arch_of(config)
     hl = head_layout(config)
-    if config.hidden_size == hl.num_heads * hl.head_dim:
+    if spec.ort_kv_heads == "heads" and hl.num_kv_heads != hl.num_heads:
+        return (f"num_key_value_heads={hl.num_kv_heads} differs from num_attention_heads="
+                f"{hl.num_heads}; ONNX Runtime's ORTModelForCausalLM (optimum-onnx 0.1) sizes the "
+                f"{spec.family} KV cache with num_attention_heads KV heads, so it runs only "
+                f"{spec.family} models with plain multi-head attention (num_key_value_heads = "
+                f"num_attention_heads). Serve this model from PyTorch")
+    if spec.ort_head_dim == "config" or config.hidden_size == hl.num_heads * hl.head_dim:
         return None
     fits = config.hidden_size // hl.head_dim
     hint = (f"num_attention_heads={fits} (a multiple of num_key_value_heads={hl.num_kv_heads})"

@@ -4,7 +4,8 @@ Scores every prunable unit the way the Minitron papers do (arXiv 2407.14679, 240
 - MLP neurons: the input of the down projection, per neuron;
 - attention heads: the input of the output projection, per head (its L2 norm over head_dim per
   token); a KV group scores as the sum of its query heads;
-- hidden channels: the outputs of every norm (input, post-attention and final), summed over norms;
+- hidden channels: the outputs of every norm that reads the residual stream (each layer's two
+  pre-norms and the final norm; the family's `scored_norms`), summed over norms;
 - layers: Block Importance, 1 - cos(layer input, layer output) averaged over tokens, and, as a second
   method, the LM-loss increase when that one layer is skipped (extra forwards on a small subset).
 
@@ -281,8 +282,8 @@ def compute_scores(
         for i, layer in enumerate(layers):
             handles.append(spec.get(layer, spec.down_proj).register_forward_pre_hook(neuron_hook(i)))
             handles.append(spec.get(layer, spec.o_proj).register_forward_pre_hook(head_hook(i)))
-            add_norm(spec.get(layer, spec.input_norm))
-            add_norm(spec.get(layer, spec.post_attn_norm))
+            for norm in spec.scored_norms:
+                add_norm(spec.get(layer, norm))
             handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
         add_norm(spec.get(model, spec.final_norm))
         body = model.base_model

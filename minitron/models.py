@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
@@ -30,23 +30,53 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # ----------------------------------------------------------------------------- architectures
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where a family keeps its weights, as attribute paths from the model or from a decoder layer."""
+    """Where a family keeps its weights (attribute paths from the model or from a decoder layer) and
+    the conventions that pruning and export must respect."""
 
-    family: str
+    family: str  # the config's model_type
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
-    # relative to a decoder layer
-    q_proj: str = "self_attn.q_proj"
-    k_proj: str = "self_attn.k_proj"
-    v_proj: str = "self_attn.v_proj"
+    # relative to a decoder layer; q/k/v (gate/up) are None where the family fuses them into one
+    # linear layer whose output rows are the blocks [q; k; v] ([gate; up]) (Phi-3)
+    q_proj: str | None = "self_attn.q_proj"
+    k_proj: str | None = "self_attn.k_proj"
+    v_proj: str | None = "self_attn.v_proj"
+    qkv_proj: str | None = None
     o_proj: str = "self_attn.o_proj"
-    gate_proj: str = "mlp.gate_proj"
-    up_proj: str = "mlp.up_proj"
+    gate_proj: str | None = "mlp.gate_proj"
+    up_proj: str | None = "mlp.up_proj"
+    gate_up_proj: str | None = None
     down_proj: str = "mlp.down_proj"
-    input_norm: str = "input_layernorm"
-    post_attn_norm: str = "post_attention_layernorm"
+    # Every norm of a layer over the hidden size (sliced with the hidden channels), and those that
+    # read the residual stream, whose outputs score hidden channels (the papers' LayerNorm outputs).
+    # Gemma's post-attention / post-feedforward norms normalize a branch's output before it is added
+    # to the residual stream: they are pruned with the hidden channels but do not score them.
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    scored_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # Per-head norms over head_dim (Qwen3, Gemma 3 q_norm / k_norm): one weight shared by every
+    # head, so pruning heads leaves them as they are; head_dim is never pruned.
+    head_norms: tuple[str, ...] = ()
+    # A norm multiplies by (norm_offset + weight): 0 for Llama-style RMSNorm, 1 for Gemma's
+    # `1 + weight` (weights stored as offsets from 1, zeros = identity). Slicing channels is the
+    # same either way; rescaling a norm's gain must go through `norm_gain` / `set_norm_gain_`.
+    norm_offset: float = 0.0
+    # Gemma multiplies the embedding output by sqrt(hidden_size) (rounded to the model's dtype);
+    # prune.py folds the change of that factor into the kept embedding columns.
+    embed_scaled: bool = False
+    # Config keys of soft-capping: attention scores (needs eager attention in transformers 4.57,
+    # whose SDPA path silently drops it) and the final logits.
+    attn_softcap: str | None = None
+    logit_softcap: str | None = None
+    # What optimum-onnx 0.1's ORTModelForCausalLM assumes for the shape of the empty KV cache it
+    # feeds the graph: head size from config.head_dim ("config") or hidden_size // heads
+    # ("hidden"); KV heads from num_key_value_heads ("config") or num_attention_heads ("heads").
+    ort_head_dim: Literal["config", "hidden"] = "hidden"
+    ort_kv_heads: Literal["config", "heads"] = "config"
+    # Phi-3's config validates a longrope `rope_scaling` against hidden_size // num_attention_heads
+    # (not head_dim), so a pruned shape must keep that quotient's rotary size or it will not reload.
+    rope_scaling_from_hidden: bool = False
     # Which linear layers carry a bias: a config key to read, or a fixed answer for the family.
     qkv_bias: str | bool = False
     o_bias: str | bool = False
@@ -61,12 +91,41 @@ class ArchSpec:
         flag = getattr(self, which)
         return bool(getattr(config, flag, False)) if isinstance(flag, str) else flag
 
+    def norm_gain(self, weight: torch.Tensor) -> torch.Tensor:
+        """The factor a norm multiplies by, from its stored weight."""
+        return weight + self.norm_offset
+
+    def set_norm_gain_(self, norm: nn.Module, gain: torch.Tensor) -> None:
+        norm.weight.data.copy_(gain - self.norm_offset)
+
+    def attn_implementation(self, config: Any) -> str | None:
+        """The attention to load with: eager where the config soft-caps attention scores (SDPA
+        would drop the cap), else None (transformers' default)."""
+        if self.attn_softcap and getattr(config, self.attn_softcap, None) is not None:
+            return "eager"
+        return None
+
+
+_GEMMA = dict(qkv_bias="attention_bias", o_bias="attention_bias", norm_offset=1.0,
+              norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"),
+              scored_norms=("input_layernorm", "pre_feedforward_layernorm"), embed_scaled=True,
+              attn_softcap="attn_logit_softcapping", logit_softcap="final_logit_softcapping")
 
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("llama", qkv_bias="attention_bias", o_bias="attention_bias",
                                  mlp_bias="mlp_bias"),
     "MistralForCausalLM": ArchSpec("mistral"),
     "Qwen2ForCausalLM": ArchSpec("qwen2", qkv_bias=True),
+    "Qwen3ForCausalLM": ArchSpec("qwen3", qkv_bias="attention_bias", o_bias="attention_bias",
+                                 head_norms=("self_attn.q_norm", "self_attn.k_norm")),
+    "Gemma2ForCausalLM": ArchSpec("gemma2", ort_kv_heads="heads", **_GEMMA),
+    "Gemma3ForCausalLM": ArchSpec("gemma3_text", head_norms=("self_attn.q_norm", "self_attn.k_norm"),
+                                  ort_head_dim="config", **_GEMMA),
+    "Phi3ForCausalLM": ArchSpec("phi3", q_proj=None, k_proj=None, v_proj=None,
+                                qkv_proj="self_attn.qkv_proj", gate_proj=None, up_proj=None,
+                                gate_up_proj="mlp.gate_up_proj", ort_kv_heads="heads",
+                                rope_scaling_from_hidden=True),
 }
 
 
@@ -110,10 +169,35 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return arch_of(model).get(model, arch_of(model).layers)
 
 
+def logit_softcap(config: Any) -> float | None:
+    """The final-logit soft-cap of a model (Gemma 2), or None: logits = cap * tanh(logits / cap)."""
+    spec = arch_of(config)
+    return getattr(config, spec.logit_softcap, None) if spec.logit_softcap else None
+
+
+def shape_problem(config: Any, fields: Mapping[str, int]) -> str | None:
+    """Why a (pruned) shape of this family would not reload in transformers, or None."""
+    spec = arch_of(config)
+    rope = getattr(config, "rope_scaling", None)
+    if spec.rope_scaling_from_hidden and rope:
+        prf = getattr(config, "partial_rotary_factor", 1.0)
+        want = int(fields["head_dim"] * prf) // 2
+        heads = fields["num_attention_heads"]
+        have = int(fields["hidden_size"] // heads * prf) // 2
+        if have != want:
+            return (f"{spec.family}'s config checks rope_scaling against hidden_size // "
+                    f"num_attention_heads (here {fields['hidden_size']} // {heads}), which must "
+                    f"stay {fields['head_dim']} (the head_dim) for the checkpoint to reload: keep "
+                    f"hidden_size = num_attention_heads x {fields['head_dim']} "
+                    f"(= {heads * fields['head_dim']} for {heads} heads)")
+    return None
+
+
 def param_count_from_config(config: Any) -> int:
     """Closed-form parameter count of a supported decoder LM from its config alone.
 
     `config` may be a transformers config or a plain mapping of its fields (for offline dry runs).
+    Fused projections (Phi-3) hold the same weights as separate ones.
     """
     if isinstance(config, Mapping):
         from types import SimpleNamespace
@@ -130,10 +214,10 @@ def param_count_from_config(config: Any) -> int:
     if spec.has_bias(config, "o_bias"):
         attn += h
     mlp = 3 * h * inter + (2 * inter + h if spec.has_bias(config, "mlp_bias") else 0)
-    per_layer = attn + mlp + 2 * h  # two RMSNorm weights
+    norms = len(spec.norms) * h + len(spec.head_norms) * hl.head_dim
     embed = v * h
     head = 0 if getattr(config, "tie_word_embeddings", False) else v * h
-    return embed + head + n_layers * per_layer + h
+    return embed + head + n_layers * (attn + mlp + norms) + h
 
 
 def count_params(model: nn.Module) -> int:
@@ -228,17 +312,22 @@ def load_model(
     """(model, tokenizer) for a local folder, a hub id, or the embedded `smollm2-135m`.
 
     The architecture is checked from the config before any weights load; weights load from
-    safetensors only. The model is returned in eval mode.
+    safetensors only. The model is returned in eval mode, with eager attention where the family
+    soft-caps attention scores (Gemma 2), since transformers' SDPA path would silently drop it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve_model(name_or_path)
-    load_config(where, trust_remote_code)
+    config = load_config(where, trust_remote_code)
+    extra = {}
+    attn = arch_of(config).attn_implementation(config)
+    if attn is not None:
+        extra["attn_implementation"] = attn
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=parse_dtype(dtype), use_safetensors=True,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, **extra,
         )
     except (OSError, ValueError) as e:
         raise MinitronError(f"could not load model '{name_or_path}': {e}") from None

@@ -31,8 +31,8 @@ from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table
                              write_json_atomic)
 from minitron.importance import (AGGREGATIONS, DEPTH_METHODS, HEAD_SCORES, ImportanceConfig,
                                  Scores, compute_scores, describe, load_scores, save_scores)
-from minitron.models import (EMBEDDED_NAME, arch_of, count_params, head_layout,
-                             param_count_from_config)
+from minitron.models import (EMBEDDED_NAME, ArchSpec, HeadLayout, arch_of, count_params,
+                             head_layout, param_count_from_config, shape_problem)
 
 TARGET_KEYS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_attention_heads",
                                 "num_key_value_heads", "num_hidden_layers")
@@ -104,6 +104,10 @@ def plan(config: Any, target: Mapping[str, int]) -> dict[str, int]:
             f"(num_attention_heads={heads}); valid values: multiples of {heads} up to "
             f"{src['hidden_size']}: {_examples(valid)}")
     out["head_dim"] = hl.head_dim
+    problem = shape_problem(config, out)
+    if problem:
+        raise MinitronError(f"{_flag('hidden_size')} = {out['hidden_size']} with "
+                            f"num_attention_heads = {heads}: {problem}")
     return out
 
 
@@ -162,7 +166,10 @@ def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int],
                     if key in seen:
                         continue
                     seen.add(key)
-                    fields = plan(config, t)
+                    try:
+                        fields = plan(config, t)
+                    except MinitronError:  # a shape the family cannot take (Phi-3 longrope)
+                        continue
                     n = param_count_from_config(_config_dict(config, fields))
                     least = min(t["hidden_size"] / config.hidden_size,
                                 t["intermediate_size"] / config.intermediate_size,
@@ -237,6 +244,65 @@ def _rows(units: torch.Tensor, width: int) -> torch.Tensor:
     return (units[:, None] * width + torch.arange(width)).reshape(-1)
 
 
+Rule = tuple[str, "torch.Tensor | None", "torch.Tensor | None"]  # (path, rows, columns)
+
+
+def layer_rules(spec: ArchSpec, hl: HeadLayout, intermediate: int, heads: torch.Tensor,
+                groups: torch.Tensor, neurons: torch.Tensor, hidden: torch.Tensor) -> list[Rule]:
+    """Which rows and columns of each weight of one decoder layer are kept (None: all of them).
+
+    Fused projections (Phi-3) keep the same units in each of their row blocks: qkv_proj is
+    [q (H*d); k (KV*d); v (KV*d)] and gate_up_proj is [gate (I); up (I)].
+    """
+    q_rows, kv_rows = _rows(heads, hl.head_dim), _rows(groups, hl.head_dim)
+    q_out, kv_out = hl.num_heads * hl.head_dim, hl.num_kv_heads * hl.head_dim
+    rules: list[Rule] = [(spec.o_proj, hidden, q_rows), (spec.down_proj, hidden, neurons)]
+    if spec.qkv_proj:
+        rules.append((spec.qkv_proj, torch.cat([q_rows, q_out + kv_rows, q_out + kv_out + kv_rows]),
+                      hidden))
+    else:
+        rules += [(spec.q_proj, q_rows, hidden), (spec.k_proj, kv_rows, hidden),
+                  (spec.v_proj, kv_rows, hidden)]
+    if spec.gate_up_proj:
+        rules.append((spec.gate_up_proj, torch.cat([neurons, intermediate + neurons]), hidden))
+    else:
+        rules += [(spec.gate_proj, neurons, hidden), (spec.up_proj, neurons, hidden)]
+    rules += [(norm, hidden, None) for norm in spec.norms]
+    rules += [(norm, None, None) for norm in spec.head_norms]  # over head_dim: kept whole
+    return rules
+
+
+def embed_scale(hidden_size: int, dtype: torch.dtype) -> float:
+    """Gemma's embedding factor sqrt(hidden_size), rounded to `dtype` as the model rounds it."""
+    return float(torch.tensor(hidden_size ** 0.5, dtype=dtype))
+
+
+def fold_embed_scale_(state: dict[str, torch.Tensor], spec: ArchSpec, config: Any,
+                      hidden_before: int, hidden_after: int, dtype: torch.dtype) -> None:
+    """Keep a Gemma student's residual stream at the teacher's scale after hidden pruning.
+
+    The teacher's stream starts as E[:, c] * s(h) for each kept channel c; the student, built for
+    h' channels, computes E'[:, c] * s(h'). Storing E' = E[:, kept] * s(h) / s(h') makes the two
+    equal, so every layer sees the hidden states the teacher's layer saw (up to the RMS norms now
+    averaging over h' channels). With tied embeddings the LM head is that same matrix, so its
+    logits would grow by the same factor c = s(h) / s(h'); the final norm feeds only the LM head
+    and its output does not depend on its input's scale, so dividing its gain (norm_offset +
+    weight, i.e. 1 + w for Gemma) by c gives back exactly the teacher's logits. Untied, the LM
+    head keeps its own rows and the final norm is left alone. (Untying instead would cost
+    vocab x h' new parameters, ~0.6B for a 262k vocabulary.)
+    """
+    if not spec.embed_scaled or hidden_before == hidden_after:
+        return
+    c = embed_scale(hidden_before, dtype) / embed_scale(hidden_after, dtype)
+    key = spec.embed + ".weight"
+    state[key].mul_(c)  # a fresh copy (index_select); no fp64 temporary of a 262k x h' matrix
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop(spec.lm_head + ".weight", None)  # tied: the embedding is the head
+        norm = spec.final_norm + ".weight"
+        gain = spec.norm_gain(state[norm].double()) / c
+        state[norm] = (gain - spec.norm_offset).to(dtype)
+
+
 # ----------------------------------------------------------------------------- pruning
 @torch.no_grad()
 def prune(model: nn.Module, scores: Scores, target: Mapping[str, int],
@@ -269,14 +335,10 @@ def prune(model: nn.Module, scores: Scores, target: Mapping[str, int],
     for new_i, old_i in enumerate(kept_layers):
         groups, heads = select_heads(scores.heads[old_i], fields["num_key_value_heads"], per_group,
                                      hl.group_size)
-        q_rows, kv_rows = _rows(heads, hl.head_dim), _rows(groups, hl.head_dim)
         neurons = _top_sorted(scores.neurons[old_i], fields["intermediate_size"])
         old, new = f"{spec.layers}.{old_i}.", f"{spec.layers}.{new_i}."
-        for path, rows, cols in ((spec.q_proj, q_rows, hidden), (spec.k_proj, kv_rows, hidden),
-                                 (spec.v_proj, kv_rows, hidden), (spec.o_proj, hidden, q_rows),
-                                 (spec.gate_proj, neurons, hidden), (spec.up_proj, neurons, hidden),
-                                 (spec.down_proj, hidden, neurons), (spec.input_norm, hidden, None),
-                                 (spec.post_attn_norm, hidden, None)):
+        for path, rows, cols in layer_rules(spec, hl, config.intermediate_size, heads, groups,
+                                            neurons, hidden):
             rules[old + path] = (new + path, rows, cols)
     dropped = tuple(f"{spec.layers}.{i}." for i in sorted(set(range(config.num_hidden_layers))
                                                            - set(kept_layers)))
@@ -297,8 +359,9 @@ def prune(model: nn.Module, scores: Scores, target: Mapping[str, int],
             t = t.index_select(1, cols.to(t.device))
         state[f"{new_prefix}.{leaf}"] = t.clone() if t is tensor else t
 
-    new_config = pruned_config(config, fields, kept_layers)
     dtype = next(model.parameters()).dtype
+    fold_embed_scale_(state, spec, config, config.hidden_size, fields["hidden_size"], dtype)
+    new_config = pruned_config(config, fields, kept_layers)
     with no_init_weights():
         pruned = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
     device = next(model.parameters()).device

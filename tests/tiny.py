@@ -30,17 +30,39 @@ def tiny_tokenizer():
                                    model_input_names=["input_ids", "attention_mask"])
 
 
+# What makes each newer family itself in a tiny model: Qwen3's head_dim independent of the hidden
+# size; Gemma's soft-capping, query_pre_attn_scalar != head_dim and a sliding window shorter than
+# the test sequences (so sliding and global layers differ); Gemma 3's own layer pattern and local
+# RoPE base; Phi-3's partial rotary embedding (Phi-4-mini uses 0.75).
+FAMILY_OVERRIDES = {
+    "qwen3": dict(head_dim=12),
+    "gemma2": dict(query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=5.0, sliding_window=6, hidden_activation="gelu_pytorch_tanh",
+                   initializer_range=0.1),
+    "gemma3_text": dict(head_dim=12, query_pre_attn_scalar=10, sliding_window=6,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                     "sliding_attention"], rope_local_base_freq=100.0,
+                        final_logit_softcapping=4.0, initializer_range=0.1),
+    "phi3": dict(partial_rotary_factor=0.75),
+}
+NEW_FAMILIES = tuple(FAMILY_OVERRIDES)
+
+
 def tiny_config(family: str = "llama", **overrides):
     """A 4-layer GQA model of the given family (8 query heads in 2 KV groups, head_dim 8)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                              Phi3Config, Qwen2Config, Qwen3Config)
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+           "qwen3": Qwen3Config, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig,
+           "phi3": Phi3Config}[family]
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
               tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    kw.update(FAMILY_OVERRIDES.get(family, {}))
     kw.update(overrides)
     config = cls(**kw)
-    config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
+    config.architectures = [cls.__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
     return config
 
 
@@ -48,8 +70,13 @@ def make_tiny_model(family: str = "llama", path: str | Path | None = None, seed:
     """A randomly initialised tiny model (fp32, eval mode); saved with the tokenizer if `path`."""
     from transformers import AutoModelForCausalLM
 
+    from minitron.models import arch_of
+
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    config = tiny_config(family, **overrides)
+    attn = arch_of(config).attn_implementation(config)  # as load_model loads it
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                             **({"attn_implementation": attn} if attn else {}))
     model.eval()
     if path is not None:
         model.save_pretrained(path, safe_serialization=True)
