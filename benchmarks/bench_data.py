@@ -166,7 +166,7 @@ def main(argv=None):
     from minitron.shards import prepare
 
     tokenizer = load_tokenizer("smollm2-135m")
-    rows, stamp = [], datetime.now(timezone.utc)
+    rows, stamp, sha = [], datetime.now(timezone.utc), commit()  # the code measured: at the start
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=args.work) as tmp:
         root = Path(tmp)
         teacher, student = tiny_models(root, tokenizer)
@@ -198,18 +198,18 @@ def main(argv=None):
                                    budget)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "corpus"}), file=sys.stderr)
-            table = write(args.out, stamp, rows)
+            table = write(args.out, stamp, rows, sha)
             for p in root.glob(f"*-{size:g}M*"):  # free the disk before the next size
                 subprocess.run(["rm", "-rf", str(p)], check=True)
 
     print(table)
 
 
-def write(out: Path, stamp: datetime, rows: list[dict]) -> str:
+def write(out: Path, stamp: datetime, rows: list[dict], sha: str | None) -> str:
     """JSON + table of the sizes done so far (rewritten after each size: a long run that is
     stopped keeps what it measured)."""
     meta = dict(device="cpu", device_name=f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
-                versions=versions(), git_sha=commit(), timestamp=stamp.isoformat(timespec="seconds"),
+                versions=versions(), git_sha=sha, timestamp=stamp.isoformat(timespec="seconds"),
                 tokenizer="smollm2-135m (vocab 49152, uint16 shards)", block_size=BLOCK,
                 note=("Start-up from shards: the train blocks stay memory-mapped and are read by "
                       "index per micro-batch. From a raw source: every start-up tokenizes and packs "

@@ -481,6 +481,30 @@ def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: i
 
 
 # ----------------------------------------------------------------------------- prepare
+def _begin(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished manifest if `out` holds this very preparation; else set up `out/.work` to
+    start or resume it (an interrupted preparation with other settings starts over). Refuses a
+    folder that holds another preparation or anything else."""
+    if (out / MANIFEST).exists():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("plan") == plan:
+            return manifest
+        raise MinitronError(f"{out} holds another preparation (other source, tokenizer or "
+                            f"settings); choose another --output or delete it")
+    if out.exists() and not (out / ".work").exists() and any(out.iterdir()):
+        raise MinitronError(f"--output {out} is not empty and holds no preparation; choose a "
+                            f"new or empty folder")
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    if (work / "plan.json").exists() and json.loads((work / "plan.json").read_text()) != plan:
+        shutil.rmtree(work)
+        for stale in [*out.glob("*.bin"), *out.glob("*.mask")]:
+            stale.unlink()
+        work.mkdir()
+    write_json_atomic(work / "plan.json", plan)
+    return None
+
+
 def prepare(
     source: str | list[tuple[str, float]],
     output: str | os.PathLike,
@@ -521,24 +545,10 @@ def prepare(
             tokenizer_hash(tokenizer), "dtype": dtype.str, "shard_tokens": shard_tokens,
             "chunk_chars": chunk_chars}
     plan = json.loads(json.dumps(plan))  # as it reads back from JSON (tuples become lists)
-    if (out / MANIFEST).exists():
-        manifest = json.loads((out / MANIFEST).read_text())
-        if manifest.get("plan") == plan:
-            return manifest
-        raise MinitronError(f"{out} holds another preparation (other source, tokenizer or "
-                            f"settings); choose another --output or delete it")
-    if out.exists() and not (out / ".work").exists() and any(out.iterdir()):
-        raise MinitronError(f"--output {out} is not empty and holds no preparation; choose a "
-                            f"new or empty folder")
+    done = _begin(out, plan)
+    if done is not None:
+        return done
     work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    if (work / "plan.json").exists() and json.loads((work / "plan.json").read_text()) != plan:
-        shutil.rmtree(work)  # an interrupted preparation with other settings: start over
-        for stale in [*out.glob("*.bin"), *out.glob("*.mask")]:
-            stale.unlink()
-        work.mkdir()
-    write_json_atomic(work / "plan.json", plan)
-
     markers, source_fp, stats = _tokenize_all(settings, work, tokenizer, dtype, workers,
                                               chunk_chars, progress)
     t0 = time.perf_counter()
