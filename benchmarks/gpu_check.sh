@@ -7,7 +7,8 @@
 #   there:  bash benchmarks/gpu_check.sh [quick|bar|full]       # default: bar
 #
 # bar  = the GPU tests, then the issue's bar shape (bf16 [8192, 128256]) with every provider, then
-#        the from-hidden-states memory comparison: about 3 minutes on an H100.
+#        the from-hidden-states memory comparison, then 50 distillation steps of the demo's shape
+#        (benchmarks/distill_smoke.py, needs transformers 4.57 from .wheels/): about 4 minutes.
 # full = bar, then the whole grid without torch.compile (one compile per shape does not fit a lease).
 set -euo pipefail
 MODE=${1:-bar}
@@ -47,6 +48,10 @@ case "$MODE" in
     bar|full)
         "$PY" benchmarks/bench_softmax_kl.py --vocab 128256 --tokens 8192 --dtypes bf16 --out "$OUT" ;;
 esac
+# 50 steps of the demo's distillation shape (Llama-3's 128k vocabulary: the fused linear+KL form)
+# with the default precision policy (bf16 on a GPU), through the real training loop.
+"$PY" benchmarks/distill_smoke.py --steps 50 --out "$OUT" || echo "DISTILL SMOKE FAILED"
+"$PY" -m pytest --noconftest -p no:cacheprovider -q tests/test_bf16.py -x || echo "BF16 LOSS TESTS FAILED"
 if [ "$MODE" = full ]; then
     "$PY" benchmarks/bench_softmax_kl.py --no-compile --no-linear --out "$OUT"
 fi

@@ -214,8 +214,13 @@ def _softmax_kl_loss_kernel(
         if HAS_LABELS:
             label = tl.load(labels_ptr + row).to(tl.int64)
             has_ce = label != ignore_index
-            s_label = tl.load(s_row + label, mask=has_ce, other=0.0).to(tl.float32)
-            ce = tl.where(has_ce, ce_weight * ((m_r - s_label) + ld_r), 0.0)
+            # The launcher refuses labels outside [0, V_S) (unless its caller checked them
+            # once, earlier); a label that still gets here is never read through: its loss is NaN,
+            # which the training loop's finiteness check stops on.
+            in_range = (label >= 0) & (label < V_S)
+            s_label = tl.load(s_row + label, mask=has_ce & in_range, other=0.0).to(tl.float32)
+            ce = tl.where(has_ce, tl.where(in_range, ce_weight * ((m_r - s_label) + ld_r),
+                                           float("nan")), 0.0)
         tl.store(loss_ptr + row, temperature * temperature * div + ce)
 
         st = stats_ptr + row * 8
@@ -538,6 +543,24 @@ def _check_args(student, teacher, temperature, mask, reduction, divergence, beta
                          f"got {labels.dtype} {tuple(labels.shape)}")
 
 
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Refuse labels outside [0, vocab) other than `ignore_index`, before any kernel runs.
+
+    One fused reduction over the [N] labels and one host read of its result: free for CPU labels,
+    a device sync for GPU labels (microseconds against a multi-millisecond loss). Callers on a hot
+    path that validated their token ids once (the distillation loop checks its data blocks on the
+    host) pass `check_labels=False` and skip it; the kernels never read through a bad label
+    anyway (its loss becomes NaN).
+    """
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab)
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, {vocab}) (the student vocabulary) or "
+                         f"ignore_index={ignore_index}; got {first} at {int(bad.sum())} position(s)")
+
+
 def _pick_rows_fn(student: torch.Tensor, teacher: torch.Tensor, backend: Backend):
     kernel_ok = triton is not None and student.dtype in KERNEL_DTYPES and teacher.dtype in KERNEL_DTYPES
     if backend == "torch":
@@ -567,6 +590,7 @@ def softmax_kl(
     ce_weight: float = 0.0,
     ignore_index: int = -100,
     backend: Backend = "auto",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Distillation loss between student and teacher logits, fused with its gradient.
 
@@ -594,6 +618,9 @@ def softmax_kl(
         ignore_index: label value that marks tokens without a CE term.
         backend: "auto" (Triton for CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; else the
             chunked torch reference), "triton" or "torch" to force one.
+        check_labels: refuse labels outside [0, V_s) other than ignore_index (a ValueError) before
+            anything runs. For GPU labels that costs one host sync; pass False on a hot path
+            whose labels were checked once already (see `check_label_range`).
 
     Returns:
         fp32 loss (fp64 for fp64 logits): a scalar, or [...] for reduction="none".
@@ -604,6 +631,8 @@ def softmax_kl(
     teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     mask_rows = mask.reshape(-1) if mask is not None else None
     label_rows = labels.reshape(-1) if labels is not None and ce_weight != 0.0 else None
+    if label_rows is not None and check_labels:
+        check_label_range(label_rows, student.shape[-1], ignore_index)
     rows_fn = _pick_rows_fn(student, teacher, backend)
     options = (temperature, divergence, beta, ce_weight, ignore_index)
     if student.requires_grad and torch.is_grad_enabled():

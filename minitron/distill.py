@@ -26,7 +26,7 @@ process plumbing (torchrun, the process group, DDP/FSDP2, gathered state) is `mi
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minitron import distributed
+from minitron import distributed, precision
 from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, load_checkpoint,
                                  plot_losses, save_checkpoint)
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
@@ -66,7 +66,7 @@ IGNORE_INDEX = -100
 # Checkpoints are resharded on load, so the process count and the strategy may change too.
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
                       "strategy", "nproc_per_node", "micro_batch_size", "nnodes", "rdzv_endpoint",
-                      "hsdp_shard_size", "process_group_timeout_s"}
+                      "hsdp_shard_size", "process_group_timeout_s", "gpu_memory_gib"}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -100,7 +100,10 @@ class DistillConfig:
     baseline: str | None = None             # None (distill) | "ce" | "scratch"
     loss_impl: str = "auto"                 # auto | logits | fused
     gradient_checkpointing: bool = False
-    autocast: bool = True                   # bf16 autocast when the student is on a GPU
+    precision: str = "auto"                 # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU):
+                                            # see minitron/precision.py
+    fsdp_unsynced_accum: bool = False       # FSDP: reduce-scatter only on the last micro-batch
+                                            # (keeps unsharded fp32 gradients between them)
     checkpoint_every: int = 100             # optimizer steps; a checkpoint is also written at the end
     eval_every: int = 50                    # optimizer steps; also at step 0 and at the end
     eval_blocks: int = 16
@@ -115,6 +118,8 @@ class DistillConfig:
     rdzv_endpoint: str | None = None        # host:port of the rendezvous (the first node)
     hsdp_shard_size: int | None = None      # strategy hsdp: ranks per shard group (default: a node)
     process_group_timeout_s: float = 1800.0  # a collective waits this long for a missing rank
+    gpu_memory_gib: float | None = None     # per-GPU memory the memory plan must fit (None: the
+                                            # detected GPU's; no check without a GPU)
 
     def __post_init__(self) -> None:
         self.intermediate = tuple((int(t), int(s)) for t, s in self.intermediate)
@@ -155,6 +160,9 @@ class DistillConfig:
              "None (distillation), " + ", ".join(BASELINES))
         need(self.loss_impl in LOSS_IMPLS, "loss_impl", ", ".join(LOSS_IMPLS))
         need(self.strategy in STRATEGIES, "strategy", ", ".join(STRATEGIES))
+        need(self.precision in precision.PRECISIONS, "precision", ", ".join(precision.PRECISIONS))
+        need(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "gpu_memory_gib",
+             "None (the detected GPU) or a number of GiB > 0")
         if self.micro_batch_size is not None:
             need(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1,
                  "micro_batch_size", "None or an integer >= 1")
@@ -307,7 +315,12 @@ class _Trainee(nn.Module):
         self.projections = projections if projections is not None else nn.ModuleList()
         self.loss_args: dict[str, Any] = {}  # teacher, config, ...: set by the loop, not submodules
 
-    def forward(self, ids: torch.Tensor, loss: bool = False, mask: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, loss: bool = False, eval_sums: bool = False,
+                mask: torch.Tensor | None = None):
+        if eval_sums:  # inside the wrapper's forward: FSDP has the root's weights gathered
+            from minitron.evaluate import batch_metric_sums
+
+            return batch_metric_sums(self.student, self.loss_args.get("eval_teacher"), ids)
         if not loss:
             return self.student(ids, use_cache=False)
         a = self.loss_args
@@ -454,7 +467,7 @@ def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: 
     ce_weight = config.alpha / (1 - config.alpha) if config.alpha > 0 else 0.0
     kw = dict(temperature=config.temperature, divergence=config.divergence, beta=config.beta,
               labels=labels.reshape(-1) if labels is not None else None, ce_weight=ce_weight,
-              ignore_index=IGNORE_INDEX)
+              ignore_index=IGNORE_INDEX, check_labels=False)  # `distill` checked the token ids
     if mask is not None:
         kw["mask"] = position_mask(mask).reshape(-1)
     t_ids = ids.to(_device_of(teacher))
@@ -498,20 +511,38 @@ def _micro_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_student(student: nn.Module, teacher: nn.Module | None, blocks: torch.Tensor,
-                     batch_size: int) -> dict[str, float]:
-    """Held-out loss and perplexity, and (with a teacher) KL to it and top-1 agreement."""
-    from minitron.evaluate import perplexity, teacher_agreement
+                     batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
+    """Held-out loss and perplexity, and (with a teacher) KL to it and top-1 agreement.
 
+    From hidden states through chunked logits (`minitron.evaluate.metric_sums`): no [B, T, V]
+    tensor. `student` is a plain model or the loop's (wrapped) trainee, whose forward computes the
+    sums, so that FSDP gathers its weights. `shard=(rank, world)`: this rank evaluates blocks
+    rank, rank + world, ... and the sums are added over ranks (every rank must call it then, and
+    runs the same number of forwards: an FSDP forward is collective).
+    """
+    from minitron.evaluate import batch_metric_sums, metrics_from_sums
+
+    rank, world = shard
+    trainee = isinstance(getattr(student, "module", student), _Trainee)
+    device = _device_of(student)
+    mine = blocks[rank::world]
+    n_batches = math.ceil(math.ceil(len(blocks) / world) / batch_size)  # the same on every rank
     was_training = student.training
     student.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     try:
-        ppl = perplexity(student, blocks, batch_size)
-        out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
-        if teacher is not None:
-            out.update(teacher_agreement(student, teacher, blocks, batch_size))
+        for i in range(n_batches):
+            batch = mine[i * batch_size:(i + 1) * batch_size]
+            padding = len(batch) == 0  # this rank's share ran out: a forward to keep step
+            ids = (blocks[:1] if padding else batch).to(device)
+            s = student(ids, eval_sums=True) if trainee else batch_metric_sums(student, teacher, ids)
+            if not padding:
+                sums += s
     finally:
         student.train(was_training)
-    return out
+    if world > 1:
+        dist.all_reduce(sums)
+    return metrics_from_sums(sums.cpu(), teacher is not None)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -621,24 +652,23 @@ def _train(
         teacher_head = teacher.get_output_embeddings().weight.detach().to(device)
 
     def autocast():
-        if config.autocast and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision.autocast(config.precision, device)
 
     captures: list[_Capture] = []
     if projections is not None:
         captures = [_Capture(teacher, [t for t, _ in config.intermediate]),
                     _Capture(student, [s for _, s in config.intermediate])]
     trainee.loss_args = {"teacher": teacher if kd else None, "config": config,
-                         "teacher_head": teacher_head, "fused": fused, "captures": captures}
+                         "teacher_head": teacher_head, "fused": fused, "captures": captures,
+                         "eval_teacher": eval_teacher}
 
     def run_eval(step: int) -> dict[str, Any]:
-        # Every rank evaluates the whole (small) eval set through the wrapper: an FSDP forward is
-        # collective. The numbers are the same on every rank; rank 0 logs them.
+        # Each rank evaluates its share of the eval set through the wrapper (an FSDP forward is
+        # collective); the sums are added over ranks, so every rank has the numbers; rank 0 logs.
         rec = {"kind": "eval", "step": step, "tokens": step * config.tokens_per_step}
         with autocast():
             rec.update(evaluate_student(model, eval_teacher, eval_blocks,
-                                        config.eval_batch_size))
+                                        config.eval_batch_size, shard=(rank, world)))
         log.write(rec)
         msg = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("kind", "step", "tokens"))
         if rank == 0:
@@ -667,7 +697,7 @@ def _train(
                 mask = (train_blocks.mask(rows).to(device)
                         if getattr(train_blocks, "has_mask", False) else None)
                 last = micro == n_micro - 1
-                with distributed.grad_sync(model, last):
+                with distributed.grad_sync(model, last, config.fsdp_unsynced_accum):
                     with autocast():
                         loss, inter = model(ids, loss=True, mask=mask)
                     (loss / n_micro).backward()
@@ -755,18 +785,17 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
     """Fine-tune `teacher` in place with cross-entropy for config.teacher_correction_tokens tokens.
 
     The phase checkpoints and resumes like distillation; its result (`teacher.safetensors`) is kept,
-    so a rerun loads it instead of training again. The teacher is trained in its own dtype and left
-    frozen in eval mode. With several processes it trains under DDP whatever `config.strategy`
-    says: the teacher stays a whole (replicated) module for the distillation that follows.
+    so a rerun loads it instead of training again. Training uses the precision policy on an fp32
+    copy of the teacher (fp32 master weights: AdamW's small updates would round away in bf16), under
+    `config.strategy` (FSDP2 shards it on GPUs); the result is loaded back into `teacher`, which
+    keeps its own dtype, stays whole (replicated) and is left frozen in eval mode.
     """
-    from safetensors.torch import load_model, save_model
-
     run_dir = Path(run_dir)
     done = run_dir / "teacher.safetensors"
     tc = dataclasses.replace(
         config, tokens=config.teacher_correction_tokens, teacher_correction_tokens=0,
         lr=config.teacher_correction_lr or config.lr, baseline="ce", intermediate=(), alpha=0.0,
-        seed=config.seed + 1, strategy="ddp")
+        seed=config.seed + 1)
 
     def finished() -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -776,18 +805,41 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
 
     saved = distributed.on_rank0(finished)
     if saved is not None:
-        load_model(teacher, str(done))  # every rank reads it: the run folder is shared
+        _load_corrected(teacher, done)
         if distributed.rank() == 0:
             print(f"[minitron] teacher correction: already done, loaded {done}")
         return saved
-    metrics = _train(teacher, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
-    if distributed.rank() == 0:
+    # A separate fp32 module when the teacher is not fp32, or when FSDP would shard it in place.
+    sharded = distributed.dist_on() and distributed.strategy(tc, _device_of(teacher)) == "fsdp"
+    master = (copy.deepcopy(teacher).float()
+              if sharded or any(p.dtype != torch.float32 for p in teacher.parameters()) else teacher)
+    metrics = _train(master, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
+    weights = distributed.full_state_dict(master)  # collective under FSDP; {} on other ranks
+
+    def save() -> None:
+        from safetensors.torch import save_file
+
         tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
-        save_model(teacher, str(tmp))
+        save_file(weights, str(tmp))
         os.replace(tmp, done)
         write_json_atomic(run_dir / "metrics.json", metrics)
-    freeze_(teacher)
+
+    distributed.on_rank0(save)  # every rank waits for the file
+    del master, weights
+    _load_corrected(teacher, done)  # every rank reads it: the run folder is shared
     return metrics
+
+
+def _load_corrected(teacher: nn.Module, path: Path) -> None:
+    """The corrected fp32 weights into `teacher`, cast to its dtype; tied aliases may be absent."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = teacher.load_state_dict(load_file(str(path)), strict=False)
+    aliases = distributed.tied_aliases(teacher)
+    if unexpected or set(missing) - set(aliases):
+        raise MinitronError(f"{path} does not hold this teacher's weights (missing "
+                            f"{sorted(set(missing) - set(aliases))[:3]}, unexpected {unexpected[:3]})")
+    freeze_(teacher)
 
 
 def distill(
@@ -801,8 +853,12 @@ def distill(
     tokenizer=None,
     info: dict[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
+    student_device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train `student` (in place) from `teacher` and write the finished model to `output_dir`.
+
+    `student_device`: where the student trains, when it is handed over elsewhere (on the host, so
+    that a teacher correction has the GPU to itself); it moves there after the correction.
 
     train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits (train_blocks may
     be a `minitron.shards.BlockView`, read by index, with a loss mask for chat data). `teacher`
@@ -838,6 +894,7 @@ def distill(
         raise MinitronError(
             f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
             f"({student.config.vocab_size}); distillation needs the same tokenizer")
+    _check_token_ids(train_blocks, student.config.vocab_size)
     phase = "distill" if config.uses_teacher else f"baseline_{config.baseline}"
     if teacher is not None:
         freeze_(teacher)
@@ -870,6 +927,8 @@ def distill(
         if config.baseline == "scratch" and distributed.on_rank0(lambda: find_checkpoint(out)) is None:
             reinitialize_(student, config.seed)  # seeded: the same weights on every rank
         student.float()
+        if student_device is not None:
+            student.to(student_device)
         metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
                          on_step=on_step, eval_teacher=teacher)
         timer.tokens = metrics["this_session_tokens"]
@@ -891,6 +950,22 @@ def distill(
         return result
 
     return distributed.on_rank0(finish)
+
+
+def _check_token_ids(blocks: torch.Tensor, vocab: int) -> None:
+    """Every token id in [0, vocab), checked once on the host, so the loss kernels need not check
+    their labels (a device sync) at every step. Shards are not scanned: their tokenizer's
+    vocabulary (from the manifest) bounds every id."""
+    if hasattr(blocks, "vocab_size"):
+        if blocks.vocab_size > vocab:
+            raise MinitronError(f"the training data was tokenized with a vocabulary of "
+                                f"{blocks.vocab_size} entries but the student's has {vocab}: the "
+                                f"tokenizer does not match the model")
+        return
+    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= vocab):
+        raise MinitronError(f"the training data holds token ids in [{int(blocks.min())}, "
+                            f"{int(blocks.max())}] but the student's vocabulary has {vocab} entries: "
+                            f"the tokenizer does not match the model")
 
 
 def _shape(model: nn.Module | None) -> dict[str, Any] | None:
@@ -980,6 +1055,8 @@ def run_distill(
     if config.block_size > max_pos:
         raise MinitronError(f"block_size={config.block_size} is longer than the models' context "
                             f"({max_pos} positions); choose block_size <= {max_pos}")
+    world = int(os.environ.get("WORLD_SIZE", config.nproc_per_node * config.nnodes))
+    memory_plan_(t_cfg, s_cfg, config, world, teacher_dtype, device, show=False)
     if not distributed.under_torchrun() and (config.nproc_per_node > 1 or config.nnodes > 1):
         return _launch(teacher_path, student_path, out, config, data_source=data_source,
                        text_field=text_field, device=device, teacher_device=teacher_device,
@@ -993,6 +1070,29 @@ def run_distill(
                 raise
             distributed.record_for_torchrun(e)
             raise MinitronError(f"rank {distributed.rank()}: {e}") from None
+
+
+def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig, world: int,
+                 teacher_dtype: str | None, device: str | None, show: bool = True):
+    """The per-GPU memory plan (`minitron.memory_plan`), printed if `show`; refuses a plan over
+    `config.gpu_memory_gib` or, on a GPU, the detected memory. Returns the plan."""
+    from minitron import memory_plan
+    from minitron.models import default_device
+
+    dev = torch.device(device or default_device())
+    gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
+           else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
+    strategy = "fsdp" if config.strategy == "fsdp" or (config.strategy == "auto"
+                                                       and (dev.type == "cuda" or gpu)) else "ddp"
+    strategy = "hsdp" if config.strategy == "hsdp" else strategy
+    plan = memory_plan.plan_distill(teacher_cfg or student_cfg, student_cfg, config, world,
+                                    teacher_dtype or "float32", strategy)
+    if show:
+        print(format_table(plan.rows()))
+        print(f"estimated peak per GPU: {plan.peak / memory_plan.GIB:.1f} GiB on {world} "
+              f"process(es), {strategy}" + (f", of {gpu / memory_plan.GIB:.1f} GiB" if gpu else ""))
+    memory_plan.check_fits(plan, gpu)
+    return plan
 
 
 def _launch(teacher_path, student_path, out: Path, config: DistillConfig, **kw) -> dict[str, Any]:
@@ -1028,10 +1128,12 @@ def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data
 
     if distributed.dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
         teacher_device = device  # this rank's GPU
-    student, tokenizer = load_model(student_path, dtype="float32", device=device)
     teacher = None
     if teacher_path is not None:
         teacher, _ = load_model(teacher_path, dtype=teacher_dtype, device=teacher_device or device)
+    # A teacher correction trains first: the student waits on the host until it is done.
+    student, tokenizer = load_model(student_path, dtype="float32",
+                                    device="cpu" if config.teacher_correction_tokens else device)
     n_train = config.steps * config.batch_size * config.grad_accum
     # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
     train_blocks = open_blocks(tokenizer, "train", n_train, source=data_source,
@@ -1047,7 +1149,7 @@ def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data
                      "eval_blocks": len(eval_blocks), "block_size": config.block_size},
             "pruning": info or None}
     return distill(teacher, student, train_blocks, eval_blocks, config, out, tokenizer=tokenizer,
-                   info=info)
+                   info=info, student_device=device)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1087,7 +1189,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(random init of the student's shape)")
     p.add_argument("--loss-impl", default=d.loss_impl, help="auto | logits | fused")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast on GPU")
+    p.add_argument("--precision", default=d.precision,
+                   help="bf16 (bf16 compute, fp32 master weights and gradient reduction) | fp32 | "
+                        "auto (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--fsdp-unsynced-accum", action="store_true",
+                   help="under FSDP, reduce-scatter gradients on the last micro-batch only (less "
+                        "communication, unsharded fp32 gradients held between micro-batches)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-blocks", type=int, default=d.eval_blocks)
@@ -1114,6 +1221,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strategy hsdp: ranks per shard group (default: the ranks of a node)")
     p.add_argument("--process-group-timeout", type=float, default=d.process_group_timeout_s,
                    help="seconds a collective waits for a missing rank before failing")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="per-GPU memory the plan must fit (default: the detected GPU's)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-GPU memory plan from the model configs and stop")
     p.add_argument("--settings", help="JSON file of DistillConfig fields (what --nproc-per-node "
                                       "hands to its processes); replaces the training flags")
     return p
@@ -1136,18 +1247,26 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         teacher_correction_tokens=args.teacher_correction_tokens,
         teacher_correction_lr=args.teacher_correction_lr, baseline=args.baseline,
         loss_impl=args.loss_impl, gradient_checkpointing=args.gradient_checkpointing,
-        autocast=not args.no_autocast, checkpoint_every=args.checkpoint_every,
+        precision=args.precision, fsdp_unsynced_accum=args.fsdp_unsynced_accum,
+        checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
         progress=not args.no_progress, keep_checkpoint=not args.drop_checkpoint,
         strategy=args.strategy, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
         rdzv_endpoint=args.rdzv_endpoint, hsdp_shard_size=args.hsdp_shard_size,
-        process_group_timeout_s=args.process_group_timeout)
+        process_group_timeout_s=args.process_group_timeout, gpu_memory_gib=args.gpu_memory_gib)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    if args.dry_run:
+        from minitron.models import load_config
+
+        t_cfg = load_config(args.teacher) if args.teacher else None
+        memory_plan_(t_cfg, load_config(args.student), config, config.nproc_per_node,
+                     args.teacher_dtype, args.device)
+        return 0
     result = run_distill(args.teacher, args.student, args.output, config, data_source=args.data,
                          text_field=args.text_field, device=args.device,
                          teacher_device=args.teacher_device, teacher_dtype=args.teacher_dtype)

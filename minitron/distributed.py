@@ -191,14 +191,17 @@ def wrap_model(model: nn.Module, config: DistillConfig) -> nn.Module:
             broadcast_buffers=False)  # no trained buffers; a broadcast would tie eval to lockstep
     from torch.distributed.fsdp import fully_shard
 
+    from minitron import precision
     from minitron.models import decoder_layers
 
-    mesh = None
+    # bf16 all-gathers and compute, fp32 reduce-scatters; the sharded parameters (the optimizer's
+    # master weights) stay fp32.
+    kw = {"mp_policy": p} if (p := precision.fsdp_policy(config.precision, device)) else {}
     if strategy(config, device) == "hsdp":
-        mesh = hybrid_mesh(device.type, config.hsdp_shard_size)
+        kw["mesh"] = hybrid_mesh(device.type, config.hsdp_shard_size)
     for layer in decoder_layers(model.student):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, LM head, projections
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)  # the root: embeddings, final norm, LM head, projections
     return model
 
 
@@ -215,13 +218,16 @@ def hybrid_mesh(device_type: str, shard_size: int | None):
                             mesh_dim_names=("replicate", "shard"))
 
 
-def grad_sync(model: nn.Module, last: bool):
-    """Reduce gradients across ranks on the last micro-batch of an optimizer step only."""
+def grad_sync(model: nn.Module, last: bool, fsdp_unsynced: bool = False):
+    """DDP: all-reduce on the last micro-batch of an optimizer step only (its gradients are whole
+    either way). FSDP2: reduce-scatter every micro-batch, so each rank holds only its shard of the
+    gradients between micro-batches; `fsdp_unsynced` defers it to the last one instead (less
+    communication, but every rank keeps whole unsharded fp32 gradients in between)."""
     if not dist_on():
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
         return contextlib.nullcontext() if last else model.no_sync()
-    model.set_requires_gradient_sync(last)  # FSDP2
+    model.set_requires_gradient_sync(last or not fsdp_unsynced)  # FSDP2
     return contextlib.nullcontext()
 
 

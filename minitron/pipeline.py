@@ -105,6 +105,15 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
             print(format_table(candidates))
         print(f"pruned: {shape}, {after:,} parameters ({after / before:.1%} of the source)")
         plan_info.update(pruned_shape=shape, pruned_params=after, candidates=candidates)
+    if recipe.distill.enabled:
+        from minitron.distill import memory_plan_
+
+        dc = recipe.distill.config(recipe.teacher_correction)
+        print(f"distillation memory per GPU (nproc_per_node={dc.nproc_per_node}):")
+        plan = memory_plan_(config.to_dict(), {**config.to_dict(), **shape}, dc, dc.nproc_per_node,
+                            recipe.model.dtype, recipe.model.device)
+        plan_info["memory_plan"] = {"terms_gib": {k: round(v / 2**30, 2) for k, v in plan.terms.items()},
+                                    "peak_gib": round(plan.peak / 2**30, 2)}
     return plan_info
 
 

@@ -98,9 +98,10 @@ class BlockView:
     and `view[rows]` with an int, a slice, a list or a tensor of indices.
     """
 
-    def __init__(self, stream: TokenStream, block_size: int, num_blocks: int, fingerprint: str):
+    def __init__(self, stream: TokenStream, block_size: int, num_blocks: int, fingerprint: str,
+                 vocab_size: int):
         self.stream, self.block_size, self.num_blocks = stream, block_size, num_blocks
-        self.fingerprint = fingerprint
+        self.fingerprint, self.vocab_size = fingerprint, vocab_size  # every id < vocab_size
         self.ndim = 2
 
     def __len__(self) -> int:
@@ -195,7 +196,7 @@ class Prepared:
         if num_blocks is not None:
             n = min(n, num_blocks)
         fp = f"{self.fingerprint}:{split}:{block_size}:{n}"
-        return BlockView(stream, block_size, n, fp)
+        return BlockView(stream, block_size, n, fp, self.manifest["tokenizer"]["vocab_size"])
 
 
 def is_prepared(source: str | os.PathLike) -> bool:
