@@ -1,34 +1,36 @@
-"""Export a causal LM to a deployable ONNX folder: KV-cache graph, INT8, validated against PyTorch.
+"""Export a causal LM to a deployable ONNX folder: KV-cache graph, INT8/INT4, GGUF, validated.
 
 `python -m minitron.export --model M --output DIR [--int8 blockwise|dynamic|static|none]
- [--per-channel] [--calib-samples N] [--bnb]`
+ [--per-channel] [--int8-cpu auto|vnni|no-vnni|arm] [--int4 rtn|hqq|none]
+ [--accuracy-level auto|0..4] [--gguf none|f16|q8_0|all] [--compare] [--bnb]`
 
 The folder loads and generates with ONNX Runtime and optimum alone:
-`ORTModelForCausalLM.from_pretrained(DIR).generate(...)` picks up `model.onnx` (the INT8 model unless
-`--int8 none`) with the config, generation config and tokenizer beside it. `report.json` /
+`ORTModelForCausalLM.from_pretrained(DIR).generate(...)` picks up `model.onnx` (the quantized model
+unless `--int8 none`) with the config, generation config and tokenizer beside it. Every shape the
+pruner makes serves, including hidden_size != heads x head_dim (see `onnx_config`). `report.json` /
 `report.md` hold the measurements, `manifest.json` the source, settings and versions.
 
-INT8 schemes (all ONNX Runtime quantizers; MatMuls with constant weights and the embedding Gather):
-- `blockwise` (default): MatMulNBits with 8-bit weights in blocks of 128 input channels (fewer when
-  128 does not divide the width: 64 for SmolLM2), one scale per block, and `accuracy_level=4`, which
-  quantizes activations to int8 per block at run time.
+Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and the embedding):
+- `blockwise` INT8 (default): MatMulNBits with 8-bit weights in blocks of 128 input channels (fewer
+  when 128 does not divide the width: 64 for SmolLM2), one scale per block.
 - `dynamic`: `quantize_dynamic`, MatMulInteger; weights per tensor (or per output channel with
   `--per-channel`), activations uint8 with one scale per tensor computed at run time.
 - `static`: `quantize_static` in QDQ format, activation ranges calibrated (min/max) on blocks of
   the calibration split; per tensor or per channel.
-Why `blockwise` is the default, measured on SmolLM2-135M (16x256 tokens of the stdlib eval split,
-2-core x86 CPU with VNNI): it is the only scheme inside the 2% perplexity budget (+0.6%, 3.1x smaller
-than the FP32 safetensors, decode ~2x faster than PyTorch FP32, prefill ~1.1x at one thread each).
-`dynamic` is the fastest (prefill ~3.4x) but doubles the perplexity (+101% per tensor, +83% per
-channel) and `static` QDQ quintuples it (+414% / +395%): one activation scale per tensor cannot cover
-the outlier channels of the MLP down-projection inputs (leaving the down projections in FP32 still
-cost +9%), while blockwise scales activations per block of 64-128 values.
-Every variant's numbers are in the report (`--no-compare` measures only the deployed one).
+- `--int4 rtn|hqq`: MatMulNBits with 4-bit weights (and a 4-bit GatherBlockQuantized embedding).
+`dynamic` and `static` take their types and weight range from the CPU they are made for
+(`minitron.cpu`: reduced-range weights without VNNI, per ONNX Runtime's guidance). MatMulNBits
+models run at `accuracy_level` 0 (float activations) or 4 (int8 activations per block, faster, but
+onnxruntime issue #29849 reports flipped greedy tokens on outlier-heavy LLMs): `auto` measures both
+and deploys the faster one that passes the gates. The measured comparison of the schemes on
+SmolLM2-135M is in the README; `--compare` puts every variant's numbers in the report.
 
-Validation fails the export (nothing is written) when the FP32 graph's logits differ from PyTorch's
-by more than `atol`, its top-1 agreement is below `fp32_min_top1`, or its greedy continuation of a
-held-out prompt differs by a token; or when the deployed INT8 model's perplexity exceeds FP32's by
-more than `ppl_budget` (relative) or its top-1 agreement is below `int8_min_top1`.
+Validation reads a bounded number of tokens at batch 1 (`max_eval_tokens`, blocks of at most 512)
+whatever the model's context. It fails the export (nothing is written) when the FP32 graph's
+logits differ from PyTorch's by more than `atol`, its top-1 agreement is below `fp32_min_top1`, or
+its greedy continuation of a held-out prompt differs by a token; or when no deployment candidate's
+perplexity is within `ppl_budget` (relative) of FP32's with top-1 agreement at least
+`int8_min_top1` (the same gates for INT4 and GGUF).
 """
 
 from __future__ import annotations
@@ -43,30 +45,37 @@ import platform
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic, write_text_atomic)
+from minitron.cpu import INT8_CPUS, Int8Settings, describe_cpu, int8_settings, int8_target
 from minitron.data import SOURCES_HELP, load_blocks
 from minitron.evaluate import speed as torch_speed
 from minitron.evaluate import weights_size_mb
 from minitron.models import (ARCHS, EMBEDDED_NAME, arch_of, count_params, head_layout, load_model,
                              resolve_model)
 
-Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
 INT8_SCHEMES: tuple[str, ...] = ("blockwise", "dynamic", "static", "none")
+INT4_SCHEMES: tuple[str, ...] = ("rtn", "hqq", "none")
+ACCURACY_LEVELS: tuple[str, ...] = ("auto", "0", "1", "2", "3", "4")
+GGUF_CHOICES: tuple[str, ...] = ("none", "f16", "q8_0", "all")
+MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes validate on 512
 MANIFEST_KIND = "minitron-export"
 DEPLOY_FILE = "model.onnx"  # the name ORTModelForCausalLM looks for first
 FP32_FILE = "model_fp32.onnx"  # a distinct name, so from_pretrained(folder) never picks it by accident
 TASK = "text-generation-with-past"
 BLOCKWISE_MAX_BLOCK = 128
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
+_DIFF_MAX_LOGITS = 2**26  # ... but at most 256 MB of them (a 128k vocabulary keeps one 512-token block)
 REPORT_COLUMNS = ["model", "size_mb", "x_smaller", "perplexity", "ppl_change_pct", "top1_vs_fp32",
                    "max_logit_diff", "greedy_match", "prefill_tok_s", "decode_ms_tok",
                    "prefill_speedup", "decode_speedup"]
@@ -79,23 +88,47 @@ class ExportSettings:
 
     int8: str = "blockwise"
     per_channel: bool = False
+    int8_cpu: str = "auto"
+    """The CPU kind the dynamic/static INT8 models are made for: 'auto' (this one), 'vnni', 'no-vnni'
+    or 'arm' (minitron.cpu); it picks ONNX Runtime's activation/weight types and weight range."""
+    int4: str = "none"
+    """'rtn' or 'hqq' deploys 4-bit MatMulNBits weights (embedding too) instead of INT8."""
+    accuracy_level: str | int = "auto"
+    """MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float activations)
+    and 4 (int8 activations) and deploys the faster one that passes the gates; or '0'..'4'."""
+    gguf: str = "none"
+    """Also write GGUF for llama.cpp/ollama (Llama family): 'f16', 'q8_0' or 'all'; each file is
+    loaded back by transformers' GGUF loader and held to the same gates as the ONNX variants."""
     calib_samples: int = 16
     bnb: bool = False
     source: str = "stdlib"
     eval_blocks: int = 16
     block_size: int = 256
+    max_eval_tokens: int = 8192
+    """Validation reads at most this many tokens (blocks of at most MAX_EVAL_BLOCK, batch 1),
+    whatever the model's context or the recipe's block size, so 8B-scale exports fit a host."""
     ppl_budget: float = 0.02
     atol: float = 1e-3
     fp32_min_top1: float = 0.99
     int8_min_top1: float = 0.80
     gen_tokens: int = 16
     keep_fp32: bool = False
-    compare: bool = True
+    compare: bool = False
+    """Also measure every variant that is not a deployment candidate (a report for choosing)."""
     measure_speed: bool = True
 
     def __post_init__(self):
         if self.int8 not in INT8_SCHEMES:
             raise MinitronError(f"--int8 '{self.int8}' is not a scheme; valid: {', '.join(INT8_SCHEMES)}")
+        if self.int4 not in INT4_SCHEMES:
+            raise MinitronError(f"--int4 '{self.int4}' is not a scheme; valid: {', '.join(INT4_SCHEMES)}")
+        if self.int8_cpu not in INT8_CPUS:
+            raise MinitronError(f"--int8-cpu '{self.int8_cpu}' is not a CPU kind; valid: {', '.join(INT8_CPUS)}")
+        if self.gguf not in GGUF_CHOICES:
+            raise MinitronError(f"--gguf '{self.gguf}' is not valid; valid: {', '.join(GGUF_CHOICES)}")
+        if str(self.accuracy_level) not in ACCURACY_LEVELS:
+            raise MinitronError(f"--accuracy-level '{self.accuracy_level}' is not valid; valid: "
+                                f"{', '.join(ACCURACY_LEVELS)}")
         if self.per_channel and self.int8 == "blockwise":
             raise MinitronError("--per-channel applies to --int8 dynamic or static; blockwise already "
                                 f"has one scale per block of at most {BLOCKWISE_MAX_BLOCK} weights")
@@ -104,6 +137,8 @@ class ExportSettings:
                 raise MinitronError(f"{name}={getattr(self, name)} must be at least 1")
         if self.block_size < 2:
             raise MinitronError(f"block_size={self.block_size} must be at least 2")
+        if self.max_eval_tokens < 2:
+            raise MinitronError(f"max_eval_tokens={self.max_eval_tokens} must be at least 2")
         for name in ("ppl_budget", "atol"):
             if not getattr(self, name) >= 0:
                 raise MinitronError(f"{name}={getattr(self, name)} must be a number >= 0")
@@ -111,63 +146,114 @@ class ExportSettings:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise MinitronError(f"{name}={getattr(self, name)} must be between 0 and 1")
 
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return (0, 4) if str(self.accuracy_level) == "auto" else (int(self.accuracy_level),)
+
+    def eval_shape(self) -> tuple[int, int]:
+        """(blocks, block length) of the validation data: bounded whatever the recipe asks."""
+        length = min(self.block_size, MAX_EVAL_BLOCK)
+        return max(1, min(self.eval_blocks, self.max_eval_tokens // length)), length
+
 
 @dataclass(frozen=True)
-class Int8Variant:
+class QuantVariant:
+    """One quantized graph: 8-bit `blockwise|dynamic|static` or 4-bit `rtn|hqq`."""
+
     scheme: str
     per_channel: bool = False
+    bits: int = 8
+    accuracy_level: int | None = None  # MatMulNBits only
 
     @property
     def name(self) -> str:
-        return self.scheme + ("-per-channel" if self.per_channel else "")
+        return (f"int{self.bits}-{self.scheme}" + ("-per-channel" if self.per_channel else "")
+                + (f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""))
 
     @property
     def file(self) -> str:
-        return f"model_int8_{self.name.replace('-', '_')}.onnx"
+        return f"model_{self.name.replace('-', '_')}.onnx"
+
+    @property
+    def matmul_nbits(self) -> bool:
+        return self.bits == 4 or self.scheme == "blockwise"
 
 
-def variants_to_measure(settings: ExportSettings) -> list[Int8Variant]:
-    """The deployed variant first, then (with `compare`) every other scheme x granularity."""
-    out: list[Int8Variant] = []
+def deploy_candidates(settings: ExportSettings) -> list[QuantVariant]:
+    """The variants the deployed model.onnx is chosen from (one per accuracy level measured)."""
+    if settings.int4 != "none":
+        return [QuantVariant(settings.int4, bits=4, accuracy_level=lv) for lv in settings.levels]
+    if settings.int8 == "blockwise":
+        return [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
     if settings.int8 != "none":
-        out.append(Int8Variant(settings.int8, settings.per_channel))
+        return [QuantVariant(settings.int8, settings.per_channel)]
+    return []
+
+
+def variants_to_measure(settings: ExportSettings) -> list[QuantVariant]:
+    """The deployment candidates first, then (with `compare`) every other scheme and level."""
+    out = deploy_candidates(settings)
     if settings.compare:
-        for v in (Int8Variant("blockwise"), Int8Variant("dynamic"), Int8Variant("dynamic", True),
-                  Int8Variant("static"), Int8Variant("static", True)):
-            if v not in out:
-                out.append(v)
+        others = [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
+        others += [QuantVariant("dynamic"), QuantVariant("dynamic", True), QuantVariant("static"),
+                   QuantVariant("static", True)]
+        others += [QuantVariant(s, bits=4, accuracy_level=lv) for s in INT4_SCHEMES[:-1]
+                   for lv in settings.levels]
+        out += [v for v in others if v not in out]
     return out
 
 
 # ----------------------------------------------------------------------------- checks before work
-def ort_cache_problem(config: Any) -> str | None:
-    """Why ORTModelForCausalLM cannot run this shape with a KV cache, or None.
+def onnx_config(model) -> Any:
+    """optimum's own ONNX config for this model type, extended so that every pruned shape serves.
 
-    optimum-onnx 0.1 builds the empty KV cache of the first step from the config by model type
-    (the family's `ort_head_dim` / `ort_kv_heads` in minitron.models): Llama, Mistral, Qwen2/3,
-    Gemma 2 and Phi-3 size a head as hidden_size // num_attention_heads, ignoring config.head_dim,
-    so a model pruned in hidden size but not in heads (e.g. Llama-3.1-Minitron-4B-Width: 3072 =
-    32 x 96, head_dim 128) fails at the first generate step; Gemma 2 and Phi-3 also take
-    num_attention_heads as the number of KV heads, so only their multi-head-attention shapes run.
+    optimum-onnx 0.1 exports the KV cache with the true geometry, but ORTModelForCausalLM builds
+    the *empty* cache of the first step from the config by model type (the family's
+    `ort_head_dim` / `ort_kv_heads` in minitron.models): Llama, Mistral, Qwen2/3, Gemma 2 and Phi-3
+    size a head as hidden_size // num_attention_heads, ignoring config.head_dim, and Gemma 2 and
+    Phi-3 take num_attention_heads as the number of KV heads. For a model pruned in width but not
+    in heads (Llama-3.1-Minitron-4B-Width: 3072 = 32 x 96, heads of 128) that tensor is
+    [b, kv, 0, 96] where the graph declares [b, kv, past, 128], and ONNX Runtime refuses it. Naming
+    those axes of the cache (dynamic axes) lets the graph accept that empty tensor; an empty past
+    contributes nothing to the Concat that extends the cache, so the result is exact. Only the
+    shapes that need it get the dynamic axes; the others keep optimum's config. Passed to the
+    exporter as `custom_onnx_configs`, optimum's extension point for this.
     """
-    spec = arch_of(config)
-    hl = head_layout(config)
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
+    from optimum.exporters.tasks import TasksManager
+
+    constructor = TasksManager.get_exporter_config_constructor(
+        "onnx", model=model, task=TASK, library_name="transformers")
+    base = constructor.func if hasattr(constructor, "func") else constructor
+    kwargs = {**getattr(constructor, "keywords", {}), "use_past": True, "use_past_in_inputs": True}
+    named = ort_cache_axes(model.config)
+    if not named:
+        return base(model.config, **kwargs)
+
+    class NamedCacheAxesOnnxConfig(base):
+        def add_past_key_values(self, inputs_or_outputs, direction):
+            super().add_past_key_values(inputs_or_outputs, direction)
+            for name, axes in inputs_or_outputs.items():
+                if name.startswith(("past_key_values.", "present.")):
+                    axes.update(named)
+
+    return NamedCacheAxesOnnxConfig(model.config, **kwargs)
+
+
+def ort_cache_axes(config: Any) -> dict[int, str]:
+    """The cache axes ORTModelForCausalLM would size wrongly for this shape (see onnx_config)."""
+    spec, hl = arch_of(config), head_layout(config)
+    axes = {}
     if spec.ort_kv_heads == "heads" and hl.num_kv_heads != hl.num_heads:
-        return (f"num_key_value_heads={hl.num_kv_heads} differs from num_attention_heads="
-                f"{hl.num_heads}; ONNX Runtime's ORTModelForCausalLM (optimum-onnx 0.1) sizes the "
-                f"{spec.family} KV cache with num_attention_heads KV heads, so it runs only "
-                f"{spec.family} models with plain multi-head attention (num_key_value_heads = "
-                f"num_attention_heads). Serve this model from PyTorch")
-    if spec.ort_head_dim == "config" or config.hidden_size == hl.num_heads * hl.head_dim:
-        return None
-    fits = config.hidden_size // hl.head_dim
-    hint = (f"num_attention_heads={fits} (a multiple of num_key_value_heads={hl.num_kv_heads})"
-            if config.hidden_size % hl.head_dim == 0 and fits % hl.num_kv_heads == 0
-            else f"hidden_size={hl.num_heads * hl.head_dim}")
-    return (f"hidden_size={config.hidden_size} is not num_attention_heads x head_dim "
-            f"({hl.num_heads} x {hl.head_dim} = {hl.num_heads * hl.head_dim}); ONNX Runtime's "
-            f"ORTModelForCausalLM derives the KV-cache head size as hidden_size / heads and cannot "
-            f"run this model. Prune to a shape where they match, e.g. {hint}")
+        axes[1] = "num_key_value_heads"
+    if spec.ort_head_dim == "hidden" and config.hidden_size // hl.num_heads != hl.head_dim:
+        axes[3] = "head_dim"
+    return axes
+
+
+def needs_named_head_axis(config: Any) -> bool:
+    """Whether ORTModelForCausalLM sizes this shape's empty cache differently from the graph."""
+    return bool(ort_cache_axes(config))
 
 
 def check_model(model: str | os.PathLike):
@@ -188,9 +274,6 @@ def check_model(model: str | os.PathLike):
             f"causal-LM checkpoint, one of: {', '.join(ARCHS)}"
         )
     arch_of(config)  # refuses unsupported families by name
-    problem = ort_cache_problem(config)
-    if problem:
-        raise MinitronError(f"model '{model}' cannot be exported for ONNX Runtime: {problem}")
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
     from optimum.exporters.tasks import TasksManager
 
@@ -327,15 +410,32 @@ def _past_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _prefill_feeds(path: Path, blocks: torch.Tensor):
+def _prefill_feeds(path: Path, blocks: torch.Tensor) -> list[dict[str, Any]]:
     """ONNX input dicts for a no-cache forward over each block (calibration)."""
     import numpy as np
 
     past = {k: np.zeros(s, dtype=np.float32) for k, s in _past_shapes(path).items()}
+    feeds = []
     for block in blocks:
         ids = block[None].numpy().astype(np.int64)
-        yield {"input_ids": ids, "attention_mask": np.ones_like(ids),
-               "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past}
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                      "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past})
+    return feeds
+
+
+def _calibration_reader(path: Path, blocks: torch.Tensor):
+    """An ORT CalibrationDataReader over the blocks (static INT8's activation ranges)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds, self.i = _prefill_feeds(path, blocks), 0
+
+        def get_next(self):
+            self.i += 1
+            return self.feeds[self.i - 1] if self.i <= len(self.feeds) else None
+
+    return Reader()
 
 
 @contextlib.contextmanager
@@ -365,12 +465,25 @@ def _matmul_nbits_quantizer():
     return MatMulNBitsQuantizer
 
 
-def quantize_int8(src: Path, dst: Path, variant: Int8Variant,
-                  calib_blocks: torch.Tensor | None = None) -> None:
-    """Write an INT8 copy of the FP32 graph `src` (transposes folded) to `dst` with ORT's quantizers."""
+def quantize(src: Path, dst: Path, variant: QuantVariant, calib_blocks: torch.Tensor | None = None,
+             cpu: Int8Settings | None = None) -> None:
+    """Write a quantized copy of the FP32 graph `src` (transposes folded) to `dst` with ORT's quantizers.
+
+    `cpu`: the types and weight range for the CPU that will run it (`minitron.cpu`); this machine's
+    by default. Only `dynamic` and `static` use it: MatMulNBits quantizes activations to int8 per
+    block and multiplies int8 x int8, whose pair sums (2 x 127 x 127) fit int16 on any x86 CPU.
+    """
+    cpu = cpu or int8_target("auto")
     _matmul_nbits_quantizer()
-    with _quiet_logs("", "onnxruntime.quantization.matmul_nbits_quantizer"):
-        _quantize_int8(src, dst, variant, calib_blocks)
+    # np.errstate: ORT's block quantizer divides by the scale of all-zero blocks, then masks them.
+    with _quiet_logs("", "onnxruntime.quantization.matmul_nbits_quantizer"), \
+            np.errstate(divide="ignore", invalid="ignore"):
+        if variant.bits == 4:
+            _quantize_int4(src, dst, variant)
+        else:
+            _quantize_int8(src, dst, variant, calib_blocks, cpu)
+    if uses_external_data(dst):  # the quantizers name external data `<file>.data`; use `<file>_data`
+        rename_onnx(dst, dst)
 
 
 def blockwise_block_size(proto) -> int:
@@ -385,49 +498,92 @@ def blockwise_block_size(proto) -> int:
     return block
 
 
-def _quantize_int8(src: Path, dst: Path, variant: Int8Variant, calib_blocks: torch.Tensor | None) -> None:
+def _save_quantizer(quantizer, dst: Path, external: bool) -> None:
+    quantizer.model.save_model_to_file(str(dst), external)  # ORT's ONNXModel wrapper
+
+
+def _quantize_int8(src: Path, dst: Path, variant: QuantVariant, calib_blocks: torch.Tensor | None,
+                   cpu: Int8Settings) -> None:
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
 
     external = uses_external_data(src)
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     if variant.scheme == "blockwise":
         proto = onnx.load(str(src))
         quantizer = _matmul_nbits_quantizer()(proto, bits=8, block_size=blockwise_block_size(proto),
-                                         is_symmetric=True, accuracy_level=4,
-                                         op_types_to_quantize=("MatMul",))
+                                              is_symmetric=True, accuracy_level=variant.accuracy_level,
+                                              op_types_to_quantize=("MatMul",))
         quantizer.process()
         mid = dst.with_name(dst.stem + "_matmul.onnx")
-        quantizer.model.save_model_to_file(str(mid), external)
+        _save_quantizer(quantizer, mid, external)
         # MatMulNBits has no Gather counterpart at 8 bits: the embedding gets ORT's dynamic INT8.
         quantize_dynamic(str(mid), str(dst), op_types_to_quantize=["Gather"],
                          weight_type=QuantType.QInt8, use_external_data_format=external)
         remove_onnx(mid)
     elif variant.scheme == "dynamic":
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gather"],
-                         per_channel=variant.per_channel, weight_type=QuantType.QInt8,
-                         use_external_data_format=external)
+                         per_channel=variant.per_channel, weight_type=qtype[cpu.weight_type],
+                         reduce_range=cpu.reduce_range, use_external_data_format=external)
     elif variant.scheme == "static":
         if calib_blocks is None:
             raise ValueError("static quantization needs calibration blocks")
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.feeds = _prefill_feeds(src, calib_blocks)
-
-            def get_next(self):
-                return next(self.feeds, None)
-
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul", "Gather"], per_channel=variant.per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantize_static(str(src), str(dst), _calibration_reader(src, calib_blocks),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gather"],
+                        per_channel=variant.per_channel, activation_type=qtype[cpu.activation_type],
+                        weight_type=qtype[cpu.weight_type], reduce_range=cpu.reduce_range,
                         calibrate_method=CalibrationMethod.MinMax,
-                        use_external_data_format=external,
-                        extra_options={"MatMulConstBOnly": True})
+                        use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
     else:
         raise ValueError(f"unknown INT8 scheme {variant.scheme}")
-    if external:  # the quantizers name external data `<file>.data`; use optimum's `<file>_data`
-        rename_onnx(dst, dst)
+
+
+def _quantize_int4(src: Path, dst: Path, variant: QuantVariant) -> None:
+    """4-bit MatMulNBits (one scale and zero point per block) for every MatMul weight, and
+    GatherBlockQuantized for the embedding, so no FP32 matrix is left to dominate the file.
+    `rtn` rounds to nearest; `hqq` (ORT's half-quadratic quantizer) optimizes each block's scale and
+    zero point against the weights' rounding error, with no calibration data. ORT 1.32's other
+    4-bit algorithm, its bundled GPTQ, left a larger logit error than plain RTN on a model with
+    outlier channels (MSE 0.016 vs 0.010), so it is not offered."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig)
+
+    external = uses_external_data(src)
+    proto = onnx.load(str(src))
+    block = blockwise_block_size(proto)
+    level = variant.accuracy_level
+    quantizer_cls = _matmul_nbits_quantizer()
+    if variant.scheme == "rtn":
+        ops = ("MatMul", "Gather")
+    elif variant.scheme == "hqq":
+        hqq = HQQWeightOnlyQuantConfig(block_size=block, bits=4, op_types_to_quantize=("MatMul",))
+        quantizer = quantizer_cls(proto, bits=4, block_size=block, algo_config=hqq)
+        quantizer.process()
+        proto = quantizer.model.model
+        set_accuracy_level_(proto, level)  # ORT's HQQ path does not write the attribute
+        ops = ("Gather",)  # HQQ covers MatMuls only (float zero points); the embedding gets RTN
+    else:
+        raise ValueError(f"unknown INT4 scheme {variant.scheme}")
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, accuracy_level=level,
+                                          op_types_to_quantize=ops, bits=4)
+    quantizer = quantizer_cls(proto, bits=4, block_size=block, algo_config=config)
+    quantizer.process()
+    _save_quantizer(quantizer, dst, external)
+
+
+def set_accuracy_level_(proto, level: int | None) -> None:
+    """Set accuracy_level on every MatMulNBits node of `proto` (0 or None: remove it)."""
+    import onnx
+
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        for attr in [a for a in node.attribute if a.name == "accuracy_level"]:
+            node.attribute.remove(attr)
+        if level:
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -448,7 +604,7 @@ def _batches(blocks: torch.Tensor, size: int):
 
 @torch.no_grad()
 def score(forward: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
-          ref: Reference | None = None, batch_size: int = 4) -> tuple[dict[str, Any], Reference]:
+          ref: Reference | None = None, batch_size: int = 1) -> tuple[dict[str, Any], Reference]:
     """Perplexity of `forward` (ids [b, L] -> logits [b, L, V]) on blocks; agreement with `ref`."""
     total, count, agree, max_diff = 0.0, 0, 0, 0.0
     top1, kept = [], []
@@ -460,7 +616,8 @@ def score(forward: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
         count += batch[:, 1:].numel()
         ids = logits.argmax(-1)
         top1.append(ids)
-        n_keep = max(0, min(len(batch), _DIFF_BLOCKS - start))
+        n_diff = max(1, min(_DIFF_BLOCKS, _DIFF_MAX_LOGITS // max(1, logits[0].numel())))
+        n_keep = max(0, min(len(batch), n_diff - start))
         if ref is not None:
             agree += (ids == ref.top1[start:start + len(batch)]).sum().item()
             if n_keep:
@@ -516,11 +673,20 @@ def ort_speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int =
             "decode_ms_per_token": 1000 * statistics.median(decode)}
 
 
+IO_BINDING_NOTE = ("on CUDA pass use_io_binding=False: optimum-onnx 0.1 pre-sizes bound cache outputs "
+                   "from hidden_size // heads and num_attention_heads, not this model's cache geometry")
+
+
 def load_ort(folder: Path, file_name: str, provider: str = "CPUExecutionProvider"):
     from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoConfig
 
+    # I/O binding (optimum's default on CUDA) allocates the cache outputs with the hidden // heads
+    # size, which the named head axis cannot fix; without it ORT sizes the outputs itself.
+    binding = None if not needs_named_head_axis(AutoConfig.from_pretrained(folder)) else False
     return ORTModelForCausalLM.from_pretrained(folder, file_name=file_name, use_cache=True,
-                                               provider=provider, local_files_only=True)
+                                               provider=provider, local_files_only=True,
+                                               use_io_binding=binding)
 
 
 def _cuda_ort_available() -> bool:
@@ -585,7 +751,7 @@ def check_fp32(row: dict[str, Any], settings: ExportSettings, gen_tokens: int) -
     return problems
 
 
-def check_int8(row: dict[str, Any], fp32_ppl: float, settings: ExportSettings) -> list[str]:
+def check_quantized(row: dict[str, Any], fp32_ppl: float, settings: ExportSettings) -> list[str]:
     problems = []
     change = row["perplexity"] / fp32_ppl - 1
     if change > settings.ppl_budget:
@@ -609,13 +775,9 @@ def _versions() -> dict[str, str]:
 
 
 def _device() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    d: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    cpu = describe_cpu()
+    d: dict[str, Any] = {"cpu": cpu.model, "isa": int8_settings(cpu).isa, "cpu_count": os.cpu_count(),
+                         "torch_threads": torch.get_num_threads(),
                          "load_average_1m": round(os.getloadavg()[0], 2)}
     if torch.cuda.is_available():
         d["gpu"] = torch.cuda.get_device_name(0)
@@ -654,10 +816,15 @@ def render_report(report: dict[str, Any]) -> str:
              "`ORTModelForCausalLM.from_pretrained(<this folder>)`.", "",
              f"Held-out data: {report['eval']}. Perplexity change, top-1 agreement and the speed-ups "
              "are relative to PyTorch FP32; max_logit_diff is over the first "
-             f"{_DIFF_BLOCKS} blocks; greedy_match counts leading tokens of a greedy continuation that "
+             f"{_DIFF_BLOCKS} blocks (fewer where their logits pass 256 MB); greedy_match counts "
+             "leading tokens of a greedy continuation that "
              "equal PyTorch FP32's. Speeds: batch 1, 128-token prompt, 32 decoded tokens with the KV "
              f"cache, median of 3, on {report['device']['cpu']} ({report['device']['cpu_count']} cores, "
              f"load average {report['device']['load_average_1m']} when the report was written).",
+             "", f"CPU ISA: {report['device']['isa']}. Dynamic/static INT8 made for "
+             f"{report['int8_cpu']['isa']}: {report['int8_cpu']['activation_type']} activations, "
+             f"{report['int8_cpu']['weight_type']} weights, reduce_range={report['int8_cpu']['reduce_range']} "
+             f"({report['int8_cpu']['reason']}).",
              "", format_table(table_rows(report["rows"]), REPORT_COLUMNS), ""]
     gpu_rows = [r for r in report["rows"] if "cuda_prefill_tokens_per_s" in r]
     if gpu_rows:
@@ -675,164 +842,266 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- the stage
-def export(
-    model: str | os.PathLike = EMBEDDED_NAME,
-    output_dir: str | os.PathLike = "export",
-    *,
-    int8: Int8Scheme = "blockwise",
-    per_channel: bool = False,
-    calib_samples: int = 16,
-    bnb: bool = False,
-    source: str = "stdlib",
-    eval_blocks: int = 16,
-    block_size: int = 256,
-    ppl_budget: float = 0.02,
-    atol: float = 1e-3,
-    fp32_min_top1: float = 0.99,
-    int8_min_top1: float = 0.80,
-    gen_tokens: int = 16,
-    keep_fp32: bool = False,
-    compare: bool = True,
-    measure_speed: bool = True,
-    command: str | None = None,
-) -> dict[str, Any]:
+@dataclass
+class Job:
+    """What every step of one export reads: the source, its held-out data and the reference."""
+
+    model: str
+    where: str
+    config: Any
+    settings: ExportSettings
+    pt_model: Any
+    tokenizer: Any
+    blocks: torch.Tensor
+    calib: torch.Tensor | None
+    prompt: torch.Tensor
+    ref: Reference | None = None
+    ref_perplexity: float = math.nan
+    timings: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    def timed(self, name: str) -> StageTimer:
+        timer = StageTimer(name)
+        self.timings.append(timer)  # as_dict() once the block has run (see _timings)
+        return timer
+
+
+def _timings(job: Job) -> list[dict[str, Any]]:
+    return [t.as_dict() for t in job.timings]
+
+
+def load_job(model, where: str, config, settings: ExportSettings) -> Job:
+    """Load the PyTorch model and the bounded validation (and calibration) blocks."""
+    n_blocks, length = settings.eval_shape()
+    pt_model, tokenizer = load_model(where)
+    blocks = load_blocks(tokenizer, "eval", n_blocks, source=settings.source, block_size=length,
+                         max_positions=config.max_position_embeddings)
+    calib = None
+    if any(v.scheme == "static" for v in variants_to_measure(settings)):
+        calib = load_blocks(tokenizer, "calibration", settings.calib_samples, source=settings.source,
+                            block_size=length, max_positions=config.max_position_embeddings)
+    return Job(str(model), where, config, settings, pt_model, tokenizer, blocks, calib,
+               prompt=blocks[:1, :min(16, length - 1)])
+
+
+def measure_pytorch(job: Job) -> dict[str, Any]:
+    """The PyTorch FP32 row; sets the reference every other row is compared with."""
+    row, job.ref = score(lambda b: job.pt_model(b).logits, job.blocks)
+    job.ref.generation = _generate(job.pt_model, job.prompt, job.settings.gen_tokens, job.pad_id)
+    row.update(top1_vs_fp32=1.0, max_logit_diff=0.0, greedy_match=len(job.ref.generation),
+               greedy_tokens=job.ref.generation)
+    row["size_mb"] = weights_size_mb(job.where) or count_params(job.pt_model) * 4 / 2**20
+    if job.settings.measure_speed:
+        row.update(torch_speed(job.pt_model))
+        if torch.cuda.is_available():
+            gpu = torch_speed(job.pt_model.to("cuda"))
+            row.update({f"cuda_{k}": v for k, v in gpu.items()})
+            job.pt_model.to("cpu")
+    job.ref_perplexity = row["perplexity"]
+    return {"model": "pytorch-fp32", **row}
+
+
+def export_fp32(job: Job, tmp: Path, file_name: str) -> dict[str, Any]:
+    """optimum's export of the graph with a KV cache, validated against PyTorch (raises if off)."""
+    with job.timed("onnx_export"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        onnx_export_from_model(job.pt_model, tmp, task=TASK, do_validation=False,
+                               custom_onnx_configs={"model": onnx_config(job.pt_model)})
+        if not (tmp / "tokenizer_config.json").exists():
+            job.tokenizer.save_pretrained(tmp)
+    if file_name != DEPLOY_FILE:
+        rename_onnx(tmp / DEPLOY_FILE, tmp / file_name)
+    with job.timed("validate_fp32"):
+        row = measure_onnx(tmp, file_name, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
+    problems = check_fp32(row, job.settings, len(job.ref.generation))
+    if problems:
+        raise MinitronError("the FP32 ONNX export does not match PyTorch: " + "; ".join(problems))
+    return {"model": "onnx-fp32", **row}
+
+
+def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
+                      cpu: Int8Settings) -> list[dict[str, Any]]:
+    """Quantize and measure each variant; every file is kept until the deployed one is chosen."""
+    variants = variants_to_measure(job.settings)
+    if not variants:
+        return []
+    folded = tmp / "model_fp32_folded.onnx"
+    fold_initializer_transposes(tmp / fp32_file, folded)
+    rows = []
+    for v in variants:
+        with job.timed(v.name.replace("-", "_")):
+            quantize(folded, tmp / v.file, v, job.calib, cpu)
+            row = measure_onnx(tmp, v.file, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
+        problems = check_quantized(row, fp32_ppl, job.settings)
+        rows.append({"model": f"onnx-{v.name}", "variant": v, "within_budget": not problems,
+                     "problems": problems, **row})
+    remove_onnx(folded)
+    return rows
+
+
+def choose_deployed(rows: list[dict[str, Any]], candidates: list[QuantVariant]) -> QuantVariant | None:
+    """The fastest candidate (decode, then prefill) that passes the gates; without speed numbers the
+    lowest accuracy level (exact float activations). Raises with every candidate's problems."""
+    measured = [r for r in rows if r["variant"] in candidates]
+    if not measured:
+        return None
+    passing = [r for r in measured if r["within_budget"]]
+    if not passing:
+        detail = "; ".join(f"{r['variant'].name}: " + "; ".join(r["problems"]) for r in measured)
+        raise MinitronError(f"the quantized model fails validation: {detail}; try another --int8/--int4 "
+                            "scheme, or raise --ppl-budget to accept it")
+    if all("decode_ms_per_token" in r for r in passing):
+        best = min(passing, key=lambda r: (r["decode_ms_per_token"], -r["prefill_tokens_per_s"]))
+    else:
+        best = min(passing, key=lambda r: r["variant"].accuracy_level or 0)
+    return best["variant"]
+
+
+def _deployed_name(deploy: QuantVariant | None) -> str:
+    if deploy is None:
+        return "FP32"
+    level = f", accuracy_level {deploy.accuracy_level}" if deploy.accuracy_level is not None else ""
+    return f"INT{deploy.bits} ({deploy.scheme}{'-per-channel' if deploy.per_channel else ''}{level})"
+
+
+def keep_deployed(tmp: Path, rows: list[dict[str, Any]], deploy: QuantVariant | None, fp32_file: str,
+                  keep_fp32: bool) -> None:
+    """Rename the deployed variant to model.onnx and remove the others (and FP32 unless kept)."""
+    for r in rows:
+        r["deployed"] = r["variant"] == deploy
+        if r["variant"] != deploy:
+            remove_onnx(tmp / r["variant"].file)
+        r["variant"] = r["variant"].name
+    if deploy is not None:
+        rename_onnx(tmp / deploy.file, tmp / DEPLOY_FILE)
+        if not keep_fp32:
+            remove_onnx(tmp / fp32_file)
+
+
+def measure_bnb(job: Job) -> list[dict[str, Any]]:
+    rows = []
+    for scheme in ("int8", "nf4"):
+        with job.timed(f"bnb_{scheme}"), _quiet_logs("bitsandbytes"):
+            # A side measurement for PyTorch users: a kernel bitsandbytes lacks for this shape or
+            # device is reported in the row, not fatal to the ONNX export.
+            try:
+                qmodel = load_bnb(job.where, scheme)
+                row = measure_torch(qmodel, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
+                row["size_mb"] = qmodel.get_memory_footprint() / 2**20
+                del qmodel
+            except Exception as e:  # noqa: BLE001
+                row = {"error": f"{type(e).__name__}: {e}".strip()}
+                print(f"[minitron] bitsandbytes {scheme} failed: {row['error']}")
+        rows.append({"model": f"bnb-{scheme}", **row})
+    return rows
+
+
+def export_gguf(job: Job, tmp: Path) -> list[dict[str, Any]]:
+    """GGUF files beside the ONNX ones, each validated through transformers' GGUF loader."""
+    from minitron.to_gguf import GGUF_TYPES, load_gguf, write_gguf
+
+    rows = []
+    for qtype in GGUF_TYPES if job.settings.gguf == "all" else (job.settings.gguf,):
+        path = tmp / f"model-{qtype}.gguf"
+        with job.timed(f"gguf_{qtype}"):
+            write_gguf(job.pt_model, job.tokenizer, job.where, path, qtype)
+            reloaded = load_gguf(path)
+            row = measure_torch(reloaded, job.blocks, job.ref, job.prompt,
+                                dataclasses.replace(job.settings, measure_speed=False), job.pad_id)
+            del reloaded
+        row["size_mb"] = path.stat().st_size / 2**20
+        problems = check_quantized(row, job.ref_perplexity, job.settings)
+        if qtype == "f16" and row["greedy_match"] < len(job.ref.generation):
+            problems.append(f"greedy generation matches only {row['greedy_match']}/"
+                            f"{len(job.ref.generation)} tokens")
+        if problems:
+            raise MinitronError(f"the GGUF {qtype} file fails validation: " + "; ".join(problems))
+        rows.append({"model": f"gguf-{qtype}", "within_budget": True, **row})
+    return rows
+
+
+def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str, cpu: Int8Settings,
+                 command: str) -> dict[str, Any]:
+    """report.json, report.md and manifest.json in the (temporary) output folder."""
+    report = {
+        "kind": "minitron-export-report",
+        "source": {"model": job.model, "path": job.where, "architecture": job.config.architectures,
+                   "parameters": count_params(job.pt_model)},
+        "deployed": deployed,
+        "eval": f"{len(job.blocks)}x{job.blocks.shape[1]} tokens of the '{job.settings.source}' eval split",
+        "settings": asdict(job.settings),
+        "int8_cpu": cpu.as_dict(),
+        "rows": rows,
+        "table": table_rows(rows),
+        "device": _device(),
+        "versions": _versions(),
+        "timing": _timings(job),
+        "command": command,
+    }
+    source_info = Path(job.where) / "minitron.json"
+    manifest = {
+        "kind": MANIFEST_KIND,
+        "format_version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {**report["source"],
+                   "minitron": json.loads(source_info.read_text()) if source_info.exists() else None},
+        "deployed": {"file": DEPLOY_FILE, "precision": deployed,
+                     "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)",
+                     **({"note": IO_BINDING_NOTE} if needs_named_head_axis(job.config) else {})},
+        "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
+        "settings": asdict(job.settings),
+        "int8_cpu": report["int8_cpu"],
+        "versions": report["versions"],
+        "command": report["command"],
+    }
+    write_json_atomic(tmp / "report.json", report)
+    write_text_atomic(tmp / "report.md", render_report(report))
+    write_json_atomic(tmp / "manifest.json", manifest)
+    return report
+
+
+def export(model: str | os.PathLike = EMBEDDED_NAME, output_dir: str | os.PathLike = "export",
+           settings: ExportSettings | None = None, *, command: str | None = None,
+           **overrides: Any) -> dict[str, Any]:
     """Export `model` (folder, hub id or 'smollm2-135m') to a deployable ONNX folder; returns the report.
 
-    Raises MinitronError, leaving no output folder, when validation fails; see the module docstring.
+    `settings` (or keyword overrides of its fields) shape the export. Raises MinitronError, leaving
+    no output folder, when validation fails; see the module docstring.
     """
-    settings = ExportSettings(int8=int8, per_channel=per_channel, calib_samples=calib_samples, bnb=bnb,
-                              source=source, eval_blocks=eval_blocks, block_size=block_size,
-                              ppl_budget=ppl_budget, atol=atol, fp32_min_top1=fp32_min_top1,
-                              int8_min_top1=int8_min_top1, gen_tokens=gen_tokens, keep_fp32=keep_fp32,
-                              compare=compare, measure_speed=measure_speed)
+    settings = dataclasses.replace(settings or ExportSettings(), **overrides)
     output = check_output(output_dir)
     where, config = check_model(model)
-    if bnb:
+    if settings.gguf != "none":
+        from minitron.to_gguf import gguf_arch
+
+        gguf_arch(config)  # refuses other families before any work
+    if settings.bnb:
         _check_bnb()
-    variants = variants_to_measure(settings)
-    deploy = Int8Variant(int8, per_channel) if int8 != "none" else None
-    timings: list[dict[str, Any]] = []
-
+    cpu = int8_target(settings.int8_cpu)
+    candidates = deploy_candidates(settings)
+    fp32_file = FP32_FILE if candidates else DEPLOY_FILE
     with StageTimer("load") as t:
-        pt_model, tokenizer = load_model(where)
-        blocks = load_blocks(tokenizer, "eval", eval_blocks, source=source, block_size=block_size,
-                             max_positions=config.max_position_embeddings)
-        calib = None
-        if any(v.scheme == "static" for v in variants):
-            calib = load_blocks(tokenizer, "calibration", calib_samples, source=source,
-                                block_size=block_size, max_positions=config.max_position_embeddings)
-    timings.append(t.as_dict())
-    prompt = blocks[:1, :min(16, block_size - 1)]
-    pad_id = tokenizer.pad_token_id
-
-    with StageTimer("pytorch_fp32") as t:
-        fp32_row, ref = score(lambda b: pt_model(b).logits, blocks)
-        ref.generation = _generate(pt_model, prompt, gen_tokens, pad_id)
-        fp32_row.update(top1_vs_fp32=1.0, max_logit_diff=0.0, greedy_match=len(ref.generation),
-                        greedy_tokens=ref.generation)
-        fp32_row["size_mb"] = weights_size_mb(where) or count_params(pt_model) * 4 / 2**20
-        if measure_speed:
-            fp32_row.update(torch_speed(pt_model))
-            if torch.cuda.is_available():
-                gpu = torch_speed(pt_model.to("cuda"))
-                fp32_row.update({f"cuda_{k}": v for k, v in gpu.items()})
-                pt_model.to("cpu")
-    timings.append(t.as_dict())
-    rows = [{"model": "pytorch-fp32", **fp32_row}]
-
+        job = load_job(model, where, config, settings)
+    job.timings.append(t)
+    with job.timed("pytorch_fp32"):
+        rows = [measure_pytorch(job)]
     with atomic_dir(output, overwrite=True) as tmp:
-        with StageTimer("onnx_export") as t, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from optimum.exporters.onnx import onnx_export_from_model
-
-            onnx_export_from_model(pt_model, tmp, task=TASK, do_validation=False)
-            if not (tmp / "tokenizer_config.json").exists():
-                tokenizer.save_pretrained(tmp)
-        timings.append(t.as_dict())
-        fp32_file = FP32_FILE if int8 != "none" else DEPLOY_FILE
-        if fp32_file != DEPLOY_FILE:
-            rename_onnx(tmp / DEPLOY_FILE, tmp / fp32_file)
-
-        with StageTimer("validate_fp32") as t:
-            row = measure_onnx(tmp, fp32_file, blocks, ref, prompt, settings, pad_id)
-        timings.append(t.as_dict())
-        rows.append({"model": "onnx-fp32", "deployed": int8 == "none", **row})
-        problems = check_fp32(row, settings, len(ref.generation))
-        if problems:
-            raise MinitronError("the FP32 ONNX export does not match PyTorch: " + "; ".join(problems))
-
-        if variants:
-            folded = tmp / "model_fp32_folded.onnx"
-            fold_initializer_transposes(tmp / fp32_file, folded)
-        for v in variants:
-            with StageTimer(f"int8_{v.name}") as t:
-                quantize_int8(folded, tmp / v.file, v, calib)
-                row = measure_onnx(tmp, v.file, blocks, ref, prompt, settings, pad_id)
-            timings.append(t.as_dict())
-            row["within_budget"] = not check_int8(row, fp32_row["perplexity"], settings)
-            rows.append({"model": f"onnx-int8-{v.name}", "deployed": v == deploy, **row})
-            if v == deploy and not row["within_budget"]:
-                raise MinitronError(f"the INT8 ({v.name}) model fails validation: "
-                                    + "; ".join(check_int8(row, fp32_row["perplexity"], settings))
-                                    + "; try another --int8 scheme, or raise --ppl-budget to accept it")
-        if variants:
-            remove_onnx(folded)
-        for v in variants:
-            if v != deploy:
-                remove_onnx(tmp / v.file)
-        if deploy is not None:
-            rename_onnx(tmp / deploy.file, tmp / DEPLOY_FILE)
-            if not keep_fp32:
-                remove_onnx(tmp / fp32_file)
-
-        if bnb:
-            for scheme in ("int8", "nf4"):
-                with StageTimer(f"bnb_{scheme}") as t, _quiet_logs("bitsandbytes"):
-                    # A side measurement for PyTorch users: a kernel bitsandbytes lacks for this
-                    # shape or device is reported in the row, not fatal to the ONNX export.
-                    try:
-                        qmodel = load_bnb(where, scheme)
-                        row = measure_torch(qmodel, blocks, ref, prompt, settings, pad_id)
-                        row["size_mb"] = qmodel.get_memory_footprint() / 2**20
-                        del qmodel
-                    except Exception as e:  # noqa: BLE001
-                        row = {"error": f"{type(e).__name__}: {e}".strip()}
-                        print(f"[minitron] bitsandbytes {scheme} failed: {row['error']}")
-                timings.append(t.as_dict())
-                rows.append({"model": f"bnb-{scheme}", **row})
-
-        deployed = f"INT8 ({deploy.name})" if deploy else "FP32"
-        report = {
-            "kind": "minitron-export-report",
-            "source": {"model": str(model), "path": where, "architecture": config.architectures,
-                       "parameters": count_params(pt_model)},
-            "deployed": deployed,
-            "eval": f"{len(blocks)}x{block_size} tokens of the '{source}' eval split",
-            "settings": asdict(settings),
-            "rows": rows,
-            "table": table_rows(rows),
-            "device": _device(),
-            "versions": _versions(),
-            "timing": timings,
-            "command": command or f"minitron.export.export({str(model)!r}, {str(output)!r}, ...)",
-        }
-        source_info = Path(where) / "minitron.json"
-        manifest = {
-            "kind": MANIFEST_KIND,
-            "format_version": 1,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {**report["source"],
-                       "minitron": json.loads(source_info.read_text()) if source_info.exists() else None},
-            "deployed": {"file": DEPLOY_FILE, "precision": deployed,
-                         "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)"},
-            "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
-            "settings": asdict(settings),
-            "versions": report["versions"],
-            "command": report["command"],
-        }
-        write_json_atomic(tmp / "report.json", report)
-        write_text_atomic(tmp / "report.md", render_report(report))
-        write_json_atomic(tmp / "manifest.json", manifest)
+        rows.append({**export_fp32(job, tmp, fp32_file), "deployed": not candidates})
+        quantized = quantize_variants(job, tmp, fp32_file, rows[0]["perplexity"], cpu)
+        deploy = choose_deployed(quantized, candidates)
+        keep_deployed(tmp, quantized, deploy, fp32_file, settings.keep_fp32)
+        rows += quantized
+        if settings.gguf != "none":
+            rows += export_gguf(job, tmp)
+        if settings.bnb:
+            rows += measure_bnb(job)
+        report = write_report(job, tmp, rows, _deployed_name(deploy), cpu,
+                              command or f"minitron.export.export({str(model)!r}, {str(output)!r}, ...)")
     return report
 
 
@@ -844,7 +1113,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8", default="blockwise", choices=INT8_SCHEMES,
                    help="INT8 scheme of the deployed model.onnx (default: blockwise; see the module doc)")
     p.add_argument("--per-channel", action="store_true", help="per-channel weight scales (dynamic/static)")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration blocks for --int8 static")
+    p.add_argument("--int8-cpu", default="auto", choices=INT8_CPUS,
+                   help="CPU kind the dynamic/static INT8 model is made for (default: this one)")
+    p.add_argument("--int4", default="none", choices=INT4_SCHEMES,
+                   help="deploy 4-bit weights (MatMulNBits) quantized by rtn or hqq instead of INT8")
+    p.add_argument("--accuracy-level", default="auto", choices=ACCURACY_LEVELS,
+                   help="MatMulNBits accuracy_level; auto: measure 0 and 4, deploy the faster that passes")
+    p.add_argument("--gguf", default="none", choices=GGUF_CHOICES,
+                   help="also write GGUF (llama.cpp/ollama; Llama family): f16, q8_0 or all")
+    p.add_argument("--calib-samples", type=int, default=16,
+                   help="calibration blocks for --int8 static")
     p.add_argument("--bnb", action="store_true", help="also measure bitsandbytes INT8 and NF4 loading")
     p.add_argument("--data", default="stdlib", help=f"data source: {SOURCES_HELP}")
     p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for validation")
@@ -853,8 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest relative perplexity increase of the deployed INT8 model (0.02 = 2%%)")
     p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| ONNX FP32 vs PyTorch")
     p.add_argument("--keep-fp32", action="store_true", help=f"keep the FP32 graph as {FP32_FILE}")
-    p.add_argument("--no-compare", action="store_true",
-                   help="measure only the deployed INT8 variant, not every scheme")
+    p.add_argument("--compare", action="store_true",
+                   help="also measure every INT8/INT4 scheme that is not a deployment candidate")
     p.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
     args = p.parse_args(argv)
     import shlex
@@ -862,9 +1140,11 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m minitron.export " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = export(args.model, args.output, int8=args.int8, per_channel=args.per_channel,
+                    int8_cpu=args.int8_cpu, int4=args.int4, accuracy_level=args.accuracy_level,
+                    gguf=args.gguf,
                     calib_samples=args.calib_samples, bnb=args.bnb, source=args.data,
                     eval_blocks=args.eval_blocks, block_size=args.block_size, ppl_budget=args.ppl_budget,
-                    atol=args.atol, keep_fp32=args.keep_fp32, compare=not args.no_compare,
+                    atol=args.atol, keep_fp32=args.keep_fp32, compare=args.compare,
                     measure_speed=not args.no_speed, command=command)
     print(format_table(report["table"], REPORT_COLUMNS))
     total = sum(t["wall_s"] for t in report["timing"])

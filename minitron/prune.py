@@ -52,13 +52,6 @@ def _flag(key: str) -> str:
     return f"{key} (--{key.replace('_', '-')})"
 
 
-def _examples(values: list[int], limit: int = 8) -> str:
-    if len(values) <= limit:
-        return ", ".join(map(str, values))
-    half = limit // 2
-    return ", ".join(map(str, values[:half])) + ", ..., " + ", ".join(map(str, values[-half:]))
-
-
 # ----------------------------------------------------------------------------- targets
 def plan(config: Any, target: Mapping[str, int]) -> dict[str, int]:
     """The pruned model's architecture fields for `target` (any subset of TARGET_KEYS), validated.
@@ -97,12 +90,8 @@ def plan(config: Any, target: Mapping[str, int]) -> dict[str, int]:
             f"{_flag('num_attention_heads')} = {heads} cannot be spread evenly over "
             f"{kv} KV groups of at most {g} query heads each (num_key_value_heads={kv}); "
             f"valid values: {', '.join(map(str, valid))}")
-    if out["hidden_size"] % heads:
-        valid = [h for h in range(heads, src["hidden_size"] + 1, heads)]
-        raise MinitronError(
-            f"{_flag('hidden_size')} = {out['hidden_size']} is not divisible by the head layout "
-            f"(num_attention_heads={heads}); valid values: multiples of {heads} up to "
-            f"{src['hidden_size']}: {_examples(valid)}")
+    # hidden_size need not be heads x head_dim: head_dim is explicit in the config, stock
+    # transformers serves such a model, and so does the ONNX export (minitron.export.onnx_config).
     out["head_dim"] = hl.head_dim
     problem = shape_problem(config, out)
     if problem:

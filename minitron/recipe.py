@@ -114,14 +114,22 @@ class ExportSection:
     enabled: bool = True
     int8: Literal["blockwise", "dynamic", "static", "none"] = "blockwise"
     per_channel: bool = False
+    int8_cpu: Literal["auto", "vnni", "no-vnni", "arm"] = "auto"
+    """CPU kind the dynamic/static INT8 model is made for (minitron.cpu); auto: this machine."""
+    int4: Literal["rtn", "hqq", "none"] = "none"
+    """Deploy 4-bit MatMulNBits weights instead of INT8."""
+    accuracy_level: Literal["auto", 0, 1, 2, 3, 4] = "auto"
+    """MatMulNBits accuracy_level; auto measures 0 and 4 and deploys the faster that passes."""
+    gguf: Literal["none", "f16", "q8_0", "all"] = "none"
+    """Also write GGUF files (Llama family), validated through transformers' GGUF loader."""
     calib_samples: int = 32
     """Calibration blocks for int8=static."""
     bnb: bool = False
     """Also report bitsandbytes INT8/NF4 loading of the same checkpoint (PyTorch side)."""
     ppl_budget: float = 0.02
     """The export fails when INT8 perplexity exceeds FP32's by more than this fraction."""
-    compare: bool = True
-    """Also measure the INT8 schemes that are not deployed, for the report."""
+    compare: bool = False
+    """Also measure the INT8/INT4 schemes that are not deployment candidates, for the report."""
     keep_fp32: bool = False
 
     def kwargs(self) -> dict[str, Any]:
