@@ -20,13 +20,11 @@ Conventions shared with the kernel (see `softmax_kl` for the user-facing contrac
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Divergence = Literal["kl", "reverse_kl", "jsd"]
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+from minitron.config import DIVERGENCES, Divergence  # noqa: F401  (defined once, with the settings)
 
 # Rows per chunk are chosen so that one chunk holds about this many elements per [rows, V]
 # temporary; a chunk keeps about eight of them alive at its peak. On a CPU 2^18 (1 MiB of fp32)

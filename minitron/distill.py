@@ -13,10 +13,11 @@ Every run lives in one output folder: `checkpoint/` (latest; atomic), `metrics.j
 and, at the end, the student as a plain Hugging Face checkpoint with `minitron.json`. Rerunning the
 same command resumes from the checkpoint in the same data order; a finished run is not repeated.
 
-`python -m minitron.distill --teacher T --student S --output DIR [--tokens N] [--baseline ce|scratch]`
+`python -m minitron.distill --teacher T --student S --output DIR [distill.tokens=N]
+ [distill.baseline=ce|scratch] ...` (`--help` lists every setting; `--tokens N` and the like are aliases)
 
 Past one device the same command runs under torchrun (`torchrun --nproc_per_node=K -m
-minitron.distill ...`, or `--nproc-per-node K`, which starts torchrun itself): PyTorch's FSDP2
+minitron.distill ...`, or `distill.nproc_per_node=K`, which starts the processes itself): PyTorch's FSDP2
 (`fully_shard`) or DDP splits the student, each rank reads a disjoint share of every global batch
 (`batch_indices`), checkpoints are sharded (torch.distributed.checkpoint: each rank writes its part;
 they resume on any process count), and rank 0 alone writes the other files and logs. One process is the K=1 case of the same loop, with no wrapper. That
@@ -25,7 +26,6 @@ process plumbing (torchrun, the process group, DDP/FSDP2, gathered state) is `mi
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -35,7 +35,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,195 +50,27 @@ from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, loa
                                  plot_losses, save_checkpoint)
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic)
-from minitron.kernels.reference import DIVERGENCES
+from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
+                             check_correction, check_world)
 from minitron.models import logit_softcap
 
-BASELINES = ("ce", "scratch")
-INTERMEDIATE_LOSSES = ("cosine", "mse")
-LOSS_IMPLS = ("auto", "logits", "fused")
-# How the student is split across processes: auto = FSDP on GPUs, DDP on CPU (K=1: no wrapper).
-STRATEGIES = ("auto", "ddp", "fsdp", "hsdp")
 # Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
 FUSED_MIN_VOCAB = 32_768
 IGNORE_INDEX = -100
 # Settings that may change between a run and its resumption (they do not change the weights).
 # Checkpoints are resharded on load, so the process count and the strategy may change too.
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
-                      "strategy", "nproc_per_node", "micro_batch_size", "nnodes", "rdzv_endpoint",
-                      "hsdp_shard_size", "process_group_timeout_s", "gpu_memory_gib"}
-
-
-# ----------------------------------------------------------------------------- configuration
-@dataclass
-class DistillConfig:
-    """Everything that shapes a distillation run; validated on construction."""
-
-    tokens: int = 1_000_000                 # student training tokens (the budget)
-    batch_size: int = 8                     # sequences per micro-batch
-    block_size: int = 256                   # tokens per sequence
-    grad_accum: int = 1                     # micro-batches per optimizer step
-    # Sequences per process per forward; None: each micro-batch of batch_size is split over the
-    # processes. When set, the global batch stays batch_size x grad_accum and each process runs
-    # global / (micro_batch_size x processes) micro-steps per optimizer step (any process count
-    # that divides it).
-    micro_batch_size: int | None = None
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
-    warmup_fraction: float = 0.05           # of the optimizer steps, linear warmup
-    weight_decay: float = 0.1               # on matrices only (not norms or biases)
-    clip_grad: float = 1.0                  # max global grad norm; 0 = off
-    temperature: float = 1.0
-    alpha: float = 0.0                      # loss = (1 - alpha) * divergence + alpha * CE
-    divergence: str = "kl"                  # kl | reverse_kl | jsd
-    beta: float = 0.5                       # JSD mixture weight
-    intermediate: tuple[tuple[int, int], ...] = ()  # (teacher layer, student layer) pairs
-    intermediate_loss: str = "cosine"       # cosine | mse (normalized by the teacher's mean square)
-    intermediate_weight: float = 1.0
-    teacher_correction_tokens: int = 0      # 0 = no teacher correction phase
-    teacher_correction_lr: float | None = None  # default: lr
-    baseline: str | None = None             # None (distill) | "ce" | "scratch"
-    loss_impl: str = "auto"                 # auto | logits | fused
-    gradient_checkpointing: bool = False
-    precision: str = "auto"                 # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU):
-                                            # see minitron/precision.py
-    fsdp_unsynced_accum: bool = False       # FSDP: reduce-scatter only on the last micro-batch
-                                            # (keeps unsharded fp32 gradients between them)
-    checkpoint_every: int = 100             # optimizer steps; a checkpoint is also written at the end
-    eval_every: int = 50                    # optimizer steps; also at step 0 and at the end
-    eval_blocks: int = 16
-    eval_batch_size: int = 8
-    log_every: int = 1
-    seed: int = 0
-    progress: bool = True
-    keep_checkpoint: bool = True            # keep checkpoint/ after the final model is written
-    strategy: str = "auto"                  # auto | ddp | fsdp (only used with > 1 process)
-    nproc_per_node: int = 1                 # > 1 outside torchrun: start torchrun with that many
-    nnodes: int = 1                         # > 1: this node joins the others (c10d rendezvous)
-    rdzv_endpoint: str | None = None        # host:port of the rendezvous (the first node)
-    hsdp_shard_size: int | None = None      # strategy hsdp: ranks per shard group (default: a node)
-    process_group_timeout_s: float = 1800.0  # a collective waits this long for a missing rank
-    gpu_memory_gib: float | None = None     # per-GPU memory the memory plan must fit (None: the
-                                            # detected GPU's; no check without a GPU)
-
-    def __post_init__(self) -> None:
-        self.intermediate = tuple((int(t), int(s)) for t, s in self.intermediate)
-
-        def need(ok: bool, name: str, valid: str) -> None:
-            if not ok:
-                raise MinitronError(f"{name}={getattr(self, name)!r} is invalid; valid: {valid}")
-
-        for name in ("batch_size", "block_size", "grad_accum", "checkpoint_every", "eval_every",
-                     "eval_blocks", "eval_batch_size", "log_every", "nproc_per_node", "nnodes"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
-                 "an integer >= 1")
-        need(self.block_size >= 2, "block_size", "an integer >= 2")
-        need(self.tokens >= 1, "tokens", "an integer >= 1")
-        need(self.teacher_correction_tokens >= 0, "teacher_correction_tokens", "an integer >= 0")
-        need(math.isfinite(self.lr) and self.lr > 0, "lr", "a number > 0")
-        if self.teacher_correction_lr is not None:
-            need(math.isfinite(self.teacher_correction_lr) and self.teacher_correction_lr > 0,
-                 "teacher_correction_lr", "a number > 0")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "0 <= min_lr_ratio <= 1")
-        need(0 <= self.warmup_fraction < 1, "warmup_fraction", "0 <= warmup_fraction < 1")
-        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        need(self.clip_grad >= 0, "clip_grad", "a number >= 0 (0 turns clipping off)")
-        need(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
-             "a number > 0")
-        need(0 <= self.alpha <= 1, "alpha", "0 <= alpha < 1 (the cross-entropy share of the loss)")
-        if self.alpha == 1 and self.baseline is None:
-            raise MinitronError("alpha=1.0 is pure cross-entropy: no distillation is left; "
-                                "use baseline='ce' (--baseline ce), or 0 <= alpha < 1")
-        need(self.divergence in DIVERGENCES, "divergence", ", ".join(DIVERGENCES))
-        need(0 < self.beta < 1, "beta", "0 < beta < 1")
-        need(self.intermediate_loss in INTERMEDIATE_LOSSES, "intermediate_loss",
-             ", ".join(INTERMEDIATE_LOSSES))
-        need(self.intermediate_weight >= 0, "intermediate_weight", "a number >= 0")
-        need(all(t >= 0 and s >= 0 for t, s in self.intermediate), "intermediate",
-             "pairs of non-negative layer indices (teacher, student)")
-        need(self.baseline is None or self.baseline in BASELINES, "baseline",
-             "None (distillation), " + ", ".join(BASELINES))
-        need(self.loss_impl in LOSS_IMPLS, "loss_impl", ", ".join(LOSS_IMPLS))
-        need(self.strategy in STRATEGIES, "strategy", ", ".join(STRATEGIES))
-        need(self.precision in precision.PRECISIONS, "precision", ", ".join(precision.PRECISIONS))
-        need(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "gpu_memory_gib",
-             "None (the detected GPU) or a number of GiB > 0")
-        if self.micro_batch_size is not None:
-            need(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1,
-                 "micro_batch_size", "None or an integer >= 1")
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise MinitronError(f"nnodes={self.nnodes} needs rdzv_endpoint (host:port on the first "
-                                f"node, the same on every node), e.g. --rdzv-endpoint node0:29500")
-        need(self.process_group_timeout_s > 0, "process_group_timeout_s", "a number of seconds > 0")
-        check_world(self, self.nproc_per_node * self.nnodes,
-                    "nproc_per_node" if self.nnodes == 1 else "nproc_per_node x nnodes")
-        if self.baseline is not None and self.intermediate:
-            raise MinitronError(f"intermediate={list(self.intermediate)} needs a teacher; the "
-                                f"'{self.baseline}' baseline trains without one: drop one of them")
-        if self.baseline is not None and self.teacher_correction_tokens:
-            raise MinitronError(f"teacher_correction_tokens={self.teacher_correction_tokens} "
-                                f"corrects a teacher that the '{self.baseline}' baseline does not "
-                                f"use: drop one of them")
-        if self.tokens < self.tokens_per_step:
-            raise MinitronError(
-                f"tokens={self.tokens} is less than one optimizer step (batch_size {self.batch_size}"
-                f" x grad_accum {self.grad_accum} x block_size {self.block_size} = "
-                f"{self.tokens_per_step} tokens); give tokens >= {self.tokens_per_step}")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.block_size
-
-    @property
-    def steps(self) -> int:
-        return self.tokens // self.tokens_per_step
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.baseline is None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["intermediate"] = [list(p) for p in self.intermediate]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise MinitronError(f"unknown distillation setting(s) {unknown}; valid: {sorted(names)}")
-        return cls(**d)
-
-
-def parse_intermediate(text: str | None) -> tuple[tuple[int, int], ...]:
-    """'29:14,14:7' -> ((29, 14), (14, 7)): teacher layer, student layer."""
-    if not text:
-        return ()
-    pairs = []
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-            raise MinitronError(f"--intermediate {text!r}: '{item}' is not TEACHER_LAYER:STUDENT_LAYER"
-                                f" (e.g. --intermediate 29:14,14:7)")
-        pairs.append((int(parts[0]), int(parts[1])))
-    return tuple(pairs)
+                      "strategy", "nproc_per_node", "teacher_device", "enabled",
+                      "gpu_memory_gib", "micro_batch_size", "nnodes", "rdzv_endpoint",
+                      "hsdp_shard_size", "process_group_timeout_s"}
+# The settings the command takes (minitron.cli); the models are --teacher and --student. The
+# distill section comes first, so `--tokens` and `--lr` are its aliases (teacher_correction.tokens
+# is set by name).
+CLI_KEYS = {"distill": None, "teacher_correction": None, "model": ("dtype", "device"),
+            "data": ("source", "text_field")}
 
 
 # ----------------------------------------------------------------------------- schedule and data
-def check_world(config: DistillConfig, world: int, name: str) -> None:
-    """Refuse a process count the batch does not split over."""
-    if config.micro_batch_size is None:
-        distributed.check_divisible(config.batch_size, world, name)
-        return
-    per_step = config.batch_size * config.grad_accum
-    if per_step % (config.micro_batch_size * world):
-        raise MinitronError(
-            f"the global batch (batch_size {config.batch_size} x grad_accum {config.grad_accum} = "
-            f"{per_step} sequences) does not split into micro_batch_size={config.micro_batch_size}"
-            f" x {name}={world} processes; choose a micro_batch_size and process count whose "
-            f"product divides {per_step}")
-
-
 def micro_steps(config: DistillConfig, world: int) -> int:
     """Forward/backward passes per process per optimizer step."""
     if config.micro_batch_size is None:
@@ -301,32 +132,45 @@ def blocks_fingerprint(blocks) -> str:
 
 
 # ----------------------------------------------------------------------------- model plumbing
+@dataclass
+class LossSetup:
+    """What the trainee's loss needs besides the batch: the frozen teacher (None: cross-entropy on
+    the data), the settings, the teacher's LM head for the fused form, and the layer captures."""
+
+    teacher: nn.Module | None
+    config: DistillConfig
+    teacher_head: torch.Tensor | None = None
+    fused: bool = False
+    captures: list["_Capture"] = dataclasses.field(default_factory=list)
+    eval_teacher: nn.Module | None = None  # for evaluation sums inside the wrapper's forward
+
+
 class _Trainee(nn.Module):
     """The student and its intermediate-loss projections as the one module DDP/FSDP wrap.
 
     Its forward computes the whole training loss (teacher forward included, under no_grad), so every
     trainable parameter is used inside the wrapper's forward and gradient sync is never bypassed;
     without a loss (`trainee(ids)`) it is the student (evaluation goes through the wrapper too).
+    `setup` is set by the loop once the module is wrapped (the teacher is not a submodule).
     """
 
     def __init__(self, student: nn.Module, projections: nn.ModuleList | None):
         super().__init__()
         self.student = student
         self.projections = projections if projections is not None else nn.ModuleList()
-        self.loss_args: dict[str, Any] = {}  # teacher, config, ...: set by the loop, not submodules
+        self.setup: LossSetup | None = None
 
     def forward(self, ids: torch.Tensor, loss: bool = False, eval_sums: bool = False,
                 mask: torch.Tensor | None = None):
         if eval_sums:  # inside the wrapper's forward: FSDP has the root's weights gathered
             from minitron.evaluate import batch_metric_sums
 
-            return batch_metric_sums(self.student, self.loss_args.get("eval_teacher"), ids)
+            return batch_metric_sums(self.student, self.setup.eval_teacher, ids)
         if not loss:
             return self.student(ids, use_cache=False)
-        a = self.loss_args
-        return _micro_loss(self.student, a["teacher"], ids, a["config"], a["teacher_head"],
-                           a["fused"], self.projections if a["captures"] else None, a["captures"],
-                           mask)
+        a = self.setup
+        return _micro_loss(self.student, a.teacher, ids, a.config, a.teacher_head, a.fused,
+                           self.projections if a.captures else None, a.captures, mask)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -587,6 +431,235 @@ def _param_groups(model: nn.Module, extra: nn.Module | None, weight_decay: float
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+@dataclass
+class _Loop:
+    """Everything one training phase holds: models, optimizer, data, logs and progress. The
+    functions below are its steps (set up, resume, one loss step, evaluate, checkpoint, the loop)."""
+
+    config: DistillConfig
+    phase: str
+    run_dir: Path
+    device: torch.device  # the student's, taken before wrapping (FSDP2 makes its parameters DTensors)
+    student: nn.Module
+    trainee: _Trainee
+    model: nn.Module  # the trainee, or DDP / FSDP2 around it
+    aliases: dict[str, str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_blocks: torch.Tensor
+    eval_blocks: torch.Tensor
+    eval_teacher: nn.Module | None
+    kd: bool
+    fused: bool
+    projections: nn.ModuleList | None
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    log: Any = None
+    last_ckpt_step: int | None = None
+    start_step: int = 0
+    bar: Any = None
+
+    @property
+    def steps(self) -> int:
+        return self.config.steps
+
+    def autocast(self):
+        return precision.autocast(self.config.precision, self.device)
+
+
+def _setup_model(student: nn.Module, teacher: nn.Module | None, config: DistillConfig, kd: bool):
+    """Student in training mode, its projections, the trainee and the wrapper around it."""
+    projections = make_projections(teacher, student, config) if kd and config.intermediate else None
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainee = _Trainee(student, projections)
+    aliases = distributed.tied_aliases(trainee)
+    model = distributed.wrap_model(trainee, config.strategy, config.precision,
+                                   config.hsdp_shard_size)
+    return projections, trainee, aliases, model
+
+
+def _setup_optimizer(trainee: _Trainee, config: DistillConfig):
+    """AdamW (decay on matrices only) and the warmup + cosine schedule. Called after wrapping:
+    FSDP2 swaps the parameters for sharded ones, which the optimizer must hold."""
+    optimizer = torch.optim.AdamW(_param_groups(trainee.student, trainee.projections,
+                                                config.weight_decay),
+                                  lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    warmup = int(config.warmup_fraction * config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.steps, warmup, config.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def _resume(loop: _Loop) -> None:
+    """Load the newest checkpoint of the run folder if there is one (else seed), open the log."""
+    config, rank, world = loop.config, distributed.rank(), distributed.world()
+    ckpt = distributed.on_rank0(lambda: find_checkpoint(loop.run_dir))
+    loop.state = {"step": 0, "tokens": 0, "train_time_s": 0.0}
+    if ckpt is not None:
+        loop.state = load_checkpoint(ckpt, loop.trainee, loop.optimizer, loop.scheduler,
+                                     loop.aliases)
+        if rank == 0:
+            print(f"[minitron] {loop.phase}: resuming from step {loop.state['step']}/{loop.steps} "
+                  f"({ckpt})" + (f" on {world} processes" if world > 1 else ""))
+    else:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+    loop.start_step = loop.state["step"]
+    loop.log = (MetricsLog(loop.run_dir / "metrics.jsonl",
+                           keep_up_to=loop.start_step if ckpt is not None else -1)
+                if rank == 0 else NullLog())
+    loop.last_ckpt_step = loop.start_step if ckpt is not None else None
+
+
+def _set_loss(loop: _Loop, teacher: nn.Module | None) -> LossSetup:
+    """The trainee's loss inputs: teacher, its LM head for the fused form, the layer captures."""
+    config = loop.config
+    teacher_head = None
+    if loop.fused:
+        teacher_head = teacher.get_output_embeddings().weight.detach().to(loop.device)
+    captures: list[_Capture] = []
+    if loop.projections is not None:
+        captures = [_Capture(teacher, [t for t, _ in config.intermediate]),
+                    _Capture(loop.student, [s for _, s in config.intermediate])]
+    loop.trainee.setup = LossSetup(teacher if loop.kd else None, config, teacher_head, loop.fused,
+                                   captures, loop.eval_teacher)
+    return loop.trainee.setup
+
+
+def _evaluate(loop: _Loop, step: int) -> dict[str, Any]:
+    """Held-out metrics at `step`. Each rank evaluates its share of the eval set through the
+    wrapper (an FSDP forward is collective); the sums are added over ranks, so every rank has the
+    numbers; rank 0 logs."""
+    config = loop.config
+    rec = {"kind": "eval", "step": step, "tokens": step * config.tokens_per_step}
+    with loop.autocast():
+        rec.update(evaluate_student(loop.model, loop.eval_teacher, loop.eval_blocks,
+                                    config.eval_batch_size,
+                                    shard=(distributed.rank(), distributed.world())))
+    loop.log.write(rec)
+    msg = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("kind", "step", "tokens"))
+    if distributed.rank() == 0:
+        print(f"[minitron] {loop.phase} step {step}/{loop.steps}: {msg}", file=sys.stderr)
+    return rec
+
+
+def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
+    """Forward and backward of one optimizer step's micro-batches; returns the global batch's loss
+    and intermediate loss (averaged over ranks: every rank gets the same values)."""
+    config, device = loop.config, loop.device
+    rank, world = distributed.rank(), distributed.world()
+    total = torch.zeros((), device=device)
+    inter_total = torch.zeros((), device=device)
+    n_micro = micro_steps(config, world)
+    for micro in range(n_micro):
+        rows = batch_indices(step, micro, len(loop.train_blocks), config, rank, world)
+        ids = loop.train_blocks[rows].to(device)
+        # Chat shards carry a loss mask beside the tokens (prompt tokens excluded).
+        mask = (loop.train_blocks.mask(rows).to(device)
+                if getattr(loop.train_blocks, "has_mask", False) else None)
+        last = micro == n_micro - 1
+        with distributed.grad_sync(loop.model, last, config.fsdp_unsynced_accum):
+            with loop.autocast():
+                loss, inter = loop.model(ids, loss=True, mask=mask)
+            (loss / n_micro).backward()
+        total += loss.detach() / n_micro
+        if inter is not None:
+            inter_total += inter / n_micro
+        for c in captures:
+            c.outputs.clear()
+    total, inter_total = distributed.mean_over_ranks(torch.stack([total, inter_total])).unbind()
+    return total, inter_total
+
+
+def _clip_and_check(loop: _Loop, step: int, loss_value: float) -> torch.Tensor:
+    """Clip the gradients; stop every rank at the same step when the loss or the gradient norm is
+    not finite (the loss is the global batch's, so no rank is left waiting in a collective)."""
+    config = loop.config
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for g in loop.optimizer.param_groups for p in g["params"]],
+        config.clip_grad if config.clip_grad > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the global norm
+        grad_norm = grad_norm.full_tensor()
+    if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        value = loss_value if what == "loss" else grad_norm.item()
+        loop.log.write({"kind": "stopped", "step": step + 1, "reason": f"non-finite {what}"})
+        kept = (f"the last good checkpoint (step {loop.last_ckpt_step}) in {loop.run_dir / CKPT} "
+                f"is intact" if loop.last_ckpt_step is not None
+                else "no checkpoint had been written yet")
+        raise MinitronError(
+            f"{loop.phase} stopped: the {what} became {value} at step {step + 1}/{loop.steps}; the "
+            f"weights were not updated and {kept}. Lower the learning rate (lr={config.lr}), "
+            f"check the data, or resume from the checkpoint by rerunning the command")
+    return grad_norm
+
+
+def _after_step(loop: _Loop, done: int, dt: float, loss_value: float, grad_norm: torch.Tensor,
+                inter_total: torch.Tensor, last_eval: dict | None) -> dict | None:
+    """The cadence after optimizer step `done`: metrics, progress, evaluation, checkpoint."""
+    config, state = loop.config, loop.state
+    state["step"], state["tokens"] = done, done * config.tokens_per_step
+    state["train_time_s"] += dt  # training steps only: eval and checkpoints excluded
+    tok_s = config.tokens_per_step / max(dt, 1e-9)
+    if done % config.log_every == 0 or done == loop.steps:
+        rec = {"kind": "train", "step": done, "tokens": state["tokens"], "loss": loss_value,
+               "lr": loop.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+               "tokens_per_s": tok_s}
+        if loop.projections is not None:
+            rec["intermediate_loss"] = inter_total.item()
+        loop.log.write(rec)
+    if loop.bar is not None:
+        loop.bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:.0f}")
+        loop.bar.update(1)
+    if done % config.eval_every == 0 or done == loop.steps:
+        last_eval = _evaluate(loop, done)
+    if done % config.checkpoint_every == 0 or done == loop.steps:
+        save_checkpoint(loop.run_dir, loop.trainee, loop.optimizer, loop.scheduler,
+                        {**state, "phase": loop.phase}, loop.aliases)
+        loop.last_ckpt_step = done
+    return last_eval
+
+
+def _run_steps(loop: _Loop, captures: list[_Capture], on_step: Callable[[int], None] | None,
+               last_eval: dict[str, Any] | None) -> dict[str, Any]:
+    """The loop: loss step, optimizer step and cadence per step; a final evaluation if the last
+    step had none."""
+    for step in range(loop.start_step, loop.steps):
+        t0 = time.perf_counter()
+        total, inter_total = _loss_step(loop, step, captures)
+        loss_value = total.item()  # one host sync per optimizer step
+        grad_norm = _clip_and_check(loop, step, loss_value)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+        last_eval = _after_step(loop, step + 1, time.perf_counter() - t0, loss_value, grad_norm,
+                                inter_total, last_eval)
+        if on_step is not None:
+            on_step(step + 1)
+    if last_eval is None or last_eval["step"] != loop.steps:
+        last_eval = _evaluate(loop, loop.steps)
+    return last_eval
+
+
+def _final_metrics(loop: _Loop, last_eval: dict[str, Any], run_time: float) -> dict[str, Any]:
+    config, steps = loop.config, loop.steps
+    train_time = loop.state["train_time_s"]
+    metrics = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "tokens")}
+    metrics.update({
+        "steps": steps, "train_tokens": steps * config.tokens_per_step,
+        "train_time_s": round(train_time, 2),
+        # Student tokens per second of training steps, teacher forward included (eval excluded).
+        "train_tokens_per_s": round(steps * config.tokens_per_step / max(train_time, 1e-9), 1),
+        "this_session_tokens": (steps - loop.start_step) * config.tokens_per_step,
+        "this_session_wall_s": round(run_time, 2),
+        "loss_impl": ("fused" if loop.fused else "logits") if loop.kd else "cross_entropy",
+    })
+    return metrics
+
+
 def _train(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -607,182 +680,43 @@ def _train(
     share of every micro-batch, the loss is averaged over ranks, rank 0 alone logs and writes.
     """
     device = _device_of(student)
-    rank, world = distributed.rank(), distributed.world()
-    check_world(config, world, "world size")
-    n_micro = micro_steps(config, world)
+    check_world(config, distributed.world(), "world size")
     kd = teacher is not None and config.baseline is None
-    steps, warmup = config.steps, int(config.warmup_fraction * config.steps)
-    n_blocks = len(train_blocks)
-    vocab = student.config.vocab_size
-    fused = kd and _use_fused(config, vocab, student.config)
-
-    projections = make_projections(teacher, student, config) if kd and config.intermediate else None
-    student.train()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainee = _Trainee(student, projections)
-    aliases = distributed.tied_aliases(trainee)
-    model = distributed.wrap_model(trainee, config)
-    # After wrapping: FSDP2 swaps the parameters for sharded ones, which the optimizer must hold.
-    optimizer = torch.optim.AdamW(_param_groups(trainee.student, trainee.projections,
-                                                config.weight_decay),
-                                  lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, warmup, config.min_lr_ratio))
-
-    ckpt = distributed.on_rank0(lambda: find_checkpoint(run_dir))
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "train_time_s": 0.0}
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, trainee, optimizer, scheduler, aliases)
-        if rank == 0:
-            print(f"[minitron] {phase}: resuming from step {state['step']}/{steps} ({ckpt})"
-                  + (f" on {world} processes" if world > 1 else ""))
-    else:
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-    start_step = state["step"]
-    log = (MetricsLog(run_dir / "metrics.jsonl", keep_up_to=start_step if ckpt is not None else -1)
-           if rank == 0 else NullLog())
-    last_ckpt_step = start_step if ckpt is not None else None
-
-    teacher_head = None
-    if fused:
-        teacher_head = teacher.get_output_embeddings().weight.detach().to(device)
-
-    def autocast():
-        return precision.autocast(config.precision, device)
-
-    captures: list[_Capture] = []
-    if projections is not None:
-        captures = [_Capture(teacher, [t for t, _ in config.intermediate]),
-                    _Capture(student, [s for _, s in config.intermediate])]
-    trainee.loss_args = {"teacher": teacher if kd else None, "config": config,
-                         "teacher_head": teacher_head, "fused": fused, "captures": captures,
-                         "eval_teacher": eval_teacher}
-
-    def run_eval(step: int) -> dict[str, Any]:
-        # Each rank evaluates its share of the eval set through the wrapper (an FSDP forward is
-        # collective); the sums are added over ranks, so every rank has the numbers; rank 0 logs.
-        rec = {"kind": "eval", "step": step, "tokens": step * config.tokens_per_step}
-        with autocast():
-            rec.update(evaluate_student(model, eval_teacher, eval_blocks,
-                                        config.eval_batch_size, shard=(rank, world)))
-        log.write(rec)
-        msg = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("kind", "step", "tokens"))
-        if rank == 0:
-            print(f"[minitron] {phase} step {step}/{steps}: {msg}", file=sys.stderr)
-        return rec
-
-    bar = None
-    if config.progress and rank == 0:
+    fused = kd and _use_fused(config, student.config.vocab_size, student.config)
+    projections, trainee, aliases, model = _setup_model(student, teacher, config, kd)
+    optimizer, scheduler = _setup_optimizer(trainee, config)
+    loop = _Loop(config=config, phase=phase, run_dir=run_dir, device=device, student=student,
+                 trainee=trainee, model=model, aliases=aliases, optimizer=optimizer,
+                 scheduler=scheduler, train_blocks=train_blocks, eval_blocks=eval_blocks,
+                 eval_teacher=eval_teacher, kd=kd, fused=fused, projections=projections)
+    _resume(loop)
+    captures = _set_loss(loop, teacher).captures
+    if config.progress and distributed.rank() == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=start_step, desc=phase, unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
+        loop.bar = tqdm(total=loop.steps, initial=loop.start_step, desc=phase, unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
     try:
-        last_eval = None
-        if start_step == 0:
-            last_eval = run_eval(0)
-        t_train = time.perf_counter()
-        for step in range(start_step, steps):
-            t0 = time.perf_counter()
-            total = torch.zeros((), device=device)
-            inter_total = torch.zeros((), device=device)
-            for micro in range(n_micro):
-                rows = batch_indices(step, micro, n_blocks, config, rank, world)
-                ids = train_blocks[rows].to(device)
-                # Chat shards carry a loss mask beside the tokens (prompt tokens excluded).
-                mask = (train_blocks.mask(rows).to(device)
-                        if getattr(train_blocks, "has_mask", False) else None)
-                last = micro == n_micro - 1
-                with distributed.grad_sync(model, last, config.fsdp_unsynced_accum):
-                    with autocast():
-                        loss, inter = model(ids, loss=True, mask=mask)
-                    (loss / n_micro).backward()
-                total += loss.detach() / n_micro
-                if inter is not None:
-                    inter_total += inter / n_micro
-                for c in captures:
-                    c.outputs.clear()
-            # The global batch's loss: every rank gets the same value, so a non-finite loss stops
-            # all ranks at the same step with the same message (none is left waiting in a
-            # collective).
-            total, inter_total = distributed.mean_over_ranks(
-                torch.stack([total, inter_total])).unbind()
-            loss_value = total.item()  # one host sync per optimizer step
-            grad_norm = (torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]],
-                config.clip_grad if config.clip_grad > 0 else float("inf")))
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the global norm
-                grad_norm = grad_norm.full_tensor()
-            if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                value = loss_value if what == "loss" else grad_norm.item()
-                log.write({"kind": "stopped", "step": step + 1, "reason": f"non-finite {what}"})
-                kept = (f"the last good checkpoint (step {last_ckpt_step}) in {run_dir / CKPT} is "
-                        f"intact" if last_ckpt_step is not None
-                        else "no checkpoint had been written yet")
-                raise MinitronError(
-                    f"{phase} stopped: the {what} became {value} at step {step + 1}/{steps}; the "
-                    f"weights were not updated and {kept}. Lower the learning rate (lr={config.lr})"
-                    f", check the data, or resume from the checkpoint by rerunning the command")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            dt = time.perf_counter() - t0
-            state["step"], state["tokens"] = done, done * config.tokens_per_step
-            state["train_time_s"] += dt  # training steps only: eval and checkpoints excluded
-            tok_s = config.tokens_per_step / max(dt, 1e-9)
-            if done % config.log_every == 0 or done == steps:
-                rec = {"kind": "train", "step": done, "tokens": state["tokens"], "loss": loss_value,
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "tokens_per_s": tok_s}
-                if projections is not None:
-                    rec["intermediate_loss"] = inter_total.item()
-                log.write(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:.0f}")
-                bar.update(1)
-            if done % config.eval_every == 0 or done == steps:
-                last_eval = run_eval(done)
-            if done % config.checkpoint_every == 0 or done == steps:
-                save_checkpoint(run_dir, trainee, optimizer, scheduler, {**state, "phase": phase},
-                                aliases)
-                last_ckpt_step = done
-            if on_step is not None:
-                on_step(done)
-        if last_eval is None or last_eval["step"] != steps:
-            last_eval = run_eval(steps)
+        last_eval = _evaluate(loop, 0) if loop.start_step == 0 else None
+        t_train = time.perf_counter()  # the step-0 evaluation is not training time
+        last_eval = _run_steps(loop, captures, on_step, last_eval)
     finally:
-        if bar is not None:
-            bar.close()
+        if loop.bar is not None:
+            loop.bar.close()
         for c in captures:
             c.close()
         if config.gradient_checkpointing:
             student.gradient_checkpointing_disable()
     student.eval()
-    train_time = state["train_time_s"]
-    trained_tokens = (steps - start_step) * config.tokens_per_step
-    run_time = time.perf_counter() - t_train
-    metrics = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "tokens")}
-    metrics.update({
-        "steps": steps, "train_tokens": steps * config.tokens_per_step,
-        "train_time_s": round(train_time, 2),
-        # Student tokens per second of training steps, teacher forward included (eval excluded).
-        "train_tokens_per_s": round(steps * config.tokens_per_step / max(train_time, 1e-9), 1),
-        "this_session_tokens": trained_tokens, "this_session_wall_s": round(run_time, 2),
-        "loss_impl": ("fused" if fused else "logits") if kd else "cross_entropy",
-    })
-    return metrics
+    return _final_metrics(loop, last_eval, time.perf_counter() - t_train)
 
 
 # ----------------------------------------------------------------------------- public entry points
 def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks: torch.Tensor,
-                     config: DistillConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Fine-tune `teacher` in place with cross-entropy for config.teacher_correction_tokens tokens.
+                     config: DistillConfig, correction: TeacherCorrectionConfig,
+                     run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Fine-tune `teacher` in place with cross-entropy for `correction.tokens` tokens (the other
+    settings are distillation's).
 
     The phase checkpoints and resumes like distillation; its result (`teacher.safetensors`) is kept,
     so a rerun loads it instead of training again. Training uses the precision policy on an fp32
@@ -793,9 +727,8 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
     run_dir = Path(run_dir)
     done = run_dir / "teacher.safetensors"
     tc = dataclasses.replace(
-        config, tokens=config.teacher_correction_tokens, teacher_correction_tokens=0,
-        lr=config.teacher_correction_lr or config.lr, baseline="ce", intermediate=(), alpha=0.0,
-        seed=config.seed + 1)
+        config, tokens=correction.tokens, lr=correction.lr or config.lr, baseline="ce",
+        intermediate=(), alpha=0.0, seed=config.seed + 1)
 
     def finished() -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -810,7 +743,8 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
             print(f"[minitron] teacher correction: already done, loaded {done}")
         return saved
     # A separate fp32 module when the teacher is not fp32, or when FSDP would shard it in place.
-    sharded = distributed.dist_on() and distributed.strategy(tc, _device_of(teacher)) == "fsdp"
+    sharded = (distributed.dist_on()
+               and distributed.strategy(tc.strategy, _device_of(teacher)) == "fsdp")
     master = (copy.deepcopy(teacher).float()
               if sharded or any(p.dtype != torch.float32 for p in teacher.parameters()) else teacher)
     metrics = _train(master, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
@@ -853,10 +787,12 @@ def distill(
     tokenizer=None,
     info: dict[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
+    correction: TeacherCorrectionConfig | None = None,
     student_device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train `student` (in place) from `teacher` and write the finished model to `output_dir`.
 
+    `correction` (tokens > 0) first fine-tunes the teacher on the train blocks.
     `student_device`: where the student trains, when it is handed over elsewhere (on the host, so
     that a teacher correction has the GPU to itself); it moves there after the correction.
 
@@ -870,47 +806,21 @@ def distill(
     the final weights are in `output_dir`), and all ranks return rank 0's metrics.
     """
     out = Path(output_dir)
-    final = out / "minitron.json"
-
-    def finished() -> dict | None:
-        if final.exists():
-            saved = json.loads(final.read_text()).get("distillation", {})
-            if saved.get("status") == "finished":
-                print(f"[minitron] {out} holds a finished run; not repeating it")
-                return saved["metrics"]
-        return None
-
-    saved = distributed.on_rank0(finished)
+    saved = distributed.on_rank0(lambda: _finished_metrics(out))
     if saved is not None:
         return saved
-    check_world(config, distributed.world(), "world size")
-    if config.uses_teacher and teacher is None:
-        raise MinitronError("distillation needs a teacher (--teacher); without one, use "
-                            "--baseline ce or --baseline scratch")
-    if train_blocks.ndim != 2 or train_blocks.size(1) != config.block_size:
-        raise MinitronError(f"train blocks have shape {tuple(train_blocks.shape)}; expected "
-                            f"[n, block_size={config.block_size}]")
-    if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
-        raise MinitronError(
-            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
-            f"({student.config.vocab_size}); distillation needs the same tokenizer")
-    _check_token_ids(train_blocks, student.config.vocab_size)
+    correction = correction or TeacherCorrectionConfig()
+    _check_inputs(teacher, student, train_blocks, config, correction)
     phase = "distill" if config.uses_teacher else f"baseline_{config.baseline}"
     if teacher is not None:
         freeze_(teacher)
         if config.intermediate:
             make_projections(teacher, student, config)  # range check before any work
-    settings = {"config": config.to_dict(), "train_data": blocks_fingerprint(train_blocks),
+    settings = {"config": config.to_dict(), "teacher_correction": correction.to_dict(),
+                "train_data": blocks_fingerprint(train_blocks),
                 "eval_data": blocks_fingerprint(eval_blocks),
                 "student_shape": _shape(student), "teacher_shape": _shape(teacher)}
-    # Every rank must hold the same data and models, or the shards do not add up.
-    if distributed.dist_on():
-        everyone = [None] * distributed.world()
-        dist.all_gather_object(everyone, settings)
-        if any(s != settings for s in everyone):
-            bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
-            raise MinitronError(f"ranks {bad} loaded other data or models than rank 0 (data "
-                                f"fingerprints and shapes differ); every rank needs the same inputs")
+    _same_on_every_rank(settings)
     distributed.on_rank0(lambda: _check_run_dir(out, settings))
 
     with StageTimer(phase) as timer:
@@ -919,9 +829,9 @@ def distill(
             result["teacher"] = distributed.on_rank0(lambda: _cached(
                 out / "teacher_eval.json",
                 lambda: evaluate_student(teacher, None, eval_blocks, config.eval_batch_size)))
-        if config.teacher_correction_tokens:
+        if correction.tokens:
             result["teacher_correction"] = teacher_correct_(
-                teacher, train_blocks, eval_blocks, config, out / "teacher_correction")
+                teacher, train_blocks, eval_blocks, config, correction, out / "teacher_correction")
             result["teacher_corrected"] = {k: result["teacher_correction"][k]
                                            for k in ("eval_loss", "eval_perplexity")}
         if config.baseline == "scratch" and distributed.on_rank0(lambda: find_checkpoint(out)) is None:
@@ -941,8 +851,8 @@ def distill(
         result.update(metrics)
         result["timing"] = timer.as_dict()
         if distributed.world() > 1:
-            result["processes"] = {"world_size": distributed.world(),
-                                   "strategy": distributed.strategy(config, _device_of(student))}
+            result["processes"] = {"world_size": distributed.world(), "strategy":
+                                   distributed.strategy(config.strategy, _device_of(student))}
         plot_losses(records, out / "loss.png", f"{phase}: {out.name}")
         _write_final(out, student, weights, tokenizer, config, result, info or {})
         if not config.keep_checkpoint:
@@ -950,6 +860,35 @@ def distill(
         return result
 
     return distributed.on_rank0(finish)
+
+
+def _finished_metrics(out: Path) -> dict | None:
+    """The metrics of a run that already finished in `out`, else None."""
+    final = out / "minitron.json"
+    if final.exists():
+        saved = json.loads(final.read_text()).get("distillation", {})
+        if saved.get("status") == "finished":
+            print(f"[minitron] {out} holds a finished run; not repeating it")
+            return saved["metrics"]
+    return None
+
+
+def _check_inputs(teacher: nn.Module | None, student: nn.Module, train_blocks: torch.Tensor,
+                  config: DistillConfig, correction: TeacherCorrectionConfig) -> None:
+    """Refuse, before any work, inputs the run cannot use."""
+    check_correction(config, correction)
+    check_world(config, distributed.world(), "world size")
+    if config.uses_teacher and teacher is None:
+        raise MinitronError("distillation needs a teacher (--teacher); without one, use "
+                            "distill.baseline=ce or distill.baseline=scratch")
+    if train_blocks.ndim != 2 or train_blocks.size(1) != config.block_size:
+        raise MinitronError(f"train blocks have shape {tuple(train_blocks.shape)}; expected "
+                            f"[n, block_size={config.block_size}]")
+    if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
+        raise MinitronError(
+            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
+            f"({student.config.vocab_size}); distillation needs the same tokenizer")
+    _check_token_ids(train_blocks, student.config.vocab_size)
 
 
 def _check_token_ids(blocks: torch.Tensor, vocab: int) -> None:
@@ -966,6 +905,18 @@ def _check_token_ids(blocks: torch.Tensor, vocab: int) -> None:
         raise MinitronError(f"the training data holds token ids in [{int(blocks.min())}, "
                             f"{int(blocks.max())}] but the student's vocabulary has {vocab} entries: "
                             f"the tokenizer does not match the model")
+
+
+def _same_on_every_rank(settings: dict[str, Any]) -> None:
+    """Every rank must hold the same data and models, or the shards do not add up."""
+    if not distributed.dist_on():
+        return
+    everyone = [None] * distributed.world()
+    dist.all_gather_object(everyone, settings)
+    if any(s != settings for s in everyone):
+        bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
+        raise MinitronError(f"ranks {bad} loaded other data or models than rank 0 (data "
+                            f"fingerprints and shapes differ); every rank needs the same inputs")
 
 
 def _shape(model: nn.Module | None) -> dict[str, Any] | None:
@@ -1017,22 +968,24 @@ def run_distill(
     output_dir: str | os.PathLike,
     config: DistillConfig,
     *,
-    data_source: str = "stdlib",
-    text_field: str = "text",
-    device: str | None = None,
-    teacher_device: str | None = None,
-    teacher_dtype: str | None = None,
+    correction: TeacherCorrectionConfig | None = None,
+    data: DataConfig | None = None,
+    model: ModelConfig | None = None,
 ) -> dict[str, Any]:
     """From model paths to a finished output folder (resuming a run that is already there).
 
-    Under torchrun it joins the process group and runs as one rank. Outside torchrun with
-    `config.nproc_per_node` > 1 it starts `torchrun --nproc-per-node K -m minitron.distill` with the
-    same settings on this node and waits (so a recipe can ask for K processes).
+    `data` gives the source and text field (the blocks are distillation's own: `config.block_size`,
+    `config.seed`); `model` the teacher's dtype and the student's device (the student trains in
+    float32). Under torchrun it joins the process group and runs as one rank. Outside torchrun
+    with `config.nproc_per_node` > 1 it starts `python -m minitron.distill` with the same settings
+    on that many local processes and waits (so a recipe can ask for K processes).
     """
-    from minitron.models import load_config, parse_dtype
+    from minitron.models import load_config
 
+    correction = correction or TeacherCorrectionConfig()
+    data, model = data or DataConfig(), model or ModelConfig()
+    check_correction(config, correction)
     out = Path(output_dir)
-    parse_dtype(teacher_dtype)  # refuse a bad --teacher-dtype before anything loads
     for name, path in (("--teacher", teacher_path), ("--student", student_path)):
         if path is not None and Path(str(path)).expanduser().resolve() == out.expanduser().resolve():
             raise MinitronError(f"--output {out} is the {name} folder itself; choose another --output")
@@ -1042,8 +995,8 @@ def run_distill(
             print(f"[minitron] {out} holds a finished run; not repeating it")
         return done["metrics"]
     if config.uses_teacher and teacher_path is None:
-        raise MinitronError("distillation needs --teacher; without a teacher use --baseline ce or "
-                            "--baseline scratch")
+        raise MinitronError("distillation needs --teacher; without a teacher use "
+                            "distill.baseline=ce or distill.baseline=scratch")
     # Cheap checks on the configs before any weights load.
     s_cfg = load_config(student_path)
     t_cfg = load_config(teacher_path) if teacher_path is not None else None
@@ -1053,18 +1006,16 @@ def run_distill(
             f"({s_cfg.vocab_size}); distillation needs the same tokenizer")
     max_pos = min(c.max_position_embeddings for c in (s_cfg, t_cfg) if c is not None)
     if config.block_size > max_pos:
-        raise MinitronError(f"block_size={config.block_size} is longer than the models' context "
-                            f"({max_pos} positions); choose block_size <= {max_pos}")
+        raise MinitronError(f"distill.block_size={config.block_size} is longer than the models' "
+                            f"context ({max_pos} positions); choose block_size <= {max_pos}")
     world = int(os.environ.get("WORLD_SIZE", config.nproc_per_node * config.nnodes))
-    memory_plan_(t_cfg, s_cfg, config, world, teacher_dtype, device, show=False)
+    memory_plan_(t_cfg, s_cfg, config, correction, world, model, show=False)
+    sections = {"distill": config, "teacher_correction": correction, "data": data, "model": model}
     if not distributed.under_torchrun() and (config.nproc_per_node > 1 or config.nnodes > 1):
-        return _launch(teacher_path, student_path, out, config, data_source=data_source,
-                       text_field=text_field, device=device, teacher_device=teacher_device,
-                       teacher_dtype=teacher_dtype)
-    with distributed.process_group(device, config.process_group_timeout_s) as device:
+        return _launch(teacher_path, student_path, out, sections)
+    with distributed.process_group(model.device, config.process_group_timeout_s) as device:
         try:
-            return _run_rank(teacher_path, student_path, out, config, data_source, text_field,
-                             device, teacher_device, teacher_dtype, max_pos)
+            return _run_rank(teacher_path, student_path, out, sections, device, max_pos)
         except MinitronError as e:
             if distributed.world() == 1:
                 raise
@@ -1072,21 +1023,22 @@ def run_distill(
             raise MinitronError(f"rank {distributed.rank()}: {e}") from None
 
 
-def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig, world: int,
-                 teacher_dtype: str | None, device: str | None, show: bool = True):
+def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig,
+                 correction: TeacherCorrectionConfig, world: int, model: ModelConfig,
+                 show: bool = True):
     """The per-GPU memory plan (`minitron.memory_plan`), printed if `show`; refuses a plan over
     `config.gpu_memory_gib` or, on a GPU, the detected memory. Returns the plan."""
     from minitron import memory_plan
     from minitron.models import default_device
 
-    dev = torch.device(device or default_device())
+    dev = torch.device(model.device or default_device())
     gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
            else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
     strategy = "fsdp" if config.strategy == "fsdp" or (config.strategy == "auto"
                                                        and (dev.type == "cuda" or gpu)) else "ddp"
     strategy = "hsdp" if config.strategy == "hsdp" else strategy
     plan = memory_plan.plan_distill(teacher_cfg or student_cfg, student_cfg, config, world,
-                                    teacher_dtype or "float32", strategy)
+                                    model.dtype, strategy, correction_tokens=correction.tokens)
     if show:
         print(format_table(plan.rows()))
         print(f"estimated peak per GPU: {plan.peak / memory_plan.GIB:.1f} GiB on {world} "
@@ -1095,181 +1047,91 @@ def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig, world: int,
     return plan
 
 
-def _launch(teacher_path, student_path, out: Path, config: DistillConfig, **kw) -> dict[str, Any]:
-    """Run this same distillation under torchrun on `config.nproc_per_node` local processes."""
+def _launch(teacher_path, student_path, out: Path, sections: dict[str, Any]) -> dict[str, Any]:
+    """Run this same distillation on `nproc_per_node` local processes (torch's elastic launcher);
+    each receives the settings on its command line, as `section.key=value` arguments."""
+    from minitron import cli
+
+    config = sections["distill"]
     k = config.nproc_per_node
-    dev = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = sections["model"].device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and k > torch.cuda.device_count():
-        raise MinitronError(f"nproc_per_node={k} but this node has {torch.cuda.device_count()} "
-                            f"GPU(s); choose nproc_per_node <= {torch.cuda.device_count()}")
+        raise MinitronError(f"distill.nproc_per_node={k} but this node has "
+                            f"{torch.cuda.device_count()} GPU(s); choose nproc_per_node <= "
+                            f"{torch.cuda.device_count()}")
     argv = ["--student", str(student_path), "--output", str(out)]
     if teacher_path is not None:
         argv += ["--teacher", str(teacher_path)]
-    for flag, key in (("--data", "data_source"), ("--text-field", "text_field"),
-                      ("--device", "device"), ("--teacher-device", "teacher_device"),
-                      ("--teacher-dtype", "teacher_dtype")):
-        if kw[key] is not None:
-            argv += [flag, str(kw[key])]
-    with tempfile.TemporaryDirectory(prefix="minitron-launch-") as tmp:
-        settings = Path(tmp) / "distill_settings.json"
-        write_json_atomic(settings, config.to_dict())
-        distributed.launch_torchrun("minitron.distill", argv + ["--settings", str(settings)], k,
-                                    config.nnodes, config.rdzv_endpoint,
-                                    f"minitron-{out.resolve().name}")
+    distributed.launch_torchrun("minitron.distill", argv + cli.as_overrides(sections, CLI_KEYS), k,
+                                config.nnodes, config.rdzv_endpoint,
+                                f"minitron-{out.resolve().name}")
     return json.loads((out / "minitron.json").read_text())["distillation"]["metrics"]
 
 
-def _run_rank(teacher_path, student_path, out: Path, config: DistillConfig, data_source: str,
-              text_field: str, device: str, teacher_device: str | None, teacher_dtype: str | None,
+def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], device: str,
               max_pos: int) -> dict[str, Any]:
     """One process's part of `run_distill` (all of it when there is one process)."""
     from minitron.data import load_blocks, open_blocks
     from minitron.models import load_model, resolve_model
 
+    config, data, model = sections["distill"], sections["data"], sections["model"]
+    teacher_device = config.teacher_device
     if distributed.dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
         teacher_device = device  # this rank's GPU
     teacher = None
     if teacher_path is not None:
-        teacher, _ = load_model(teacher_path, dtype=teacher_dtype, device=teacher_device or device)
+        teacher, _ = load_model(teacher_path, dtype=model.dtype, device=teacher_device or device)
     # A teacher correction trains first: the student waits on the host until it is done.
+    correction = sections["teacher_correction"]
     student, tokenizer = load_model(student_path, dtype="float32",
-                                    device="cpu" if config.teacher_correction_tokens else device)
+                                    device="cpu" if correction.tokens else device)
     n_train = config.steps * config.batch_size * config.grad_accum
     # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
-    train_blocks = open_blocks(tokenizer, "train", n_train, source=data_source,
+    train_blocks = open_blocks(tokenizer, "train", n_train, source=data.source,
                                block_size=config.block_size, seed=config.seed,
-                               text_field=text_field, max_positions=max_pos)
-    eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data_source,
-                              block_size=config.block_size, seed=0, text_field=text_field,
+                               text_field=data.text_field, max_positions=max_pos)
+    eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
+                              block_size=config.block_size, seed=0, text_field=data.text_field,
                               max_positions=max_pos)
     info = _read_info(resolve_model(student_path))
     info = {"student_source": str(student_path),
             "teacher": str(teacher_path) if teacher_path is not None else None,
-            "data": {"source": data_source, "train_blocks": len(train_blocks),
+            "data": {"source": data.source, "train_blocks": len(train_blocks),
                      "eval_blocks": len(eval_blocks), "block_size": config.block_size},
             "pruning": info or None}
     return distill(teacher, student, train_blocks, eval_blocks, config, out, tokenizer=tokenizer,
-                   info=info, student_device=device)
+                   info=info, correction=correction, student_device=device)
 
 
 # ----------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    d = DistillConfig()
-    p = argparse.ArgumentParser(prog="python -m minitron.distill", description=__doc__.splitlines()[0])
+def build_parser():
+    from minitron import cli
+
+    p = cli.stage_parser("python -m minitron.distill", __doc__.splitlines()[0], CLI_KEYS)
     p.add_argument("--teacher", help="teacher model: folder, hub id or 'smollm2-135m' "
-                                     "(needed unless --baseline; with a baseline, only for eval KL)")
+                                     "(needed unless a baseline; with a baseline, only for eval KL)")
     p.add_argument("--student", required=True, help="student model folder (e.g. a pruned model)")
     p.add_argument("--output", required=True, help="run folder; the final HF model is written here")
-    p.add_argument("--data", default="stdlib", help="data source (train split trains, eval split "
-                                                    "evaluates)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="student training-token budget")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--block-size", "--seq-len", dest="block_size", type=int, default=d.block_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="sequences per process per forward (default: batch_size split over the "
-                        "processes); the global batch stays batch_size x grad_accum")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--clip-grad", type=float, default=d.clip_grad)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--alpha", type=float, default=d.alpha,
-                   help="cross-entropy share: loss = (1-alpha)*divergence + alpha*CE")
-    p.add_argument("--divergence", default=d.divergence, help="kl | reverse_kl | jsd")
-    p.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight")
-    p.add_argument("--intermediate", help="teacher:student layer pairs, e.g. 29:14,14:7")
-    p.add_argument("--intermediate-loss", default=d.intermediate_loss, help="cosine | mse")
-    p.add_argument("--intermediate-weight", type=float, default=d.intermediate_weight)
-    p.add_argument("--teacher-correction-tokens", type=int, default=0)
-    p.add_argument("--teacher-correction-lr", type=float, default=None)
-    p.add_argument("--baseline", default=None, help="ce (retrain on the data, no teacher) | scratch "
-                                                    "(random init of the student's shape)")
-    p.add_argument("--loss-impl", default=d.loss_impl, help="auto | logits | fused")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--precision", default=d.precision,
-                   help="bf16 (bf16 compute, fp32 master weights and gradient reduction) | fp32 | "
-                        "auto (bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--fsdp-unsynced-accum", action="store_true",
-                   help="under FSDP, reduce-scatter gradients on the last micro-batch only (less "
-                        "communication, unsharded fp32 gradients held between micro-batches)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-blocks", type=int, default=d.eval_blocks)
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="student device (default: cuda if available)")
-    p.add_argument("--teacher-device", default=None, help="default: the student's device")
-    p.add_argument("--teacher-dtype", default=None, help="float32 | bfloat16 | float16")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--drop-checkpoint", action="store_true",
-                   help="delete checkpoint/ (weights + optimizer state) once the final model is written")
-    p.add_argument("--nproc-per-node", type=int, default=d.nproc_per_node,
-                   help="start torchrun with this many processes on this node (outside torchrun; "
-                        "under torchrun its own --nproc_per_node counts)")
-    p.add_argument("--strategy", default=d.strategy,
-                   help="with several processes: fsdp (sharded student) | ddp (replicated) | hsdp "
-                        "(sharded inside a node, replicated across nodes) | auto (fsdp on GPUs, "
-                        "ddp on CPU)")
-    p.add_argument("--nnodes", type=int, default=d.nnodes,
-                   help="nodes (run the same command on each; needs --rdzv-endpoint)")
-    p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous")
-    p.add_argument("--hsdp-shard-size", type=int, default=None,
-                   help="strategy hsdp: ranks per shard group (default: the ranks of a node)")
-    p.add_argument("--process-group-timeout", type=float, default=d.process_group_timeout_s,
-                   help="seconds a collective waits for a missing rank before failing")
-    p.add_argument("--gpu-memory-gib", type=float, default=None,
-                   help="per-GPU memory the plan must fit (default: the detected GPU's)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the per-GPU memory plan from the model configs and stop")
-    p.add_argument("--settings", help="JSON file of DistillConfig fields (what --nproc-per-node "
-                                      "hands to its processes); replaces the training flags")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    if args.settings:
-        try:
-            return DistillConfig.from_dict(json.loads(Path(args.settings).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise MinitronError(f"--settings {args.settings}: {e}") from None
-    return DistillConfig(
-        tokens=args.tokens, batch_size=args.batch_size, block_size=args.block_size,
-        grad_accum=args.grad_accum, micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-        warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad, temperature=args.temperature, alpha=args.alpha,
-        divergence=args.divergence, beta=args.beta,
-        intermediate=parse_intermediate(args.intermediate),
-        intermediate_loss=args.intermediate_loss, intermediate_weight=args.intermediate_weight,
-        teacher_correction_tokens=args.teacher_correction_tokens,
-        teacher_correction_lr=args.teacher_correction_lr, baseline=args.baseline,
-        loss_impl=args.loss_impl, gradient_checkpointing=args.gradient_checkpointing,
-        precision=args.precision, fsdp_unsynced_accum=args.fsdp_unsynced_accum,
-        checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, eval_blocks=args.eval_blocks,
-        eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
-        progress=not args.no_progress, keep_checkpoint=not args.drop_checkpoint,
-        strategy=args.strategy, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
-        rdzv_endpoint=args.rdzv_endpoint, hsdp_shard_size=args.hsdp_shard_size,
-        process_group_timeout_s=args.process_group_timeout, gpu_memory_gib=args.gpu_memory_gib)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    from minitron import cli
+
+    args = cli.parse(build_parser(), argv)
+    c = cli.configs(args)
+    config = c["distill"]
     if args.dry_run:
         from minitron.models import load_config
 
         t_cfg = load_config(args.teacher) if args.teacher else None
-        memory_plan_(t_cfg, load_config(args.student), config, config.nproc_per_node,
-                     args.teacher_dtype, args.device)
+        memory_plan_(t_cfg, load_config(args.student), config, c["teacher_correction"],
+                     config.nproc_per_node, c["model"])
         return 0
-    result = run_distill(args.teacher, args.student, args.output, config, data_source=args.data,
-                         text_field=args.text_field, device=args.device,
-                         teacher_device=args.teacher_device, teacher_dtype=args.teacher_dtype)
+    result = run_distill(args.teacher, args.student, args.output, config,
+                         correction=c["teacher_correction"], data=c["data"], model=c["model"])
     launched = config.nproc_per_node > 1 or config.nnodes > 1
     if int(os.environ.get("RANK", 0)) != 0 or (launched and not distributed.under_torchrun()):
         return 0  # the summary comes from rank 0 (which the launcher's torchrun already ran)

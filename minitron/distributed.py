@@ -1,4 +1,4 @@
-"""The distillation loop on K processes: starting torchrun, the process group, work that rank 0 does
+"""The distillation loop on K processes: starting the processes, the process group, work that rank 0 does
 alone, DDP or FSDP2 around the student, and its gathered full state. One plain process is K=1: no
 group and no wrapper."""
 
@@ -6,29 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import subprocess
+import signal
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+import uuid
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from minitron.common import MinitronError
-
-if TYPE_CHECKING:
-    from minitron.distill import DistillConfig
+from minitron.config import check_divisible  # noqa: F401  (the loop checks its world size too)
 
 
 # ----------------------------------------------------------------------------- processes
-def check_divisible(batch_size: int, world: int, name: str) -> None:
-    if batch_size % world:
-        raise MinitronError(
-            f"batch_size={batch_size} does not split over {name}={world} processes: each process "
-            f"takes batch_size / {world} sequences of every micro-batch; choose a batch_size that "
-            f"is a multiple of {world}")
-
 
 def dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -72,11 +63,12 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def strategy(config: DistillConfig, device: torch.device) -> str:
-    """ddp (replicated), fsdp (sharded over all ranks) or hsdp (a 2-D mesh: sharded inside a
-    group of ranks, replicated across groups: shard inside a node, replicate across nodes)."""
-    if config.strategy != "auto":
-        return config.strategy
+def strategy(name: str, device: torch.device) -> str:
+    """The wrapper `name` means on `device`: ddp (replicated), fsdp (sharded over all ranks) or
+    hsdp (a 2-D mesh: sharded inside a group of ranks, replicated across groups: shard inside a
+    node, replicate across nodes); auto is FSDP on GPUs, DDP on CPU."""
+    if name != "auto":
+        return name
     return "fsdp" if device.type == "cuda" else "ddp"
 
 
@@ -111,60 +103,78 @@ def process_group(device: str | None, timeout_s: float = 1800.0):
         dist.destroy_process_group()
 
 
-def rendezvous_args(nnodes: int, endpoint: str | None, run_id: str) -> list[str]:
-    """torchrun's rendezvous flags: one node alone (--standalone), or `nnodes` nodes meeting at
-    `endpoint` (host:port of the c10d store, on the first node) under `run_id`; every node runs
-    the same command and the rendezvous gives out the ranks."""
-    if nnodes == 1 and endpoint is None:
-        return ["--standalone"]
-    if endpoint is None:
+def launch_config(nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                  rdzv_id: str | None = None):
+    """torch's elastic LaunchConfig: one node alone (a local c10d store on a free port), or
+    `nnodes` nodes meeting at `rdzv_endpoint` (host:port of the c10d store, on the first node)
+    under `rdzv_id`; every node runs the same command and the rendezvous gives out the ranks."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if nnodes > 1 and rdzv_endpoint is None:
         raise MinitronError(f"nnodes={nnodes} needs rdzv_endpoint (host:port on the first node, "
                             f"the same on every node), e.g. --rdzv-endpoint node0:29500")
-    return [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-            f"--rdzv-id={run_id}"]
+    return LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
+                        run_id=rdzv_id or str(uuid.uuid4()), rdzv_backend="c10d",
+                        rdzv_endpoint=rdzv_endpoint or "localhost:0", max_restarts=0,
+                        monitor_interval=0.1)  # torchrun's default
 
 
 def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
-                    rdzv_endpoint: str | None = None, rdzv_id: str = "minitron") -> None:
-    """`python -m module argv` on `nproc` processes of this node under torchrun; wait for them.
-    With `nnodes` > 1 this node joins the others through a c10d rendezvous at `rdzv_endpoint`.
+                    rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> None:
+    """`python -m module argv` on `nproc` processes of this node under torch's elastic launcher
+    (what `torchrun` runs); wait for them. With `nnodes` > 1 this node joins the others through a
+    c10d rendezvous at `rdzv_endpoint`.
 
-    Their output streams through; when one fails (torchrun then stops the others) the first
-    `error: ...` line a rank printed becomes this process's MinitronError.
+    Their output streams through. When one fails (the launcher then stops the others), its
+    failure record names the rank, and the message it recorded (`record_for_torchrun`) or its
+    exit code / signal becomes this process's MinitronError.
     """
-    import codecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
 
-    cmd = [sys.executable, "-m", "torch.distributed.run",
-           *rendezvous_args(nnodes, rdzv_endpoint, rdzv_id), f"--nproc-per-node={nproc}", "-m",
-           module, *argv]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT")}
-    print(f"[minitron] starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
-    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    config = launch_config(nproc, nnodes, rdzv_endpoint, rdzv_id)
+    print(f"[minitron] starting {nproc} processes"
+          + (f" on each of {nnodes} nodes" if nnodes > 1 else "")
+          + f": python -m {module} {' '.join(argv)}", file=sys.stderr)
     try:
-        while chunk := proc.stderr.read1(1 << 16):
-            text = decoder.decode(chunk)
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            tail = (tail + text)[-(1 << 20):]
-        rc = proc.wait()
-    except BaseException:
-        proc.terminate()  # torchrun passes it on to its workers
-        proc.wait()
-        raise
-    if rc:
-        errors = re.findall(r"^(?:\[rank\d+\]:\s*)?error: (.+)$", tail, re.M)
-        if errors:
-            raise MinitronError(errors[0])
-        # No message (killed, crashed): name the rank torchrun saw fail first.
-        cause = re.search(r"Root Cause[^\n]*\n(?:.*\n)*?\s*rank\s*: (\d+).*\n"
-                          r"\s*exitcode\s*: (-?\d+)(?:[^\n]*\((SIG\w+)\))?", tail)
-        what = (f"rank {cause[1]} failed first (exit code {cause[2]}"
-                f"{', ' + cause[3] if cause[3] else ''}); torchrun stopped the others"
-                if cause else f"torchrun with {nproc} processes exited with code {rc}")
-        raise MinitronError(f"{what}; the log is above")
+        elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
+    except ChildFailedError as e:
+        raise MinitronError(failure_message(*root_failure(e.failures))) from None
+
+
+def _recorded(failure: Any) -> str | None:
+    """The message a rank recorded (`record_for_torchrun`) in its error file, if any."""
+    data = failure.error_file_data.get("message")
+    return str(data.get("message", "")) if isinstance(data, dict) else None
+
+
+def _blame(failure: Any) -> int:
+    """How likely a failed rank caused the stop (lower: likelier)."""
+    if _recorded(failure) is not None:
+        return 0
+    if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:
+        return 1  # killed from outside (SIGKILL, the OOM killer, a segfault)
+    if failure.exitcode > 0:
+        return 2  # crashed, maybe because a peer's collective broke
+    return 3  # SIGTERM: what the launcher sends the other ranks when it stops them
+
+
+def root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The rank that caused the stop. Timestamps have one-second resolution and the ranks that
+    fell with it tie, so what each failure record says decides first, then time, then rank."""
+    return min(failures.items(), key=lambda kv: (_blame(kv[1]), kv[1].timestamp, kv[0]))
+
+
+def failure_message(rank: int, failure: Any) -> str:
+    """One line from a worker's failure record (torch's ProcessFailure)."""
+    message = _recorded(failure)
+    if message is not None:
+        return f"rank {rank}: {message.removeprefix('MinitronError: ')}"
+    if failure.exitcode < 0:
+        return (f"rank {rank} died ({failure.signal_name()}) with no error message; the "
+                f"launcher stopped the others; the log is above")
+    return (f"rank {rank} failed first (exit code {failure.exitcode}) with no error message; the "
+            f"launcher stopped the others; the log is above")
 
 
 def record_for_torchrun(error: Exception) -> None:
@@ -176,14 +186,16 @@ def record_for_torchrun(error: Exception) -> None:
 
 
 # ----------------------------------------------------------------------------- DDP and FSDP2
-def wrap_model(model: nn.Module, config: DistillConfig) -> nn.Module:
-    """The module the loop calls: with one process `model` itself, else DDP or FSDP2 around it.
+def wrap_model(model: nn.Module, strategy_name: str, precision_name: str = "auto",
+               hsdp_shard_size: int | None = None) -> nn.Module:
+    """The module the loop calls: with one process `model` itself, else DDP or FSDP2 around it
+    (`strategy_name`: auto, ddp, fsdp, hsdp (over groups of `hsdp_shard_size` ranks); `precision_name`: the precision policy's name).
     `model` is the loop's trainee (FSDP2 shards each decoder layer of `model.student`, then the
     rest)."""
     if not dist_on():
         return model
     device = next(model.parameters()).device
-    if strategy(config, device) == "ddp":
+    if strategy(strategy_name, device) == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(
@@ -196,9 +208,9 @@ def wrap_model(model: nn.Module, config: DistillConfig) -> nn.Module:
 
     # bf16 all-gathers and compute, fp32 reduce-scatters; the sharded parameters (the optimizer's
     # master weights) stay fp32.
-    kw = {"mp_policy": p} if (p := precision.fsdp_policy(config.precision, device)) else {}
-    if strategy(config, device) == "hsdp":
-        kw["mesh"] = hybrid_mesh(device.type, config.hsdp_shard_size)
+    kw = {"mp_policy": p} if (p := precision.fsdp_policy(precision_name, device)) else {}
+    if strategy(strategy_name, device) == "hsdp":
+        kw["mesh"] = hybrid_mesh(device.type, hsdp_shard_size)
     for layer in decoder_layers(model.student):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)  # the root: embeddings, final norm, LM head, projections

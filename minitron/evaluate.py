@@ -1,11 +1,10 @@
 """Measure a model: held-out perplexity, agreement with a teacher, parameter count, size, speed.
 
-`python -m minitron.evaluate --model M [--teacher T] [--json FILE]`
+`python -m minitron.evaluate --model M [--teacher T] [--json FILE] [section.key=value ...]`
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
@@ -16,10 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from minitron.common import StageTimer, format_table, run_cli, write_json_atomic
+from minitron.config import DataConfig, EvaluateConfig, ModelConfig
 from minitron.data import batches, load_blocks
-from minitron.models import EMBEDDED_NAME, count_params, load_model
+from minitron.models import count_params, load_model
 
-
+# The settings the command takes (minitron.cli): the models are --model and --teacher.
+CLI_KEYS = {"model": ("dtype", "device"),
+            "data": ("source", "text_field", "block_size", "eval_blocks"), "evaluate": None}
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
@@ -189,53 +191,56 @@ def weights_size_mb(path: str | Path) -> float | None:
 
 
 def evaluate(
-    model_name: str = EMBEDDED_NAME,
+    model_name: str,
     teacher_name: str | None = None,
-    *,
-    source: str = "stdlib",
-    num_blocks: int = 32,
-    block_size: int = 256,
-    batch_size: int = 8,
-    device: str | None = None,
-    measure_speed: bool = True,
+    settings: EvaluateConfig | None = None,
+    data: DataConfig | None = None,
+    model: ModelConfig | None = None,
 ) -> dict[str, Any]:
-    """All measurements of one model, as a flat dict (what the CLI prints and `--json` writes)."""
+    """All measurements of one model, as a flat dict (what the CLI prints and `--json` writes).
+
+    Both models load in `model.dtype` on `model.device`; the eval split of `data` is measured.
+    """
+    settings, data, model = settings or EvaluateConfig(), data or DataConfig(), model or ModelConfig()
     with StageTimer("evaluate") as timer:
-        model, tokenizer = load_model(model_name, device=device)
-        blocks = load_blocks(tokenizer, "eval", num_blocks, source=source, block_size=block_size,
-                             max_positions=model.config.max_position_embeddings)
-        result: dict[str, Any] = {"model": str(model_name), "parameters": count_params(model)}
+        lm, tokenizer = load_model(model_name, dtype=model.dtype, device=model.device)
+        blocks = load_blocks(tokenizer, "eval", data.eval_blocks, source=data.source,
+                             block_size=data.block_size, text_field=data.text_field,
+                             max_positions=lm.config.max_position_embeddings)
+        result: dict[str, Any] = {"model": str(model_name), "parameters": count_params(lm),
+                                  "dtype": model.dtype}
         size = weights_size_mb(model_name)
         if size is not None:
             result["weights_mb"] = round(size, 1)
-        result.update(perplexity(model, blocks, batch_size))
+        result.update(perplexity(lm, blocks, settings.batch_size))
         if teacher_name is not None:
-            teacher, _ = load_model(teacher_name, device=device)
-            result.update(teacher_agreement(model, teacher, blocks, batch_size))
+            teacher, _ = load_model(teacher_name, dtype=model.dtype, device=model.device)
+            result.update(teacher_agreement(lm, teacher, blocks, settings.batch_size))
             del teacher
-        if measure_speed:
-            result.update(speed(model))
+        if settings.speed:
+            result.update(speed(lm))
         timer.tokens = result["tokens"]
-    result["eval_blocks"] = f"{len(blocks)}x{block_size} of '{source}' eval split"
+    result["eval_blocks"] = f"{len(blocks)}x{data.block_size} of '{data.source}' eval split"
     result["timing"] = timer.as_dict()
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minitron.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=EMBEDDED_NAME, help="folder, hub id or 'smollm2-135m'")
+def build_parser():
+    from minitron import cli
+
+    p = cli.stage_parser("python -m minitron.evaluate", __doc__.splitlines()[0], CLI_KEYS)
+    p.add_argument("--model", default=ModelConfig.name, help="folder, hub id or 'smollm2-135m'")
     p.add_argument("--teacher", help="also report top-1 agreement and KL to this model")
-    p.add_argument("--data", default="stdlib", help="data source (its eval split is used)")
-    p.add_argument("--blocks", type=int, default=32, help="number of eval blocks")
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
     p.add_argument("--json", help="also write the results to this JSON file")
-    args = p.parse_args(argv)
-    result = evaluate(args.model, args.teacher, source=args.data, num_blocks=args.blocks,
-                      block_size=args.block_size, batch_size=args.batch_size, device=args.device,
-                      measure_speed=not args.no_speed)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minitron import cli
+
+    args = cli.parse(build_parser(), argv)
+    c = cli.configs(args)
+    result = evaluate(args.model, args.teacher, c["evaluate"], c["data"], c["model"])
     rows = [{"metric": k, "value": v} for k, v in result.items() if k != "timing"]
     print(format_table(rows))
     print(f"evaluated in {result['timing']['wall_s']:.1f}s")

@@ -1,12 +1,13 @@
 """Export a causal LM to a deployable ONNX folder: KV-cache graph, INT8/INT4, GGUF, validated.
 
-`python -m minitron.export --model M --output DIR [--int8 blockwise|dynamic|static|none]
- [--per-channel] [--int8-cpu auto|vnni|no-vnni|arm] [--int4 rtn|hqq|none]
- [--accuracy-level auto|0..4] [--gguf none|f16|q8_0|all] [--compare] [--bnb]`
+`python -m minitron.export --model M --output DIR [export.int8=blockwise|dynamic|static|none]
+ [export.per_channel=true] [export.int8_cpu=auto|vnni|no-vnni|arm] [export.int4=rtn|hqq|none]
+ [export.accuracy_level=auto|0..4] [export.gguf=none|f16|q8_0|all] [export.compare=true]
+ [export.bnb=true]` (`--help` lists every setting)
 
 The folder loads and generates with ONNX Runtime and optimum alone:
 `ORTModelForCausalLM.from_pretrained(DIR).generate(...)` picks up `model.onnx` (the quantized model
-unless `--int8 none`) with the config, generation config and tokenizer beside it. Every shape the
+unless `int8=none`) with the config, generation config and tokenizer beside it. Every shape the
 pruner makes serves, including hidden_size != heads x head_dim (see `onnx_config`). `report.json` /
 `report.md` hold the measurements, `manifest.json` the source, settings and versions.
 
@@ -14,16 +15,16 @@ Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and t
 - `blockwise` INT8 (default): MatMulNBits with 8-bit weights in blocks of 128 input channels (fewer
   when 128 does not divide the width: 64 for SmolLM2), one scale per block.
 - `dynamic`: `quantize_dynamic`, MatMulInteger; weights per tensor (or per output channel with
-  `--per-channel`), activations uint8 with one scale per tensor computed at run time.
+  `per_channel`), activations uint8 with one scale per tensor computed at run time.
 - `static`: `quantize_static` in QDQ format, activation ranges calibrated (min/max) on blocks of
   the calibration split; per tensor or per channel.
-- `--int4 rtn|hqq`: MatMulNBits with 4-bit weights (and a 4-bit GatherBlockQuantized embedding).
+- `int4=rtn|hqq`: MatMulNBits with 4-bit weights (and a 4-bit GatherBlockQuantized embedding).
 `dynamic` and `static` take their types and weight range from the CPU they are made for
 (`minitron.cpu`: reduced-range weights without VNNI, per ONNX Runtime's guidance). MatMulNBits
 models run at `accuracy_level` 0 (float activations) or 4 (int8 activations per block, faster, but
 onnxruntime issue #29849 reports flipped greedy tokens on outlier-heavy LLMs): `auto` measures both
 and deploys the faster one that passes the gates. The measured comparison of the schemes on
-SmolLM2-135M is in the README; `--compare` puts every variant's numbers in the report.
+SmolLM2-135M is in the README; `compare=true` puts every variant's numbers in the report.
 
 Validation reads a bounded number of tokens at batch 1 (`max_eval_tokens`, blocks of at most 512)
 whatever the model's context. It fails the export (nothing is written) when the FP32 graph's
@@ -35,7 +36,6 @@ perplexity is within `ppl_budget` (relative) of FP32's with top-1 agreement at l
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -46,7 +46,7 @@ import statistics
 import time
 import warnings
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -57,23 +57,20 @@ import torch.nn.functional as F
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic, write_text_atomic)
-from minitron.cpu import INT8_CPUS, Int8Settings, describe_cpu, int8_settings, int8_target
-from minitron.data import SOURCES_HELP, load_blocks
+from minitron.config import (BLOCKWISE_MAX_BLOCK, INT4_SCHEMES, DataConfig, ExportConfig,
+                             ModelConfig)
+from minitron.cpu import Int8Settings, describe_cpu, int8_settings, int8_target
+from minitron.data import load_blocks
 from minitron.evaluate import speed as torch_speed
 from minitron.evaluate import weights_size_mb
-from minitron.models import (ARCHS, EMBEDDED_NAME, arch_of, count_params, head_layout, load_model,
+from minitron.models import (ARCHS, arch_of, count_params, head_layout, load_model,
                              resolve_model)
 
-INT8_SCHEMES: tuple[str, ...] = ("blockwise", "dynamic", "static", "none")
-INT4_SCHEMES: tuple[str, ...] = ("rtn", "hqq", "none")
-ACCURACY_LEVELS: tuple[str, ...] = ("auto", "0", "1", "2", "3", "4")
-GGUF_CHOICES: tuple[str, ...] = ("none", "f16", "q8_0", "all")
 MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes validate on 512
 MANIFEST_KIND = "minitron-export"
 DEPLOY_FILE = "model.onnx"  # the name ORTModelForCausalLM looks for first
 FP32_FILE = "model_fp32.onnx"  # a distinct name, so from_pretrained(folder) never picks it by accident
 TASK = "text-generation-with-past"
-BLOCKWISE_MAX_BLOCK = 128
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
 _DIFF_MAX_LOGITS = 2**26  # ... but at most 256 MB of them (a 128k vocabulary keeps one 512-token block)
 REPORT_COLUMNS = ["model", "size_mb", "x_smaller", "perplexity", "ppl_change_pct", "top1_vs_fp32",
@@ -82,78 +79,10 @@ REPORT_COLUMNS = ["model", "size_mb", "x_smaller", "perplexity", "ppl_change_pct
 
 
 # ----------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class ExportSettings:
-    """Everything that shapes an export; stored in manifest.json. Validates itself."""
-
-    int8: str = "blockwise"
-    per_channel: bool = False
-    int8_cpu: str = "auto"
-    """The CPU kind the dynamic/static INT8 models are made for: 'auto' (this one), 'vnni', 'no-vnni'
-    or 'arm' (minitron.cpu); it picks ONNX Runtime's activation/weight types and weight range."""
-    int4: str = "none"
-    """'rtn' or 'hqq' deploys 4-bit MatMulNBits weights (embedding too) instead of INT8."""
-    accuracy_level: str | int = "auto"
-    """MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float activations)
-    and 4 (int8 activations) and deploys the faster one that passes the gates; or '0'..'4'."""
-    gguf: str = "none"
-    """Also write GGUF for llama.cpp/ollama (Llama family): 'f16', 'q8_0' or 'all'; each file is
-    loaded back by transformers' GGUF loader and held to the same gates as the ONNX variants."""
-    calib_samples: int = 16
-    bnb: bool = False
-    source: str = "stdlib"
-    eval_blocks: int = 16
-    block_size: int = 256
-    max_eval_tokens: int = 8192
-    """Validation reads at most this many tokens (blocks of at most MAX_EVAL_BLOCK, batch 1),
-    whatever the model's context or the recipe's block size, so 8B-scale exports fit a host."""
-    ppl_budget: float = 0.02
-    atol: float = 1e-3
-    fp32_min_top1: float = 0.99
-    int8_min_top1: float = 0.80
-    gen_tokens: int = 16
-    keep_fp32: bool = False
-    compare: bool = False
-    """Also measure every variant that is not a deployment candidate (a report for choosing)."""
-    measure_speed: bool = True
-
-    def __post_init__(self):
-        if self.int8 not in INT8_SCHEMES:
-            raise MinitronError(f"--int8 '{self.int8}' is not a scheme; valid: {', '.join(INT8_SCHEMES)}")
-        if self.int4 not in INT4_SCHEMES:
-            raise MinitronError(f"--int4 '{self.int4}' is not a scheme; valid: {', '.join(INT4_SCHEMES)}")
-        if self.int8_cpu not in INT8_CPUS:
-            raise MinitronError(f"--int8-cpu '{self.int8_cpu}' is not a CPU kind; valid: {', '.join(INT8_CPUS)}")
-        if self.gguf not in GGUF_CHOICES:
-            raise MinitronError(f"--gguf '{self.gguf}' is not valid; valid: {', '.join(GGUF_CHOICES)}")
-        if str(self.accuracy_level) not in ACCURACY_LEVELS:
-            raise MinitronError(f"--accuracy-level '{self.accuracy_level}' is not valid; valid: "
-                                f"{', '.join(ACCURACY_LEVELS)}")
-        if self.per_channel and self.int8 == "blockwise":
-            raise MinitronError("--per-channel applies to --int8 dynamic or static; blockwise already "
-                                f"has one scale per block of at most {BLOCKWISE_MAX_BLOCK} weights")
-        for name in ("calib_samples", "eval_blocks", "gen_tokens"):
-            if getattr(self, name) < 1:
-                raise MinitronError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.block_size < 2:
-            raise MinitronError(f"block_size={self.block_size} must be at least 2")
-        if self.max_eval_tokens < 2:
-            raise MinitronError(f"max_eval_tokens={self.max_eval_tokens} must be at least 2")
-        for name in ("ppl_budget", "atol"):
-            if not getattr(self, name) >= 0:
-                raise MinitronError(f"{name}={getattr(self, name)} must be a number >= 0")
-        for name in ("fp32_min_top1", "int8_min_top1"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise MinitronError(f"{name}={getattr(self, name)} must be between 0 and 1")
-
-    @property
-    def levels(self) -> tuple[int, ...]:
-        return (0, 4) if str(self.accuracy_level) == "auto" else (int(self.accuracy_level),)
-
-    def eval_shape(self) -> tuple[int, int]:
-        """(blocks, block length) of the validation data: bounded whatever the recipe asks."""
-        length = min(self.block_size, MAX_EVAL_BLOCK)
-        return max(1, min(self.eval_blocks, self.max_eval_tokens // length)), length
+def eval_shape(settings: ExportConfig, data: DataConfig) -> tuple[int, int]:
+    """(blocks, block length) of the validation data: bounded whatever the recipe asks."""
+    length = min(data.block_size, MAX_EVAL_BLOCK)
+    return max(1, min(data.eval_blocks, settings.max_eval_tokens // length)), length
 
 
 @dataclass(frozen=True)
@@ -179,7 +108,7 @@ class QuantVariant:
         return self.bits == 4 or self.scheme == "blockwise"
 
 
-def deploy_candidates(settings: ExportSettings) -> list[QuantVariant]:
+def deploy_candidates(settings: ExportConfig) -> list[QuantVariant]:
     """The variants the deployed model.onnx is chosen from (one per accuracy level measured)."""
     if settings.int4 != "none":
         return [QuantVariant(settings.int4, bits=4, accuracy_level=lv) for lv in settings.levels]
@@ -190,7 +119,7 @@ def deploy_candidates(settings: ExportSettings) -> list[QuantVariant]:
     return []
 
 
-def variants_to_measure(settings: ExportSettings) -> list[QuantVariant]:
+def variants_to_measure(settings: ExportConfig) -> list[QuantVariant]:
     """The deployment candidates first, then (with `compare`) every other scheme and level."""
     out = deploy_candidates(settings)
     if settings.compare:
@@ -696,7 +625,7 @@ def _cuda_ort_available() -> bool:
 
 
 def measure_onnx(folder: Path, file_name: str, blocks: torch.Tensor, ref: Reference,
-                 prompt: torch.Tensor, settings: ExportSettings, pad_id: int | None) -> dict[str, Any]:
+                 prompt: torch.Tensor, settings: ExportConfig, pad_id: int | None) -> dict[str, Any]:
     model = load_ort(folder, file_name)
     row, _ = score(lambda b: model(input_ids=b, attention_mask=torch.ones_like(b),
                                    use_cache=False).logits, blocks, ref)
@@ -704,7 +633,7 @@ def measure_onnx(folder: Path, file_name: str, blocks: torch.Tensor, ref: Refere
     row["greedy_match"] = greedy_match(tokens, ref.generation)
     row["greedy_tokens"] = tokens
     row["size_mb"] = onnx_size_mb(folder / file_name)
-    if settings.measure_speed:
+    if settings.speed:
         row.update(ort_speed(model))
         if _cuda_ort_available():
             gpu = ort_speed(load_ort(folder, file_name, "CUDAExecutionProvider"))
@@ -713,13 +642,13 @@ def measure_onnx(folder: Path, file_name: str, blocks: torch.Tensor, ref: Refere
 
 
 def measure_torch(model, blocks: torch.Tensor, ref: Reference, prompt: torch.Tensor,
-                  settings: ExportSettings, pad_id: int | None) -> dict[str, Any]:
+                  settings: ExportConfig, pad_id: int | None) -> dict[str, Any]:
     device = model.device
     row, _ = score(lambda b: model(b.to(device)).logits.cpu(), blocks, ref)
     tokens = _generate(model, prompt.to(device), settings.gen_tokens, pad_id)
     row["greedy_match"] = greedy_match(tokens, ref.generation)
     row["greedy_tokens"] = tokens
-    if settings.measure_speed:
+    if settings.speed:
         row.update(torch_speed(model))
     return row
 
@@ -740,7 +669,7 @@ def load_bnb(where: str, scheme: Literal["int8", "nf4"]):
 
 
 # ----------------------------------------------------------------------------- validation gates
-def check_fp32(row: dict[str, Any], settings: ExportSettings, gen_tokens: int) -> list[str]:
+def check_fp32(row: dict[str, Any], settings: ExportConfig, gen_tokens: int) -> list[str]:
     problems = []
     if row["max_logit_diff"] > settings.atol:
         problems.append(f"max |logit difference| {row['max_logit_diff']:.3g} > atol {settings.atol:g}")
@@ -751,12 +680,12 @@ def check_fp32(row: dict[str, Any], settings: ExportSettings, gen_tokens: int) -
     return problems
 
 
-def check_quantized(row: dict[str, Any], fp32_ppl: float, settings: ExportSettings) -> list[str]:
+def check_quantized(row: dict[str, Any], fp32_ppl: float, settings: ExportConfig) -> list[str]:
     problems = []
     change = row["perplexity"] / fp32_ppl - 1
     if change > settings.ppl_budget:
         problems.append(f"perplexity {row['perplexity']:.4g} vs FP32 {fp32_ppl:.4g} (+{100 * change:.2f}%) "
-                        f"exceeds the budget of +{100 * settings.ppl_budget:.2f}% (--ppl-budget)")
+                        f"exceeds the budget of +{100 * settings.ppl_budget:.2f}% (export.ppl_budget)")
     if row["top1_vs_fp32"] < settings.int8_min_top1:
         problems.append(f"top-1 agreement with FP32 {row['top1_vs_fp32']:.4f} < {settings.int8_min_top1}")
     return problems
@@ -849,7 +778,8 @@ class Job:
     model: str
     where: str
     config: Any
-    settings: ExportSettings
+    settings: ExportConfig
+    data: DataConfig
     pt_model: Any
     tokenizer: Any
     blocks: torch.Tensor
@@ -873,17 +803,20 @@ def _timings(job: Job) -> list[dict[str, Any]]:
     return [t.as_dict() for t in job.timings]
 
 
-def load_job(model, where: str, config, settings: ExportSettings) -> Job:
-    """Load the PyTorch model and the bounded validation (and calibration) blocks."""
-    n_blocks, length = settings.eval_shape()
-    pt_model, tokenizer = load_model(where)
-    blocks = load_blocks(tokenizer, "eval", n_blocks, source=settings.source, block_size=length,
-                         max_positions=config.max_position_embeddings)
+def load_job(model, where: str, config, settings: ExportConfig, data: DataConfig) -> Job:
+    """Load the PyTorch model and the bounded validation (and calibration) blocks.
+
+    The model loads in float32 whatever the recipe's model.dtype: the ONNX graph and ORT's
+    quantizers take float32 (optimum-onnx 0.1 fails to export a bfloat16 Llama on CPU)."""
+    n_blocks, length = eval_shape(settings, data)
+    pt_model, tokenizer = load_model(where, dtype="float32")
+    read = dict(source=data.source, block_size=length, text_field=data.text_field,
+                max_positions=config.max_position_embeddings)
+    blocks = load_blocks(tokenizer, "eval", n_blocks, **read)
     calib = None
     if any(v.scheme == "static" for v in variants_to_measure(settings)):
-        calib = load_blocks(tokenizer, "calibration", settings.calib_samples, source=settings.source,
-                            block_size=length, max_positions=config.max_position_embeddings)
-    return Job(str(model), where, config, settings, pt_model, tokenizer, blocks, calib,
+        calib = load_blocks(tokenizer, "calibration", settings.calib_samples, **read)
+    return Job(str(model), where, config, settings, data, pt_model, tokenizer, blocks, calib,
                prompt=blocks[:1, :min(16, length - 1)])
 
 
@@ -894,7 +827,7 @@ def measure_pytorch(job: Job) -> dict[str, Any]:
     row.update(top1_vs_fp32=1.0, max_logit_diff=0.0, greedy_match=len(job.ref.generation),
                greedy_tokens=job.ref.generation)
     row["size_mb"] = weights_size_mb(job.where) or count_params(job.pt_model) * 4 / 2**20
-    if job.settings.measure_speed:
+    if job.settings.speed:
         row.update(torch_speed(job.pt_model))
         if torch.cuda.is_available():
             gpu = torch_speed(job.pt_model.to("cuda"))
@@ -953,8 +886,8 @@ def choose_deployed(rows: list[dict[str, Any]], candidates: list[QuantVariant]) 
     passing = [r for r in measured if r["within_budget"]]
     if not passing:
         detail = "; ".join(f"{r['variant'].name}: " + "; ".join(r["problems"]) for r in measured)
-        raise MinitronError(f"the quantized model fails validation: {detail}; try another --int8/--int4 "
-                            "scheme, or raise --ppl-budget to accept it")
+        raise MinitronError(f"the quantized model fails validation: {detail}; try another export.int8 / "
+                            "export.int4 scheme, or raise export.ppl_budget to accept it")
     if all("decode_ms_per_token" in r for r in passing):
         best = min(passing, key=lambda r: (r["decode_ms_per_token"], -r["prefill_tokens_per_s"]))
     else:
@@ -1012,7 +945,7 @@ def export_gguf(job: Job, tmp: Path) -> list[dict[str, Any]]:
             write_gguf(job.pt_model, job.tokenizer, job.where, path, qtype)
             reloaded = load_gguf(path)
             row = measure_torch(reloaded, job.blocks, job.ref, job.prompt,
-                                dataclasses.replace(job.settings, measure_speed=False), job.pad_id)
+                                dataclasses.replace(job.settings, speed=False), job.pad_id)
             del reloaded
         row["size_mb"] = path.stat().st_size / 2**20
         problems = check_quantized(row, job.ref_perplexity, job.settings)
@@ -1025,6 +958,11 @@ def export_gguf(job: Job, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _record(job: Job) -> dict[str, Any]:
+    """What manifest.json and the report record: the export's settings and the data it measured."""
+    return {**job.settings.to_dict(), "data": job.data.to_dict()}
+
+
 def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str, cpu: Int8Settings,
                  command: str) -> dict[str, Any]:
     """report.json, report.md and manifest.json in the (temporary) output folder."""
@@ -1033,8 +971,8 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
         "source": {"model": job.model, "path": job.where, "architecture": job.config.architectures,
                    "parameters": count_params(job.pt_model)},
         "deployed": deployed,
-        "eval": f"{len(job.blocks)}x{job.blocks.shape[1]} tokens of the '{job.settings.source}' eval split",
-        "settings": asdict(job.settings),
+        "eval": f"{len(job.blocks)}x{job.blocks.shape[1]} tokens of the '{job.data.source}' eval split",
+        "settings": _record(job),
         "int8_cpu": cpu.as_dict(),
         "rows": rows,
         "table": table_rows(rows),
@@ -1054,7 +992,7 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
                      "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)",
                      **({"note": IO_BINDING_NOTE} if needs_named_head_axis(job.config) else {})},
         "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
-        "settings": asdict(job.settings),
+        "settings": _record(job),
         "int8_cpu": report["int8_cpu"],
         "versions": report["versions"],
         "command": report["command"],
@@ -1065,15 +1003,16 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
     return report
 
 
-def export(model: str | os.PathLike = EMBEDDED_NAME, output_dir: str | os.PathLike = "export",
-           settings: ExportSettings | None = None, *, command: str | None = None,
-           **overrides: Any) -> dict[str, Any]:
+def export(model: str | os.PathLike, output_dir: str | os.PathLike,
+           settings: ExportConfig | None = None, data: DataConfig | None = None, *,
+           command: str | None = None) -> dict[str, Any]:
     """Export `model` (folder, hub id or 'smollm2-135m') to a deployable ONNX folder; returns the report.
 
-    `settings` (or keyword overrides of its fields) shape the export. Raises MinitronError, leaving
-    no output folder, when validation fails; see the module docstring.
+    `data` gives the held-out (and, for int8=static, calibration) blocks. Raises MinitronError,
+    leaving no output folder, when validation fails; see the module docstring.
     """
-    settings = dataclasses.replace(settings or ExportSettings(), **overrides)
+    settings = settings or ExportConfig()
+    data = data or DataConfig()
     output = check_output(output_dir)
     where, config = check_model(model)
     if settings.gguf != "none":
@@ -1086,7 +1025,7 @@ def export(model: str | os.PathLike = EMBEDDED_NAME, output_dir: str | os.PathLi
     candidates = deploy_candidates(settings)
     fp32_file = FP32_FILE if candidates else DEPLOY_FILE
     with StageTimer("load") as t:
-        job = load_job(model, where, config, settings)
+        job = load_job(model, where, config, settings, data)
     job.timings.append(t)
     with job.timed("pytorch_fp32"):
         rows = [measure_pytorch(job)]
@@ -1106,46 +1045,29 @@ def export(model: str | os.PathLike = EMBEDDED_NAME, output_dir: str | os.PathLi
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minitron.export", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=EMBEDDED_NAME, help=f"model folder, hub id or '{EMBEDDED_NAME}'")
+# The settings the command takes (minitron.cli): the model is --model.
+CLI_KEYS = {"data": ("source", "text_field", "block_size", "eval_blocks"), "export": None}
+
+
+def build_parser():
+    from minitron import cli
+
+    p = cli.stage_parser("python -m minitron.export", __doc__.splitlines()[0], CLI_KEYS)
+    p.add_argument("--model", default=ModelConfig.name, help="model folder, hub id or 'smollm2-135m'")
     p.add_argument("--output", required=True, help="output folder (new, empty, or a previous export)")
-    p.add_argument("--int8", default="blockwise", choices=INT8_SCHEMES,
-                   help="INT8 scheme of the deployed model.onnx (default: blockwise; see the module doc)")
-    p.add_argument("--per-channel", action="store_true", help="per-channel weight scales (dynamic/static)")
-    p.add_argument("--int8-cpu", default="auto", choices=INT8_CPUS,
-                   help="CPU kind the dynamic/static INT8 model is made for (default: this one)")
-    p.add_argument("--int4", default="none", choices=INT4_SCHEMES,
-                   help="deploy 4-bit weights (MatMulNBits) quantized by rtn or hqq instead of INT8")
-    p.add_argument("--accuracy-level", default="auto", choices=ACCURACY_LEVELS,
-                   help="MatMulNBits accuracy_level; auto: measure 0 and 4, deploy the faster that passes")
-    p.add_argument("--gguf", default="none", choices=GGUF_CHOICES,
-                   help="also write GGUF (llama.cpp/ollama; Llama family): f16, q8_0 or all")
-    p.add_argument("--calib-samples", type=int, default=16,
-                   help="calibration blocks for --int8 static")
-    p.add_argument("--bnb", action="store_true", help="also measure bitsandbytes INT8 and NF4 loading")
-    p.add_argument("--data", default="stdlib", help=f"data source: {SOURCES_HELP}")
-    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for validation")
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--ppl-budget", type=float, default=0.02,
-                   help="largest relative perplexity increase of the deployed INT8 model (0.02 = 2%%)")
-    p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| ONNX FP32 vs PyTorch")
-    p.add_argument("--keep-fp32", action="store_true", help=f"keep the FP32 graph as {FP32_FILE}")
-    p.add_argument("--compare", action="store_true",
-                   help="also measure every INT8/INT4 scheme that is not a deployment candidate")
-    p.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     import shlex
     import sys
 
+    from minitron import cli
+
+    args = cli.parse(build_parser(), argv)
+    c = cli.configs(args)
     command = "python -m minitron.export " + shlex.join(sys.argv[1:] if argv is None else argv)
-    report = export(args.model, args.output, int8=args.int8, per_channel=args.per_channel,
-                    int8_cpu=args.int8_cpu, int4=args.int4, accuracy_level=args.accuracy_level,
-                    gguf=args.gguf,
-                    calib_samples=args.calib_samples, bnb=args.bnb, source=args.data,
-                    eval_blocks=args.eval_blocks, block_size=args.block_size, ppl_budget=args.ppl_budget,
-                    atol=args.atol, keep_fp32=args.keep_fp32, compare=args.compare,
-                    measure_speed=not args.no_speed, command=command)
+    report = export(args.model, args.output, c["export"], c["data"], command=command)
     print(format_table(report["table"], REPORT_COLUMNS))
     total = sum(t["wall_s"] for t in report["timing"])
     print(f"exported {report['deployed']} to {args.output} in {total:.0f}s "

@@ -22,56 +22,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minitron.common import MinitronError, write_json_atomic
+from minitron.config import AGGREGATIONS, DEPTH_METHODS, ImportanceConfig
 from minitron.data import batches
 from minitron.models import arch_of, decoder_layers, head_layout
-
-Aggregation = Literal["mean", "l2", "var"]
-DepthMethod = Literal["block_importance", "lm_loss"]
-HeadScore = Literal["attention_output", "o_proj_contribution"]
-AGGREGATIONS: tuple[str, ...] = ("mean", "l2", "var")
-DEPTH_METHODS: tuple[str, ...] = ("block_importance", "lm_loss")
-HEAD_SCORES: tuple[str, ...] = ("attention_output", "o_proj_contribution")
-
-
-@dataclass
-class ImportanceConfig:
-    """How activations become scores. `lm_loss_blocks`: calibration blocks (the first ones) used
-    for the layer-skip LM-loss method; it needs one extra forward over them per layer, plus one.
-
-    `head_score`: "attention_output" (the papers': the norm of each head's slice of the o_proj
-    input) or "o_proj_contribution" (the norm of what each head adds to the residual stream,
-    W_o[:, head] @ x_head, which also weighs the head by its output projection). On SmolLM2-135M
-    cutting 9 -> 6 heads, the papers' score left perplexity 130 on 8 eval blocks and the
-    contribution score 37 (a random choice: 92).
-    """
-
-    aggregation_seq: Aggregation = "mean"
-    aggregation_batch: Aggregation = "l2"
-    depth_method: DepthMethod = "block_importance"
-    lm_loss_blocks: int = 32
-    head_score: HeadScore = "attention_output"
-
-    def __post_init__(self) -> None:
-        for key in ("aggregation_seq", "aggregation_batch"):
-            if getattr(self, key) not in AGGREGATIONS:
-                raise MinitronError(f"{key}='{getattr(self, key)}' is not an aggregation; valid: "
-                                    f"{', '.join(AGGREGATIONS)}")
-        if self.depth_method not in DEPTH_METHODS:
-            raise MinitronError(f"depth_method='{self.depth_method}' is unknown; valid: "
-                                f"{', '.join(DEPTH_METHODS)}")
-        if self.head_score not in HEAD_SCORES:
-            raise MinitronError(f"head_score='{self.head_score}' is unknown; valid: "
-                                f"{', '.join(HEAD_SCORES)}")
-        if not isinstance(self.lm_loss_blocks, int) or self.lm_loss_blocks < 1:
-            raise MinitronError(f"lm_loss_blocks={self.lm_loss_blocks!r} must be an integer >= 1")
-
 
 @dataclass
 class Scores:
@@ -212,16 +172,19 @@ def layer_skip_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
 def compute_scores(
     model: nn.Module,
     blocks: torch.Tensor,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     config: ImportanceConfig | None = None,
     progress: bool = False,
 ) -> Scores:
     """Score every neuron, head, KV group, hidden channel and layer of `model` on `blocks` [n, T].
 
+    `batch_size` (blocks per forward) defaults to `config.batch_size`.
+
     One pass over all blocks through the decoder body (the LM head is not needed and not run); with
     `config.depth_method == "lm_loss"`, also L + 1 forwards over the first `lm_loss_blocks` blocks.
     """
     config = config or ImportanceConfig()
+    batch_size = config.batch_size if batch_size is None else batch_size
     if blocks.ndim != 2 or len(blocks) == 0:
         raise MinitronError(f"calibration blocks must be a non-empty [n, T] tensor, got shape "
                             f"{tuple(blocks.shape)}")

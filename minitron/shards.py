@@ -269,7 +269,7 @@ def _save(path: Path, array: np.ndarray) -> None:
 def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, Any]],
                     dtype: str, source_index: int = 0) -> dict[str, Any]:
     """Tokenize one chunk of (split, Document) into `.work`; the marker goes last."""
-    from minitron.data import encode_documents
+    from minitron.corpus import encode_documents
 
     work_dir, dt = Path(work), np.dtype(dtype)
     per_split: dict[str, tuple[list, list, list]] = {}
@@ -298,7 +298,7 @@ def _chunks(settings: PrepareSettings, chunk_chars: int, fingerprint) -> Iterato
     """(source index, [(split, Document)]) chunks of about `chunk_chars` characters, in source
     order (a chunk holds one source's documents); `fingerprint` (a hashlib object) absorbs every
     document's key and content on the way."""
-    from minitron.data import iter_documents, split_of
+    from minitron.corpus import iter_documents, split_of
 
     for source_index, (source, _) in enumerate(settings.sources):
         fingerprint.update(f"source {source_index}: {source}\n".encode())

@@ -12,6 +12,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Fix that decision for the whole session now: a test that drops TRITON_INTERPRET to take the torch
+# reference on CPU must not be the first to import the kernels, or every later test that runs them
+# through the interpreter finds them compiled for a GPU ("0 active drivers").
+import minitron.kernels  # noqa: E402,F401
+
 import pytest  # noqa: E402
 
 from tiny import make_tiny_model, tiny_tokenizer  # noqa: E402,F401

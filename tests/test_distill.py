@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from minitron.common import MinitronError
 from minitron.data import load_blocks
-from minitron.distill import (DistillConfig, batch_indices, distill, lr_factor, main,
-                              parse_intermediate)
+from minitron.config import DistillConfig, TeacherCorrectionConfig
+from minitron.distill import batch_indices, distill, lr_factor, main
 from tiny import make_tiny_model, tiny_tokenizer
 
 BLOCK = 32
@@ -203,8 +203,8 @@ def test_jsd_and_intermediate_loss_train(world, tmp_path):
 
 def test_teacher_correction_then_distill(world, tmp_path):
     out = tmp_path / "run"
-    metrics, _, teacher = _run(world, out, _cfg(tokens=2 * 8 * BLOCK,
-                                                teacher_correction_tokens=4 * 8 * BLOCK))
+    metrics, _, teacher = _run(world, out, _cfg(tokens=2 * 8 * BLOCK),
+                               correction=TeacherCorrectionConfig(tokens=4 * 8 * BLOCK))
     assert (out / "teacher_correction" / "teacher.safetensors").exists()
     corrected = load_file(out / "teacher_correction" / "teacher.safetensors")
     original = world["teacher"].state_dict()
@@ -350,33 +350,40 @@ def test_lr_schedule_warmup_then_cosine():
 # ----------------------------------------------------------------------------- refusals
 def _cli(world, out, *extra):
     args = ["--teacher", str(world["teacher_dir"]), "--student", str(world["student_dir"]),
-            "--output", str(out), "--data", str(world["data"]), "--block-size", str(BLOCK),
+            "--output", str(out), "--source", str(world["data"]), "--block-size", str(BLOCK),
             "--batch-size", "4", "--tokens", str(2 * 4 * BLOCK), "--eval-blocks", "4",
             "--no-progress", *extra]
     return main(args)
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--tokens", "10"], r"tokens=10 is less than one optimizer step .* give tokens >= 128"),
-    (["--alpha", "1"], r"alpha=1.0 is pure cross-entropy.*--baseline ce"),
-    (["--alpha", "1.5"], r"alpha=1.5 is invalid; valid: 0 <= alpha < 1"),
-    (["--temperature", "0"], r"temperature=0.0 is invalid; valid: a number > 0"),
-    (["--lr", "-1"], r"lr=-1.0 is invalid; valid: a number > 0"),
-    (["--divergence", "tvd"], r"divergence='tvd' is invalid; valid: kl, reverse_kl, jsd"),
-    (["--beta", "1"], r"beta=1.0 is invalid; valid: 0 < beta < 1"),
-    (["--baseline", "lora"], r"baseline='lora' is invalid; valid: None \(distillation\), ce, scratch"),
-    (["--loss-impl", "fast"], r"loss_impl='fast' is invalid; valid: auto, logits, fused"),
-    (["--intermediate-loss", "l1"], r"intermediate_loss='l1' is invalid; valid: cosine, mse"),
-    (["--batch-size", "0"], r"batch_size=0 is invalid; valid: an integer >= 1"),
-    (["--checkpoint-every", "0"], r"checkpoint_every=0 is invalid; valid: an integer >= 1"),
-    (["--intermediate", "3-1"], r"--intermediate '3-1': '3-1' is not TEACHER_LAYER:STUDENT_LAYER"),
-    (["--intermediate", "9:1"], r"intermediate pair 9:1 is out of range: the teacher has layers "
-                                r"0..3, the student 0..3"),
-    (["--intermediate", "3:3", "--baseline", "ce"], r"intermediate=\[\(3, 3\)\] needs a teacher"),
-    (["--teacher-correction-tokens", "512", "--baseline", "scratch"],
-     r"teacher_correction_tokens=512 corrects a teacher that the 'scratch' baseline does not use"),
-    (["--teacher-dtype", "int4"], r"unknown dtype 'int4'; valid: float32, fp32, bfloat16"),
-    (["--block-size", "512", "--tokens", "4096"], r"block_size=512 is longer than the models' context \(256 positions\)"),
+    (["--tokens", "10"], r"distill.tokens=10 is less than one optimizer step .* give tokens >= 128"),
+    (["--alpha", "1"], r"alpha=1.0 is pure cross-entropy.*distill.baseline=ce"),
+    (["distill.alpha=1.5"], r"distill.alpha=1.5 is invalid; valid: 0 <= x <= 1"),
+    (["--temperature", "0"], r"distill.temperature=0.0 is invalid; valid: a number > 0"),
+    (["--lr", "-1"], r"distill.lr=-1.0 is invalid; valid: a number > 0"),
+    (["--divergence", "tvd"], r"distill.divergence: 'tvd' is not one of 'kl', 'reverse_kl', 'jsd'"),
+    (["--beta", "1"], r"distill.beta=1.0 is invalid; valid: 0 < x < 1"),
+    (["--baseline", "lora"], r"distill.baseline: 'lora' is not valid \('lora' is not one of 'ce', "
+                             r"'scratch'"),
+    (["--loss-impl", "fast"], r"distill.loss_impl: 'fast' is not one of 'auto', 'logits', 'fused'"),
+    (["--intermediate-loss", "l1"], r"distill.intermediate_loss: 'l1' is not one of 'cosine', 'mse'"),
+    (["--batch-size", "0"], r"distill.batch_size=0 is invalid; valid: an integer >= 1"),
+    (["distill.checkpoint_every=0"], r"distill.checkpoint_every=0 is invalid; valid: an integer >= 1"),
+    (["--intermediate", "3-1"], r"distill.intermediate: expected a list, got '3-1'"),
+    (["--intermediate", "[[3, -1]]"], r"distill.intermediate=\(\(3, -1\),\) is invalid; valid: "
+                                      r"pairs of non-negative layer indices"),
+    (["--intermediate", "[[9, 1]]"], r"intermediate pair 9:1 is out of range: the teacher has "
+                                     r"layers 0..3, the student 0..3"),
+    (["--intermediate", "[[3, 3]]", "--baseline", "ce"],
+     r"distill.intermediate=\[\[3, 3\]\] needs a teacher"),
+    (["teacher_correction.tokens=512", "--baseline", "scratch"],
+     r"teacher_correction.tokens=512 corrects a teacher that the 'scratch' baseline does not use"),
+    (["--dtype", "int4"], r"model.dtype: 'int4' is not one of 'float32', 'bfloat16', 'float16'"),
+    (["--block-size", "512", "--tokens", "4096"],
+     r"distill.block_size=512 is longer than the models' context \(256 positions\)"),
+    (["distill.temprature=2"], r"distill.temprature: unknown key; did you mean 'distill.temperature'"),
+    (["data.block_size=8"], r"data.block_size: unknown key"),  # distillation's own block_size counts
 ])
 def test_cli_refusals(world, tmp_path, extra, message):
     with pytest.raises(MinitronError, match=message):
@@ -386,7 +393,7 @@ def test_cli_refusals(world, tmp_path, extra, message):
 
 def test_cli_refuses_missing_teacher(world, tmp_path):
     with pytest.raises(MinitronError, match=r"distillation needs --teacher; without a teacher use "
-                                            r"--baseline ce or --baseline scratch"):
+                                            r"distill.baseline=ce or distill.baseline=scratch"):
         main(["--student", str(world["student_dir"]), "--output", str(tmp_path / "o")])
 
 
@@ -425,11 +432,6 @@ def test_cli_refuses_resume_with_other_settings(world, tmp_path, monkeypatch):
         _cli(world, out, "--lr", "1e-3")
 
 
-def test_parse_intermediate():
-    assert parse_intermediate("29:14, 14:7") == ((29, 14), (14, 7))
-    assert parse_intermediate("") == ()
-
-
 def test_cli_killed_at_any_moment_resumes_to_the_same_weights(world, tmp_path):
     """The real command on prepared shards: a refusal exits 2 with one line; a run killed with
     SIGKILL mid-training and rerun ends with the weights of an uninterrupted run (in-process)."""
@@ -437,8 +439,8 @@ def test_cli_killed_at_any_moment_resumes_to_the_same_weights(world, tmp_path):
 
     prepare(str(world["data"]), tmp_path / "shards", world["tok"], workers=1, progress=False)
     args = ["--teacher", str(world["teacher_dir"]), "--student", str(world["student_dir"]),
-            "--data", str(tmp_path / "shards"), "--block-size", str(BLOCK), "--batch-size", "4",
-            "--eval-blocks", "4", "--no-progress", "--tokens", str(16 * 4 * BLOCK),
+            "data.source=" + str(tmp_path / "shards"), "--block-size", str(BLOCK), "--batch-size", "4",
+            "distill.eval_blocks=4", "--no-progress", "--tokens", str(16 * 4 * BLOCK),
             "--checkpoint-every", "2", "--eval-every", "5", "--alpha", "0.1"]
     cmd = [sys.executable, "-m", "minitron.distill", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -446,7 +448,8 @@ def test_cli_killed_at_any_moment_resumes_to_the_same_weights(world, tmp_path):
     bad = subprocess.run(cmd + ["--output", str(tmp_path / "bad"), "--divergence", "tv"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: divergence='tv' is invalid; valid: kl, reverse_kl, jsd"
+    assert bad.stderr.strip() == ("error: command line: distill.divergence: 'tv' is not one of 'kl', "
+                                  "'reverse_kl', 'jsd'")
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--output", str(out)], env=env, stdout=subprocess.DEVNULL,

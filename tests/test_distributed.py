@@ -1,4 +1,4 @@
-"""Distillation on several processes: torchrun, 2 ranks, gloo on CPU (the same code on NCCL/GPUs).
+"""Distillation on several processes: torch's elastic launcher (torchrun), 2 ranks, gloo on CPU (the same code on NCCL/GPUs).
 
 The reference is a plain single-process run of the same command (same global batch and seed): the
 2-process runs must reach the same weights and losses, resume from each other's checkpoints on
@@ -31,7 +31,7 @@ BLOCK, BATCH, ACCUM, STEPS = 32, 6, 2, 6  # BATCH splits over 1, 2 and 3 process
 ARGS = ["--tokens", str(STEPS * BATCH * ACCUM * BLOCK), "--batch-size", str(BATCH),
         "--grad-accum", str(ACCUM), "--block-size", str(BLOCK), "--lr", "5e-3",
         "--warmup-fraction", "0.2", "--alpha", "0.2", "--loss-impl", "fused",
-        "--intermediate", "3:1", "--checkpoint-every", "2", "--eval-every", "100",
+        "--intermediate", "[[3, 1]]", "--checkpoint-every", "2", "--eval-every", "100",
         "--eval-blocks", "4", "--no-progress", "--device", "cpu", "--seed", "3"]
 TIMEOUT = 240  # a hang fails the test instead of blocking CI
 
@@ -106,7 +106,7 @@ def world(tmp_path_factory):
                     num_hidden_layers=2, intermediate_size=48, tie_word_embeddings=True)
     (root / "dworker.py").write_text(WORKER)
     common = ["--teacher", str(root / "teacher"), "--student", str(root / "student"),
-              "--data", str(data), *ARGS]
+              "--source", str(data), *ARGS]
     return {"root": root, "args": common}
 
 
@@ -212,8 +212,8 @@ def test_fsdp_rank_killed_mid_run_resumes_on_one_and_on_three_processes(world, r
     out, record = tmp_path / "fsdp", tmp_path / "ids"
     rc, log, wall = _two_ranks(world, out, "--strategy", "fsdp", record=record, kill_at=5)
     assert rc == 2, log[-3000:]
-    assert log.rstrip().splitlines()[-1] == ("error: rank 1 failed first (exit code -9, SIGKILL); "
-                                             "torchrun stopped the others; the log is above")
+    assert log.rstrip().splitlines()[-1] == ("error: rank 1 died (SIGKILL) with no error message; "
+                                             "the launcher stopped the others; the log is above")
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
     assert not (out / "minitron.json").exists()
 
@@ -286,7 +286,7 @@ def test_two_nodes_through_a_loopback_rendezvous(world, reference, tmp_path):
     out = tmp_path / "two-nodes"
     cmd = [sys.executable, "-m", "minitron.distill", *world["args"], "--output", str(out),
            "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
-           "--strategy", "ddp", "--process-group-timeout", "120"]
+           "--strategy", "ddp", "--process-group-timeout-s", "120"]
     env = _env(world)
     nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True) for _ in range(2)]
@@ -341,7 +341,7 @@ def test_bf16_policy_one_process_and_fsdp_agree_and_track_fp32(world, reference,
 def test_teacher_correction_on_two_fsdp_ranks_matches_one_process(world, tmp_path):
     """Teacher correction (fp32 master weights, sharded under FSDP2), then distillation."""
     one, two = tmp_path / "one", tmp_path / "two"
-    extra = ["--teacher-correction-tokens", str(2 * BATCH * BLOCK), "--teacher-dtype", "bfloat16"]
+    extra = [f"teacher_correction.tokens={2 * BATCH * BLOCK}", "model.dtype=bfloat16"]
     rc, log, _ = _one_rank(world, one, *extra)
     assert rc == 0, log[-3000:]
     rc, log, _ = _two_ranks(world, two, *extra, "--strategy", "fsdp")
@@ -385,9 +385,9 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "3", "--nproc-per-node", "2", "--tokens", "3000"],
      r"batch_size=3 does not split over nproc_per_node=2 processes"),
-    (["--strategy", "zero3"], r"strategy='zero3' is invalid; valid: auto, ddp, fsdp, hsdp"),
-    (["--nnodes", "2"], r"nnodes=2 needs rdzv_endpoint"),
-    (["--nproc-per-node", "0"], r"nproc_per_node=0 is invalid; valid: an integer >= 1"),
+    (["--strategy", "zero3"], r"distill.strategy: 'zero3' is not one of 'auto', 'ddp', 'fsdp', 'hsdp'"),
+    (["--nnodes", "2"], r"distill.nnodes=2 needs distill.rdzv_endpoint"),
+    (["distill.nproc_per_node=0"], r"distill.nproc_per_node=0 is invalid; valid: an integer >= 1"),
 ])
 def test_refusals_before_any_process_starts(world, tmp_path, extra, message):
     from minitron.distill import main
@@ -413,3 +413,26 @@ def test_fsdp_on_two_gpus_matches_one_gpu(world, tmp_path):
     assert l1.keys() == l2.keys() == set(range(1, STEPS + 1))
     for s in l1:
         assert l2[s] == pytest.approx(l1[s], rel=BF16_VS_BF16), s
+
+
+def test_failing_rank_is_read_from_the_failure_records(tmp_path):
+    """The launcher's ChildFailedError holds one ProcessFailure per failed rank; the one that
+    caused the stop wins over the ranks the launcher stopped (SIGTERM) or that fell with it."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from minitron.distributed import failure_message, root_failure
+
+    def failure(rank, exitcode, message=None):
+        path = tmp_path / f"error-{rank}.json"
+        if message is not None:  # what ErrorHandler.record_exception writes
+            path.write_text(json.dumps({"message": {"message": message, "extraInfo": {
+                "py_callstack": "", "timestamp": "0"}}}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(path))
+
+    stopped, killed, crashed = failure(0, -signal.SIGTERM), failure(1, -signal.SIGKILL), failure(2, 1)
+    assert failure_message(*root_failure({0: stopped, 1: killed, 2: crashed})) == (
+        "rank 1 died (SIGKILL) with no error message; the launcher stopped the others; the log is "
+        "above")
+    assert root_failure({0: stopped, 2: crashed})[0] == 2
+    said = failure(3, 2, "MinitronError: the disk is full")
+    assert failure_message(*root_failure({1: killed, 3: said})) == "rank 3: the disk is full"

@@ -60,7 +60,7 @@ def test_speed_reports_positive_rates():
 def test_cli_writes_json(tmp_path, capsys):
     make_tiny_model("mistral", path=tmp_path / "m")
     out = tmp_path / "eval.json"
-    evaluate_main(["--model", str(tmp_path / "m"), "--blocks", "2", "--block-size", "16",
+    evaluate_main(["--model", str(tmp_path / "m"), "data.eval_blocks=2", "--block-size", "16",
                    "--no-speed", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["parameters"] == 164416

@@ -26,9 +26,10 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("optimum.onnxruntime")
 
 from minitron import export as ex  # noqa: E402
+from minitron.config import DataConfig, ExportConfig  # noqa: E402
 
-SMALL = dict(eval_blocks=2, block_size=32, calib_samples=2, gen_tokens=8, compare=False,
-             measure_speed=False)
+SMALL = dict(calib_samples=2, gen_tokens=8, compare=False, speed=False)
+SMALL_DATA = dict(eval_blocks=2, block_size=32)
 INT8_TOP1_FLOOR = 0.85  # tiny random models have small logit margins; measured ~0.93-0.97
 
 
@@ -80,8 +81,12 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def fast(corpus):
-    """export() arguments for quick runs: few short blocks, no speed, only the deployed variant."""
-    return {**SMALL, "source": corpus}
+    """export() for quick runs: few short blocks, no speed, only the deployed variant."""
+    data = DataConfig(source=corpus, **SMALL_DATA)
+
+    def run(model, out, **settings):
+        return ex.export(model, out, ExportConfig(**{**SMALL, **settings}), data)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +99,7 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(source, fast):
     out = source.parent / "out"
-    report = ex.export(source, out, int8="blockwise", keep_fp32=True, **fast)
+    report = fast(source, out, int8="blockwise", keep_fp32=True)
     return out, report
 
 
@@ -235,8 +240,7 @@ def test_int4_export_is_5x_smaller_and_reports_both_accuracy_levels(wide_source,
     import onnx
 
     out = tmp_path / "out"
-    report = ex.export(wide_source, out, int4=algo, keep_fp32=True,
-                       **{**fast, "int8_min_top1": INT4_TOP1_FLOOR})
+    report = fast(wide_source, out, int4=algo, keep_fp32=True, int8_min_top1=INT4_TOP1_FLOOR)
     graph = onnx.load(str(out / ex.DEPLOY_FILE)).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 * 7 + 1
@@ -297,7 +301,7 @@ def test_gguf_round_trip_through_transformers_loader(tmp_path, fast):
     model = make_tiny_model("llama", src, seed=6, hidden_size=96, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=16, intermediate_size=128)
     out = tmp_path / "out"
-    report = ex.export(src, out, int8="none", gguf="all", **fast)
+    report = fast(src, out, int8="none", gguf="all")
     rows = {r["model"]: r for r in report["rows"]}
     ids = _ids(2, 24, seed=11)
     prompt = _ids(1, 8, seed=12)
@@ -322,7 +326,7 @@ def test_gguf_refuses_other_families(tmp_path, fast):
     src = tmp_path / "q"
     make_tiny_model("qwen2", src)
     with pytest.raises(MinitronError, match=r"GGUF export supports LlamaForCausalLM"):
-        ex.export(src, tmp_path / "out", gguf="f16", **fast)
+        fast(src, tmp_path / "out", gguf="f16")
     assert not (tmp_path / "out").exists()
 
 
@@ -371,7 +375,7 @@ def test_tied_embeddings_lm_head_is_quantized(tmp_path, torch_model, fast):
     src = tmp_path / "tied"
     make_tiny_model("llama", src, tie_word_embeddings=True)
     out = tmp_path / "out"
-    ex.export(src, out, int8="dynamic", **fast)
+    fast(src, out, int8="dynamic")
     graph = onnx.load(str(out / ex.DEPLOY_FILE)).graph
     head = [n for n in graph.node if n.output and any(o == "logits" for o in n.output)]
     producers = {o: n for n in graph.node for o in n.output}
@@ -419,7 +423,7 @@ def test_report_and_manifest(exported, source, torch_model, corpus):
     assert json.loads((out / "report.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     assert "| pytorch-fp32 |" in (out / "report.md").read_text()
     # the reported PyTorch perplexity equals a naive recomputation on the same held-out blocks
-    blocks = load_blocks(tiny_tokenizer(), "eval", SMALL["eval_blocks"], block_size=SMALL["block_size"],
+    blocks = load_blocks(tiny_tokenizer(), "eval", SMALL_DATA["eval_blocks"], block_size=SMALL_DATA["block_size"],
                          source=corpus)
     with torch.no_grad():
         logits = torch_model(blocks).logits[:, :-1]
@@ -437,7 +441,7 @@ def test_previous_export_is_replaced(exported, source, tmp_path, fast):
     out, _ = exported
     copy = tmp_path / "again"
     shutil.copytree(out, copy)
-    report = ex.export(source, copy, int8="none", **{**fast, "compare": True})
+    report = fast(source, copy, int8="none", compare=True)
     ops = {n.op_type for n in onnx.load(str(copy / ex.DEPLOY_FILE)).graph.node}
     assert not ops & {"MatMulNBits", "MatMulInteger", "DequantizeLinear"} and "MatMul" in ops
     assert sorted(p.name for p in copy.glob("*.onnx*")) == [ex.DEPLOY_FILE]
@@ -461,7 +465,7 @@ def test_external_data_path(source, tmp_path, fast, monkeypatch):
 
     monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
     out = tmp_path / "out"
-    report = ex.export(source, out, keep_fp32=True, accuracy_level="0", **{**fast, "compare": True})
+    report = fast(source, out, keep_fp32=True, accuracy_level=0, compare=True)
     assert sorted(p.name for p in out.glob("*.onnx*")) == sorted(
         [ex.DEPLOY_FILE, ex.DEPLOY_FILE + "_data", ex.FP32_FILE, ex.FP32_FILE + "_data"])
     assert ex.uses_external_data(out / ex.DEPLOY_FILE) and ex.uses_external_data(out / ex.FP32_FILE)
@@ -482,21 +486,21 @@ def test_interrupted_export_leaves_no_folder(source, tmp_path, monkeypatch, fast
     monkeypatch.setattr(ex, "quantize", interrupt)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        ex.export(source, out, **fast)
+        fast(source, out)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_fp32_mismatch_fails_with_numbers(source, tmp_path, fast):
     with pytest.raises(MinitronError,
                        match=r"does not match PyTorch: max \|logit difference\| [0-9.e-]+ > atol 0"):
-        ex.export(source, tmp_path / "out", atol=0.0, **fast)
+        fast(source, tmp_path / "out", atol=0.0)
     assert not (tmp_path / "out").exists()
 
 
 def test_int8_outside_budget_fails_with_numbers(source, tmp_path, fast):
     with pytest.raises(MinitronError, match=r"quantized model fails validation: int8-dynamic: top-1 "
                                             r"agreement with FP32 0\.\d+ < 0\.9999"):
-        ex.export(source, tmp_path / "out", int8="dynamic", int8_min_top1=0.9999, **fast)
+        fast(source, tmp_path / "out", int8="dynamic", int8_min_top1=0.9999)
     assert not (tmp_path / "out").exists()
 
 
@@ -527,13 +531,13 @@ def test_bad_inputs_are_clear_errors(source, tmp_path):
     with pytest.raises(MinitronError, match="exists and is not a previous minitron export"):
         ex.export(source, taken)
     assert (taken / "notes.txt").read_text() == "mine"
-    with pytest.raises(MinitronError,
-                       match="--int8 'int4' is not a scheme; valid: blockwise, dynamic, static, none"):
-        ex.export(source, tmp_path / "o5", int8="int4")
-    with pytest.raises(MinitronError, match="--per-channel applies to --int8 dynamic or static"):
-        ex.export(source, tmp_path / "o6", int8="blockwise", per_channel=True)
-    with pytest.raises(MinitronError, match="calib_samples=0 must be at least 1"):
-        ex.export(source, tmp_path / "o7", calib_samples=0)
+    with pytest.raises(MinitronError, match="export.int8='int4' is invalid; valid: blockwise, "
+                                            "dynamic, static, none"):
+        ex.export(source, tmp_path / "o5", ExportConfig(int8="int4"))
+    with pytest.raises(MinitronError, match="export.per_channel=True applies to int8 dynamic or static"):
+        ex.export(source, tmp_path / "o6", ExportConfig(int8="blockwise", per_channel=True))
+    with pytest.raises(MinitronError, match="export.calib_samples=0 is invalid; valid: an integer >= 1"):
+        ex.export(source, tmp_path / "o7", ExportConfig(calib_samples=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "empty", "gpt2", "taken"]
 
 
@@ -547,7 +551,7 @@ def test_width_pruned_shape_exports_and_generates_like_pytorch(tmp_path, fast, f
     src = tmp_path / "m"
     model = make_tiny_model(family, src, seed=4, hidden_size=48)
     out = tmp_path / "out"
-    ex.export(src, out, int8="none", **fast)
+    fast(src, out, int8="none")
     ort_model = ORTModelForCausalLM.from_pretrained(out)
     prompt = _ids(1, 10, seed=3)
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,

@@ -385,7 +385,7 @@ def test_phi3_longrope_shapes_that_would_not_reload_are_refused():
     """Phi3Config checks a longrope rope_scaling against hidden_size // num_attention_heads."""
     rope = {"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 3}
     config = tiny_config("phi3", rope_scaling=rope, original_max_position_embeddings=64)
-    with pytest.raises(MinitronError, match=r"hidden_size \(--hidden-size\) = 48 with "
+    with pytest.raises(MinitronError, match=r"hidden_size \(prune.hidden_size\) = 48 with "
                                             r"num_attention_heads = 8: .*hidden_size = "
                                             r"num_attention_heads x 8 \(= 64 for 8 heads\)"):
         plan(config, {"hidden_size": 48})
@@ -459,6 +459,7 @@ def test_onnx_export_round_trip_greedy_tokens_equal_pytorch(family, tmp_path):
 
     from optimum.onnxruntime import ORTModelForCausalLM
 
+    from minitron.config import DataConfig, ExportConfig
     from minitron.export import export
     from minitron.models import load_model
 
@@ -468,8 +469,9 @@ def test_onnx_export_round_trip_greedy_tokens_equal_pytorch(family, tmp_path):
     pruned = prune(model, compute_scores(model, calib(), 4), {**target, "intermediate_size": 64})
     save_pruned(pruned, tiny_tokenizer(), tmp_path / "pruned")
     corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
-    export(tmp_path / "pruned", tmp_path / "onnx", int8="none", eval_blocks=2, block_size=32,
-           gen_tokens=8, compare=False, measure_speed=False, source=corpus)
+    export(tmp_path / "pruned", tmp_path / "onnx",
+           ExportConfig(int8="none", gen_tokens=8, compare=False, speed=False),
+           DataConfig(source=corpus, eval_blocks=2, block_size=32))
     ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx", local_files_only=True)
     torch_model, _ = load_model(tmp_path / "pruned")
     prompts = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(11))

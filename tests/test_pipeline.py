@@ -37,6 +37,7 @@ export:
   int8: blockwise
   compare: false
   ppl_budget: 10.0           # a random tiny model: the INT8 budget is not what this test checks
+  speed: false
 evaluate:
   speed: false
 """
@@ -130,7 +131,7 @@ def test_bad_recipe_exits_2_with_a_message_and_keeps_the_run(finished_run):
     before = sorted(p.name for p in run_dir.iterdir())
     result = run_recipe(recipe, "distill.temperature=0")
     assert result.returncode == 2
-    assert "distill: temperature=0.0 is invalid; valid: a number > 0" in result.stderr
+    assert "distill.temperature=0.0 is invalid; valid: a number > 0" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == before
 

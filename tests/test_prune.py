@@ -243,20 +243,20 @@ def test_parameter_budget_picks_the_largest_candidate_that_fits():
 
 # ----------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("target,message", [
-    ({"hidden_size": 128}, r"hidden_size \(--hidden-size\) = 128 is larger than the source "
+    ({"hidden_size": 128}, r"hidden_size \(prune.hidden_size\) = 128 is larger than the source "
                            r"model's 64; .* valid values 1 to 64"),
-    ({"intermediate_size": 97}, r"intermediate_size \(--intermediate-size\) = 97 is larger.*1 to 96"),
-    ({"num_attention_heads": 16}, r"num_attention_heads \(--num-attention-heads\) = 16 is larger"),
-    ({"num_key_value_heads": 3}, r"num_key_value_heads \(--num-key-value-heads\) = 3 is larger"),
-    ({"num_hidden_layers": 5}, r"num_hidden_layers \(--num-hidden-layers\) = 5 is larger.*1 to 4"),
-    ({"num_hidden_layers": 0}, r"num_hidden_layers \(--num-hidden-layers\) = 0 must be at least "
+    ({"intermediate_size": 97}, r"intermediate_size \(prune.intermediate_size\) = 97 is larger.*1 to 96"),
+    ({"num_attention_heads": 16}, r"num_attention_heads \(prune.num_attention_heads\) = 16 is larger"),
+    ({"num_key_value_heads": 3}, r"num_key_value_heads \(prune.num_key_value_heads\) = 3 is larger"),
+    ({"num_hidden_layers": 5}, r"num_hidden_layers \(prune.num_hidden_layers\) = 5 is larger.*1 to 4"),
+    ({"num_hidden_layers": 0}, r"num_hidden_layers \(prune.num_hidden_layers\) = 0 must be at least "
                                r"1; valid values: 1 to 4"),
-    ({"num_attention_heads": 5}, r"num_attention_heads \(--num-attention-heads\) = 5 cannot be "
+    ({"num_attention_heads": 5}, r"num_attention_heads \(prune.num_attention_heads\) = 5 cannot be "
                                  r"spread evenly over 2 KV groups.*valid values: 2, 4, 6, 8"),
     ({"num_attention_heads": 6, "num_key_value_heads": 1},
      r"= 6 cannot be spread evenly over 1 KV groups of at most 4.*valid values: 1, 2, 3, 4"),
     ({"num_layers": 2}, r"unknown target key\(s\) num_layers; valid keys: hidden_size, "),
-    ({"hidden_size": 32.0}, r"hidden_size \(--hidden-size\) = 32.0 must be a whole number"),
+    ({"hidden_size": 32.0}, r"hidden_size \(prune.hidden_size\) = 32.0 must be a whole number"),
 ])
 def test_impossible_targets_are_refused_with_the_valid_values(target, message):
     with pytest.raises(MinitronError, match=message):
@@ -271,11 +271,11 @@ def test_hidden_size_need_not_be_a_multiple_of_the_heads():
 
 def test_budget_refusals():
     config = tiny_config()
-    with pytest.raises(MinitronError, match=r"--target-params 2000000 .* is larger than the source"):
+    with pytest.raises(MinitronError, match=r"prune.target_params 2000000 .* is larger than the source"):
         target_for_budget(config, 2_000_000)
-    with pytest.raises(MinitronError, match=r"--target-params 0.01 .* below every candidate shape"):
+    with pytest.raises(MinitronError, match=r"prune.target_params 0.01 .* below every candidate shape"):
         target_for_budget(config, 0.01)
-    with pytest.raises(MinitronError, match=r"--target-params -1 must be a fraction"):
+    with pytest.raises(MinitronError, match=r"prune.target_params -1 must be a fraction"):
         target_for_budget(config, -1)
 
 
@@ -287,18 +287,22 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv,message", [
-    ([], r"no target: give at least one of --hidden-size, .* or --target-params"),
-    (["--hidden-size", "48", "--target-params", "0.5"],
-     r"--target-params cannot be combined with explicit shape flags \(--hidden-size\)"),
-    (["--num-hidden-layers", "9"], r"num_hidden_layers \(--num-hidden-layers\) = 9 is larger"),
-    (["--target-params", "half"], r"--target-params 'half' is not a number"),
+    ([], r"no target: give at least one of prune.hidden_size, .* or prune.target_params"),
+    (["--hidden-size", "48", "prune.target_params=0.5"],
+     r"prune.target_params=0.5 cannot be combined with a shape \(prune.hidden_size\)"),
+    (["prune.num_hidden_layers=9"], r"num_hidden_layers \(prune.num_hidden_layers\) = 9 is larger"),
+    (["--target-params", "half"], r"prune.target_params: 'half' is not valid \(expected a number"),
+    (["prune.hidden_sise=8"], r"command line: prune.hidden_sise: unknown key; did you mean "
+                              r"'prune.hidden_size'\?"),
     (["--num-hidden-layers", "2"], r"--output DIR is required"),
     (["--num-hidden-layers", "2", "--output", "{tmp}"], r"--output .* already exists"),
     (["--num-hidden-layers", "2", "--output", "{tmp}/new", "--scores", "{tmp}/none.safetensors"],
      r"scores file .*none.safetensors' \(--scores\) does not exist"),
     (["--num-hidden-layers", "2", "--lm-loss-blocks", "0"], r"lm_loss_blocks=0"),
-    (["--num-hidden-layers", "2", "--dtype", "int4", "--dry-run"], r"unknown dtype 'int4'"),
-    (["--num-hidden-layers", "2", "--calib-blocks", "0", "--dry-run"], r"--calib-blocks 0"),
+    (["--num-hidden-layers", "2", "--dtype", "int4", "--dry-run"],
+     r"model.dtype: 'int4' is not one of 'float32', 'bfloat16', 'float16'"),
+    (["--num-hidden-layers", "2", "data.calibration_blocks=0", "--dry-run"],
+     r"data.calibration_blocks=0 is invalid; valid: an integer >= 1"),
 ])
 def test_cli_refusals_happen_before_any_work(tiny_dir, tmp_path, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -322,14 +326,14 @@ def test_cli_dry_run_reads_no_weights(tiny_dir, tmp_path, capsys):
     (config_only / "config.json").write_text((tiny_dir / "config.json").read_text())
     assert main(["--model", str(config_only), "--target-params", "0.5", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "candidates for --target-params" in out and "| parameters |" in out
+    assert "candidates for prune.target_params" in out and "| parameters |" in out
     assert "| True |" in out  # the chosen candidate is marked
 
 
 def test_cli_prunes_computes_and_reuses_scores(tiny_dir, tmp_path, capsys):
     out1 = tmp_path / "a"
     assert main(["--model", str(tiny_dir), "--output", str(out1), "--hidden-size", "48",
-                 "--intermediate-size", "64", "--num-hidden-layers", "3", "--calib-blocks", "4",
+                 "--intermediate-size", "64", "--num-hidden-layers", "3", "--calibration-blocks", "4",
                  "--block-size", "32", "--depth-method", "lm_loss", "--lm-loss-blocks", "2"]) == 0
     record = json.loads((out1 / "minitron.json").read_text())
     assert record["shape"]["hidden_size"] == 48 and len(record["kept_layers"]) == 3
@@ -347,5 +351,5 @@ def test_cli_module_exits_2_with_one_line(tiny_dir):
                           "--num-attention-heads", "3"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "error: num_attention_heads (--num-attention-heads) = 3 cannot be spread evenly over 2 KV "
+        "error: num_attention_heads (prune.num_attention_heads) = 3 cannot be spread evenly over 2 KV "
         "groups of at most 4 query heads each (num_key_value_heads=2); valid values: 2, 4, 6, 8"]

@@ -79,9 +79,9 @@ def test_bad_choice_lists_the_choices(tmp_path):
 
 
 def test_out_of_range_value_is_refused_at_load(tmp_path):
-    with pytest.raises(RecipeError, match=r"r.yaml: distill: temperature=-1.0 is invalid; valid: a number > 0"):
+    with pytest.raises(RecipeError, match=r"r.yaml: distill.temperature=-1.0 is invalid; valid: a number > 0"):
         load_recipe(write(tmp_path, "distill:\n  temperature: -1\n"))
-    with pytest.raises(RecipeError, match=r"data: calibration_blocks must be >= 1, got 0"):
+    with pytest.raises(RecipeError, match=r"r.yaml: data.calibration_blocks=0 is invalid; valid: an integer >= 1"):
         load_recipe(write(tmp_path, "data:\n  calibration_blocks: 0\n"))
 
 
@@ -101,9 +101,12 @@ def test_overrides_are_typed(tmp_path):
 
 def test_teacher_correction_lives_in_its_own_section(tmp_path):
     r = load_recipe(write(tmp_path, "teacher_correction:\n  tokens: 4096\n"))
-    assert r.distill.config(r.teacher_correction).teacher_correction_tokens == 4096
-    with pytest.raises(RecipeError, match="teacher_correction.tokens"):
+    assert r.teacher_correction.tokens == 4096
+    with pytest.raises(RecipeError, match="distill.teacher_correction_tokens: unknown key"):
         load_recipe(write(tmp_path, "distill:\n  teacher_correction_tokens: 5\n"))
+    with pytest.raises(RecipeError, match=r"teacher_correction.tokens=5 corrects a teacher that the "
+                                          r"'ce' baseline does not use"):
+        load_recipe(write(tmp_path, "teacher_correction:\n  tokens: 5\ndistill:\n  baseline: ce\n"))
 
 
 def test_missing_recipe_file_lists_shipped_ones():

@@ -1,0 +1,498 @@
+"""Every stage's settings, each defined once: a dataclass per stage with its documentation, default
+and valid range. Recipes (`minitron.recipe`), the stage commands (`minitron.cli`) and torchrun's
+child processes all build these same classes. This module imports no torch, so reading and checking
+a recipe stays cheap.
+
+A field is declared with `setting(default, doc, valid)`; `valid` is a `Rule` (a predicate and the
+words that describe it). `Literal[...]` fields take their valid values from the annotation. Each
+class validates itself in `__post_init__` (types, literals, ranges, then the class's own `check()`
+for rules that tie several fields together) and names the key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
+
+from minitron.common import MinitronError
+from minitron.cpu import INT8_CPUS  # imports no torch
+from minitron.precision import PRECISIONS  # imports no torch
+
+EMBEDDED_NAME = "smollm2-135m"
+
+
+# ----------------------------------------------------------------------------- declaring settings
+@dataclass(frozen=True)
+class Rule:
+    """A valid range: `ok(value)` says whether a value is in it, `text` says it to a person."""
+
+    text: str
+    ok: Callable[[Any], bool]
+
+
+def at_least(n: float) -> Rule:
+    return Rule(f">= {n}", lambda v: v >= n)
+
+
+def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    text = f"{lo} {'<' if lo_open else '<='} x {'<' if hi_open else '<='} {hi}"
+    return Rule(text, lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+
+
+POSITIVE = Rule("> 0", lambda v: math.isfinite(v) and v > 0)
+NON_NEGATIVE = Rule(">= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
+def setting(default: Any, doc: str, valid: Rule | None = None) -> Any:
+    """A dataclass field carrying its documentation and valid range (read by `--help`)."""
+    return field(default=default, metadata={"doc": doc, "valid": valid})
+
+
+def literal_choices(tp: Any) -> tuple[Any, ...]:
+    """The values a `Literal[...]` (or an optional one) allows; () for other types."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(c for a in typing.get_args(tp) for c in literal_choices(a))
+    return ()
+
+
+def allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _base_type(tp: Any) -> Any:
+    if allows_none(tp):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else None
+    return tp
+
+
+def describe_valid(tp: Any, rule: Rule | None) -> str:
+    """What a field accepts, in words: its literal choices or its rule (and `null` if optional)."""
+    choices = literal_choices(tp)
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        _base_type(tp), "see the documentation")
+    text = ", ".join(map(str, choices)) if choices else (rule.text if rule else kind)
+    if rule and not choices and rule.text[:1] in "<>":
+        text = f"{kind} {rule.text}"
+    return text + (" or null" if allows_none(tp) else "")
+
+
+def _type_ok(tp: Any, value: Any) -> bool:
+    base = _base_type(tp)
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is str:
+        return isinstance(value, str)
+    return True
+
+
+class Section:
+    """Base of the stage configs: validation from the field declarations, plus `check()`."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, tp = getattr(self, f.name), hints[f.name]
+            if value is None and allows_none(tp):
+                continue
+            rule = f.metadata.get("valid")
+            choices = literal_choices(tp)
+            try:
+                ok = _type_ok(tp, value) and (not choices or value in choices) and (
+                    rule is None or rule.ok(value))
+            except TypeError:
+                ok = False
+            if not ok:
+                self.invalid(f.name, describe_valid(tp, rule))
+        self.check()
+
+    def check(self) -> None:
+        """Rules that tie several fields together (each class adds its own)."""
+
+    def invalid(self, name: str, valid: str) -> typing.NoReturn:
+        raise MinitronError(f"{self.SECTION}.{name}={getattr(self, name)!r} is invalid; valid: {valid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def docs(cls: type) -> list[dict[str, Any]]:
+    """Every key of a section with its default, valid range and documentation (for `--help`)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append({"key": f.name, "default": default, "doc": f.metadata.get("doc", ""),
+                    "valid": describe_valid(hints[f.name], f.metadata.get("valid")),
+                    "type": hints[f.name]})
+    return out
+
+
+# ----------------------------------------------------------------------------- model and data
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelConfig(Section):
+    """The source model (the teacher of distillation) and how models are loaded."""
+
+    SECTION: ClassVar[str] = "model"
+
+    name: str = setting(EMBEDDED_NAME, "Local folder, hub id, or the embedded 'smollm2-135m'.")
+    config: str | None = setting(None, "A config.json for dry runs of models that are not on this "
+                                       "machine (relative to the recipe).")
+    dtype: Dtype = setting("float32", "Dtype models are loaded in for importance and evaluation, "
+                                      "and the teacher's in distillation (the student trains in "
+                                      "float32; export works in float32, what ONNX Runtime takes).")
+    device: str | None = setting(None, "cpu, cuda, cuda:N; null picks CUDA when available.")
+
+
+@dataclass
+class DataConfig(Section):
+    """Where the text comes from and how it is cut into blocks."""
+
+    SECTION: ClassVar[str] = "data"
+
+    source: str = setting("stdlib", "stdlib, a text file, a folder, a glob, a .jsonl file or "
+                                    "hf:NAME / a saved datasets folder.")
+    text_field: str = setting("text", "The field holding the text in .jsonl and datasets sources.")
+    block_size: int = setting(256, "Tokens per block for importance, export and evaluation.",
+                              at_least(2))
+    seed: int = setting(0, "Seed of the calibration blocks' order.")
+    calibration_blocks: int = setting(1024, "Blocks that importance is scored on (the papers: "
+                                            "1024).", at_least(1))
+    eval_blocks: int = setting(32, "Held-out blocks for export validation and evaluation.",
+                               at_least(1))
+
+
+# ----------------------------------------------------------------------------- importance and prune
+Aggregation = Literal["mean", "l2", "var"]
+DepthMethod = Literal["block_importance", "lm_loss"]
+HeadScore = Literal["attention_output", "o_proj_contribution"]
+DepthMode = Literal["importance", "contiguous"]
+AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
+DEPTH_METHODS: tuple[str, ...] = typing.get_args(DepthMethod)
+HEAD_SCORES: tuple[str, ...] = typing.get_args(HeadScore)
+DEPTH_MODES: tuple[str, ...] = typing.get_args(DepthMode)
+
+
+@dataclass
+class ImportanceConfig(Section):
+    """How activations become scores (see minitron/importance.py).
+
+    `head_score`: "attention_output" (the papers': the norm of each head's slice of the o_proj
+    input) or "o_proj_contribution" (the norm of what each head adds to the residual stream,
+    W_o[:, head] @ x_head, which also weighs the head by its output projection).
+    """
+
+    SECTION: ClassVar[str] = "importance"
+
+    aggregation_seq: Aggregation = setting("mean", "Reduction over the sequence per sample.")
+    aggregation_batch: Aggregation = setting("l2", "Reduction over samples (the papers: mean, "
+                                                   "then l2).")
+    depth_method: DepthMethod = setting("block_importance", "Layer scores: Block Importance "
+                                        "(1 - cos) or the LM-loss increase when a layer is skipped.")
+    lm_loss_blocks: int = setting(32, "Calibration blocks used by the (costly) lm_loss method.",
+                                  at_least(1))
+    head_score: HeadScore = setting("attention_output", "How heads are scored (see above).")
+    batch_size: int = setting(8, "Calibration blocks per forward pass.", at_least(1))
+
+
+TARGET_KEYS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_attention_heads",
+                                "num_key_value_heads", "num_hidden_layers")
+
+
+@dataclass
+class PruneConfig(Section):
+    """The target architecture, in Hugging Face config names (any subset), or a parameter budget."""
+
+    SECTION: ClassVar[str] = "prune"
+
+    enabled: bool = setting(True, "Run this stage in a recipe.")
+    hidden_size: int | None = setting(None, "Embedding / hidden channels to keep.", at_least(1))
+    intermediate_size: int | None = setting(None, "MLP neurons to keep per layer.", at_least(1))
+    num_attention_heads: int | None = setting(None, "Query heads to keep per layer.", at_least(1))
+    num_key_value_heads: int | None = setting(None, "KV groups to keep per layer.", at_least(1))
+    num_hidden_layers: int | None = setting(None, "Layers to keep.", at_least(1))
+    target_params: float | None = setting(None, "A parameter budget instead of a shape: a fraction "
+                                                "of the source (<= 1) or a count (> 1).", POSITIVE)
+    depth: DepthMode = setting("importance", "Drop the lowest-scoring layers, or the "
+                                             "lowest-scoring contiguous block.")
+
+    def target(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in TARGET_KEYS if getattr(self, k) is not None}
+
+    def check(self) -> None:
+        if self.target_params is not None and self.target():
+            raise MinitronError(f"prune.target_params={self.target_params} cannot be combined with "
+                                f"a shape ({', '.join('prune.' + k for k in self.target())}); give one")
+
+
+# ----------------------------------------------------------------------------- distillation
+Divergence = Literal["kl", "reverse_kl", "jsd"]
+Baseline = Literal["ce", "scratch"]
+IntermediateLoss = Literal["cosine", "mse"]
+LossImpl = Literal["auto", "logits", "fused"]
+Strategy = Literal["auto", "ddp", "fsdp", "hsdp"]
+DIVERGENCES: tuple[str, ...] = typing.get_args(Divergence)
+Precision = Literal[PRECISIONS]  # the names minitron.precision defines
+
+
+@dataclass
+class TeacherCorrectionConfig(Section):
+    """Fine-tune the teacher on the distillation data first (the papers' remedy when the original
+    pretraining data is not available). 0 tokens: off."""
+
+    SECTION: ClassVar[str] = "teacher_correction"
+
+    tokens: int = setting(0, "Teacher training tokens (0: no teacher correction).", at_least(0))
+    lr: float | None = setting(None, "Its peak learning rate (null: distill.lr).", POSITIVE)
+
+
+def _intermediate_pairs(value: Any) -> bool:
+    return all(len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in value)
+
+
+@dataclass
+class DistillConfig(Section):
+    """Everything that shapes a distillation run (the teacher -> student training loop)."""
+
+    SECTION: ClassVar[str] = "distill"
+
+    enabled: bool = setting(True, "Run this stage in a recipe.")
+    tokens: int = setting(1_000_000, "Student training tokens (the budget).", at_least(1))
+    batch_size: int = setting(8, "Sequences per micro-batch (global: split over processes).",
+                              at_least(1))
+    block_size: int = setting(256, "Tokens per training sequence.", at_least(2))
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", at_least(1))
+    micro_batch_size: int | None = setting(
+        None, "Sequences per process per forward. null: each micro-batch of batch_size is split "
+              "over the processes. Set: the global batch stays batch_size x grad_accum and each "
+              "process runs global / (micro_batch_size x processes) micro-steps per optimizer "
+              "step, so any process count that divides it works.", at_least(1))
+    lr: float = setting(1e-4, "Peak learning rate (AdamW).", POSITIVE)
+    min_lr_ratio: float = setting(0.1, "The cosine decays to lr * min_lr_ratio.", between(0, 1))
+    warmup_fraction: float = setting(0.05, "Share of the optimizer steps in linear warmup.",
+                                     between(0, 1, hi_open=True))
+    weight_decay: float = setting(0.1, "On matrices only (not norms or biases).", NON_NEGATIVE)
+    clip_grad: float = setting(1.0, "Max global gradient norm; 0 turns clipping off.", NON_NEGATIVE)
+    temperature: float = setting(1.0, "Softmax temperature of the divergence.", POSITIVE)
+    alpha: float = setting(0.0, "Cross-entropy share: loss = (1 - alpha) * divergence + alpha * CE"
+                                " (1 only with baseline ce).", between(0, 1))
+    divergence: Divergence = setting("kl", "Forward KL (the papers'), reverse KL or JSD.")
+    beta: float = setting(0.5, "JSD mixture weight.", between(0, 1, True, True))
+    intermediate: tuple[tuple[int, int], ...] = setting(
+        (), "(teacher layer, student layer) pairs for an intermediate-state loss, e.g. "
+            "[[29, 14], [14, 7]].", Rule("pairs of non-negative layer indices [[teacher, student], "
+                                         "...]", _intermediate_pairs))
+    intermediate_loss: IntermediateLoss = setting("cosine", "cosine, or mse normalized by the "
+                                                            "teacher's mean square.")
+    intermediate_weight: float = setting(1.0, "Weight of the intermediate loss.", NON_NEGATIVE)
+    baseline: Baseline | None = setting(None, "null: distill; ce: retrain on the data without a "
+                                              "teacher; scratch: random init of the student's shape.")
+    loss_impl: LossImpl = setting("auto", "auto takes the fused linear+KL form for vocabularies "
+                                          ">= 32768.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward.")
+    precision: Precision = setting("auto", "bf16 (bf16 compute, fp32 master weights and "
+                                            "gradient reduction), fp32, or auto (bf16 on CUDA, "
+                                            "fp32 on CPU); see minitron/precision.py.")
+    fsdp_unsynced_accum: bool = setting(False, "Under FSDP, reduce-scatter gradients on the last "
+                                               "micro-batch only (less communication; unsharded "
+                                               "fp32 gradients held between micro-batches).")
+    checkpoint_every: int = setting(100, "Optimizer steps between checkpoints (also at the end).",
+                                    at_least(1))
+    eval_every: int = setting(50, "Optimizer steps between evaluations (also at 0 and the end).",
+                              at_least(1))
+    eval_blocks: int = setting(16, "Held-out blocks per evaluation.", at_least(1))
+    eval_batch_size: int = setting(8, "Sequences per evaluation forward.", at_least(1))
+    log_every: int = setting(1, "Optimizer steps between metrics.jsonl records.", at_least(1))
+    seed: int = setting(0, "Seed of the batch order and initializations.")
+    progress: bool = setting(True, "Show a progress bar.")
+    keep_checkpoint: bool = setting(True, "Keep checkpoint/ after the final model is written.")
+    strategy: Strategy = setting("auto", "With several processes: fsdp (sharded student), ddp "
+                                         "(replicated), hsdp (sharded inside a node, replicated "
+                                         "across nodes: a 2-D mesh), auto (fsdp on GPUs, ddp on "
+                                         "CPU).")
+    nproc_per_node: int = setting(1, "> 1 outside torchrun: start torchrun with that many "
+                                     "processes on this node.", at_least(1))
+    nnodes: int = setting(1, "> 1: this node joins the others through a c10d rendezvous at "
+                             "rdzv_endpoint (every node runs the same command).", at_least(1))
+    rdzv_endpoint: str | None = setting(None, "host:port of the rendezvous store (on the first "
+                                              "node), the same on every node.")
+    hsdp_shard_size: int | None = setting(None, "strategy hsdp: ranks per shard group (null: the "
+                                                "ranks of one node).", at_least(1))
+    process_group_timeout_s: float = setting(1800.0, "Seconds a collective waits for a missing "
+                                                     "rank before failing.", POSITIVE)
+    teacher_device: str | None = setting(None, "The teacher's device (null: the student's).")
+    gpu_memory_gib: float | None = setting(None, "Per-GPU memory the memory plan must fit (null: "
+                                                 "the detected GPU's; no check without a GPU).",
+                                           POSITIVE)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.intermediate, (list, tuple)):  # lists from YAML / JSON
+            self.intermediate = tuple(tuple(p) if isinstance(p, (list, tuple)) else p
+                                      for p in self.intermediate)
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.alpha == 1 and self.baseline is None:
+            raise MinitronError("distill.alpha=1.0 is pure cross-entropy: no distillation is left;"
+                                " use distill.baseline=ce, or 0 <= alpha < 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise MinitronError(f"distill.nnodes={self.nnodes} needs distill.rdzv_endpoint "
+                                f"(host:port on the first node, the same on every node), e.g. "
+                                f"--rdzv-endpoint node0:29500")
+        check_world(self, self.nproc_per_node * self.nnodes,
+                    "nproc_per_node" if self.nnodes == 1 else "nproc_per_node x nnodes")
+        if self.baseline is not None and self.intermediate:
+            raise MinitronError(f"distill.intermediate={[list(p) for p in self.intermediate]} "
+                                f"needs a teacher; the '{self.baseline}' baseline trains without "
+                                f"one: drop one of them")
+        if self.tokens < self.tokens_per_step:
+            raise MinitronError(
+                f"distill.tokens={self.tokens} is less than one optimizer step (batch_size "
+                f"{self.batch_size} x grad_accum {self.grad_accum} x block_size {self.block_size} "
+                f"= {self.tokens_per_step} tokens); give tokens >= {self.tokens_per_step}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.block_size
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.tokens_per_step
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.baseline is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["intermediate"] = [list(p) for p in self.intermediate]
+        return d
+
+
+def check_divisible(batch_size: int, world: int, name: str) -> None:
+    if batch_size % world:
+        raise MinitronError(
+            f"batch_size={batch_size} does not split over {name}={world} processes: each process "
+            f"takes batch_size / {world} sequences of every micro-batch; choose a batch_size that "
+            f"is a multiple of {world}")
+
+
+def check_world(config: DistillConfig, world: int, name: str) -> None:
+    """Refuse a process count the batch does not split over."""
+    if config.micro_batch_size is None:
+        check_divisible(config.batch_size, world, name)
+        return
+    per_step = config.batch_size * config.grad_accum
+    if per_step % (config.micro_batch_size * world):
+        raise MinitronError(
+            f"the global batch (batch_size {config.batch_size} x grad_accum {config.grad_accum} = "
+            f"{per_step} sequences) does not split into micro_batch_size={config.micro_batch_size}"
+            f" x {name}={world} processes; choose a micro_batch_size and process count whose "
+            f"product divides {per_step}")
+
+
+def check_correction(distill: DistillConfig, correction: TeacherCorrectionConfig) -> None:
+    """The rule that ties the two sections: a baseline has no teacher to correct."""
+    if distill.baseline is not None and correction.tokens:
+        raise MinitronError(f"teacher_correction.tokens={correction.tokens} corrects a teacher that "
+                            f"the '{distill.baseline}' baseline does not use: drop one of them")
+
+
+# ----------------------------------------------------------------------------- export and evaluate
+Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
+INT8_SCHEMES: tuple[str, ...] = typing.get_args(Int8Scheme)
+Int4Scheme = Literal["rtn", "hqq", "none"]
+INT4_SCHEMES: tuple[str, ...] = typing.get_args(Int4Scheme)
+# 'auto' measures levels 0 and 4; YAML and `key=value` read a bare 4 as a number.
+AccuracyLevel = Literal["auto", 0, 1, 2, 3, 4]
+GgufChoice = Literal["none", "f16", "q8_0", "all"]
+# A Literal (so --help and recipes list the kinds); minitron.cpu's targets are the same names.
+Int8Cpu = Literal["auto", "vnni", "no-vnni", "arm"]
+assert typing.get_args(Int8Cpu) == INT8_CPUS, "config.Int8Cpu and cpu.CPU_TARGETS disagree"
+BLOCKWISE_MAX_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class ExportConfig(Section):
+    """Everything that shapes an export; stored in its manifest.json with the data settings.
+
+    See minitron/export.py for the INT8 schemes and the validation rules."""
+
+    SECTION: ClassVar[str] = "export"
+
+    enabled: bool = setting(True, "Run this stage in a recipe.")
+    int8: Int8Scheme = setting("blockwise", "INT8 scheme of the deployed model.onnx.")
+    per_channel: bool = setting(False, "Per-channel weight scales (dynamic / static).")
+    # One default for the recipe and the command (they were 32 and 16): 32 calibration blocks.
+    int8_cpu: Int8Cpu = setting("auto", "The CPU kind the dynamic/static INT8 models are made "
+                                        "for: 'auto' (this one) or a kind (minitron.cpu); it picks "
+                                        "ONNX Runtime's activation/weight types and weight range.")
+    int4: Int4Scheme = setting("none", "'rtn' or 'hqq' deploys 4-bit MatMulNBits weights "
+                                       "(embedding too) instead of INT8.")
+    accuracy_level: AccuracyLevel = setting(
+        "auto", "MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float "
+                "activations) and 4 (int8 activations) and deploys the faster one that passes the "
+                "gates; or 0..4.")
+    gguf: GgufChoice = setting("none", "Also write GGUF for llama.cpp/ollama (Llama family), each "
+                                       "file validated through transformers' GGUF loader.")
+    # One default for the recipe and the command (they were 32 and 16): 32 calibration blocks.
+    calib_samples: int = setting(32, "Calibration blocks for int8=static.", at_least(1))
+    max_eval_tokens: int = setting(8192, "Validation reads at most this many tokens (blocks of at "
+                                         "most 512, batch 1), whatever the model's context.",
+                                   at_least(2))
+    bnb: bool = setting(False, "Also measure bitsandbytes INT8 / NF4 loading (PyTorch side).")
+    ppl_budget: float = setting(0.02, "Largest relative perplexity increase of the deployed INT8 "
+                                      "model (0.02 = 2%).", NON_NEGATIVE)
+    atol: float = setting(1e-3, "Largest |logit difference| of the FP32 graph vs PyTorch.",
+                          NON_NEGATIVE)
+    fp32_min_top1: float = setting(0.99, "Least top-1 agreement of the FP32 graph with PyTorch.",
+                                   between(0, 1))
+    int8_min_top1: float = setting(0.80, "Least top-1 agreement of INT8 with FP32.", between(0, 1))
+    gen_tokens: int = setting(16, "Greedy tokens that must match PyTorch's.", at_least(1))
+    keep_fp32: bool = setting(False, "Keep the FP32 graph as model_fp32.onnx.")
+    compare: bool = setting(False, "Also measure every variant that is not a deployment "
+                                   "candidate (a report for choosing).")
+    speed: bool = setting(True, "Measure latency.")
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The MatMulNBits accuracy levels to measure."""
+        return (0, 4) if self.accuracy_level == "auto" else (int(self.accuracy_level),)
+
+    def check(self) -> None:
+        if self.per_channel and self.int8 == "blockwise":
+            raise MinitronError("export.per_channel=True applies to int8 dynamic or static; "
+                                f"blockwise already has one scale per block of at most "
+                                f"{BLOCKWISE_MAX_BLOCK} weights")
+
+
+@dataclass
+class EvaluateConfig(Section):
+    """Measuring a model: held-out perplexity, teacher agreement, parameters, size, latency."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    enabled: bool = setting(True, "Run this stage in a recipe.")
+    speed: bool = setting(True, "Measure prefill tokens/s and decode ms/token (batch 1).")
+    batch_size: int = setting(8, "Sequences per forward.", at_least(1))
+
+
+SECTIONS: dict[str, type[Section]] = {
+    cls.SECTION: cls for cls in (ModelConfig, DataConfig, ImportanceConfig, PruneConfig,
+                                 TeacherCorrectionConfig, DistillConfig, ExportConfig,
+                                 EvaluateConfig)}
