@@ -1,5 +1,6 @@
 """What a distillation run keeps in its output folder so that a rerun resumes it: the latest
-checkpoint (gathered full state, so it resumes on any process count), `metrics.jsonl` and its plot."""
+checkpoint (sharded by torch.distributed.checkpoint, resharded on load, so it resumes on any
+process count), `metrics.jsonl` and its plot."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import torch.distributed as dist
 from torch import nn
 
 from minitron import distributed
-from minitron.common import atomic_dir, write_json_atomic, write_text_atomic
+from minitron.common import write_json_atomic, write_text_atomic
 
 CKPT = "checkpoint"
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def find_checkpoint(run_dir: Path) -> Path | None:
-    """The latest complete checkpoint; `.old-checkpoint-*` covers a kill between atomic_dir's renames."""
+    """The latest complete checkpoint; `.old-checkpoint-*` covers a kill between save's renames."""
     ckpt = run_dir / CKPT
     if (ckpt / "state.json").exists():
         return ckpt
@@ -32,80 +33,107 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return olds[-1] if olds else None
 
 
+def _tensor_state(trainee: nn.Module, optimizer, aliases: dict[str, str]) -> tuple[dict, dict]:
+    """What the shards hold: the model's and the optimizer's tensors, as this process holds them
+    (DTensor shards under FSDP2, whole tensors otherwise), tied aliases dropped (loading the first
+    name fills both); and the optimizer's param_groups (plain numbers, saved as JSON)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(trainee, optimizer)
+    model = {k: v for k, v in model.items() if k not in aliases}
+    return {"model": model, "optim": optim["state"]}, optim["param_groups"]
+
+
 def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, state: dict[str, Any],
                     aliases: dict[str, str]) -> Path:
-    """Gathered full weights (safetensors), optimizer (by parameter name) + scheduler, RNG states and
-    the data position, atomically, by rank 0: a checkpoint resumes on any number of processes.
+    """A sharded checkpoint (torch.distributed.checkpoint): every rank writes its own shard of the
+    weights and optimizer state as safetensors (no rank gathers the whole state), rank 0 the
+    scheduler, RNG states, param groups and the data position (`state`). All of it goes into a
+    temporary folder that rank 0 renames into place once every rank is done: a killed run leaves
+    the previous checkpoint intact. It resumes on any number of processes (resharded on load).
 
     Collective: every rank calls it. `trainee` is the loop's student + projections module (state
     names `student.*`, `projections.*`); `aliases` names its tied parameters.
     """
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    weights = distributed.full_state_dict(trainee, aliases)
-    optim = get_optimizer_state_dict(trainee, optimizer, options=distributed.full_state_options())
+    tmp = run_dir / f".tmp-{CKPT}-{state['step']}"
     if distributed.rank() == 0:
-        student = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
-        proj = {k[len("projections."):]: v for k, v in weights.items()
-                if k.startswith("projections.")}
-        with atomic_dir(run_dir / CKPT, overwrite=True) as tmp:
-            save_file(student, str(tmp / "model.safetensors"))
-            if proj:
-                save_file(proj, str(tmp / "projections.safetensors"))
-            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()},
-                       tmp / "optimizer.pt")
-            rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                   "python_pos": random.getstate()[2]}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(rng, tmp / "rng.pt")
-            write_json_atomic(tmp / "state.json", state)
+        for stale in run_dir.glob(f".tmp-{CKPT}-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    tensors, groups = _tensor_state(trainee, optimizer, aliases)
+    with _one_process_quiet():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+    if distributed.rank() == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "trainer.pt")
+        write_json_atomic(tmp / "param_groups.json", groups)
+        write_json_atomic(tmp / "state.json", {**state, "world_size": distributed.world()})
+    _barrier()  # every shard is on disk before the folder becomes the checkpoint
+    if distributed.rank() == 0:
+        final = run_dir / CKPT
+        if final.exists():
+            old = run_dir / f".old-{CKPT}-{os.getpid()}"
+            final.rename(old)
+        tmp.rename(final)
         for old in run_dir.glob(f".old-{CKPT}-*"):
             shutil.rmtree(old, ignore_errors=True)
-    if distributed.dist_on():
-        dist.barrier()  # nobody goes on (or is killed) before the checkpoint is complete
+    _barrier()  # nobody goes on (or is killed) before the checkpoint is complete
     return run_dir / CKPT
 
 
 def load_checkpoint(ckpt: Path, trainee: nn.Module, optimizer, scheduler,
                     aliases: dict[str, str]) -> dict[str, Any]:
-    """Restore what `save_checkpoint` wrote, on any process count: rank 0 reads the files (tensors
-    only: nothing is unpickled) and the engine scatters them. Collective; returns the state."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    """Restore what `save_checkpoint` wrote, on any process count: each rank reads the parts of
+    the shards it now holds (safetensors only: nothing is unpickled but plain tensors and
+    numbers). Collective; returns the state (the data position)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    weights, optim, rest = {}, {}, None
-    if distributed.rank() == 0:
-        student = load_file(ckpt / "model.safetensors")
-        for alias, first in aliases.items():  # put tied names back, whichever one was written
-            a, f = alias[len("student."):], first[len("student."):]
-            if f in student or a in student:
-                student.setdefault(a, student.get(f))
-                student.setdefault(f, student[a])
-        weights = {f"student.{k}": v for k, v in student.items()}
-        if (ckpt / "projections.safetensors").exists():
-            weights.update({f"projections.{k}": v for k, v in
-                            load_file(ckpt / "projections.safetensors").items()})
-        opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-        optim = opt["optimizer"]
-        rng = torch.load(ckpt / "rng.pt", weights_only=True)
-        rest = (opt["scheduler"], rng, json.loads((ckpt / "state.json").read_text()))
-    options = distributed.full_state_options(broadcast_from_rank0=distributed.dist_on())
-    set_model_state_dict(trainee, weights, options=options)
-    set_optimizer_state_dict(trainee, optimizer, optim, options=options)
-    if distributed.dist_on():
-        box = [rest]
-        dist.broadcast_object_list(box, src=0)
-        rest = box[0]
-    sched, rng, state = rest
-    scheduler.load_state_dict(sched)
+    tensors, _ = _tensor_state(trainee, optimizer, aliases)
+    with _one_process_quiet():
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(ckpt)))
+    groups = json.loads((ckpt / "param_groups.json").read_text())
+    for group in groups:  # JSON made the tuples lists
+        group.update({k: tuple(v) for k, v in group.items() if k == "betas"})
+    model = dict(tensors["model"])
+    model.update({alias: model[first] for alias, first in aliases.items() if first in model})
+    set_state_dict(trainee, optimizer, model_state_dict=model,
+                   optim_state_dict={"state": tensors["optim"], "param_groups": groups})
+    extra = torch.load(ckpt / "trainer.pt", weights_only=True, map_location="cpu")
+    scheduler.load_state_dict(extra["scheduler"])
+    rng = extra["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
     if "cuda" in rng and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """DCP warns that it assumes one process when there is no process group: that is the K=1 case."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if distributed.dist_on():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- logging

@@ -245,7 +245,7 @@ Divergence = Literal["kl", "reverse_kl", "jsd"]
 Baseline = Literal["ce", "scratch"]
 IntermediateLoss = Literal["cosine", "mse"]
 LossImpl = Literal["auto", "logits", "fused"]
-Strategy = Literal["auto", "ddp", "fsdp"]
+Strategy = Literal["auto", "ddp", "fsdp", "hsdp"]
 DIVERGENCES: tuple[str, ...] = typing.get_args(Divergence)
 Precision = Literal[PRECISIONS]  # the names minitron.precision defines
 
@@ -277,6 +277,11 @@ class DistillConfig(Section):
                               at_least(1))
     block_size: int = setting(256, "Tokens per training sequence.", at_least(2))
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", at_least(1))
+    micro_batch_size: int | None = setting(
+        None, "Sequences per process per forward. null: each micro-batch of batch_size is split "
+              "over the processes. Set: the global batch stays batch_size x grad_accum and each "
+              "process runs global / (micro_batch_size x processes) micro-steps per optimizer "
+              "step, so any process count that divides it works.", at_least(1))
     lr: float = setting(1e-4, "Peak learning rate (AdamW).", POSITIVE)
     min_lr_ratio: float = setting(0.1, "The cosine decays to lr * min_lr_ratio.", between(0, 1))
     warmup_fraction: float = setting(0.05, "Share of the optimizer steps in linear warmup.",
@@ -317,9 +322,19 @@ class DistillConfig(Section):
     progress: bool = setting(True, "Show a progress bar.")
     keep_checkpoint: bool = setting(True, "Keep checkpoint/ after the final model is written.")
     strategy: Strategy = setting("auto", "With several processes: fsdp (sharded student), ddp "
-                                         "(replicated), auto (fsdp on GPUs, ddp on CPU).")
+                                         "(replicated), hsdp (sharded inside a node, replicated "
+                                         "across nodes: a 2-D mesh), auto (fsdp on GPUs, ddp on "
+                                         "CPU).")
     nproc_per_node: int = setting(1, "> 1 outside torchrun: start torchrun with that many "
                                      "processes on this node.", at_least(1))
+    nnodes: int = setting(1, "> 1: this node joins the others through a c10d rendezvous at "
+                             "rdzv_endpoint (every node runs the same command).", at_least(1))
+    rdzv_endpoint: str | None = setting(None, "host:port of the rendezvous store (on the first "
+                                              "node), the same on every node.")
+    hsdp_shard_size: int | None = setting(None, "strategy hsdp: ranks per shard group (null: the "
+                                                "ranks of one node).", at_least(1))
+    process_group_timeout_s: float = setting(1800.0, "Seconds a collective waits for a missing "
+                                                     "rank before failing.", POSITIVE)
     teacher_device: str | None = setting(None, "The teacher's device (null: the student's).")
     gpu_memory_gib: float | None = setting(None, "Per-GPU memory the memory plan must fit (null: "
                                                  "the detected GPU's; no check without a GPU).",
@@ -335,7 +350,12 @@ class DistillConfig(Section):
         if self.alpha == 1 and self.baseline is None:
             raise MinitronError("distill.alpha=1.0 is pure cross-entropy: no distillation is left;"
                                 " use distill.baseline=ce, or 0 <= alpha < 1")
-        check_divisible(self.batch_size, self.nproc_per_node, "nproc_per_node")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise MinitronError(f"distill.nnodes={self.nnodes} needs distill.rdzv_endpoint "
+                                f"(host:port on the first node, the same on every node), e.g. "
+                                f"--rdzv-endpoint node0:29500")
+        check_world(self, self.nproc_per_node * self.nnodes,
+                    "nproc_per_node" if self.nnodes == 1 else "nproc_per_node x nnodes")
         if self.baseline is not None and self.intermediate:
             raise MinitronError(f"distill.intermediate={[list(p) for p in self.intermediate]} "
                                 f"needs a teacher; the '{self.baseline}' baseline trains without "
@@ -370,6 +390,20 @@ def check_divisible(batch_size: int, world: int, name: str) -> None:
             f"batch_size={batch_size} does not split over {name}={world} processes: each process "
             f"takes batch_size / {world} sequences of every micro-batch; choose a batch_size that "
             f"is a multiple of {world}")
+
+
+def check_world(config: DistillConfig, world: int, name: str) -> None:
+    """Refuse a process count the batch does not split over."""
+    if config.micro_batch_size is None:
+        check_divisible(config.batch_size, world, name)
+        return
+    per_step = config.batch_size * config.grad_accum
+    if per_step % (config.micro_batch_size * world):
+        raise MinitronError(
+            f"the global batch (batch_size {config.batch_size} x grad_accum {config.grad_accum} = "
+            f"{per_step} sequences) does not split into micro_batch_size={config.micro_batch_size}"
+            f" x {name}={world} processes; choose a micro_batch_size and process count whose "
+            f"product divides {per_step}")
 
 
 def check_correction(distill: DistillConfig, correction: TeacherCorrectionConfig) -> None:

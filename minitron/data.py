@@ -8,187 +8,17 @@ concatenated and cut into fixed-length blocks; the tail shorter than a block is 
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 import random
-import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
 
 import torch
 
-from minitron.common import MinitronError
-
-Split = Literal["train", "calibration", "eval"]
-SPLITS: tuple[str, ...] = ("train", "calibration", "eval")
-# Fractions of documents per split, by hash bucket. Calibration gets enough of the stdlib corpus
-# (~10% of ~8M tokens) for the papers' 1024 blocks at 256 tokens.
-_SPLIT_EDGES = {"eval": (0.0, 0.05), "calibration": (0.05, 0.15), "train": (0.15, 1.0)}
-_TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".c", ".h", ".cpp",
-                  ".js", ".ts", ".java", ".go", ".rs", ".html", ".tex", ".csv", ".toml"}
-_SINGLE_FILE_CHUNK = 16_384  # characters: one big text file is split at paragraphs into documents
-
-SOURCES_HELP = ("'stdlib' (the Python standard library source, embedded), a text file, a folder, a "
-                "glob, a .jsonl file (with text_field), or 'hf:NAME' / a saved `datasets` folder")
-
-
-@dataclass(frozen=True)
-class Document:
-    key: str
-    text: str
-
-
-def split_of(key: str) -> str:
-    """The split a document key belongs to; stable across runs, machines and Python versions."""
-    bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
-    for split, (lo, hi) in _SPLIT_EDGES.items():
-        if lo <= bucket < hi:
-            return split
-    return "train"
-
-
-# ----------------------------------------------------------------------------- sources
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def _stdlib_documents() -> Iterator[Document]:
-    root = stdlib_root()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if rel.startswith(("site-packages/", "dist-packages/")):
-            continue
-        yield Document(rel, path.read_bytes().decode("utf-8", errors="replace"))
-
-
-def _file_documents(paths: list[Path], base: Path) -> Iterator[Document]:
-    for path in sorted(paths):
-        raw = path.read_bytes()
-        if b"\0" in raw[:4096]:  # binary
-            continue
-        rel = path.relative_to(base).as_posix() if base in path.parents else path.name
-        yield Document(rel, raw.decode("utf-8", errors="replace"))
-
-
-def _chunk_paragraphs(doc: Document) -> Iterator[Document]:
-    pieces, size, index = [], 0, 0
-    for para in doc.text.split("\n\n"):
-        pieces.append(para)
-        size += len(para) + 2
-        if size >= _SINGLE_FILE_CHUNK:
-            yield Document(f"{doc.key}#{index}", "\n\n".join(pieces))
-            pieces, size, index = [], 0, index + 1
-    if pieces:
-        yield Document(f"{doc.key}#{index}", "\n\n".join(pieces))
-
-
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MinitronError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise MinitronError(
-                    f"{path}:{line_no}: no field '{text_field}' (text_field); fields there: {keys}"
-                )
-            text = str(record[text_field])
-            yield Document(hashlib.sha1(text.encode()).hexdigest(), text)
-
-
-def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
-    try:
-        import datasets
-    except ImportError:
-        raise MinitronError(
-            f"data source '{source}' needs the `datasets` package: pip install 'minitron[data]'"
-        ) from None
-    if source.startswith("hf:"):
-        name, _, config = source[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split="train")
-    else:
-        ds = datasets.load_from_disk(source)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    if text_field not in ds.column_names:
-        raise MinitronError(
-            f"dataset '{source}' has no column '{text_field}' (text_field); columns: {ds.column_names}"
-        )
-    for text in ds[text_field]:
-        yield Document(hashlib.sha1(str(text).encode()).hexdigest(), str(text))
-
-
-def iter_documents(source: str = "stdlib", text_field: str = "text") -> Iterator[Document]:
-    """All documents of a source, in a fixed order, before splitting."""
-    if source == "stdlib":
-        yield from _stdlib_documents()
-        return
-    if source.startswith("hf:"):
-        yield from _hf_documents(source, text_field)
-        return
-    path = Path(source).expanduser()
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
-        yield from _hf_documents(str(path), text_field)
-    elif path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES]
-        yield from _file_documents(files, path)
-    elif path.is_file() and path.suffix == ".jsonl":
-        yield from _jsonl_documents(path, text_field)
-    elif path.is_file():
-        for doc in _file_documents([path], path.parent):
-            yield from _chunk_paragraphs(doc)
-    elif glob.has_magic(source):
-        files = [Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file()]
-        if not files:
-            raise MinitronError(f"data source glob '{source}' matches no files")
-        yield from _file_documents(files, Path(glob.escape(source).split("*")[0]).parent)
-    else:
-        raise MinitronError(f"data source '{source}' not found; valid sources: {SOURCES_HELP}")
-
-
-def split_documents(source: str, split: str, text_field: str = "text") -> list[Document]:
-    if split not in SPLITS:
-        raise MinitronError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
-    return [d for d in iter_documents(source, text_field) if split_of(d.key) == split and d.text]
-
-
-# ----------------------------------------------------------------------------- packing
-def token_stream(docs: Iterable[Document], tokenizer, batch: int = 64) -> Iterator[list[int]]:
-    """Token ids of each document followed by EOS, tokenized `batch` documents at a time."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise MinitronError("the tokenizer has no EOS token; documents cannot be separated")
-    docs = list(docs)
-    for i in range(0, len(docs), batch):
-        encoded = tokenizer([d.text for d in docs[i:i + batch]], add_special_tokens=False)
-        for ids in encoded["input_ids"]:
-            yield ids + [eos]
-
-
-def pack(streams: Iterable[list[int]], block_size: int, num_blocks: int | None = None) -> torch.Tensor:
-    """Concatenate token lists and cut them into [n, block_size] blocks; the short tail is dropped."""
-    blocks, buf = [], []
-    for ids in streams:
-        buf.extend(ids)
-        while len(buf) >= block_size:
-            blocks.append(buf[:block_size])
-            buf = buf[block_size:]
-            if num_blocks is not None and len(blocks) >= num_blocks:
-                return torch.tensor(blocks, dtype=torch.long)
-    return torch.tensor(blocks, dtype=torch.long).reshape(-1, block_size)
-
-
-def batches(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive slices of `batch_size` blocks (the last may be shorter)."""
-    for i in range(0, len(blocks), batch_size):
-        yield blocks[i:i + batch_size]
-
+from minitron.common import MinitronError, run_cli
+# The documents layer lives in minitron.corpus (shards.py builds on it too); its names are
+# re-exported here, where the stages have always found them.
+from minitron.corpus import (Document, SOURCES_HELP, SPLITS, batches, encode_chat, encode_documents, iter_documents, pack,
+                             split_documents, split_of, stdlib_root, token_stream, _SPLIT_EDGES)  # noqa: F401
+from minitron.shards import Prepared, is_prepared, prepare
 
 def load_blocks(
     tokenizer,
@@ -204,7 +34,9 @@ def load_blocks(
     """Token blocks [n, block_size] (int64) of one split; the same arguments give the same blocks.
 
     `num_blocks=None` packs the whole split. `max_positions` (the model's context length) refuses
-    blocks the model cannot attend over.
+    blocks the model cannot attend over. A prepared folder (`python -m minitron.data prepare`) as
+    `source` reads the blocks from its shards; its document order was fixed by the `seed` it was
+    prepared with, so `seed` applies to raw sources only.
     """
     if block_size < 2:
         raise MinitronError(f"block_size={block_size} is too small; it must be at least 2")
@@ -215,6 +47,8 @@ def load_blocks(
         )
     if num_blocks is not None and num_blocks < 1:
         raise MinitronError(f"num_blocks={num_blocks} must be at least 1")
+    if is_prepared(source):
+        return _prepared_blocks(tokenizer, split, num_blocks, source, block_size)
     docs = split_documents(source, split, text_field)
     if not docs:
         raise MinitronError(
@@ -232,3 +66,106 @@ def load_blocks(
         print(f"[minitron] note: the '{split}' split of '{source}' holds only {len(blocks)} blocks "
               f"of {block_size} tokens ({num_blocks} asked for); using {len(blocks)}")
     return blocks
+
+
+def _prepared_blocks(tokenizer, split: str, num_blocks: int | None, source: str,
+                     block_size: int) -> torch.Tensor:
+    if split not in SPLITS:
+        raise MinitronError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+    prepared = Prepared(source)
+    prepared.check_tokenizer(tokenizer)
+    view = prepared.blocks(split, block_size, num_blocks)
+    if len(view) == 0:
+        raise MinitronError(
+            f"the '{split}' split of prepared data '{source}' has fewer than block_size="
+            f"{block_size} tokens; give more text or a smaller block_size")
+    if num_blocks is not None and len(view) < num_blocks:
+        print(f"[minitron] note: the '{split}' split of '{source}' holds only {len(view)} blocks "
+              f"of {block_size} tokens ({num_blocks} asked for); using {len(view)}")
+    return view.tensor()
+
+
+def open_blocks(tokenizer, split: str, num_blocks: int | None, *, source: str, block_size: int,
+                seed: int = 0, text_field: str = "text", max_positions: int | None = None):
+    """Like `load_blocks`, but a prepared `source` gives a `BlockView` that reads rows from the
+    shards on demand (training data at corpus scale), never the whole split in memory."""
+    if not is_prepared(source):
+        return load_blocks(tokenizer, split, num_blocks, source=source, block_size=block_size,
+                           seed=seed, text_field=text_field, max_positions=max_positions)
+    load_blocks(tokenizer, split, 1, source=source, block_size=block_size,
+                max_positions=max_positions)  # the same checks and errors, on one block
+    return Prepared(source).blocks(split, block_size, num_blocks)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minitron.data",
+                                description="Prepare a corpus: tokenize it once into shards.")
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="tokenize SOURCE into memory-mapped shards + manifest")
+    prep.add_argument("source", nargs="+", help=f"data source(s): {SOURCES_HELP}; several with "
+                                                "--weights make a weighted mixture")
+    prep.add_argument("--weights", type=float, nargs="+", default=None,
+                      help="one per source: its share of the train split's tokens")
+    prep.add_argument("--output", required=True, help="folder for the shards and manifest.json")
+    prep.add_argument("--tokenizer", default="smollm2-135m",
+                      help="model folder, hub id or 'smollm2-135m' whose tokenizer to use")
+    prep.add_argument("--text-field", default="text")
+    prep.add_argument("--block-size", type=int, default=256,
+                      help="default block size of readers (any size reads the same shards)")
+    prep.add_argument("--seed", type=int, default=0, help="document order within each split")
+    prep.add_argument("--eval-fraction", type=float, default=0.05)
+    prep.add_argument("--calibration-fraction", type=float, default=0.10)
+    prep.add_argument("--workers", type=int, default=None,
+                      help="tokenizing processes (default: CPU count, at most 8)")
+    prep.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file")
+    prep.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from minitron.models import resolve_model
+
+    # A tokenizer folder needs no model config; anything else resolves like a model name.
+    where = name if Path(name).expanduser().is_dir() else resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise MinitronError(f"--tokenizer {name}: could not load a tokenizer ({e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minitron.common import format_table
+    from minitron.shards import DEFAULT_SHARD_TOKENS
+
+    args = build_parser().parse_args(argv)
+    source = args.source[0] if len(args.source) == 1 and not args.weights else None
+    if source is None:
+        weights = args.weights or []
+        if len(weights) != len(args.source):
+            raise MinitronError(f"--weights {' '.join(map(str, weights)) or '(none)'}: give one "
+                                f"weight per source ({len(args.source)} sources)")
+        source = list(zip(args.source, weights))
+    manifest = prepare(
+        source, args.output, load_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer,
+        text_field=args.text_field, seed=args.seed, block_size=args.block_size,
+        eval_fraction=args.eval_fraction, calibration_fraction=args.calibration_fraction,
+        workers=args.workers, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+        progress=not args.no_progress)
+    rows = [{"split": s, "documents": v["documents"], "tokens": v["tokens"],
+             "shards": len(v["shards"])} for s, v in manifest["splits"].items()]
+    print(format_table(rows))
+    st = manifest["stats"]
+    rate = st["tokens_tokenized"] / max(st["tokenize_s"], 1e-9)
+    print(f"wrote {args.output} (fingerprint {manifest['fingerprint']}; tokenized "
+          f"{st['tokens_tokenized']} tokens in {st['tokenize_s']:.1f}s = {rate:,.0f} tokens/s "
+          f"with {st['workers']} workers)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -19,8 +19,8 @@ same command resumes from the checkpoint in the same data order; a finished run 
 Past one device the same command runs under torchrun (`torchrun --nproc_per_node=K -m
 minitron.distill ...`, or `distill.nproc_per_node=K`, which starts the processes itself): PyTorch's FSDP2
 (`fully_shard`) or DDP splits the student, each rank reads a disjoint share of every global batch
-(`batch_indices`), checkpoints are gathered full state (they resume on any process count), and rank 0
-alone writes files and logs. One process is the K=1 case of the same loop, with no wrapper. That
+(`batch_indices`), checkpoints are sharded (torch.distributed.checkpoint: each rank writes its part;
+they resume on any process count), and rank 0 alone writes the other files and logs. One process is the K=1 case of the same loop, with no wrapper. That
 process plumbing (torchrun, the process group, DDP/FSDP2, gathered state) is `minitron.distributed`.
 """
 
@@ -51,17 +51,18 @@ from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, loa
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
-                             check_correction)
+                             check_correction, check_world)
 from minitron.models import logit_softcap
 
 # Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
 FUSED_MIN_VOCAB = 32_768
 IGNORE_INDEX = -100
 # Settings that may change between a run and its resumption (they do not change the weights).
-# Checkpoints hold gathered full state, so the process count and the strategy may change too.
+# Checkpoints are resharded on load, so the process count and the strategy may change too.
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
                       "strategy", "nproc_per_node", "teacher_device", "enabled",
-                      "gpu_memory_gib"}
+                      "gpu_memory_gib", "micro_batch_size", "nnodes", "rdzv_endpoint",
+                      "hsdp_shard_size", "process_group_timeout_s"}
 # The settings the command takes (minitron.cli); the models are --teacher and --student. The
 # distill section comes first, so `--tokens` and `--lr` are its aliases (teacher_correction.tokens
 # is set by name).
@@ -70,6 +71,13 @@ CLI_KEYS = {"distill": None, "teacher_correction": None, "model": ("dtype", "dev
 
 
 # ----------------------------------------------------------------------------- schedule and data
+def micro_steps(config: DistillConfig, world: int) -> int:
+    """Forward/backward passes per process per optimizer step."""
+    if config.micro_batch_size is None:
+        return config.grad_accum
+    return config.batch_size * config.grad_accum // (config.micro_batch_size * world)
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Multiplier of the peak lr at optimizer step `step`: linear warmup, then cosine to min_ratio."""
     if step < warmup:
@@ -84,10 +92,17 @@ def batch_indices(step: int, micro: int, n_blocks: int, config: DistillConfig,
 
     Global sample g = (step * grad_accum + micro) * batch_size + j walks a fresh seeded permutation
     of the train blocks each epoch; rank r of `world` takes the samples with j % world == r, so ranks
-    read disjoint shares and the global order does not depend on the process count.
+    read disjoint shares and the global order does not depend on the process count. With a
+    per-process `micro_batch_size` m, the step's samples are cut into runs of m and run
+    micro * world + r goes to rank r: the same samples per step, whatever the process count.
     """
-    start = (step * config.grad_accum + micro) * config.batch_size
-    samples = range(start + rank, start + config.batch_size, world)
+    if config.micro_batch_size is not None:
+        m = config.micro_batch_size
+        start = step * config.batch_size * config.grad_accum + (micro * world + rank) * m
+        samples = range(start, start + m)
+    else:
+        start = (step * config.grad_accum + micro) * config.batch_size
+        samples = range(start + rank, start + config.batch_size, world)
     out = []
     for g in samples:
         epoch, pos = divmod(g, n_blocks)
@@ -108,7 +123,11 @@ def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return _PERM_CACHE[key]
 
 
-def blocks_fingerprint(blocks: torch.Tensor) -> str:
+def blocks_fingerprint(blocks) -> str:
+    """Shards' blocks (`minitron.shards.BlockView`) name their manifest's fingerprint, so nothing
+    hashes a corpus; an in-memory tensor is hashed."""
+    if hasattr(blocks, "fingerprint"):
+        return blocks.fingerprint
     return hashlib.sha1(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -141,7 +160,8 @@ class _Trainee(nn.Module):
         self.projections = projections if projections is not None else nn.ModuleList()
         self.setup: LossSetup | None = None
 
-    def forward(self, ids: torch.Tensor, loss: bool = False, eval_sums: bool = False):
+    def forward(self, ids: torch.Tensor, loss: bool = False, eval_sums: bool = False,
+                mask: torch.Tensor | None = None):
         if eval_sums:  # inside the wrapper's forward: FSDP has the root's weights gathered
             from minitron.evaluate import batch_metric_sums
 
@@ -150,7 +170,7 @@ class _Trainee(nn.Module):
             return self.student(ids, use_cache=False)
         a = self.setup
         return _micro_loss(self.student, a.teacher, ids, a.config, a.teacher_head, a.fused,
-                           self.projections if a.captures else None, a.captures)
+                           self.projections if a.captures else None, a.captures, mask)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -255,15 +275,34 @@ def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _ce_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def position_mask(token_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Which positions' predictions count: position i predicts token i + 1, so it counts when that
+    token does (a reply token of a conversation); the last position has no next token."""
+    if token_mask is None:
+        return None
+    pos = torch.zeros_like(token_mask, dtype=torch.bool)
+    pos[:, :-1] = token_mask[:, 1:]
+    return pos
+
+
+def _ce_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     logits = model(ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                           ids[:, 1:].reshape(-1))
+    flat = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    if mask is None:
+        return F.cross_entropy(flat, ids[:, 1:].reshape(-1))
+    # Mean over the counted targets; a batch of prompts only contributes 0 (not 0/0).
+    labels = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE_INDEX).reshape(-1)
+    total = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: DistillConfig,
-             teacher_head: torch.Tensor | None, fused: bool) -> torch.Tensor:
-    """(1 - alpha) * divergence(teacher || student) + alpha * CE, through the kernel in one pass."""
+             teacher_head: torch.Tensor | None, fused: bool,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - alpha) * divergence(teacher || student) + alpha * CE, through the kernel in one pass.
+
+    `mask` (bool [B, T], per token; chat data) restricts both terms to the positions that predict
+    reply tokens (the kernel's mean is over those; 0 when there are none)."""
     from minitron import kernels
 
     # KL counts every position (the last one has a teacher distribution too); CE every position
@@ -273,6 +312,8 @@ def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: 
     kw = dict(temperature=config.temperature, divergence=config.divergence, beta=config.beta,
               labels=labels.reshape(-1) if labels is not None else None, ce_weight=ce_weight,
               ignore_index=IGNORE_INDEX, check_labels=False)  # `distill` checked the token ids
+    if mask is not None:
+        kw["mask"] = position_mask(mask).reshape(-1)
     t_ids = ids.to(_device_of(teacher))
     dev = ids.device
     if fused:
@@ -295,11 +336,12 @@ def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: 
 def _micro_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
                 config: DistillConfig, teacher_head: torch.Tensor | None, fused: bool,
                 projections: nn.ModuleList | None, captures: list["_Capture"],
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch's training loss (and its intermediate part, detached, if any)."""
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch's training loss (and its intermediate part, detached, if any); `mask`
+    (per token, chat data) selects the tokens the logit losses learn."""
     if teacher is None:
-        return _ce_loss(model, ids), None
-    loss = _kd_loss(model, teacher, ids, config, teacher_head, fused)
+        return _ce_loss(model, ids, mask), None
+    loss = _kd_loss(model, teacher, ids, config, teacher_head, fused, mask)
     if projections is None:
         return loss, None
     t_out, s_out = captures[0].outputs, captures[1].outputs
@@ -434,7 +476,8 @@ def _setup_model(student: nn.Module, teacher: nn.Module | None, config: DistillC
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainee = _Trainee(student, projections)
     aliases = distributed.tied_aliases(trainee)
-    model = distributed.wrap_model(trainee, config.strategy, config.precision)
+    model = distributed.wrap_model(trainee, config.strategy, config.precision,
+                                   config.hsdp_shard_size)
     return projections, trainee, aliases, model
 
 
@@ -510,17 +553,21 @@ def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
     rank, world = distributed.rank(), distributed.world()
     total = torch.zeros((), device=device)
     inter_total = torch.zeros((), device=device)
-    for micro in range(config.grad_accum):
+    n_micro = micro_steps(config, world)
+    for micro in range(n_micro):
         rows = batch_indices(step, micro, len(loop.train_blocks), config, rank, world)
         ids = loop.train_blocks[rows].to(device)
-        last = micro == config.grad_accum - 1
+        # Chat shards carry a loss mask beside the tokens (prompt tokens excluded).
+        mask = (loop.train_blocks.mask(rows).to(device)
+                if getattr(loop.train_blocks, "has_mask", False) else None)
+        last = micro == n_micro - 1
         with distributed.grad_sync(loop.model, last, config.fsdp_unsynced_accum):
             with loop.autocast():
-                loss, inter = loop.model(ids, loss=True)
-            (loss / config.grad_accum).backward()
-        total += loss.detach() / config.grad_accum
+                loss, inter = loop.model(ids, loss=True, mask=mask)
+            (loss / n_micro).backward()
+        total += loss.detach() / n_micro
         if inter is not None:
-            inter_total += inter / config.grad_accum
+            inter_total += inter / n_micro
         for c in captures:
             c.outputs.clear()
     total, inter_total = distributed.mean_over_ranks(torch.stack([total, inter_total])).unbind()
@@ -633,7 +680,7 @@ def _train(
     share of every micro-batch, the loss is averaged over ranks, rank 0 alone logs and writes.
     """
     device = _device_of(student)
-    distributed.check_divisible(config.batch_size, distributed.world(), "world size")
+    check_world(config, distributed.world(), "world size")
     kd = teacher is not None and config.baseline is None
     fused = kd and _use_fused(config, student.config.vocab_size, student.config)
     projections, trainee, aliases, model = _setup_model(student, teacher, config, kd)
@@ -749,8 +796,9 @@ def distill(
     `student_device`: where the student trains, when it is handed over elsewhere (on the host, so
     that a teacher correction has the GPU to itself); it moves there after the correction.
 
-    train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits. `teacher` may be None
-    only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
+    train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits (train_blocks may
+    be a `minitron.shards.BlockView`, read by index, with a loss mask for chat data). `teacher`
+    may be None only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
     metrics saved in `output_dir/minitron.json` (at once, if the run has already finished).
 
     Under torch.distributed (e.g. torchrun) every rank calls it with the same arguments; the
@@ -829,7 +877,7 @@ def _check_inputs(teacher: nn.Module | None, student: nn.Module, train_blocks: t
                   config: DistillConfig, correction: TeacherCorrectionConfig) -> None:
     """Refuse, before any work, inputs the run cannot use."""
     check_correction(config, correction)
-    distributed.check_divisible(config.batch_size, distributed.world(), "world size")
+    check_world(config, distributed.world(), "world size")
     if config.uses_teacher and teacher is None:
         raise MinitronError("distillation needs a teacher (--teacher); without one, use "
                             "distill.baseline=ce or distill.baseline=scratch")
@@ -845,7 +893,14 @@ def _check_inputs(teacher: nn.Module | None, student: nn.Module, train_blocks: t
 
 def _check_token_ids(blocks: torch.Tensor, vocab: int) -> None:
     """Every token id in [0, vocab), checked once on the host, so the loss kernels need not check
-    their labels (a device sync) at every step."""
+    their labels (a device sync) at every step. Shards are not scanned: their tokenizer's
+    vocabulary (from the manifest) bounds every id."""
+    if hasattr(blocks, "vocab_size"):
+        if blocks.vocab_size > vocab:
+            raise MinitronError(f"the training data was tokenized with a vocabulary of "
+                                f"{blocks.vocab_size} entries but the student's has {vocab}: the "
+                                f"tokenizer does not match the model")
+        return
     if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= vocab):
         raise MinitronError(f"the training data holds token ids in [{int(blocks.min())}, "
                             f"{int(blocks.max())}] but the student's vocabulary has {vocab} entries: "
@@ -953,12 +1008,12 @@ def run_distill(
     if config.block_size > max_pos:
         raise MinitronError(f"distill.block_size={config.block_size} is longer than the models' "
                             f"context ({max_pos} positions); choose block_size <= {max_pos}")
-    world = int(os.environ.get("WORLD_SIZE", config.nproc_per_node))
+    world = int(os.environ.get("WORLD_SIZE", config.nproc_per_node * config.nnodes))
     memory_plan_(t_cfg, s_cfg, config, correction, world, model, show=False)
     sections = {"distill": config, "teacher_correction": correction, "data": data, "model": model}
-    if not distributed.under_torchrun() and config.nproc_per_node > 1:
+    if not distributed.under_torchrun() and (config.nproc_per_node > 1 or config.nnodes > 1):
         return _launch(teacher_path, student_path, out, sections)
-    with distributed.process_group(model.device) as device:
+    with distributed.process_group(model.device, config.process_group_timeout_s) as device:
         try:
             return _run_rank(teacher_path, student_path, out, sections, device, max_pos)
         except MinitronError as e:
@@ -981,6 +1036,7 @@ def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig,
            else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
     strategy = "fsdp" if config.strategy == "fsdp" or (config.strategy == "auto"
                                                        and (dev.type == "cuda" or gpu)) else "ddp"
+    strategy = "hsdp" if config.strategy == "hsdp" else strategy
     plan = memory_plan.plan_distill(teacher_cfg or student_cfg, student_cfg, config, world,
                                     model.dtype, strategy, correction_tokens=correction.tokens)
     if show:
@@ -1006,14 +1062,16 @@ def _launch(teacher_path, student_path, out: Path, sections: dict[str, Any]) -> 
     argv = ["--student", str(student_path), "--output", str(out)]
     if teacher_path is not None:
         argv += ["--teacher", str(teacher_path)]
-    distributed.launch_torchrun("minitron.distill", argv + cli.as_overrides(sections, CLI_KEYS), k)
+    distributed.launch_torchrun("minitron.distill", argv + cli.as_overrides(sections, CLI_KEYS), k,
+                                config.nnodes, config.rdzv_endpoint,
+                                f"minitron-{out.resolve().name}")
     return json.loads((out / "minitron.json").read_text())["distillation"]["metrics"]
 
 
 def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], device: str,
               max_pos: int) -> dict[str, Any]:
     """One process's part of `run_distill` (all of it when there is one process)."""
-    from minitron.data import load_blocks
+    from minitron.data import load_blocks, open_blocks
     from minitron.models import load_model, resolve_model
 
     config, data, model = sections["distill"], sections["data"], sections["model"]
@@ -1028,7 +1086,8 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     student, tokenizer = load_model(student_path, dtype="float32",
                                     device="cpu" if correction.tokens else device)
     n_train = config.steps * config.batch_size * config.grad_accum
-    train_blocks = load_blocks(tokenizer, "train", n_train, source=data.source,
+    # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
+    train_blocks = open_blocks(tokenizer, "train", n_train, source=data.source,
                                block_size=config.block_size, seed=config.seed,
                                text_field=data.text_field, max_positions=max_pos)
     eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
@@ -1073,8 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run_distill(args.teacher, args.student, args.output, config,
                          correction=c["teacher_correction"], data=c["data"], model=c["model"])
-    if int(os.environ.get("RANK", 0)) != 0 or (config.nproc_per_node > 1
-                                               and not distributed.under_torchrun()):
+    launched = config.nproc_per_node > 1 or config.nnodes > 1
+    if int(os.environ.get("RANK", 0)) != 0 or (launched and not distributed.under_torchrun()):
         return 0  # the summary comes from rank 0 (which the launcher's torchrun already ran)
     rows = []
     if "teacher" in result:

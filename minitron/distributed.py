@@ -64,16 +64,21 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def strategy(name: str, device: torch.device) -> str:
-    """The wrapper `name` ("auto", "ddp", "fsdp") means on `device`: auto is FSDP on GPUs."""
+    """The wrapper `name` means on `device`: ddp (replicated), fsdp (sharded over all ranks) or
+    hsdp (a 2-D mesh: sharded inside a group of ranks, replicated across groups: shard inside a
+    node, replicate across nodes); auto is FSDP on GPUs, DDP on CPU."""
     if name != "auto":
         return name
     return "fsdp" if device.type == "cuda" else "ddp"
 
 
 @contextlib.contextmanager
-def process_group(device: str | None):
+def process_group(device: str | None, timeout_s: float = 1800.0):
     """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), bind this rank's GPU,
-    yield the student's device, leave the group at the end. Outside torchrun: yield `device`."""
+    yield the student's device, leave the group at the end. Outside torchrun: yield `device`.
+
+    `timeout_s` bounds every collective: a rank that never arrives (a dead node) fails the others
+    after that long instead of hanging them."""
     from minitron.models import default_device
 
     device = device or default_device()
@@ -88,29 +93,49 @@ def process_group(device: str | None):
                                 f"per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    from datetime import timedelta
+
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=timedelta(seconds=timeout_s))
     try:
         yield device
     finally:
         dist.destroy_process_group()
 
 
-def launch_torchrun(module: str, argv: list[str], nproc: int) -> None:
+def launch_config(nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                  rdzv_id: str | None = None):
+    """torch's elastic LaunchConfig: one node alone (a local c10d store on a free port), or
+    `nnodes` nodes meeting at `rdzv_endpoint` (host:port of the c10d store, on the first node)
+    under `rdzv_id`; every node runs the same command and the rendezvous gives out the ranks."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if nnodes > 1 and rdzv_endpoint is None:
+        raise MinitronError(f"nnodes={nnodes} needs rdzv_endpoint (host:port on the first node, "
+                            f"the same on every node), e.g. --rdzv-endpoint node0:29500")
+    return LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
+                        run_id=rdzv_id or str(uuid.uuid4()), rdzv_backend="c10d",
+                        rdzv_endpoint=rdzv_endpoint or "localhost:0", max_restarts=0,
+                        monitor_interval=0.1)  # torchrun's default
+
+
+def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
+                    rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> None:
     """`python -m module argv` on `nproc` processes of this node under torch's elastic launcher
-    (what `torchrun --standalone` runs); wait for them.
+    (what `torchrun` runs); wait for them. With `nnodes` > 1 this node joins the others through a
+    c10d rendezvous at `rdzv_endpoint`.
 
     Their output streams through. When one fails (the launcher then stops the others), its
     failure record names the rank, and the message it recorded (`record_for_torchrun`) or its
     exit code / signal becomes this process's MinitronError.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1)  # torchrun's default
-    print(f"[minitron] starting {nproc} processes: python -m {module} {' '.join(argv)}",
-          file=sys.stderr)
+    config = launch_config(nproc, nnodes, rdzv_endpoint, rdzv_id)
+    print(f"[minitron] starting {nproc} processes"
+          + (f" on each of {nnodes} nodes" if nnodes > 1 else "")
+          + f": python -m {module} {' '.join(argv)}", file=sys.stderr)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
     except ChildFailedError as e:
@@ -161,9 +186,10 @@ def record_for_torchrun(error: Exception) -> None:
 
 
 # ----------------------------------------------------------------------------- DDP and FSDP2
-def wrap_model(model: nn.Module, strategy_name: str, precision_name: str = "auto") -> nn.Module:
+def wrap_model(model: nn.Module, strategy_name: str, precision_name: str = "auto",
+               hsdp_shard_size: int | None = None) -> nn.Module:
     """The module the loop calls: with one process `model` itself, else DDP or FSDP2 around it
-    (`strategy_name`: auto, ddp, fsdp; `precision_name`: the precision policy's name).
+    (`strategy_name`: auto, ddp, fsdp, hsdp (over groups of `hsdp_shard_size` ranks); `precision_name`: the precision policy's name).
     `model` is the loop's trainee (FSDP2 shards each decoder layer of `model.student`, then the
     rest)."""
     if not dist_on():
@@ -183,10 +209,25 @@ def wrap_model(model: nn.Module, strategy_name: str, precision_name: str = "auto
     # bf16 all-gathers and compute, fp32 reduce-scatters; the sharded parameters (the optimizer's
     # master weights) stay fp32.
     kw = {"mp_policy": p} if (p := precision.fsdp_policy(precision_name, device)) else {}
+    if strategy(strategy_name, device) == "hsdp":
+        kw["mesh"] = hybrid_mesh(device.type, hsdp_shard_size)
     for layer in decoder_layers(model.student):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)  # the root: embeddings, final norm, LM head, projections
     return model
+
+
+def hybrid_mesh(device_type: str, shard_size: int | None):
+    """The 2-D device mesh of hybrid sharding: ("replicate", "shard"), shard groups of
+    `shard_size` consecutive ranks (default: the ranks of one node, LOCAL_WORLD_SIZE)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    size = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world()))
+    if size < 1 or world() % size:
+        raise MinitronError(f"hsdp_shard_size={size} does not divide the {world()} processes; "
+                            f"choose a divisor of {world()} (the processes of one node by default)")
+    return init_device_mesh(device_type, (world() // size, size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def grad_sync(model: nn.Module, last: bool, fsdp_unsynced: bool = False):

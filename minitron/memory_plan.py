@@ -103,7 +103,11 @@ def plan_distill(teacher: Any, student: Any, config: Any, world: int,
     teacher correction of `correction_tokens` tokens (0: none)."""
     t, s = Shape.of(teacher), Shape.of(student)
     shard = world if (strategy == "fsdp" and world > 1) else 1
-    tokens = max(config.batch_size // world, 1) * config.block_size
+    if strategy == "hsdp" and world > 1:  # sharded inside groups of hsdp_shard_size ranks
+        shard = getattr(config, "hsdp_shard_size", None) or world
+    # Sequences per rank per forward: the per-process micro-batch when one is set.
+    micro = getattr(config, "micro_batch_size", None) or max(config.batch_size // world, 1)
+    tokens = micro * config.block_size
     p_s = s.params
     terms: dict[str, int] = {}
     terms["teacher weights"] = t.params * DTYPE_BYTES.get(teacher_dtype, 2)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from minitron.config import TARGET_KEYS
+from minitron.config import TARGET_KEYS, DataConfig
 from minitron.common import (MinitronError, StageTimer, format_table, run_cli, write_json_atomic,
                              write_text_atomic)
 from minitron.models import load_config, param_count_from_config, resolve_model
@@ -49,7 +49,10 @@ def prune_target(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str,
 
 
 def stage_names(recipe: Recipe) -> list[str]:
-    names = []
+    from minitron.shards import is_prepared
+
+    # A raw source is tokenized once into shards (stage "data"); a prepared folder is read as is.
+    names = [] if is_prepared(recipe.data.source) else ["data"]
     if recipe.prune.enabled:
         names.append("prune")
     if recipe.distill.enabled:
@@ -117,12 +120,33 @@ class Context:
     outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
+    def data(self) -> DataConfig:
+        """The recipe's data settings, reading from the prepared folder when the data stage made
+        one (every later stage reads its blocks from it)."""
+        if "data" in self.outputs:
+            return dataclasses.replace(self.recipe.data, source=self.outputs["data"]["data_dir"])
+        return self.recipe.data
+
+    @property
     def student(self) -> str:
         """The newest model folder the stages so far produced."""
         for name in ("distill", "prune"):
             if name in self.outputs and "model_dir" in self.outputs[name]:
                 return self.outputs[name]["model_dir"]
         return self.teacher
+
+
+def _data_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    from minitron.data import load_tokenizer
+    from minitron.shards import prepare
+
+    r = ctx.recipe
+    manifest = prepare(r.data.source, out / "shards", load_tokenizer(ctx.teacher),
+                       tokenizer_name=r.model.name, text_field=r.data.text_field,
+                       seed=r.data.seed, block_size=r.data.block_size)
+    timer.tokens = manifest["stats"]["tokens_tokenized"]
+    return {"data_dir": str(out / "shards"), "fingerprint": manifest["fingerprint"],
+            "tokens": {s: v["tokens"] for s, v in manifest["splits"].items()}}
 
 
 def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
@@ -132,7 +156,7 @@ def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
 
     r = ctx.recipe
     model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device)
-    blocks = calibration_blocks(tokenizer, r.data, model.config)
+    blocks = calibration_blocks(tokenizer, ctx.data, model.config)
     scores = compute_scores(model, blocks, config=r.importance, progress=True)
     timer.tokens = blocks.numel()
     target, candidates = prune_target(r, model.config)
@@ -148,7 +172,7 @@ def _distill_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]
 
     r = ctx.recipe
     result = run_distill(ctx.teacher, ctx.student, out / "model", r.distill,
-                         correction=r.teacher_correction, data=r.data, model=r.model)
+                         correction=r.teacher_correction, data=ctx.data, model=r.model)
     timer.tokens = result.get("this_session_tokens", 0)
     return {"model_dir": str(out / "model"), **{k: v for k, v in result.items() if k != "history"}}
 
@@ -157,7 +181,7 @@ def _export_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.export import export
 
     r = ctx.recipe
-    report = export(ctx.student, out / "onnx", r.export, r.data)  # float32: see export()
+    report = export(ctx.student, out / "onnx", r.export, ctx.data)  # float32: see export()
     return {"onnx_dir": str(out / "onnx"), "report": report}
 
 
@@ -172,7 +196,7 @@ def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any
         models["distilled"] = ctx.outputs["distill"]["model_dir"]
     rows = []
     for label, path in models.items():
-        result = evaluate(path, None if label == "teacher" else ctx.teacher, r.evaluate, r.data,
+        result = evaluate(path, None if label == "teacher" else ctx.teacher, r.evaluate, ctx.data,
                           r.model)
         timer.tokens += result["tokens"]
         rows.append({**{k: v for k, v in result.items() if k != "timing"}, "model": label,
@@ -187,6 +211,7 @@ def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any
 
 
 STAGES: dict[str, Callable[[Context, Path, StageTimer], dict[str, Any]]] = {
+    "data": _data_stage,
     "prune": _prune_stage,
     "distill": _distill_stage,
     "export": _export_stage,
@@ -198,15 +223,21 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     """What a stage's result depends on (besides the stages before it)."""
     from minitron.distill import RESUMABLE_SETTINGS
 
+    from minitron.shards import Prepared, is_prepared
+
     r = recipe
+    # A prepared folder counts by its content (the manifest's fingerprint), not its path.
+    data = [Prepared(r.data.source).fingerprint] if is_prepared(r.data.source) else []
     # Settings a distillation may change on resume (process count, checkpoint interval, ...) must
     # not make the pipeline throw its checkpoint away.
     distill = {k: v for k, v in dataclasses.asdict(r.distill).items() if k not in RESUMABLE_SETTINGS}
     return {
-        "prune": [r.model, r.data, r.importance, r.prune],
-        "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill],
-        "export": [r.data, r.export],
-        "evaluate": [r.data, r.model.dtype, r.model.device, r.evaluate],
+        "data": [r.data.source, r.data.text_field, r.data.seed, r.data.block_size],
+        "prune": [r.model, r.data, r.importance, r.prune, *data],
+        "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill,
+                    *data],
+        "export": [r.data, r.export, *data],
+        "evaluate": [r.data, r.model.dtype, r.model.device, r.evaluate, *data],
     }[name]
 
 
@@ -220,7 +251,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     upstream = fingerprint(recipe.model)
     timings = []
     t_start = time.perf_counter()
-    for index, name in enumerate(stage_names(recipe), 1):
+    names = stage_names(recipe)
+    # The data stage is 0-data, so the model stages keep their folder names (1-prune, ...).
+    for index, name in enumerate(names, 0 if names[:1] == ["data"] else 1):
         out = run_dir / f"{index}-{name}"
         fp = fingerprint(upstream, *_settings(recipe, name))
         state_file = out / "stage.json"

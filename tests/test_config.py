@@ -27,7 +27,8 @@ STAGES = {
 # Keys that only a recipe sets: whether a stage runs, and the model that the stage commands take
 # as a path flag (--model, --teacher) or a dry run reads.
 # Settings that need another one set with them (per-channel scales exist for dynamic/static INT8).
-COMPANIONS = {("export", "per_channel"): {"int8": "dynamic"}}
+COMPANIONS = {("export", "per_channel"): {"int8": "dynamic"},
+              ("distill", "nnodes"): {"rdzv_endpoint": "127.0.0.1:29500"}}
 RECIPE_ONLY = {"model.name", "model.config"} | {
     f"{s}.enabled" for s, cls in SECTIONS.items() if "enabled" in {f.name for f in dataclasses.fields(cls)}}
 
@@ -172,10 +173,12 @@ def test_readme_command_table_matches_help():
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## Commands"):readme.index("## Recipes")]
     rows = re.findall(r"^\| `python -m (minitron\.\w+) ([^`]*)`", table, re.M)
-    assert {m for m, _ in rows} == {"minitron.run", "minitron.prune", "minitron.distill",
-                                    "minitron.export", "minitron.evaluate"}
+    assert {m for m, _ in rows} == {"minitron.run", "minitron.data", "minitron.prune",
+                                    "minitron.distill", "minitron.export", "minitron.evaluate"}
     for module, usage in rows:
-        helptext = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+        first = usage.split()[0]
+        sub = [first] if first.islower() and not first.startswith("-") else []  # `data prepare`
+        helptext = subprocess.run([sys.executable, "-m", module, *sub, "--help"], capture_output=True,
                                   text=True, cwd=ROOT, timeout=120).stdout
         for word in re.findall(r"--[a-z][\w-]*|\b[a-z_]+\.[a-z_]+(?==)", usage):
             assert word in helptext, (module, word)

@@ -125,3 +125,19 @@ def test_block_longer_than_context_is_refused(tokenizer):
 def test_unknown_split(tokenizer):
     with pytest.raises(MinitronError, match="unknown split 'test'; valid: train, calibration, eval"):
         load_blocks(tokenizer, "test", 1)
+
+
+def test_datasets_sources_stream_record_by_record(tmp_path, tokenizer):
+    """`hf:` sources go through `datasets` streaming (here a local folder of JSONL, offline); a
+    saved dataset folder is read in batches; both give the same documents as the JSONL itself."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    rows = [{"text": f"record {i}: " + "word " * 20} for i in range(50)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want = [d.text for d in iter_documents(str(folder / "train.jsonl"))]
+    assert [d.text for d in iter_documents(f"hf:{folder}")] == want
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert [d.text for d in iter_documents(str(tmp_path / "saved"))] == want
+    with pytest.raises(MinitronError, match="has no column 'body'"):
+        list(iter_documents(str(tmp_path / "saved"), text_field="body"))

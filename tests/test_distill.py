@@ -194,8 +194,11 @@ def test_jsd_and_intermediate_loss_train(world, tmp_path):
     assert train[-1]["loss"] < train[0]["loss"]
     assert train[-1]["intermediate_loss"] < train[0]["intermediate_loss"]
     # The learned width map (32 -> 64) is checkpointed with the student.
-    proj = load_file(tmp_path / "run" / "checkpoint" / "projections.safetensors")
+    shards = sorted((tmp_path / "run" / "checkpoint").glob("*.safetensors"))
+    saved = {k: v for f in shards for k, v in load_file(f).items()}
+    proj = {k: v for k, v in saved.items() if k.startswith("model.projections.")}
     assert sorted(v.shape for v in proj.values()) == [torch.Size([64, 32])] * 2
+    assert any(k.startswith("optim.projections.") for k in saved)  # with its AdamW state
 
 
 def test_teacher_correction_then_distill(world, tmp_path):
@@ -221,6 +224,26 @@ def test_baselines_ce_and_scratch(world, tmp_path):
     assert ce["start"]["eval_loss"] < scratch["start"]["eval_loss"]
     assert scratch["start"]["eval_loss"] == pytest.approx(math.log(384), abs=0.3)
     assert s.config.hidden_size == 32
+
+
+def test_training_from_shards_matches_training_from_memory(world, tmp_path):
+    """Rows read by index from prepared shards train exactly like the in-memory blocks, and the
+    run's data fingerprint is the manifest's (no hashing of the corpus)."""
+    from minitron.shards import Prepared, prepare
+
+    prepare(str(world["data"]), tmp_path / "shards", world["tok"], workers=1, shard_tokens=1000,
+            progress=False)
+    view = Prepared(tmp_path / "shards").blocks("train", BLOCK, len(world["train"]))
+    cfg = _cfg(tokens=4 * 8 * BLOCK)
+    _run(world, tmp_path / "memory", cfg)
+    student = copy.deepcopy(world["student"])
+    distill(copy.deepcopy(world["teacher"]), student, view, world["eval"], cfg,
+            tmp_path / "shards_run", tokenizer=world["tok"])
+    a = load_file(tmp_path / "memory" / "model.safetensors")
+    b = load_file(tmp_path / "shards_run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run = json.loads((tmp_path / "shards_run" / "distill_run.json").read_text())
+    assert run["train_data"] == view.fingerprint
 
 
 # ----------------------------------------------------------------------------- resume
@@ -276,7 +299,9 @@ def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch):
         _run(world, out, _cfg())
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4
-    weights = load_file(out / "checkpoint" / "model.safetensors")
+    shards = sorted((out / "checkpoint").glob("*.safetensors"))  # torch.distributed.checkpoint's
+    weights = {k: v for f in shards for k, v in load_file(f).items()}
+    assert any(k.startswith("model.student.") for k in weights)
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "minitron.json").exists()
     monkeypatch.setattr(d, "_kd_loss", real)
@@ -294,6 +319,25 @@ def test_data_order_is_a_permutation_per_epoch_and_sharded_disjointly():
         whole = batch_indices(step, micro, 12, cfg)
         shards = [batch_indices(step, micro, 12, cfg, rank=r, world=2) for r in range(2)]
         assert sorted(torch.cat(shards).tolist()) == sorted(whole.tolist())
+
+
+def test_per_process_micro_batches_cover_each_step_on_any_process_count():
+    """micro_batch_size: every process count that divides the global batch reads, per optimizer
+    step, exactly the samples one process reads (disjointly); one that does not is refused."""
+    from minitron.distill import check_world, micro_steps
+
+    cfg = DistillConfig(tokens=10_000, batch_size=6, block_size=8, grad_accum=2, micro_batch_size=2)
+    plain = DistillConfig(tokens=10_000, batch_size=6, block_size=8, grad_accum=2)
+    for step in (0, 1, 7):
+        want = sorted(torch.cat([batch_indices(step, m, 50, plain) for m in range(2)]).tolist())
+        for world in (1, 2, 3, 6):
+            parts = [batch_indices(step, m, 50, cfg, rank=r, world=world).tolist()
+                     for r in range(world) for m in range(micro_steps(cfg, world))]
+            assert all(len(p) == 2 for p in parts)
+            assert sorted(sum(parts, [])) == want, (step, world)
+    assert micro_steps(cfg, 3) == 2 and micro_steps(cfg, 6) == 1
+    with pytest.raises(MinitronError, match="does not split into micro_batch_size=2 x world size=4"):
+        check_world(cfg, 4, "world size")
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -389,10 +433,13 @@ def test_cli_refuses_resume_with_other_settings(world, tmp_path, monkeypatch):
 
 
 def test_cli_killed_at_any_moment_resumes_to_the_same_weights(world, tmp_path):
-    """The real command: a refusal exits 2 with one line; a run killed with SIGKILL mid-training
-    and rerun ends with the weights of an uninterrupted run (here, in-process)."""
+    """The real command on prepared shards: a refusal exits 2 with one line; a run killed with
+    SIGKILL mid-training and rerun ends with the weights of an uninterrupted run (in-process)."""
+    from minitron.shards import prepare
+
+    prepare(str(world["data"]), tmp_path / "shards", world["tok"], workers=1, progress=False)
     args = ["--teacher", str(world["teacher_dir"]), "--student", str(world["student_dir"]),
-            "data.source=" + str(world["data"]), "--block-size", str(BLOCK), "--batch-size", "4",
+            "data.source=" + str(tmp_path / "shards"), "--block-size", str(BLOCK), "--batch-size", "4",
             "distill.eval_blocks=4", "--no-progress", "--tokens", str(16 * 4 * BLOCK),
             "--checkpoint-every", "2", "--eval-every", "5", "--alpha", "0.1"]
     cmd = [sys.executable, "-m", "minitron.distill", *args]

@@ -9,6 +9,7 @@ actually received, so the sharding is checked on what was consumed, not on the i
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from minitron.common import MinitronError
 from tiny import make_tiny_model
 
-BLOCK, BATCH, ACCUM, STEPS = 32, 4, 2, 6
+BLOCK, BATCH, ACCUM, STEPS = 32, 6, 2, 6  # BATCH splits over 1, 2 and 3 processes
 # The fused linear+KL form, CE mixed in, an intermediate loss through a learned 32 -> 64 projection,
 # two micro-batches per step and a tied-embedding student: every path where a wrapper could miss a
 # gradient sync or a checkpoint could miss a tensor.
@@ -66,8 +67,9 @@ d.distill = lambda *a, **k: real_distill(*a, on_step=on_step, **k)
 if __name__ == "__main__":
     run_cli(d.main)
 '''
-LAUNCH = ("import sys; from minitron.common import run_cli; from minitron.distributed import "
-          "launch_torchrun; run_cli(lambda argv: launch_torchrun('dworker', argv, 2), sys.argv[1:])")
+LAUNCH = ("import os, sys; from minitron.common import run_cli; from minitron.distributed import "
+          "launch_torchrun; run_cli(lambda argv: launch_torchrun('dworker', argv, "
+          "int(os.environ.get('DW_NPROC', 2))), sys.argv[1:])")
 
 
 @pytest.fixture(autouse=True)
@@ -203,9 +205,10 @@ def test_ddp_on_two_processes_matches_one_process(world, reference, tmp_path):
             == json.loads((reference["out"] / "config.json").read_text()))
 
 
-def test_fsdp_rank_killed_mid_run_resumes_on_one_process(world, reference, tmp_path):
-    """FSDP on 2 ranks, rank 1 SIGKILLed after step 5 (checkpoint at 4): torchrun ends rank 0 too;
-    one plain process then resumes from the sharded run's checkpoint to the reference result."""
+def test_fsdp_rank_killed_mid_run_resumes_on_one_and_on_three_processes(world, reference, tmp_path):
+    """FSDP on 2 ranks, rank 1 SIGKILLed after step 5 (checkpoint at 4, one shard per rank):
+    torchrun ends rank 0 too; one plain process, and separately 3 FSDP ranks, then resume from the
+    sharded checkpoint to the reference result (the three with per-process micro-batches)."""
     out, record = tmp_path / "fsdp", tmp_path / "ids"
     rc, log, wall = _two_ranks(world, out, "--strategy", "fsdp", record=record, kill_at=5)
     assert rc == 2, log[-3000:]
@@ -225,10 +228,24 @@ def test_fsdp_rank_killed_mid_run_resumes_on_one_process(world, reference, tmp_p
         assert sorted(r0[i] + r1[i]) == sorted(reference["batches"][i]), i
     assert not {r for b in r0 for r in b} & {r for b in r1 for r in b}
 
-    rc, log, _ = _one_rank(world, out)
+    shards = sorted(p.name for p in (out / "checkpoint").glob("*.safetensors"))
+    assert len(shards) == 2, shards  # each rank wrote its own; no rank gathered the whole state
+    shutil.copytree(out, tmp_path / "three")
+
+    resumed = tmp_path / "resumed.ids"
+    rc, log, _ = _one_rank(world, out, record=resumed)
     assert rc == 0, log[-3000:]
     assert "resuming from step 4/6" in log
     _assert_same_model(reference["out"], out)
+    # The resumed run consumed exactly the token ids the uninterrupted one did from step 5 on.
+    assert _records(Path(f"{resumed}.0")) == reference["batches"][4 * ACCUM:]
+
+    # Per-process micro-batches of 2 (2 micro-steps each): the same global batch of 12.
+    rc, log, _ = _two_ranks(world, tmp_path / "three", "--strategy", "fsdp",
+                            "--micro-batch-size", "2", nproc=3)
+    assert rc == 0, log[-3000:]
+    assert "resuming from step 4/6 (" in log and "on 3 processes" in log
+    _assert_same_model(reference["out"], tmp_path / "three")
 
 
 def test_one_process_checkpoint_resumes_on_two_processes(world, reference, tmp_path):
@@ -244,6 +261,45 @@ def test_one_process_checkpoint_resumes_on_two_processes(world, reference, tmp_p
     assert rc == 0, log[-3000:]
     assert "resuming from step 2/6 (" in log and "on 2 processes" in log
     _assert_same_model(reference["out"], out)
+
+
+def test_hybrid_sharding_on_a_2x2_mesh_matches_one_process(world, reference, tmp_path):
+    """HSDP over a (replicate 2, shard 2) gloo mesh of 4 processes, per-process micro-batches of 1
+    (3 micro-steps each: the same global batch of 12): the reference's weights and losses."""
+    out = tmp_path / "hsdp"
+    rc, log, _ = _two_ranks(world, out, "--strategy", "hsdp", "--hsdp-shard-size", "2",
+                            "--micro-batch-size", "1", nproc=4)
+    assert rc == 0, log[-3000:]
+    _assert_same_model(reference["out"], out)
+    info = json.loads((out / "minitron.json").read_text())
+    assert info["distillation"]["metrics"]["processes"] == {"world_size": 4, "strategy": "hsdp"}
+
+
+def test_two_nodes_through_a_loopback_rendezvous(world, reference, tmp_path):
+    """Two launchers, one process each, as two nodes meeting at a c10d rendezvous on 127.0.0.1
+    (the real CLI: --nnodes 2 --rdzv-endpoint): the run completes with the reference's result."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous store
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    cmd = [sys.executable, "-m", "minitron.distill", *world["args"], "--output", str(out),
+           "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+           "--strategy", "ddp", "--process-group-timeout-s", "120"]
+    env = _env(world)
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(l[-2000:] for l in logs)
+    _assert_same_model(reference["out"], out)
+    info = json.loads((out / "minitron.json").read_text())
+    assert info["distillation"]["metrics"]["processes"]["world_size"] == 2
 
 
 # ----------------------------------------------------------------------------- the bf16 policy
@@ -329,7 +385,8 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "3", "--nproc-per-node", "2", "--tokens", "3000"],
      r"batch_size=3 does not split over nproc_per_node=2 processes"),
-    (["--strategy", "zero3"], r"distill.strategy: 'zero3' is not one of 'auto', 'ddp', 'fsdp'"),
+    (["--strategy", "zero3"], r"distill.strategy: 'zero3' is not one of 'auto', 'ddp', 'fsdp', 'hsdp'"),
+    (["--nnodes", "2"], r"distill.nnodes=2 needs distill.rdzv_endpoint"),
     (["distill.nproc_per_node=0"], r"distill.nproc_per_node=0 is invalid; valid: an integer >= 1"),
 ])
 def test_refusals_before_any_process_starts(world, tmp_path, extra, message):

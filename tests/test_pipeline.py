@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ output_dir: {out}
 model:
   name: {model}
 data:
+  source: {source}           # a slice of the stdlib: the data stage tokenizes all of it
   block_size: 32
   calibration_blocks: 8
   eval_blocks: 4
@@ -53,7 +55,8 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     make_tiny_model("llama", path=root / "teacher")
     recipe = root / "tiny.yaml"
-    recipe.write_text(RECIPE.format(out=root / "runs", model=root / "teacher"))
+    source = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    recipe.write_text(RECIPE.format(out=root / "runs", model=root / "teacher", source=source))
     result = run_recipe(recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     return recipe, root / "runs" / "tiny", result
@@ -62,8 +65,14 @@ def finished_run(tmp_path_factory):
 def test_every_stage_runs_and_is_reported(finished_run):
     _, run_dir, result = finished_run
     report = json.loads((run_dir / "report.json").read_text())
-    assert [s["stage"] for s in report["stages"]] == ["prune", "distill", "export", "evaluate"]
+    assert [s["stage"] for s in report["stages"]] == ["data", "prune", "distill", "export",
+                                                      "evaluate"]
+    # Every later stage read the shards the data stage wrote.
+    manifest = json.loads((run_dir / "0-data" / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["calibration"]["tokens"] >= 8 * 32
     assert all(s["wall_s"] > 0 and s["peak_rss_mb"] > 0 for s in report["stages"])
+    distill_run = json.loads((run_dir / "2-distill" / "model" / "distill_run.json").read_text())
+    assert distill_run["train_data"].startswith(manifest["fingerprint"] + ":train:")
     assert {m["model"] for m in report["models"]} == {"teacher", "pruned", "distilled", "deployed"}
     pruned = next(m for m in report["models"] if m["model"] == "pruned")
     teacher = next(m for m in report["models"] if m["model"] == "teacher")
@@ -106,7 +115,7 @@ def test_rerun_skips_finished_stages(finished_run):
     recipe, run_dir, _ = finished_run
     result = run_recipe(recipe)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("prune", "distill", "export", "evaluate"):
+    for stage in ("data", "prune", "distill", "export", "evaluate"):
         assert f"[{stage}] unchanged since the last run: skipped" in result.stdout
 
 

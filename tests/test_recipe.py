@@ -48,7 +48,7 @@ def test_demo_dry_run_halves_the_embedded_model():
     plan = dry_run(load_recipe("recipes/demo.yaml"))
     assert plan["source_params"] == 134_515_008
     assert 0.45 < plan["pruned_params"] / plan["source_params"] < 0.55
-    assert plan["stages"] == ["prune", "distill", "export", "evaluate"]
+    assert plan["stages"] == ["data", "prune", "distill", "export", "evaluate"]  # stdlib: prepared first
 
 
 def write(tmp_path, text):

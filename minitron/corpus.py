@@ -1,0 +1,261 @@
+"""Text sources -> documents -> token streams: the layer under both ways of reading data
+(`minitron.data` packs blocks in memory, `minitron.shards` writes them to disk once).
+
+Every document lands in exactly one split, chosen by a stable hash of its key (a file's path
+relative to its source, or a record's text), so splits never overlap and never move between runs
+or machines.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+
+from minitron.common import MinitronError
+
+Split = Literal["train", "calibration", "eval"]
+SPLITS: tuple[str, ...] = ("train", "calibration", "eval")
+# Fractions of documents per split, by hash bucket. Calibration gets enough of the stdlib corpus
+# (~10% of ~8M tokens) for the papers' 1024 blocks at 256 tokens.
+_SPLIT_EDGES = {"eval": (0.0, 0.05), "calibration": (0.05, 0.15), "train": (0.15, 1.0)}
+_TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".c", ".h", ".cpp",
+                  ".js", ".ts", ".java", ".go", ".rs", ".html", ".tex", ".csv", ".toml"}
+_SINGLE_FILE_CHUNK = 16_384  # characters: one big text file is split at paragraphs into documents
+
+SOURCES_HELP = ("'stdlib' (the Python standard library source, embedded), a text file, a folder, a "
+                "glob, a .jsonl file (with text_field), 'hf:NAME' / a saved `datasets` folder, or a folder "
+                "made by `python -m minitron.data prepare`")
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str
+    text: str
+    messages: tuple[dict[str, str], ...] | None = None  # a conversation (chat JSONL); text is its JSON
+
+
+def split_of(key: str, edges: dict[str, tuple[float, float]] | None = None) -> str:
+    """The split a document key belongs to; stable across runs, machines and Python versions.
+
+    `edges` (split -> [lo, hi) of the hash bucket) defaults to today's 5% eval, 10% calibration.
+    """
+    bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
+    for split, (lo, hi) in (edges or _SPLIT_EDGES).items():
+        if lo <= bucket < hi:
+            return split
+    return "train"
+
+
+# ----------------------------------------------------------------------------- sources
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_documents() -> Iterator[Document]:
+    root = stdlib_root()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "dist-packages/")):
+            continue
+        yield Document(rel, path.read_bytes().decode("utf-8", errors="replace"))
+
+
+def _file_documents(paths: list[Path], base: Path) -> Iterator[Document]:
+    for path in sorted(paths):
+        raw = path.read_bytes()
+        if b"\0" in raw[:4096]:  # binary
+            continue
+        rel = path.relative_to(base).as_posix() if base in path.parents else path.name
+        yield Document(rel, raw.decode("utf-8", errors="replace"))
+
+
+def _chunk_paragraphs(doc: Document) -> Iterator[Document]:
+    pieces, size, index = [], 0, 0
+    for para in doc.text.split("\n\n"):
+        pieces.append(para)
+        size += len(para) + 2
+        if size >= _SINGLE_FILE_CHUNK:
+            yield Document(f"{doc.key}#{index}", "\n\n".join(pieces))
+            pieces, size, index = [], 0, index + 1
+    if pieces:
+        yield Document(f"{doc.key}#{index}", "\n\n".join(pieces))
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MinitronError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if isinstance(record, dict) and text_field not in record and "messages" in record:
+                messages = _check_messages(record["messages"], f"{path}:{line_no}")
+                blob = json.dumps(messages, sort_keys=True)
+                yield Document(hashlib.sha1(blob.encode()).hexdigest(), blob, messages)
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise MinitronError(
+                    f"{path}:{line_no}: no field '{text_field}' (text_field); fields there: {keys}"
+                )
+            text = str(record[text_field])
+            yield Document(hashlib.sha1(text.encode()).hexdigest(), text)
+
+
+def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise MinitronError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., "
+                            f"\"content\": ...}} objects (strings); got {str(messages)[:80]!r}")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def encode_chat(tokenizer, messages: tuple[dict[str, str], ...]) -> tuple[list[int], list[int]]:
+    """A conversation rendered with the tokenizer's chat template, and its loss mask (1 on the
+    tokens of assistant replies, 0 on everything the model is prompted with).
+
+    A reply's span starts after the generation prompt (`<|im_start|>assistant\\n` in ChatML)
+    and runs to the end of the message's rendering (its end-of-turn marker included); spans come
+    from rendering each prefix of the conversation, which the template must render as a prefix.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise MinitronError("a chat source ('messages' records) needs a tokenizer with a chat "
+                            "template; this tokenizer has none")
+
+    def render(msgs, prompt=False) -> list[int]:
+        if not msgs and not prompt:
+            return []
+        return list(tokenizer.apply_chat_template(list(msgs), tokenize=True,
+                                                  add_generation_prompt=prompt))
+
+    ids = render(messages)
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head, upto = render(messages[:i], prompt=True), render(messages[:i + 1])
+        if ids[:len(head)] != head or ids[:len(upto)] != upto:
+            raise MinitronError("the tokenizer's chat template renders a conversation's beginning "
+                                "differently from the whole conversation; the prompt tokens cannot "
+                                "be told from the reply tokens")
+        mask[len(head):len(upto)] = [1] * (len(upto) - len(head))
+    return ids, mask
+
+
+def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
+    """A `datasets` source, record by record: `hf:NAME[:CONFIG]` streams (nothing is downloaded
+    whole or held in memory), a saved dataset folder is memory-mapped Arrow read in batches."""
+    try:
+        import datasets
+    except ImportError:
+        raise MinitronError(
+            f"data source '{source}' needs the `datasets` package: pip install 'minitron[data]'"
+        ) from None
+    if source.startswith("hf:"):
+        name, _, config = source[3:].partition(":")
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        columns = ds.column_names or []
+    else:
+        ds = datasets.load_from_disk(source)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        columns = ds.column_names
+    if columns and text_field not in columns:
+        raise MinitronError(
+            f"dataset '{source}' has no column '{text_field}' (text_field); columns: {columns}"
+        )
+    for batch in ds.iter(batch_size=1000):
+        for text in batch[text_field]:
+            text = str(text)
+            yield Document(hashlib.sha1(text.encode()).hexdigest(), text)
+
+
+def iter_documents(source: str = "stdlib", text_field: str = "text") -> Iterator[Document]:
+    """All documents of a source, in a fixed order, before splitting."""
+    if source == "stdlib":
+        yield from _stdlib_documents()
+        return
+    if source.startswith("hf:"):
+        yield from _hf_documents(source, text_field)
+        return
+    path = Path(source).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        yield from _hf_documents(str(path), text_field)
+    elif path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES]
+        yield from _file_documents(files, path)
+    elif path.is_file() and path.suffix == ".jsonl":
+        yield from _jsonl_documents(path, text_field)
+    elif path.is_file():
+        for doc in _file_documents([path], path.parent):
+            yield from _chunk_paragraphs(doc)
+    elif glob.has_magic(source):
+        files = [Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file()]
+        if not files:
+            raise MinitronError(f"data source glob '{source}' matches no files")
+        yield from _file_documents(files, Path(glob.escape(source).split("*")[0]).parent)
+    else:
+        raise MinitronError(f"data source '{source}' not found; valid sources: {SOURCES_HELP}")
+
+
+def split_documents(source: str, split: str, text_field: str = "text") -> list[Document]:
+    if split not in SPLITS:
+        raise MinitronError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+    return [d for d in iter_documents(source, text_field) if split_of(d.key) == split and d.text]
+
+
+# ----------------------------------------------------------------------------- packing
+def encode_documents(docs: Iterable[Document], tokenizer, batch: int = 64
+                     ) -> Iterator[tuple[list[int], list[int] | None]]:
+    """(token ids + EOS, loss mask or None) per document, texts tokenized `batch` at a time;
+    conversations rendered with the chat template (their mask: 1 on reply tokens, 0 on EOS)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise MinitronError("the tokenizer has no EOS token; documents cannot be separated")
+    docs = list(docs)
+    for i in range(0, len(docs), batch):
+        chunk = docs[i:i + batch]
+        plain = [d.text for d in chunk if d.messages is None]
+        encoded = iter(tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
+        for doc in chunk:
+            if doc.messages is None:
+                yield next(encoded) + [eos], None
+            else:
+                ids, mask = encode_chat(tokenizer, doc.messages)
+                yield ids + [eos], mask + [0]
+
+
+def token_stream(docs: Iterable[Document], tokenizer, batch: int = 64) -> Iterator[list[int]]:
+    """Token ids of each document followed by EOS, tokenized `batch` documents at a time."""
+    for ids, _ in encode_documents(docs, tokenizer, batch):
+        yield ids
+
+
+def pack(streams: Iterable[list[int]], block_size: int, num_blocks: int | None = None) -> torch.Tensor:
+    """Concatenate token lists and cut them into [n, block_size] blocks; the short tail is dropped."""
+    blocks, buf = [], []
+    for ids in streams:
+        buf.extend(ids)
+        while len(buf) >= block_size:
+            blocks.append(buf[:block_size])
+            buf = buf[block_size:]
+            if num_blocks is not None and len(blocks) >= num_blocks:
+                return torch.tensor(blocks, dtype=torch.long)
+    return torch.tensor(blocks, dtype=torch.long).reshape(-1, block_size)
+
+
+def batches(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of `batch_size` blocks (the last may be shorter)."""
+    for i in range(0, len(blocks), batch_size):
+        yield blocks[i:i + batch_size]

@@ -1,0 +1,578 @@
+"""Tokenized corpora on disk: `prepare` tokenizes a source once into memory-mapped shards plus a
+manifest; `Prepared` reads blocks from them by index, so no stage holds the corpus in memory.
+
+Layout of a prepared folder (the nanoGPT `train.bin` idea, with splits and fingerprints):
+
+    manifest.json            tokenizer hash, source fingerprint, split edges, seed, counts, shards
+    train-00000.bin ...      the split's packed token stream, uint16 (vocab <= 65536) or uint32
+    train-00000.mask ...     (chat sources) uint8 per token: 1 = the loss counts this token
+
+Each split's stream is what `minitron.data.load_blocks` builds in memory: the split's documents
+(chosen by the same key hash), shuffled by `seed`, each followed by EOS, concatenated. Block i of
+size B is tokens [i*B, (i+1)*B) of that stream, so any block size reads the same folder.
+
+Preparing runs in two passes, both resumable. Pass 1 tokenizes chunks of documents in parallel
+worker processes, in source order; each chunk's files land atomically in `.work/` with a marker
+written last. Pass 2 writes the shards in shuffled document order (each shard atomically, by
+rename), then the manifest (the commit), then removes `.work/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from minitron.common import MinitronError, write_json_atomic
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+DEFAULT_SHARD_TOKENS = 1 << 27     # 256 MiB of uint16 per shard
+DEFAULT_CHUNK_CHARS = 4_000_000    # characters of text per tokenizing task
+_TOKENIZE_BATCH = 64               # documents per tokenizer call (as data.token_stream)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def tokenizer_hash(tokenizer) -> str:
+    """A content hash of the tokenizer: vocabulary, merges, normalizer and the EOS id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    chat = getattr(tokenizer, "chat_template", None) or ""
+    blob = f"{text}\0{tokenizer.eos_token_id}\0{chat}".encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+# ----------------------------------------------------------------------------- reading
+class TokenStream:
+    """One split's token stream (and loss mask, when stored) over its memory-mapped shards."""
+
+    def __init__(self, folder: Path, split: str, info: dict[str, Any], dtype: np.dtype):
+        self.split = split
+        self.tokens = int(info["tokens"])
+        self.shard_tokens = int(info["shard_tokens"])
+        names = [s["file"] for s in info["shards"]]
+        self._shards = [np.memmap(folder / n, dtype=dtype, mode="r") for n in names]
+        self.has_mask = bool(info.get("mask"))
+        self._masks = ([np.memmap(folder / Path(n).with_suffix(".mask"), dtype=np.uint8, mode="r")
+                        for n in names] if self.has_mask else [])
+
+    def read(self, start: int, length: int, mask: bool = False) -> np.ndarray:
+        """Tokens [start, start + length) (or their mask) as one array, across shard edges."""
+        parts, end = [], start + length
+        if start < 0 or end > self.tokens:
+            raise IndexError(f"tokens [{start}, {end}) outside the '{self.split}' split "
+                             f"({self.tokens} tokens)")
+        source = self._masks if mask else self._shards
+        while start < end:
+            k, off = divmod(start, self.shard_tokens)
+            take = min(end - start, self.shard_tokens - off)
+            parts.append(source[k][off:off + take])
+            start += take
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class BlockView:
+    """Blocks [n, block_size] of one split, read from the shards on indexing (int64 tensors).
+
+    Quacks like the 2-D LongTensor the stages used to receive: `len`, `shape`, `ndim`, `size()`,
+    and `view[rows]` with an int, a slice, a list or a tensor of indices.
+    """
+
+    def __init__(self, stream: TokenStream, block_size: int, num_blocks: int, fingerprint: str,
+                 vocab_size: int):
+        self.stream, self.block_size, self.num_blocks = stream, block_size, num_blocks
+        self.fingerprint, self.vocab_size = fingerprint, vocab_size  # every id < vocab_size
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_blocks, self.block_size)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def has_mask(self) -> bool:
+        return self.stream.has_mask
+
+    def _rows(self, index) -> list[int]:
+        if isinstance(index, slice):
+            return list(range(*index.indices(self.num_blocks)))
+        if isinstance(index, int):
+            return [index]
+        rows = [int(i) for i in (index.tolist() if hasattr(index, "tolist") else index)]
+        for r in rows:
+            if not 0 <= r < self.num_blocks:
+                raise IndexError(f"block {r} outside 0..{self.num_blocks - 1}")
+        return rows
+
+    def _gather(self, index, mask: bool):
+        import torch
+
+        rows = self._rows(index)
+        b = self.block_size
+        out = np.empty((len(rows), b), dtype=np.int64 if not mask else np.bool_)
+        for i, r in enumerate(rows):
+            out[i] = self.stream.read(r * b, b, mask=mask)
+        t = torch.from_numpy(out)
+        return t[0] if isinstance(index, int) else t
+
+    def __getitem__(self, index):
+        return self._gather(index, mask=False)
+
+    def mask(self, index):
+        """The loss mask of the same rows (bool; True = counts); all True without a stored mask."""
+        if not self.has_mask:
+            import torch
+
+            ids = self[index]
+            return torch.ones(ids.shape, dtype=torch.bool)
+        return self._gather(index, mask=True)
+
+    def tensor(self):
+        """All blocks as one LongTensor (for the small splits: calibration, evaluation)."""
+        return self[:]
+
+
+class Prepared:
+    """A prepared folder: its manifest and its splits."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.exists():
+            raise MinitronError(f"{self.folder} is not a prepared data folder (no {MANIFEST}); "
+                                f"make one with: python -m minitron.data prepare SOURCE --output DIR")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise MinitronError(f"{path}: format {self.manifest.get('format')!r}; this minitron "
+                                f"reads format {FORMAT}: prepare the folder again")
+        self.dtype = np.dtype(self.manifest["dtype"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def check_tokenizer(self, tokenizer) -> None:
+        want, have = self.manifest["tokenizer"]["hash"], tokenizer_hash(tokenizer)
+        if want != have:
+            raise MinitronError(
+                f"data folder {self.folder} was tokenized with another tokenizer (hash {want}, "
+                f"from '{self.manifest['tokenizer'].get('name')}') than the model's (hash {have}); "
+                f"prepare it again with this model's tokenizer (--tokenizer)")
+
+    def stream(self, split: str) -> TokenStream:
+        if split not in self.manifest["splits"]:
+            raise MinitronError(f"unknown split '{split}'; valid: {', '.join(self.manifest['splits'])}")
+        return TokenStream(self.folder, split, self.manifest["splits"][split], self.dtype)
+
+    def blocks(self, split: str, block_size: int, num_blocks: int | None = None) -> BlockView:
+        """The first `num_blocks` (all when None) blocks of `block_size` tokens of a split."""
+        stream = self.stream(split)
+        n = stream.tokens // block_size
+        if num_blocks is not None:
+            n = min(n, num_blocks)
+        fp = f"{self.fingerprint}:{split}:{block_size}:{n}"
+        return BlockView(stream, block_size, n, fp, self.manifest["tokenizer"]["vocab_size"])
+
+
+def is_prepared(source: str | os.PathLike) -> bool:
+    return (Path(str(source)).expanduser() / MANIFEST).is_file()
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What a prepared folder's content depends on (besides the sources' documents).
+
+    `sources`: (source, weight) pairs; one source, or a weighted mixture whose weights are the
+    shares of the train split's tokens (eval and calibration keep every document once)."""
+
+    sources: tuple[tuple[str, float], ...]
+    text_field: str = "text"
+    seed: int = 0
+    block_size: int = 256
+    eval_fraction: float = 0.05
+    calibration_fraction: float = 0.10
+
+    def __post_init__(self):
+        for name in ("eval_fraction", "calibration_fraction"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise MinitronError(f"{name}={v!r} is invalid; valid: 0 <= {name} < 1")
+        if self.eval_fraction + self.calibration_fraction >= 1:
+            raise MinitronError(
+                f"eval_fraction + calibration_fraction = "
+                f"{self.eval_fraction + self.calibration_fraction} leaves no training data; "
+                f"valid: a sum < 1")
+        if self.block_size < 2:
+            raise MinitronError(f"block_size={self.block_size} is invalid; valid: an integer >= 2")
+        for source, weight in self.sources:
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+                raise MinitronError(f"weight {weight!r} of source '{source}' is invalid; valid: "
+                                    f"a number > 0")
+
+    @property
+    def edges(self) -> dict[str, tuple[float, float]]:
+        e, c = self.eval_fraction, self.calibration_fraction
+        return {"eval": (0.0, e), "calibration": (e, e + c), "train": (e + c, 1.0)}
+
+
+# ----------------------------------------------------------------------------- pass 1: tokenize
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_blob: bytes) -> None:
+    global _WORKER_TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER_TOKENIZER = pickle.loads(tokenizer_blob)
+
+
+def _chunk_files(work: Path, index: int, split: str) -> tuple[Path, Path, Path]:
+    stem = work / f"{split}-{index:06d}"
+    return stem.with_suffix(".bin"), stem.with_suffix(".len.npy"), stem.with_suffix(".mask")
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        if path.suffix == ".npy":
+            np.save(f, array)
+        else:
+            array.tofile(f)
+    os.replace(tmp, path)
+
+
+def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, Any]],
+                    dtype: str, source_index: int = 0) -> dict[str, Any]:
+    """Tokenize one chunk of (split, Document) into `.work`; the marker goes last."""
+    from minitron.corpus import encode_documents
+
+    work_dir, dt = Path(work), np.dtype(dtype)
+    per_split: dict[str, tuple[list, list, list]] = {}
+    encoded = encode_documents([d for _, d in docs], _WORKER_TOKENIZER, _TOKENIZE_BATCH)
+    for (split, _), (ids, mask) in zip(docs, encoded):
+        arrays, lengths, masks = per_split.setdefault(split, ([], [], []))
+        arrays.append(np.asarray(ids, dtype=dt))
+        lengths.append(len(ids))
+        masks.append(mask)
+    marker = {"digest": digest, "source": source_index, "splits": {}}
+    for split, (arrays, lengths, masks) in per_split.items():
+        tok_path, len_path, mask_path = _chunk_files(work_dir, index, split)
+        _save(tok_path, np.concatenate(arrays))
+        _save(len_path, np.asarray(lengths, dtype=np.int64))
+        has_mask = any(m is not None for m in masks)
+        if has_mask:  # plain documents in a chat chunk: every token counts
+            _save(mask_path, np.concatenate([np.asarray(m if m is not None else [1] * n, np.uint8)
+                                             for m, n in zip(masks, lengths)]))
+        marker["splits"][split] = {"documents": len(lengths), "tokens": int(sum(lengths)),
+                                   "mask": has_mask}
+    write_json_atomic(work_dir / f"chunk-{index:06d}.json", marker)
+    return marker
+
+
+def _chunks(settings: PrepareSettings, chunk_chars: int, fingerprint) -> Iterator[tuple[int, list]]:
+    """(source index, [(split, Document)]) chunks of about `chunk_chars` characters, in source
+    order (a chunk holds one source's documents); `fingerprint` (a hashlib object) absorbs every
+    document's key and content on the way."""
+    from minitron.corpus import iter_documents, split_of
+
+    for source_index, (source, _) in enumerate(settings.sources):
+        fingerprint.update(f"source {source_index}: {source}\n".encode())
+        chunk, size = [], 0
+        for doc in iter_documents(source, settings.text_field):
+            if not doc.text:
+                continue
+            digest = hashlib.sha1(doc.text.encode()).hexdigest()
+            fingerprint.update(f"{doc.key}\0{digest}\n".encode())
+            chunk.append((split_of(doc.key, settings.edges), doc))
+            size += len(doc.text)
+            if size >= chunk_chars:
+                yield source_index, chunk
+                chunk, size = [], 0
+        if chunk:
+            yield source_index, chunk
+
+
+def _chunk_digest(chunk: list) -> str:
+    h = hashlib.sha1()
+    for split, doc in chunk:
+        h.update(f"{split}\0{doc.key}\0{len(doc.text)}\0{doc.messages is not None}\0".encode())
+        h.update(doc.text.encode())
+    return h.hexdigest()
+
+
+def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dtype, workers: int,
+                  chunk_chars: int, progress: bool) -> tuple[list[dict], str, dict[str, float]]:
+    """Pass 1: every chunk tokenized into `work` (reusing chunks a previous run finished)."""
+    from tqdm import tqdm
+
+    source_fp = hashlib.sha1()
+    markers: dict[int, dict] = {}
+    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    stats = {"tokenized": 0, "reused": 0, "seconds": 0.0}
+    t0 = time.perf_counter()
+
+    def done(index: int, marker: dict, fresh: bool) -> None:
+        markers[index] = marker
+        n = sum(s["tokens"] for s in marker["splits"].values())
+        stats["tokenized" if fresh else "reused"] += n
+        bar.update(n)
+
+    pool, pending = None, {}
+    if workers > 1:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                   initializer=_init_worker, initargs=(pickle.dumps(tokenizer),))
+    else:
+        _init_worker(pickle.dumps(tokenizer))
+    try:
+        for index, (src, chunk) in enumerate(_chunks(settings, chunk_chars, source_fp)):
+            digest = f"{src}:{_chunk_digest(chunk)}"
+            marker_path = work / f"chunk-{index:06d}.json"
+            if marker_path.exists() and json.loads(marker_path.read_text())["digest"] == digest:
+                done(index, json.loads(marker_path.read_text()), fresh=False)
+                continue
+            if pool is None:
+                done(index, _tokenize_chunk(str(work), index, digest, chunk, dtype.str, src), True)
+                continue
+            pending[index] = pool.submit(_tokenize_chunk, str(work), index, digest, chunk, dtype.str,
+                                         src)
+            while len(pending) >= 2 * workers:  # bounded: chunks of text wait in memory
+                first = min(pending)
+                done(first, pending.pop(first).result(), True)
+        for index in sorted(pending):
+            done(index, pending.pop(index).result(), True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    return [markers[i] for i in sorted(markers)], source_fp.hexdigest()[:16], stats
+
+
+# ----------------------------------------------------------------------------- pass 2: shards
+def _split_documents(work: Path, markers: list[dict], split: str):
+    """Per document of the split, in source order: its chunk, its offset in the chunk file, its
+    length (int64 arrays: the only per-document state, a few bytes per document)."""
+    chunk_ids, offsets, lengths = [], [], []
+    for index, marker in enumerate(markers):
+        if split not in marker["splits"]:
+            continue
+        lens = np.load(_chunk_files(work, index, split)[1])
+        chunk_ids.append(np.full(len(lens), index, dtype=np.int64))
+        offsets.append(np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64))
+        lengths.append(lens)
+    if not lengths:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return np.concatenate(chunk_ids), np.concatenate(offsets), np.concatenate(lengths)
+
+
+def _mixture_order(markers: list[dict], chunk_ids: np.ndarray, lengths: np.ndarray,
+                   weights: list[float], seed: int) -> tuple[list[int], list[dict]]:
+    """The train documents with each source repeated (or subsampled) so that its share of the
+    split's tokens is its weight, the total staying the sources' own: source i's documents are
+    taken r_i = w_i * total / tokens_i times, whole copies plus a seeded sample for the rest."""
+    source_of = np.asarray([markers[c]["source"] for c in chunk_ids], dtype=np.int64)
+    total, share = int(lengths.sum()), [w / sum(weights) for w in weights]
+    rng, order, summary = random.Random(seed), [], []
+    for i, w in enumerate(share):
+        docs = np.flatnonzero(source_of == i).tolist()
+        tokens = int(lengths[docs].sum()) if docs else 0
+        if not tokens:
+            raise MinitronError(f"mixture source {i} has no train documents; drop it or give it "
+                                f"more text")
+        repeat = w * total / tokens
+        whole, rest = int(repeat), round((repeat - int(repeat)) * len(docs))
+        order += docs * whole + sorted(rng.sample(docs, rest))
+        summary.append({"weight": w, "documents": len(docs), "tokens": tokens,
+                        "repeat": round(repeat, 4)})
+    return order, summary
+
+
+class _ChunkReader:
+    """Reads a document's tokens (or mask) from the pass-1 chunk files, memory-mapped lazily."""
+
+    def __init__(self, work: Path, split: str, dtype: np.dtype, mask: bool):
+        self.work, self.split, self.dtype, self.mask = work, split, dtype, mask
+        self.files: dict[int, np.ndarray | None] = {}
+
+    def get(self, chunk: int, lo: int, hi: int) -> np.ndarray:
+        if chunk not in self.files:
+            tok, _, mask = _chunk_files(self.work, chunk, self.split)
+            path, dt = (mask, np.uint8) if self.mask else (tok, self.dtype)
+            self.files[chunk] = np.memmap(path, dtype=dt, mode="r") if path.exists() else None
+        data = self.files[chunk]
+        if data is None:  # a chunk of plain documents in a split with conversations
+            return np.ones(hi - lo, dtype=np.uint8)
+        return data[lo:hi]
+
+
+def _fill(buf: np.ndarray, lo: int, reader: _ChunkReader, order, ends, lengths, chunk_ids,
+          offsets) -> None:
+    """Stream positions [lo, lo + len(buf)) of the shuffled split, copied document by document."""
+    hi, pos = lo + len(buf), lo
+    d = int(np.searchsorted(ends, lo, side="right"))  # the first document ending after lo
+    while pos < hi:
+        doc = order[d]
+        start = int(ends[d] - lengths[doc])  # the document's place in the stream
+        a, b = pos - start, min(hi, int(ends[d])) - start
+        base = int(offsets[doc])
+        buf[pos - lo:pos - lo + b - a] = reader.get(int(chunk_ids[doc]), base + a, base + b)
+        pos += b - a
+        d += 1
+
+
+def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: int,
+                 dtype: np.dtype, shard_tokens: int, weights: list[float]) -> dict[str, Any]:
+    """Pass 2 for one split: the seeded document order written as shards (each by rename)."""
+    chunk_ids, offsets, lengths = _split_documents(work, markers, split)
+    mixture = None
+    if split == "train" and len(weights) > 1:
+        order, mixture = _mixture_order(markers, chunk_ids, lengths, weights, seed)
+    else:
+        order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)  # the permutation data.load_blocks applies to the docs
+    order = np.asarray(order, dtype=np.int64)
+    ends = np.cumsum(lengths[order]) if len(order) else np.zeros(0, dtype=np.int64)
+    total = int(ends[-1]) if len(ends) else 0
+    with_mask = any(m["splits"].get(split, {}).get("mask") for m in markers)
+    kinds = [(".bin", dtype, False)] + ([(".mask", np.dtype(np.uint8), True)] if with_mask else [])
+    readers = {mask: _ChunkReader(work, split, dtype, mask) for _, _, mask in kinds}
+    shards = []
+    for k in range(math.ceil(total / shard_tokens)):
+        lo, hi = k * shard_tokens, min((k + 1) * shard_tokens, total)
+        shards.append({"file": f"{split}-{k:05d}.bin", "tokens": hi - lo})
+        for suffix, dt, mask in kinds:
+            path = out / f"{split}-{k:05d}{suffix}"
+            if path.exists() and path.stat().st_size == (hi - lo) * dt.itemsize:
+                continue  # written by an interrupted run (shards appear only by rename)
+            buf = np.empty(hi - lo, dtype=dt)
+            _fill(buf, lo, readers[mask], order, ends, lengths, chunk_ids, offsets)
+            _save(path, buf)
+    info = {"documents": len(lengths), "tokens": total, "shard_tokens": shard_tokens,
+            "mask": with_mask, "shards": shards}
+    if mixture is not None:
+        info["mixture"] = mixture
+    return info
+
+
+# ----------------------------------------------------------------------------- prepare
+def _begin(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished manifest if `out` holds this very preparation; else set up `out/.work` to
+    start or resume it (an interrupted preparation with other settings starts over). Refuses a
+    folder that holds another preparation or anything else."""
+    if (out / MANIFEST).exists():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("plan") == plan:
+            return manifest
+        raise MinitronError(f"{out} holds another preparation (other source, tokenizer or "
+                            f"settings); choose another --output or delete it")
+    if out.exists() and not (out / ".work").exists() and any(out.iterdir()):
+        raise MinitronError(f"--output {out} is not empty and holds no preparation; choose a "
+                            f"new or empty folder")
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    if (work / "plan.json").exists() and json.loads((work / "plan.json").read_text()) != plan:
+        shutil.rmtree(work)
+        for stale in [*out.glob("*.bin"), *out.glob("*.mask")]:
+            stale.unlink()
+        work.mkdir()
+    write_json_atomic(work / "plan.json", plan)
+    return None
+
+
+def prepare(
+    source: str | list[tuple[str, float]],
+    output: str | os.PathLike,
+    tokenizer,
+    *,
+    tokenizer_name: str | None = None,
+    text_field: str = "text",
+    seed: int = 0,
+    block_size: int = 256,
+    eval_fraction: float = 0.05,
+    calibration_fraction: float = 0.10,
+    workers: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    chunk_chars: int = DEFAULT_CHUNK_CHARS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `source` once into shards + manifest in `output`; returns the manifest.
+
+    A folder that already holds the same preparation is returned as is; an interrupted one is
+    resumed (finished chunks and shards are kept); a folder holding anything else is refused.
+    """
+    sources = ((source, 1.0),) if isinstance(source, str) else tuple(
+        (str(s), float(w)) for s, w in source)
+    if not sources:
+        raise MinitronError("no data source given")
+    settings = PrepareSettings(sources, text_field, seed, block_size, eval_fraction,
+                               calibration_fraction)
+    if tokenizer.eos_token_id is None:
+        raise MinitronError("the tokenizer has no EOS token; documents cannot be separated")
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers < 1 or shard_tokens < 1 or chunk_chars < 1:
+        raise MinitronError(f"workers={workers}, shard_tokens={shard_tokens}, chunk_chars="
+                            f"{chunk_chars}: each must be >= 1")
+    out = Path(output).expanduser()
+    vocab = len(tokenizer)
+    dtype = token_dtype(vocab)
+    plan = {"format": FORMAT, "settings": settings.__dict__, "tokenizer_hash":
+            tokenizer_hash(tokenizer), "dtype": dtype.str, "shard_tokens": shard_tokens,
+            "chunk_chars": chunk_chars}
+    plan = json.loads(json.dumps(plan))  # as it reads back from JSON (tuples become lists)
+    done = _begin(out, plan)
+    if done is not None:
+        return done
+    work = out / ".work"
+    markers, source_fp, stats = _tokenize_all(settings, work, tokenizer, dtype, workers,
+                                              chunk_chars, progress)
+    t0 = time.perf_counter()
+    weights = [w for _, w in sources]
+    splits = {s: _write_split(out, work, markers, s, seed, dtype, shard_tokens, weights)
+              for s in ("train", "calibration", "eval")}
+    if not any(s["tokens"] for s in splits.values()):
+        raise MinitronError(f"data source '{source}' holds no non-empty documents")
+    manifest = {
+        "format": FORMAT, "plan": plan,
+        "source": {"spec": source if isinstance(source, str) else [list(x) for x in sources],
+                   "fingerprint": source_fp},
+        "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", None),
+                      "hash": plan["tokenizer_hash"], "vocab_size": vocab,
+                      "eos_token_id": tokenizer.eos_token_id},
+        "dtype": dtype.str, "seed": seed, "block_size": block_size, "split_edges": settings.edges,
+        "splits": splits,
+        "stats": {"workers": workers, "tokenize_s": round(stats["seconds"], 3),
+                  "tokens_tokenized": stats["tokenized"], "tokens_reused": stats["reused"],
+                  "write_s": round(time.perf_counter() - t0, 3)},
+    }
+    content = json.dumps({k: manifest[k] for k in ("plan", "source", "splits")}, sort_keys=True)
+    manifest["fingerprint"] = hashlib.sha1(content.encode()).hexdigest()[:16]
+    write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest

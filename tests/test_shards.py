@@ -1,0 +1,146 @@
+"""Prepared shards: the same blocks as the in-memory packing, resumable, refused when mismatched."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minitron.common import MinitronError
+from minitron.data import load_blocks, stdlib_root
+from minitron.shards import MANIFEST, Prepared, prepare, token_dtype
+
+# A small slice of the stdlib corpus (a folder source keys documents by relative path, as stdlib
+# does): about 100 files, enough for every split to hold blocks.
+SLICE = str(stdlib_root() / "email")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tokenizer):
+    out = tmp_path_factory.mktemp("shards") / "email"
+    # Small shards and chunks, so blocks cross shard edges and several chunks are tokenized.
+    prepare(SLICE, out, tokenizer, workers=2, shard_tokens=4099, chunk_chars=50_000,
+            progress=False)
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "calibration", "eval"])
+def test_shards_reproduce_in_memory_blocks(prepared, tokenizer, split):
+    for block_size in (32, 61):
+        expected = load_blocks(tokenizer, split, None, source=SLICE, block_size=block_size)
+        view = Prepared(prepared).blocks(split, block_size)
+        assert view.shape == tuple(expected.shape)
+        assert torch.equal(view.tensor(), expected)
+        rows = torch.tensor([len(view) - 1, 0, 3])  # by index, in any order
+        assert torch.equal(view[rows], expected[rows])
+        # load_blocks on the prepared folder: the first n blocks, read from the shards.
+        got = load_blocks(tokenizer, split, 5, source=str(prepared), block_size=block_size)
+        assert torch.equal(got, expected[:5])
+
+
+def test_manifest_counts_and_dtype(prepared, tokenizer):
+    m = json.loads((prepared / MANIFEST).read_text())
+    assert m["dtype"] == np.dtype(np.uint16).str and token_dtype(200_000) == np.uint32
+    docs = {s: 0 for s in m["splits"]}
+    from minitron.data import iter_documents, split_of
+
+    for d in iter_documents(SLICE):
+        if d.text:
+            docs[split_of(d.key)] += 1
+    assert {s: v["documents"] for s, v in m["splits"].items()} == docs
+    for split, info in m["splits"].items():
+        sizes = [os.path.getsize(prepared / s["file"]) // 2 for s in info["shards"]]
+        assert sum(sizes) == info["tokens"] and all(n == 4099 for n in sizes[:-1])
+    assert not (prepared / ".work").exists()
+
+
+def test_interrupted_prepare_resumes(tmp_path, tokenizer, prepared):
+    """Kill a prepare mid-way (SIGKILL after the first chunk); a rerun finishes with the same
+    shards, reusing what the killed run wrote."""
+    out = tmp_path / "p"
+    code = (
+        "import os, sys, signal; sys.path.insert(0, 'tests')\n"
+        "from tiny import tiny_tokenizer\n"
+        "import minitron.shards as s\n"
+        "orig = s._tokenize_chunk\n"
+        "def once(*a, **k):\n"
+        "    r = orig(*a, **k)\n"
+        "    if a[1] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return r\n"
+        "s._tokenize_chunk = once\n"
+        f"s.prepare({SLICE!r}, {str(out)!r}, tiny_tokenizer(), workers=1, shard_tokens=4099,"
+        " chunk_chars=50_000, progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    assert proc.returncode == -9
+    assert not (out / MANIFEST).exists() and len(list((out / ".work").glob("chunk-*.json"))) == 3
+    m = prepare(SLICE, out, tokenizer, workers=1, shard_tokens=4099, chunk_chars=50_000,
+                progress=False)
+    assert m["stats"]["tokens_reused"] > 0 and m["stats"]["tokens_tokenized"] > 0
+    ref = json.loads((prepared / MANIFEST).read_text())
+    assert m["fingerprint"] == ref["fingerprint"]
+    for info in ref["splits"].values():
+        for shard in info["shards"]:
+            assert (out / shard["file"]).read_bytes() == (prepared / shard["file"]).read_bytes()
+
+
+def test_prepared_folder_refuses_another_tokenizer_and_settings(prepared, tmp_path, tokenizer):
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy, then changed
+    variant = tokenizer.__class__(tokenizer_object=backend, eos_token="<|endoftext|>")
+    variant.add_tokens(["<extra_token>"])
+    with pytest.raises(MinitronError, match="another tokenizer"):
+        load_blocks(variant, "eval", 1, source=str(prepared), block_size=16)
+    with pytest.raises(MinitronError, match="holds another preparation"):
+        prepare(SLICE, prepared, tokenizer, seed=1, workers=1, progress=False)
+    with pytest.raises(MinitronError, match="eval_fraction \\+ calibration_fraction"):
+        prepare(SLICE, tmp_path / "x", tokenizer, eval_fraction=0.5, calibration_fraction=0.5)
+
+
+def test_prepare_cli(tmp_path):
+    """The command line: a saved tokenizer folder, one line of error on bad input (exit 2)."""
+    from tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"{i}.txt").write_text(f"text number {i}. " * 40)
+    run = [sys.executable, "-m", "minitron.data", "prepare", str(corpus), "--tokenizer",
+           str(tmp_path / "tok"), "--workers", "1", "--no-progress"]
+    ok = subprocess.run(run + ["--output", str(tmp_path / "out")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "tokens/s" in ok.stdout and (tmp_path / "out" / MANIFEST).exists()
+    bad = subprocess.run(run + ["--output", str(tmp_path / "o2"), "--eval-fraction", "1.5"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "eval_fraction=1.5 is invalid" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_weighted_mixture_gives_each_source_its_share_of_train_tokens(tmp_path, tokenizer):
+    """Two sources, 9:1 in size, mixed 1:1: the train stream holds each source's documents in
+    proportion to its weight (counted from the stream itself), eval/calibration once each."""
+    big, small = tmp_path / "big", tmp_path / "small.jsonl"
+    big.mkdir()
+    for i in range(90):
+        (big / f"{i}.txt").write_text(f"alpha {i} " * 30)
+    small.write_text("".join(json.dumps({"text": f"omega {i} " * 30}) + "\n" for i in range(10)))
+    m = prepare([(str(big), 1.0), (str(small), 1.0)], tmp_path / "mix", tokenizer, workers=1,
+                seed=0, eval_fraction=0.0, calibration_fraction=0.0, progress=False)
+    stream = Prepared(tmp_path / "mix").stream("train")
+    ids = stream.read(0, stream.tokens).tolist()
+    eos, tokens, doc = tokenizer.eos_token_id, {"alpha": 0, "omega": 0}, []
+    for t in ids:
+        doc.append(t)
+        if t == eos:
+            tokens["alpha" if "alpha" in tokenizer.decode(doc) else "omega"] += len(doc)
+            doc = []
+    share = tokens["omega"] / sum(tokens.values())
+    assert abs(share - 0.5) < 0.05, (tokens, m["splits"]["train"]["mixture"])
+    assert sum(tokens.values()) == pytest.approx(stream.tokens, rel=0) and not doc
+    with pytest.raises(MinitronError, match="weight -1.0 of source"):
+        prepare([(str(big), -1.0), (str(small), 1.0)], tmp_path / "bad", tokenizer, workers=1)
