@@ -39,3 +39,13 @@ def tokenizer():
 @pytest.fixture(params=["llama", "mistral", "qwen2"])
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: a second intra-op thread only adds spin-waiting (5x slower on a busy 2-core
+    box). Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

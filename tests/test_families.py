@@ -21,7 +21,8 @@ from minitron.common import MinitronError
 from minitron.importance import compute_scores
 from minitron.models import ARCHS, arch_of, count_params, param_count_from_config
 from minitron.prune import plan, prune, save_pruned, target_for_budget
-from tiny import NEW_FAMILIES, make_tiny_model, tiny_config, tiny_tokenizer
+from tiny import (NEW_FAMILIES, make_tiny_model, prune_inert_layers, tiny_config,
+                  tiny_tokenizer)
 
 IDS = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(3))
 TIED = {"qwen3": False, "gemma2": True, "gemma3_text": True, "phi3": True}  # as they ship (Phi-4-mini)
@@ -29,12 +30,7 @@ SMALLER = {"hidden_size": 48, "intermediate_size": 40, "num_attention_heads": 4,
            "num_key_value_heads": 1, "num_hidden_layers": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calib(n=6, t=24):
@@ -251,19 +247,8 @@ def test_inert_layers_prune_away_with_a_working_kv_cache(family):
     """Layers whose attention and MLP write nothing (for Gemma, the post-norm of zero is zero) rank
     lowest by both depth methods; without them the logits and greedy generation through the KV
     cache (Gemma's sliding/global layers, renumbered) are the teacher's."""
-    from minitron.importance import ImportanceConfig
-
     model = make_tiny_model(family, tie_word_embeddings=TIED[family])
-    for i in (1, 2):
-        layer = model.model.layers[i]
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-    ref = logits(model)
-    scores = compute_scores(model, calib(), 4, ImportanceConfig(depth_method="lm_loss"))
-    assert sorted(torch.argsort(scores.layers_bi)[:2].tolist()) == [1, 2]
-    assert scores.layers_lm_loss[[1, 2]].abs().max() == 0
-    pruned = prune(model, scores, {"num_hidden_layers": 2}, depth_method="block_importance")
-    assert pruned.minitron_record["kept_layers"] == [0, 3]
+    ref, pruned = prune_inert_layers(model, calib(), logits)
     types = getattr(model.config, "layer_types", None)
     if types:
         assert pruned.config.layer_types == [types[0], types[3]]

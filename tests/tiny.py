@@ -82,3 +82,24 @@ def make_tiny_model(family: str = "llama", path: str | Path | None = None, seed:
         model.save_pretrained(path, safe_serialization=True)
         tiny_tokenizer().save_pretrained(path)
     return model
+
+
+def prune_inert_layers(model, calib_blocks: torch.Tensor, logits):
+    """Make layers 1 and 2 of `model` inert (zero o_proj and down_proj: each returns its input),
+    check both depth scores rank them lowest, and prune them away by block importance.
+    Returns (the inert model's logits before pruning, the pruned model)."""
+    from minitron.config import ImportanceConfig
+    from minitron.importance import compute_scores
+    from minitron.prune import prune
+
+    for i in (1, 2):
+        layer = model.model.layers[i]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    ref = logits(model)
+    scores = compute_scores(model, calib_blocks, 4, ImportanceConfig(depth_method="lm_loss"))
+    assert sorted(torch.argsort(scores.layers_bi)[:2].tolist()) == [1, 2]
+    assert scores.layers_lm_loss[[1, 2]].abs().max() == 0
+    pruned = prune(model, scores, {"num_hidden_layers": 2}, depth_method="block_importance")
+    assert pruned.minitron_record["kept_layers"] == [0, 3]
+    return ref, pruned
