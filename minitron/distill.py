@@ -742,9 +742,10 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
         if distributed.rank() == 0:
             print(f"[minitron] teacher correction: already done, loaded {done}")
         return saved
-    # A separate fp32 module when the teacher is not fp32, or when FSDP would shard it in place.
+    # A separate fp32 module when the teacher is not fp32, or when FSDP (or HSDP, the same
+    # fully_shard on a 2-D mesh) would shard it in place.
     sharded = (distributed.dist_on()
-               and distributed.strategy(tc.strategy, _device_of(teacher)) == "fsdp")
+               and distributed.strategy(tc.strategy, _device_of(teacher)) in ("fsdp", "hsdp"))
     master = (copy.deepcopy(teacher).float()
               if sharded or any(p.dtype != torch.float32 for p in teacher.parameters()) else teacher)
     metrics = _train(master, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
