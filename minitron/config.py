@@ -240,6 +240,39 @@ class PruneConfig(Section):
                                 f"a shape ({', '.join('prune.' + k for k in self.target())}); give one")
 
 
+@dataclass
+class SearchConfig(Section):
+    """Architecture search within prune.target_params (see minitron/search.py): enumerate the
+    shapes that fit, prune each from one set of importance scores, score all of them without
+    training (KL to the teacher on calibration blocks), distill the best `candidates` briefly on the
+    same `tokens`, keep the one with the lowest held-out KL. 0 candidates: off (the budget's fixed
+    rule picks the shape). The short runs take the distill section's settings but its tokens."""
+
+    SECTION: ClassVar[str] = "search"
+
+    candidates: int = setting(0, "K: shapes distilled briefly and ranked (0: no search).",
+                              at_least(0))
+    tokens: int = setting(16384, "Short-distillation tokens per candidate (the same tokens for "
+                                 "each).", at_least(1))
+    band: float = setting(0.05, "Shapes enumerated: from (1 - band) x the budget up to the "
+                                "budget (a shape that leaves much of it unused is not a "
+                                "contender).", between(0, 1, lo_open=True))
+    depth: bool = setting(True, "Also enumerate depth (fewer layers), not only widths and heads.")
+    max_shapes: int = setting(96, "At most this many shapes are scored without training (the "
+                                  "largest first).", at_least(1))
+    score_blocks: int = setting(8, "Calibration blocks the zero-shot KL is measured on.",
+                                at_least(1))
+    eval_blocks: int = setting(16, "Held-out blocks each short run is ranked on.", at_least(1))
+
+
+def check_search(prune: PruneConfig, search: SearchConfig) -> None:
+    """The rule that ties the two sections: a search needs a budget to search within."""
+    if search.candidates and prune.target_params is None:
+        raise MinitronError(f"search.candidates={search.candidates} searches within a parameter "
+                            f"budget: give prune.target_params (e.g. 0.5) instead of a shape, or "
+                            f"set search.candidates=0")
+
+
 # ----------------------------------------------------------------------------- distillation
 Divergence = Literal["kl", "reverse_kl", "jsd"]
 Baseline = Literal["ce", "scratch"]
@@ -510,5 +543,5 @@ class EvaluateConfig(Section):
 
 SECTIONS: dict[str, type[Section]] = {
     cls.SECTION: cls for cls in (ModelConfig, DataConfig, ImportanceConfig, PruneConfig,
-                                 TeacherCorrectionConfig, DistillConfig, ExportConfig,
+                                 SearchConfig, TeacherCorrectionConfig, DistillConfig, ExportConfig,
                                  EvaluateConfig)}

@@ -76,7 +76,13 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
         from minitron.tasks import require_lm_eval
 
         require_lm_eval()
-    if recipe.prune.enabled:
+    if recipe.prune.enabled and recipe.search.candidates:
+        from minitron.search import enumerate_shapes, target_of
+
+        # The searched shape is not known yet: plan (memory) for the largest one it may choose.
+        candidates = enumerate_shapes(config, recipe.prune.target_params, recipe.search)
+        shape = plan(config, target_of(candidates[0]))
+    elif recipe.prune.enabled:
         target, candidates = prune_target(recipe, config)
         shape = plan(config, target)
     return shape, candidates
@@ -97,7 +103,12 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         after = param_count_from_config({**config.to_dict(), **shape})
         if candidates:
             print(format_table(candidates))
-        print(f"pruned: {shape}, {after:,} parameters ({after / before:.1%} of the source)")
+        if recipe.search.candidates:
+            print(f"search: the {len(candidates)} shapes above are scored without training, the "
+                  f"best {recipe.search.candidates} distilled for {recipe.search.tokens:,} tokens "
+                  f"each; the best of those is kept")
+        print(f"pruned{' (at most)' if recipe.search.candidates else ''}: {shape}, {after:,} "
+              f"parameters ({after / before:.1%} of the source)")
         plan_info.update(pruned_shape=shape, pruned_params=after, candidates=candidates)
     if recipe.distill.enabled:
         from minitron.distill import memory_plan_
@@ -156,6 +167,8 @@ def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
 
     r = ctx.recipe
     model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device)
+    if r.search.candidates:
+        return _searched_prune(ctx, out, timer, model, tokenizer)
     blocks = calibration_blocks(tokenizer, ctx.data, model.config)
     scores = compute_scores(model, blocks, config=r.importance, progress=True)
     timer.tokens = blocks.numel()
@@ -165,6 +178,25 @@ def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     save_pruned(pruned, tokenizer, out / "model", info, scores=scores)
     shape = {k: getattr(pruned.config, k) for k in (*TARGET_KEYS, "head_dim")}
     return {"model_dir": str(out / "model"), "shape": shape}
+
+
+def _searched_prune(ctx: Context, out: Path, timer: StageTimer, model, tokenizer) -> dict[str, Any]:
+    """The prune stage by search (recipe key `search.candidates`): its work folder is
+    out/search (resumed when the stage reruns), the chosen candidate's checkpoint out/model."""
+    from minitron import search
+    from minitron.prune import search_inputs
+
+    r = ctx.recipe
+    inputs, scores_info = search_inputs(model, tokenizer, ctx.data, r.importance, r.distill,
+                                        r.search, out / "search")
+    timer.tokens = inputs.calibration.numel()
+    found = search.search(out / "search", inputs, r.prune.target_params, r.search, r.distill,
+                          depth=r.prune.depth, device=r.model.device)
+    info = {"recipe": r.source_file, "target_params": r.prune.target_params,
+            "method": {"depth": r.prune.depth, **scores_info}}
+    search.keep_best(found, out / "model", inputs.scores, info, overwrite=True)
+    return {"model_dir": str(out / "model"), "shape": found["chosen"]["shape"],
+            "search": search.summary(found)}
 
 
 def _distill_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
@@ -233,7 +265,9 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     distill = {k: v for k, v in dataclasses.asdict(r.distill).items() if k not in RESUMABLE_SETTINGS}
     return {
         "data": [r.data.source, r.data.text_field, r.data.seed, r.data.block_size],
-        "prune": [r.model, r.data, r.importance, r.prune, *data],
+        # A search's short runs take the distill section's settings too.
+        "prune": [r.model, r.data, r.importance, r.prune, *data,
+                  *([r.search, distill] if r.search.candidates else [])],
         "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill,
                     *data],
         "export": [r.data, r.export, *data],

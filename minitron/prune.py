@@ -2,6 +2,8 @@
 
 `python -m minitron.prune --model M --output DIR [prune.hidden_size=N ...] | [prune.target_params=X]`
 (`--help` lists every setting; `--hidden-size N` and the like are aliases.)
+`python -m minitron.prune --target-params X --search K --output DIR` searches the shapes within the
+budget instead of picking one by a fixed rule (minitron/search.py; its work folder is DIR.search).
 
 The target is a plain dict in Hugging Face config names (any subset). Width pruning keeps, per
 layer, the highest-scoring MLP neurons and attention heads (query heads ranked within their KV
@@ -15,7 +17,9 @@ minitron.json, which stock `transformers` loads without minitron.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import itertools
 import math
 import os
 import time
@@ -112,18 +116,9 @@ def _round_to(x: float, multiple: int) -> int:
     return max(multiple, int(round(x / multiple)) * multiple)
 
 
-def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int], list[dict]]:
-    """Choose a target shape for a parameter budget: a fraction (<= 1) of the source's parameters
-    or an absolute count (> 1).
-
-    Rule: enumerate the width grid HIDDEN_RATIOS x MLP_RATIOS (heads and layers kept; hidden sizes
-    rounded to a multiple of num_attention_heads and of 8 where possible, MLP sizes to a multiple
-    of 8). Among the candidates that fit the budget and lie within BUDGET_SLACK (2% of the source)
-    of the largest one that fits, pick the most balanced: the one whose most-pruned dimension
-    keeps the largest fraction ("least_kept"), then the larger. Only if no width candidate fits is
-    depth added (DEPTH_RATIOS of the layers, same grid, same rule). Returns (target, candidates)
-    with every candidate considered.
-    """
+def budget_limit(config: Any, budget: float | int) -> int:
+    """The largest parameter count a budget allows: a fraction (<= 1) of the source's parameters
+    or an absolute count (> 1)."""
     source = param_count_from_config(config)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
         raise MinitronError(f"prune.target_params {budget!r} must be a fraction in (0, 1] of the source "
@@ -132,41 +127,74 @@ def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int],
     if limit > source:
         raise MinitronError(f"prune.target_params {budget} ({limit:,} parameters) is larger than the "
                             f"source model ({source:,}); give a fraction <= 1 or a count <= {source}")
+    return limit
+
+
+def head_options(config: Any) -> list[tuple[int, int]]:
+    """Every (num_attention_heads, num_key_value_heads) the pruner can make: k of the KV groups,
+    each keeping the same number m of its query heads (heads = k x m)."""
+    hl = head_layout(config)
+    return [(kv * m, kv) for kv in range(hl.num_kv_heads, 0, -1)
+            for m in range(hl.group_size, 0, -1)]
+
+
+def shape_grid(config: Any, limit: int, layer_ratios=(1.0,),
+               heads: list[tuple[int, int]] | None = None) -> list[dict]:
+    """The candidate shapes of the grid HIDDEN_RATIOS x MLP_RATIOS x `layer_ratios` x `heads`
+    ((query heads, KV groups) pairs; default: the source's), each with its parameter count (closed
+    form), its fraction of the source, the fraction its most-pruned dimension keeps ("least_kept")
+    and whether it fits `limit`. Hidden sizes are rounded to a multiple of num_attention_heads and
+    of 8 where possible, MLP sizes to a multiple of 8. Shapes the family cannot take (`plan`
+    refuses them) are left out; every other shape exports (see minitron.export.onnx_config: any
+    width, any head layout with one KV-head count for all layers, which pruning keeps)."""
+    source = param_count_from_config(config)
     hl = head_layout(config)
     h_mult = math.lcm(hl.num_heads, 8) if math.lcm(hl.num_heads, 8) <= config.hidden_size // 8 \
         else hl.num_heads
-    base = {"num_attention_heads": hl.num_heads, "num_key_value_heads": hl.num_kv_heads}
+    heads = heads or [(hl.num_heads, hl.num_kv_heads)]
+    seen, out = set(), []
+    for lr, hr, mr, (n_heads, n_kv) in itertools.product(layer_ratios, HIDDEN_RATIOS, MLP_RATIOS,
+                                                         heads):
+        t = dict(hidden_size=min(config.hidden_size, _round_to(config.hidden_size * hr, h_mult)),
+                 intermediate_size=min(config.intermediate_size,
+                                       _round_to(config.intermediate_size * mr, 8)),
+                 num_attention_heads=n_heads, num_key_value_heads=n_kv,
+                 num_hidden_layers=max(1, round(config.num_hidden_layers * lr)))
+        key = tuple(sorted(t.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            fields = plan(config, t)
+        except MinitronError:  # a shape the family cannot take (Phi-3 longrope)
+            continue
+        n = param_count_from_config(_config_dict(config, fields))
+        least = min(t["hidden_size"] / config.hidden_size,
+                    t["intermediate_size"] / config.intermediate_size,
+                    t["num_hidden_layers"] / config.num_hidden_layers,
+                    t["num_attention_heads"] / hl.num_heads)
+        out.append({**t, "params": n, "fraction": round(n / source, 4),
+                    "least_kept": round(least, 4), "fits": n <= limit})
+    return out
 
-    def grid(layer_ratios):
-        seen, out = set(), []
-        for lr in layer_ratios:
-            for hr in HIDDEN_RATIOS:
-                for mr in MLP_RATIOS:
-                    t = dict(base, hidden_size=min(config.hidden_size,
-                                                   _round_to(config.hidden_size * hr, h_mult)),
-                             intermediate_size=min(config.intermediate_size,
-                                                   _round_to(config.intermediate_size * mr, 8)),
-                             num_hidden_layers=max(1, round(config.num_hidden_layers * lr)))
-                    key = tuple(sorted(t.items()))
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    try:
-                        fields = plan(config, t)
-                    except MinitronError:  # a shape the family cannot take (Phi-3 longrope)
-                        continue
-                    n = param_count_from_config(_config_dict(config, fields))
-                    least = min(t["hidden_size"] / config.hidden_size,
-                                t["intermediate_size"] / config.intermediate_size,
-                                t["num_hidden_layers"] / config.num_hidden_layers)
-                    out.append({**t, "params": n, "fraction": round(n / source, 4),
-                                "least_kept": round(least, 4), "fits": n <= limit})
-        return out
 
-    candidates = grid((1.0,))
+def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int], list[dict]]:
+    """Choose a target shape for a parameter budget: a fraction (<= 1) of the source's parameters
+    or an absolute count (> 1).
+
+    Rule: enumerate the width grid HIDDEN_RATIOS x MLP_RATIOS (`shape_grid`; heads and layers
+    kept). Among the candidates that fit the budget and lie within BUDGET_SLACK (2% of the source)
+    of the largest one that fits, pick the most balanced: the one whose most-pruned dimension
+    keeps the largest fraction ("least_kept"), then the larger. Only if no width candidate fits is
+    depth added (DEPTH_RATIOS of the layers, same grid, same rule). Returns (target, candidates)
+    with every candidate considered. (`minitron.search` ranks such shapes by distillation instead.)
+    """
+    source = param_count_from_config(config)
+    limit = budget_limit(config, budget)
+    candidates = shape_grid(config, limit)
     fitting = [c for c in candidates if c["fits"]]
     if not fitting:
-        candidates += grid(DEPTH_RATIOS)
+        candidates += shape_grid(config, limit, DEPTH_RATIOS)
         fitting = [c for c in candidates if c["fits"]]
     if not fitting:
         smallest = min(c["params"] for c in candidates)
@@ -398,7 +426,12 @@ def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike,
 # The settings the command takes (minitron.cli): the source model is --model.
 CLI_KEYS = {"model": ("dtype", "device"),
             "data": ("source", "text_field", "block_size", "seed", "calibration_blocks"),
-            "importance": None, "prune": None}
+            "importance": None, "prune": None, "search": None,
+            # the search's short distillations (the rest of the distill section keeps its defaults)
+            "distill": ("batch_size", "block_size", "grad_accum", "lr", "min_lr_ratio",
+                        "warmup_fraction", "weight_decay", "temperature", "alpha", "loss_impl",
+                        "precision", "eval_every", "checkpoint_every", "eval_batch_size", "seed",
+                        "progress")}
 
 
 def _shape_rows(config: Any, fields: Mapping[str, int]) -> list[dict]:
@@ -421,6 +454,11 @@ def build_parser():
     p.add_argument("--scores", help="reuse scores saved by an earlier run (.safetensors)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the pruned shape and parameter count; load no weights")
+    p.add_argument("--search", dest="search.candidates", metavar="K", default=argparse.SUPPRESS,
+                   help="search the shapes within --target-params; distill the K best briefly "
+                        "(search.candidates)")
+    p.add_argument("--search-dir", help="the search's work folder (default: OUTPUT.search); a "
+                                        "rerun resumes it")
     return p
 
 
@@ -439,6 +477,7 @@ def _target(config: Any, settings: PruneConfig) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from minitron import cli
+    from minitron.config import check_search
     from minitron.models import load_config, load_model
 
     args = cli.parse(build_parser(), argv)
@@ -446,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg, data, importance, settings = c["model"], c["data"], c["importance"], c["prune"]
     # ---- everything that can be refused is refused before any weights or data load
     config = load_config(args.model)
+    check_search(settings, c["search"])
+    if c["search"].candidates:
+        return _search_main(args, c, config)
     target = _target(config, settings)
     fields = plan(config, target)
     print(format_table(_shape_rows(config, fields)))
@@ -489,6 +531,68 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parameters: {before:,} -> {after:,} ({after / before:.1%}); wrote {args.output} "
           f"in {timer.wall_s:.1f}s")
     return 0
+
+
+def _search_main(args, c: dict[str, Any], config: Any) -> int:
+    """`--search K`: enumerate, score, distill the K best briefly, keep the best as --output."""
+    from minitron import search
+    from minitron.models import load_model
+
+    settings = c["search"]
+    shapes = search.enumerate_shapes(config, c["prune"].target_params, settings)
+    print(f"{len(shapes)} shapes within prune.target_params={c['prune'].target_params} "
+          f"(search.band={settings.band}):")
+    print(format_table(shapes))
+    if args.dry_run:
+        return 0
+    if not args.output:
+        raise MinitronError("--output DIR is required (or use --dry-run)")
+    if Path(args.output).exists() and not args.overwrite:
+        raise MinitronError(f"--output {args.output} already exists; choose another folder or "
+                            f"pass --overwrite")
+    work = Path(args.search_dir or f"{args.output}.search")
+    with StageTimer("prune") as timer:
+        model, tokenizer = load_model(args.model, dtype=c["model"].dtype, device=c["model"].device)
+        inputs, scores_info = search_inputs(model, tokenizer, c["data"], c["importance"],
+                                            c["distill"], settings, work, args.scores)
+        found = search.search(work, inputs, c["prune"].target_params, settings, c["distill"],
+                              depth=c["prune"].depth, device=c["model"].device)
+    info = {"source": str(args.model), "target_params": c["prune"].target_params,
+            "method": {"width": "activation importance (Minitron)", "depth": c["prune"].depth,
+                       "depth_method": c["importance"].depth_method, **scores_info},
+            "timing": timer.as_dict()}
+    search.keep_best(found, args.output, inputs.scores, info, overwrite=args.overwrite)
+    print(f"kept {found['chosen']['name']} ({found['chosen']['params']:,} parameters); wrote "
+          f"{args.output} in {timer.wall_s:.1f}s (search work: {work})")
+    return 0
+
+
+def search_inputs(model: nn.Module, tokenizer, data: DataConfig, importance, distill,
+                  settings, work: Path, scores_path: str | None = None):
+    """The search's inputs: the importance scores (given, found in `work` from an earlier run, or
+    computed now and saved there), the calibration blocks, the short runs' blocks."""
+    from minitron import search
+
+    blocks = calibration_blocks(tokenizer, data, model.config)
+    saved = work / search.SCORES
+    where = scores_path or (saved if saved.exists() else None)
+    if where is not None:
+        scores = load_scores(where)
+        scores.check_matches(model.config)
+        info = {"scores_from": str(where)}
+        print(f"[search] importance scores: reused {where}")
+    else:
+        t0 = time.perf_counter()
+        scores = compute_scores(model, blocks, config=importance, progress=True)
+        work.mkdir(parents=True, exist_ok=True)
+        save_scores(scores, saved)
+        print(f"[search] importance computed once in {time.perf_counter() - t0:.1f}s ({saved})")
+        info = {"scores_from": "computed in this run",
+                "calibration": {"data": data.source, "split": "calibration", "blocks": len(blocks),
+                                "block_size": data.block_size}}
+    train, evals = search.short_run_blocks(tokenizer, data, distill, settings,
+                                           getattr(model.config, "max_position_embeddings", None))
+    return search.SearchInputs(model, tokenizer, scores, blocks, train, evals), info
 
 
 def calibration_blocks(tokenizer, data: DataConfig, config: Any) -> torch.Tensor:

@@ -22,8 +22,8 @@ import yaml
 
 from minitron.common import MinitronError
 from minitron.config import (DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
-                             ImportanceConfig, ModelConfig, PruneConfig, TeacherCorrectionConfig,
-                             check_correction)
+                             ImportanceConfig, ModelConfig, PruneConfig, SearchConfig,
+                             TeacherCorrectionConfig, check_correction, check_search)
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     teacher_correction: TeacherCorrectionConfig = field(default_factory=TeacherCorrectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -43,6 +44,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         check_correction(self.distill, self.teacher_correction)
+        check_search(self.prune, self.search)
 
     @property
     def run_dir(self) -> Path:

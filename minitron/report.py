@@ -1,4 +1,5 @@
-"""The run report: report.json, report.md and PNG plots (time per stage, distillation loss)."""
+"""The run report: report.json, report.md and PNG plots (time per stage, distillation loss, the
+shape search's candidates before and after their short distillation)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,28 @@ def _task_table(models: list[dict[str, Any]]) -> str:
     return format_table(rows, [c for c in TASK_COLUMNS if any(c in r for r in rows)]) if rows else ""
 
 
+def _search_section(found: dict[str, Any], run_dir: Path) -> list[str]:
+    """The shape search: the ranking table, why the chosen shape won, the before/after plot."""
+    from minitron.search import RANKING_COLUMNS
+
+    plot = Path(found["plot"])
+    if plot.exists():
+        shutil.copyfile(plot, run_dir / "search.png")
+    times = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s"
+                      for k, v in found["times"].items())
+    md = ["## Shape search", "",
+          f"{found['enumerated']} shapes within the budget (prune.target_params={found['budget']}) "
+          f"were pruned from one set of importance scores and scored without training (KL to the "
+          f"teacher on calibration blocks); the best {found['candidates']} were distilled for "
+          f"{found['tokens']:,} tokens each, on the same tokens, and ranked by held-out KL, then "
+          f"perplexity ({times}).", "",
+          format_table(found["rows"], RANKING_COLUMNS), "",
+          f"**Why {found['chosen']} won:** {found['why']}", ""]
+    if plot.exists():
+        md += ["![candidates before and after the short distillation](search.png)", ""]
+    return md
+
+
 def write_report(run_dir: Path, name: str, recipe_file: str | None,
                  outputs: dict[str, dict[str, Any]], timings: list[dict[str, Any]],
                  total_s: float) -> dict[str, Any]:
@@ -75,6 +98,9 @@ def write_report(run_dir: Path, name: str, recipe_file: str | None,
           f"invocation took {total_s:.1f}s (stages marked skipped were reused from an earlier one).",
           "",
           "## Stages", "", stage_table, "", "![time per stage](stage_times.png)", ""]
+    found = outputs.get("prune", {}).get("search")
+    if found:
+        md += _search_section(found, run_dir)
     if measured:
         md += ["## Models (held-out eval split)", "",
                format_table(measured, [c for c in _MODEL_COLUMNS if any(c in m for m in measured)]),

@@ -1,0 +1,360 @@
+"""Architecture search within a parameter budget, the Minitron papers' way: enumerate the shapes that
+fit, prune each from one set of importance scores, score every one without training (KL to the
+teacher on calibration blocks), distill the best K briefly on the same tokens, rank them by held-out
+KL (then perplexity), keep the best.
+
+`python -m minitron.prune --target-params 0.5 --search K --output DIR [search.tokens=N ...]`, or a
+recipe's `search:` section (with `prune.target_params`). The work lives in one folder (the prune
+command's `DIR.search/`, the pipeline's `1-prune/search/`):
+
+  scores.safetensors     importance, computed once for every candidate (or reused from --scores)
+  shapes.json            every enumerated shape with its zero-shot KL (done-marker of that phase)
+  NN-<shape>/            one folder per distilled candidate: model/ (the pruned checkpoint),
+                         distill/ (the short run: checkpoint, metrics, the distilled model) and
+                         result.json, written last: the candidate's done-marker
+  ranking.json           the ranking, the choice and why; search.png (KL before and after)
+
+A rerun skips a finished candidate whose result.json matches its settings, resumes an interrupted
+one from its distillation checkpoint, and redoes one whose settings changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from minitron.common import MinitronError, format_table, write_json_atomic
+from minitron.config import TARGET_KEYS, DistillConfig, SearchConfig
+from minitron.importance import Scores
+from minitron.prune import (DEPTH_RATIOS, budget_limit, head_options, prune, save_pruned,
+                            shape_grid)
+from minitron.recipe import fingerprint
+
+RESULT = "result.json"
+SHAPES = "shapes.json"
+RANKING = "ranking.json"
+PLOT = "search.png"
+SCORES = "scores.safetensors"
+RANKING_COLUMNS = ["rank", "shape", "params", "fraction", "zero_shot_rank", "zero_shot_kl",
+                   "kl_after", "ppl_after", "top1_after", "time_s", "chosen"]
+
+
+# ----------------------------------------------------------------------------- enumeration
+def shape_name(shape: dict[str, int]) -> str:
+    return (f"h{shape['hidden_size']}-i{shape['intermediate_size']}-a{shape['num_attention_heads']}"
+            f"-kv{shape['num_key_value_heads']}-l{shape['num_hidden_layers']}")
+
+
+def enumerate_shapes(config: Any, budget: float | int, settings: SearchConfig) -> list[dict]:
+    """The shapes of the pruning grid (`minitron.prune.shape_grid`, over hidden size, MLP width,
+    heads / KV groups and, if `settings.depth`, layers) whose parameter count lies in
+    [(1 - band) x limit, limit]; the largest first, at most `settings.max_shapes`."""
+    limit = budget_limit(config, budget)
+    ratios = (1.0, *DEPTH_RATIOS) if settings.depth else (1.0,)
+    grid = shape_grid(config, limit, ratios, head_options(config))
+    floor = (1 - settings.band) * limit
+    shapes = [c for c in grid if c["fits"] and c["params"] >= floor]
+    if not shapes:
+        below = [c["params"] for c in grid if c["fits"]]
+        hint = (f"the largest that fits has {max(below):,} ({max(below) / limit:.1%} of it): "
+                f"widen search.band to at least {1 - max(below) / limit:.3f}" if below else
+                "no grid shape fits: give a larger prune.target_params")
+        raise MinitronError(f"search.band={settings.band}: no shape lies between {int(floor):,} and "
+                            f"{limit:,} parameters; {hint}")
+    shapes.sort(key=lambda c: (-c["params"], shape_name(c)))
+    out = []
+    for c in shapes[:settings.max_shapes]:
+        c = {k: c[k] for k in (*TARGET_KEYS, "params", "fraction", "least_kept")}
+        out.append({"name": shape_name(c), **c})
+    return out
+
+
+def target_of(shape: dict[str, Any]) -> dict[str, int]:
+    return {k: int(shape[k]) for k in TARGET_KEYS}
+
+
+# ----------------------------------------------------------------------------- zero-shot scoring
+@torch.no_grad()
+def zero_shot_kl(teacher: nn.Module, scores: Scores, shapes: list[dict], blocks: torch.Tensor,
+                 depth: str = "importance", batch_size: int = 8) -> list[float]:
+    """Mean per-token KL(teacher || pruned) over `blocks` for each shape, without training. The
+    teacher's hidden states are computed once; each shape is pruned in memory and dropped."""
+    from minitron.evaluate import final_hidden, metric_sums
+    from minitron.models import logit_softcap
+
+    device = next(teacher.parameters()).device
+    batches = [blocks[i:i + batch_size].to(device) for i in range(0, len(blocks), batch_size)]
+    t_hidden = [final_hidden(teacher, ids) for ids in batches]
+    t_head, t_cap = teacher.get_output_embeddings().weight, logit_softcap(teacher.config)
+    out = []
+    for shape in shapes:
+        student = prune(teacher, scores, target_of(shape), depth=depth)
+        sums = torch.zeros(5, dtype=torch.float64)
+        for ids, th in zip(batches, t_hidden):
+            sums += metric_sums(final_hidden(student, ids), student.get_output_embeddings().weight,
+                                ids, th, t_head, s_softcap=logit_softcap(student.config),
+                                t_softcap=t_cap).cpu()
+        out.append(float(sums[2] / sums[4]))
+        del student
+    return out
+
+
+def score_shapes(work: Path, teacher: nn.Module, scores: Scores, shapes: list[dict],
+                 blocks: torch.Tensor, depth: str, key: str) -> list[dict]:
+    """`shapes` with their zero-shot KL and rank, from work/shapes.json when it was written for
+    the same `key` (a fingerprint of the scores, shapes and blocks)."""
+    path = work / SHAPES
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            print(f"[search] zero-shot scores of {len(saved['shapes'])} shapes: reused ({path})")
+            return saved["shapes"]
+    t0 = time.perf_counter()
+    kls = zero_shot_kl(teacher, scores, shapes, blocks, depth)
+    order = sorted(range(len(shapes)), key=lambda i: (kls[i], -shapes[i]["params"]))
+    scored = [dict(s, zero_shot_kl=kls[i]) for i, s in enumerate(shapes)]
+    for rank, i in enumerate(order, 1):
+        scored[i]["zero_shot_rank"] = rank
+    scored.sort(key=lambda s: s["zero_shot_rank"])
+    write_json_atomic(path, {"key": key, "wall_s": round(time.perf_counter() - t0, 2),
+                             "blocks": list(blocks.shape), "shapes": scored})
+    print(f"[search] zero-shot KL of {len(shapes)} shapes on {len(blocks)} calibration blocks in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return scored
+
+
+# ----------------------------------------------------------------------------- candidates
+def short_config(distill: DistillConfig, settings: SearchConfig) -> DistillConfig:
+    """The short runs' settings: the distill section's, with the search's tokens and eval set;
+    every `eval_every` and `checkpoint_every` stays (an interrupted run resumes from its last)."""
+    return dataclasses.replace(distill, tokens=settings.tokens, eval_blocks=settings.eval_blocks,
+                               keep_checkpoint=False)
+
+
+def run_candidate(folder: Path, shape: dict, key: str, teacher: nn.Module, scores: Scores,
+                  tokenizer, train_blocks, eval_blocks: torch.Tensor, config: DistillConfig,
+                  depth: str, device: str | None) -> dict[str, Any]:
+    """Prune `shape`, distill it briefly from `teacher` and return its result, which result.json
+    keeps (written last). A finished candidate with the same `key` is returned as it was."""
+    from minitron.distill import distill
+    from minitron.models import load_model
+
+    done = folder / RESULT
+    if done.exists():
+        result = json.loads(done.read_text())
+        if result.get("key") == key:
+            print(f"[search] {folder.name}: finished earlier, skipped")
+            return result
+        shutil.rmtree(folder)  # another search's candidate: nothing in it is valid here
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model_dir, run_dir = folder / "model", folder / "distill"
+    if not (model_dir / "minitron.json").exists():
+        pruned = prune(teacher, scores, target_of(shape), depth=depth)
+        save_pruned(pruned, tokenizer, model_dir, {"search_candidate": shape["name"]},
+                    overwrite=True)
+        del pruned
+    student, _ = load_model(model_dir, dtype="float32", device=device)
+    print(f"[search] {folder.name}: distilling {config.tokens} tokens")
+    metrics = distill(teacher, student, train_blocks, eval_blocks, config, run_dir,
+                      info={"search_candidate": shape["name"]})
+    del student
+    result = {"key": key, "name": shape["name"], "shape": target_of(shape),
+              "params": shape["params"], "zero_shot_kl": shape["zero_shot_kl"],
+              "zero_shot_rank": shape["zero_shot_rank"], "kl_before": metrics["start"].get(
+                  "kl_to_teacher"), "ppl_before": metrics["start"].get("eval_perplexity"),
+              "kl_after": metrics["kl_to_teacher"], "ppl_after": metrics["eval_perplexity"],
+              "top1_after": metrics["top1_agreement"], "tokens": metrics["train_tokens"],
+              "model_dir": str(model_dir), "distilled_dir": str(run_dir),
+              "time_s": round(time.perf_counter() - t0, 2)}
+    write_json_atomic(done, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- ranking
+def rank(results: list[dict]) -> list[dict]:
+    """Best first: the lowest held-out KL after the short distillation, then the lowest
+    perplexity, then the smaller model."""
+    ordered = sorted(results, key=lambda r: (r["kl_after"], r["ppl_after"], r["params"]))
+    return [dict(r, rank=i, chosen=i == 1) for i, r in enumerate(ordered, 1)]
+
+
+def why(ranked: list[dict]) -> str:
+    """Why the first candidate won, in a sentence or three (for the report)."""
+    best = ranked[0]
+    text = (f"{best['name']} ({best['params']:,} parameters) had the lowest held-out KL to the "
+            f"teacher after the short distillation: {best['kl_after']:.4f} (perplexity "
+            f"{best['ppl_after']:.2f})")
+    if len(ranked) > 1:
+        runner = ranked[1]
+        text += (f", against {runner['kl_after']:.4f} (perplexity {runner['ppl_after']:.2f}) for the "
+                 f"runner-up {runner['name']}")
+    text += ". "
+    zs = best["zero_shot_rank"]
+    if zs == 1:
+        text += "It was also the best shape before any training (zero-shot KL "
+        text += f"{best['zero_shot_kl']:.4f}), so the short distillation confirmed that order."
+    else:
+        text += (f"Before training it ranked {zs} by zero-shot KL ({best['zero_shot_kl']:.4f}): "
+                 f"the short distillation changed the order, as the Minitron papers found "
+                 f"(zero-shot scores do not predict how well a shape recovers).")
+    return text
+
+
+def plot(ranked: list[dict], path: Path, tokens: int) -> None:
+    """Each candidate's held-out KL before and after the short distillation (one line each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in ranked:
+        style = dict(lw=2.4, marker="o") if r["chosen"] else dict(lw=1.2, marker="o", alpha=0.8)
+        ax.plot([0, 1], [r["kl_before"], r["kl_after"]], label=f"{r['rank']}. {r['name']}", **style)
+    ax.set_xticks([0, 1], ["pruned (no training)", f"after {tokens:,} tokens"])
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out KL to the teacher")
+    ax.set_title("shape search: candidates before and after the short distillation")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ranking_rows(ranked: list[dict]) -> list[dict]:
+    """The ranking as table rows (RANKING_COLUMNS)."""
+    return [{"rank": r["rank"], "shape": r["name"], "params": f"{r['params']:,}",
+             "fraction": r.get("fraction"), "zero_shot_rank": r["zero_shot_rank"],
+             "zero_shot_kl": round(r["zero_shot_kl"], 4), "kl_after": round(r["kl_after"], 4),
+             "ppl_after": round(r["ppl_after"], 2), "top1_after": round(r["top1_after"], 3),
+             "time_s": r["time_s"], "chosen": "yes" if r["chosen"] else ""} for r in ranked]
+
+
+# ----------------------------------------------------------------------------- the search
+@dataclasses.dataclass
+class SearchInputs:
+    """What a search reads: the teacher (loaded), its tokenizer, the importance scores, the
+    calibration blocks the zero-shot KL is measured on, and the short runs' train and eval blocks
+    (the same for every candidate)."""
+
+    teacher: nn.Module
+    tokenizer: Any
+    scores: Scores
+    calibration: torch.Tensor
+    train_blocks: Any
+    eval_blocks: torch.Tensor
+
+
+def search(work: str | Path, inputs: SearchInputs, budget: float | int, settings: SearchConfig,
+           distill: DistillConfig, depth: str = "importance",
+           device: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the search in `work`; returns the ranking.json record: `chosen` (its
+    `model_dir` is the pruned checkpoint to keep), `ranking`, `shapes`, `why` and phase times."""
+    from minitron.distill import blocks_fingerprint
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if settings.candidates < 1:
+        raise MinitronError("search.candidates must be at least 1 to search")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    teacher = inputs.teacher
+    shapes = enumerate_shapes(teacher.config, budget, settings)
+    calib = inputs.calibration[:settings.score_blocks]
+    scores_key = fingerprint(_scores_digest(inputs.scores), depth)
+    shapes = score_shapes(work, teacher, inputs.scores, shapes, calib, depth,
+                          fingerprint(scores_key, shapes, blocks_fingerprint(calib)))
+    times["zero_shot_s"] = round(time.perf_counter() - t0, 2)
+    print(format_table([{k: s[k] for k in ("zero_shot_rank", "name", "params", "fraction",
+                                           "zero_shot_kl")} for s in shapes]))
+    config = short_config(distill, settings)
+    top = shapes[:settings.candidates]
+    data_key = (blocks_fingerprint(inputs.train_blocks), blocks_fingerprint(inputs.eval_blocks))
+    t1 = time.perf_counter()
+    results = []
+    for i, shape in enumerate(top, 1):
+        key = fingerprint(scores_key, target_of(shape), config, data_key)
+        results.append(dict(run_candidate(work / f"{i:02d}-{shape['name']}", shape, key, teacher,
+                                          inputs.scores, inputs.tokenizer, inputs.train_blocks,
+                                          inputs.eval_blocks, config, depth, device),
+                            fraction=shape["fraction"]))
+    times["short_distill_s"] = round(time.perf_counter() - t1, 2)
+    ranked = rank(results)
+    plot(ranked, work / PLOT, config.tokens)
+    record = {"budget": budget, "settings": settings.to_dict(), "tokens": config.tokens,
+              "enumerated": len(shapes), "candidates": len(top), "times": times,
+              "chosen": ranked[0], "why": why(ranked), "ranking": ranked, "shapes": shapes,
+              "plot": str(work / PLOT)}
+    write_json_atomic(work / RANKING, record)
+    print(format_table(ranking_rows(ranked), RANKING_COLUMNS))
+    print(f"[search] chose {ranked[0]['name']}: {record['why']}")
+    return record
+
+
+def short_run_blocks(tokenizer, data, distill: DistillConfig, settings: SearchConfig,
+                     max_positions: int | None):
+    """The short runs' train blocks (the first ones of the train split, exactly what
+    `minitron.distill` reads for this many tokens) and held-out eval blocks."""
+    from minitron.data import load_blocks, open_blocks
+
+    config = short_config(distill, settings)
+    n_train = config.steps * config.batch_size * config.grad_accum
+    train = open_blocks(tokenizer, "train", n_train, source=data.source,
+                        block_size=config.block_size, seed=config.seed,
+                        text_field=data.text_field, max_positions=max_positions)
+    evals = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
+                        block_size=config.block_size, seed=0, text_field=data.text_field,
+                        max_positions=max_positions)
+    return train, evals
+
+
+def keep_best(record: dict[str, Any], output: str | Path, scores: Scores | None = None,
+              info: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """The chosen candidate's pruned checkpoint as `output` (atomically), its minitron.json
+    extended with `info` and the search's summary (ranking, why), and the scores beside it."""
+    from minitron.common import atomic_dir
+    from minitron.importance import save_scores
+    from minitron.prune import SCORES_FILE
+
+    chosen = Path(record["chosen"]["model_dir"])
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        for f in chosen.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        meta = json.loads((tmp / "minitron.json").read_text())
+        meta.update(info or {})
+        meta["search"] = summary(record)
+        if scores is not None:
+            save_scores(scores, tmp / SCORES_FILE)
+            meta["scores_file"] = SCORES_FILE
+        write_json_atomic(tmp / "minitron.json", meta)
+    return Path(output)
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What reports keep of a search: the ranking table, why, times, the plot and counts."""
+    return {"chosen": record["chosen"]["name"], "why": record["why"],
+            "rows": ranking_rows(record["ranking"]), "times": record["times"],
+            "enumerated": record["enumerated"], "candidates": record["candidates"],
+            "tokens": record["tokens"], "budget": record["budget"], "plot": record["plot"]}
+
+
+def _scores_digest(scores: Scores) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (scores.neurons, scores.heads, scores.hidden, scores.layers_bi):
+        h.update(t.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["SearchInputs", "enumerate_shapes", "keep_best", "rank", "run_candidate", "search",
+           "shape_name", "short_run_blocks", "summary", "zero_shot_kl"]
