@@ -69,15 +69,19 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
 
     Returns the pruned shape (all HF config fields the pruner sets) and the budget candidates.
     """
+    from minitron.config import check_search
     from minitron.prune import plan
 
     shape, candidates = {}, []
+    if recipe.prune.enabled:
+        check_search(recipe.prune, recipe.search)
     if recipe.evaluate.enabled and recipe.evaluate.tasks:
         from minitron.tasks import require_lm_eval
 
         require_lm_eval()
     if recipe.prune.enabled and recipe.search.candidates:
-        from minitron.search import enumerate_shapes, target_of
+        from minitron.prune import enumerate_shapes
+        from minitron.search import target_of
 
         # The searched shape is not known yet: plan (memory) for the largest one it may choose.
         candidates = enumerate_shapes(config, recipe.prune.target_params, recipe.search)
@@ -184,17 +188,19 @@ def _searched_prune(ctx: Context, out: Path, timer: StageTimer, model, tokenizer
     """The prune stage by search (recipe key `search.candidates`): its work folder is
     out/search (resumed when the stage reruns), the chosen candidate's checkpoint out/model."""
     from minitron import search
-    from minitron.prune import search_inputs
+    from minitron.prune import enumerate_shapes, save_searched, search_inputs
 
     r = ctx.recipe
-    inputs, scores_info = search_inputs(model, tokenizer, ctx.data, r.importance, r.distill,
-                                        r.search, out / "search")
+    shapes = enumerate_shapes(model.config, r.prune.target_params, r.search)
+    inputs, scores, scores_info = search_inputs(model, tokenizer, ctx.data, r.importance,
+                                                r.distill, r.search, r.prune.depth, out / "search")
     timer.tokens = inputs.calibration.numel()
-    found = search.search(out / "search", inputs, r.prune.target_params, r.search, r.distill,
-                          depth=r.prune.depth, device=r.model.device)
+    found = search.search(out / "search", inputs, shapes, r.prune.target_params, r.search,
+                          r.distill, device=r.model.device)
     info = {"recipe": r.source_file, "target_params": r.prune.target_params,
-            "method": {"depth": r.prune.depth, **scores_info}}
-    search.keep_best(found, out / "model", inputs.scores, info, overwrite=True)
+            "method": {"depth": r.prune.depth, "depth_method": r.importance.depth_method,
+                       **scores_info}}
+    save_searched(found, out / "model", scores, info, overwrite=True)
     return {"model_dir": str(out / "model"), "shape": found["chosen"]["shape"],
             "search": search.summary(found)}
 

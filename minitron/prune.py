@@ -32,8 +32,8 @@ from torch import nn
 
 from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
                              write_json_atomic)
-from minitron.config import (DEPTH_MODES, TARGET_KEYS, DataConfig, DepthMode, ModelConfig,
-                             PruneConfig)
+from minitron.config import (DEPTH_MODES, TARGET_KEYS, DataConfig, DepthMode, DistillConfig,
+                             ImportanceConfig, ModelConfig, PruneConfig, SearchConfig)
 from minitron.importance import Scores, compute_scores, describe, load_scores, save_scores
 from minitron.models import (ArchSpec, HeadLayout, arch_of, count_params, head_layout,
                              param_count_from_config, shape_problem)
@@ -208,6 +208,35 @@ def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int],
         c["chosen"] = c is best
     target = {k: best[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
     return target, candidates
+
+
+def shape_name(shape: Mapping[str, int]) -> str:
+    """A short name of a shape: h<hidden>-i<MLP>-a<heads>-kv<KV groups>-l<layers>."""
+    return (f"h{shape['hidden_size']}-i{shape['intermediate_size']}-a{shape['num_attention_heads']}"
+            f"-kv{shape['num_key_value_heads']}-l{shape['num_hidden_layers']}")
+
+
+def enumerate_shapes(config: Any, budget: float | int, settings: SearchConfig) -> list[dict]:
+    """The shapes a search considers (`minitron.search`): the grid of `shape_grid` over hidden
+    size, MLP width, every head layout (`head_options`) and, if `settings.depth`, DEPTH_RATIOS of
+    the layers, whose parameter count lies in [(1 - band) x limit, limit]; the largest first, at
+    most `settings.max_shapes`, each named (`shape_name`)."""
+    limit = budget_limit(config, budget)
+    ratios = (1.0, *DEPTH_RATIOS) if settings.depth else (1.0,)
+    grid = shape_grid(config, limit, ratios, head_options(config))
+    floor = (1 - settings.band) * limit
+    shapes = [c for c in grid if c["fits"] and c["params"] >= floor]
+    if not shapes:
+        below = [c["params"] for c in grid if c["fits"]]
+        hint = (f"the largest that fits has {max(below):,} ({max(below) / limit:.1%} of it): "
+                f"widen search.band to at least {1 - max(below) / limit:.3f}" if below else
+                "no grid shape fits: give a larger prune.target_params")
+        raise MinitronError(f"search.band={settings.band}: no shape lies between {int(floor):,} and "
+                            f"{limit:,} parameters; {hint}")
+    shapes.sort(key=lambda c: (-c["params"], shape_name(c)))
+    return [{"name": shape_name(c), **{k: c[k] for k in (*TARGET_KEYS, "params", "fraction",
+                                                        "least_kept")}}
+            for c in shapes[:settings.max_shapes]]
 
 
 def _config_dict(config: Any, fields: Mapping[str, int]) -> dict[str, Any]:
@@ -538,10 +567,9 @@ def _search_main(args, c: dict[str, Any], config: Any) -> int:
     from minitron import search
     from minitron.models import load_model
 
-    settings = c["search"]
-    shapes = search.enumerate_shapes(config, c["prune"].target_params, settings)
-    print(f"{len(shapes)} shapes within prune.target_params={c['prune'].target_params} "
-          f"(search.band={settings.band}):")
+    settings, budget = c["search"], c["prune"].target_params
+    shapes = enumerate_shapes(config, budget, settings)
+    print(f"{len(shapes)} shapes within prune.target_params={budget} (search.band={settings.band}):")
     print(format_table(shapes))
     if args.dry_run:
         return 0
@@ -553,24 +581,27 @@ def _search_main(args, c: dict[str, Any], config: Any) -> int:
     work = Path(args.search_dir or f"{args.output}.search")
     with StageTimer("prune") as timer:
         model, tokenizer = load_model(args.model, dtype=c["model"].dtype, device=c["model"].device)
-        inputs, scores_info = search_inputs(model, tokenizer, c["data"], c["importance"],
-                                            c["distill"], settings, work, args.scores)
-        found = search.search(work, inputs, c["prune"].target_params, settings, c["distill"],
-                              depth=c["prune"].depth, device=c["model"].device)
-    info = {"source": str(args.model), "target_params": c["prune"].target_params,
+        inputs, scores, scores_info = search_inputs(
+            model, tokenizer, c["data"], c["importance"], c["distill"], settings, c["prune"].depth,
+            work, args.scores)
+        found = search.search(work, inputs, shapes, budget, settings, c["distill"],
+                              device=c["model"].device)
+    info = {"source": str(args.model), "target_params": budget,
             "method": {"width": "activation importance (Minitron)", "depth": c["prune"].depth,
                        "depth_method": c["importance"].depth_method, **scores_info},
             "timing": timer.as_dict()}
-    search.keep_best(found, args.output, inputs.scores, info, overwrite=args.overwrite)
+    save_searched(found, args.output, scores, info, overwrite=args.overwrite)
     print(f"kept {found['chosen']['name']} ({found['chosen']['params']:,} parameters); wrote "
           f"{args.output} in {timer.wall_s:.1f}s (search work: {work})")
     return 0
 
 
-def search_inputs(model: nn.Module, tokenizer, data: DataConfig, importance, distill,
-                  settings, work: Path, scores_path: str | None = None):
-    """The search's inputs: the importance scores (given, found in `work` from an earlier run, or
-    computed now and saved there), the calibration blocks, the short runs' blocks."""
+def search_inputs(model: nn.Module, tokenizer, data: DataConfig, importance: ImportanceConfig,
+                  distill: DistillConfig, settings: SearchConfig, depth: DepthMode, work: Path,
+                  scores_path: str | None = None):
+    """(SearchInputs, scores, where the scores came from): the importance scores are given, found
+    in `work` from an earlier run, or computed now and saved there, so that every candidate and
+    every rerun prunes from the same ones."""
     from minitron import search
 
     blocks = calibration_blocks(tokenizer, data, model.config)
@@ -592,7 +623,49 @@ def search_inputs(model: nn.Module, tokenizer, data: DataConfig, importance, dis
                                 "block_size": data.block_size}}
     train, evals = search.short_run_blocks(tokenizer, data, distill, settings,
                                            getattr(model.config, "max_position_embeddings", None))
-    return search.SearchInputs(model, tokenizer, scores, blocks, train, evals), info
+    inputs = pruner_inputs(model, tokenizer, scores, blocks, train, evals, depth,
+                           importance.depth_method)
+    return inputs, scores, info
+
+
+def pruner_inputs(model: nn.Module, tokenizer, scores: Scores, calibration: torch.Tensor,
+                  train_blocks, eval_blocks: torch.Tensor, depth: DepthMode = "importance",
+                  depth_method: str | None = None):
+    """A search's inputs around `model` (the teacher): every candidate is pruned from `scores`
+    with these depth settings and saved with `tokenizer`."""
+    from minitron.search import SearchInputs, scores_digest
+
+    method = depth_method or scores.config.depth_method
+    return SearchInputs(
+        teacher=model,
+        prune=lambda target: prune(model, scores, target, depth=depth, depth_method=method),
+        save=lambda pruned, folder: save_pruned(pruned, tokenizer, folder, overwrite=True),
+        scores_key=f"{scores_digest(scores)}:{depth}:{method}",
+        calibration=calibration, train_blocks=train_blocks, eval_blocks=eval_blocks)
+
+
+def save_searched(found: dict[str, Any], output: str | os.PathLike, scores: Scores | None = None,
+                  info: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """The search's chosen candidate (its pruned checkpoint) as `output`, atomically, its
+    minitron.json extended with `info` and the search's summary (ranking, why), the scores beside
+    it: the prune command's output, the same as a plain prune's."""
+    import json
+    import shutil
+
+    from minitron.search import summary
+
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        for f in Path(found["chosen"]["model_dir"]).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        record = json.loads((tmp / "minitron.json").read_text())
+        record.update(info or {})
+        record["search"] = summary(found)
+        if scores is not None:
+            save_scores(scores, tmp / SCORES_FILE)
+            record["scores_file"] = SCORES_FILE
+        write_json_atomic(tmp / "minitron.json", record)
+    return Path(output)
 
 
 def calibration_blocks(tokenizer, data: DataConfig, config: Any) -> torch.Tensor:
@@ -604,8 +677,9 @@ def calibration_blocks(tokenizer, data: DataConfig, config: Any) -> torch.Tensor
                        max_positions=getattr(config, "max_position_embeddings", None))
 
 
-__all__ = ["TARGET_KEYS", "plan", "pruned_config", "prune", "save_pruned", "select_heads",
-           "select_layers", "target_for_budget", "main"]
+__all__ = ["TARGET_KEYS", "enumerate_shapes", "plan", "pruned_config", "prune", "save_pruned",
+           "pruner_inputs", "save_searched", "search_inputs", "select_heads", "select_layers", "shape_grid",
+           "target_for_budget", "main"]
 
 if __name__ == "__main__":
     run_cli(main)

@@ -23,7 +23,7 @@ import yaml
 from minitron.common import MinitronError
 from minitron.config import (DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
                              ImportanceConfig, ModelConfig, PruneConfig, SearchConfig,
-                             TeacherCorrectionConfig, check_correction, check_search)
+                             TeacherCorrectionConfig, check_correction)
 
 
 @dataclass
@@ -44,7 +44,6 @@ class Recipe:
 
     def __post_init__(self) -> None:
         check_correction(self.distill, self.teacher_correction)
-        check_search(self.prune, self.search)
 
     @property
     def run_dir(self) -> Path:

@@ -25,7 +25,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,9 +33,12 @@ from torch import nn
 from minitron.common import MinitronError, format_table, write_json_atomic
 from minitron.config import TARGET_KEYS, DistillConfig, SearchConfig
 from minitron.importance import Scores
-from minitron.prune import (DEPTH_RATIOS, budget_limit, head_options, prune, save_pruned,
-                            shape_grid)
 from minitron.recipe import fingerprint
+
+# The pruner a search is given (minitron.prune, which calls the search, supplies it): `prune(shape)`
+# prunes the teacher in memory, `save(model, folder)` writes a pruned checkpoint.
+Prune = Callable[[dict[str, int]], nn.Module]
+Save = Callable[[nn.Module, Path], None]
 
 RESULT = "result.json"
 SHAPES = "shapes.json"
@@ -46,44 +49,15 @@ RANKING_COLUMNS = ["rank", "shape", "params", "fraction", "zero_shot_rank", "zer
                    "kl_after", "ppl_after", "top1_after", "time_s", "chosen"]
 
 
-# ----------------------------------------------------------------------------- enumeration
-def shape_name(shape: dict[str, int]) -> str:
-    return (f"h{shape['hidden_size']}-i{shape['intermediate_size']}-a{shape['num_attention_heads']}"
-            f"-kv{shape['num_key_value_heads']}-l{shape['num_hidden_layers']}")
-
-
-def enumerate_shapes(config: Any, budget: float | int, settings: SearchConfig) -> list[dict]:
-    """The shapes of the pruning grid (`minitron.prune.shape_grid`, over hidden size, MLP width,
-    heads / KV groups and, if `settings.depth`, layers) whose parameter count lies in
-    [(1 - band) x limit, limit]; the largest first, at most `settings.max_shapes`."""
-    limit = budget_limit(config, budget)
-    ratios = (1.0, *DEPTH_RATIOS) if settings.depth else (1.0,)
-    grid = shape_grid(config, limit, ratios, head_options(config))
-    floor = (1 - settings.band) * limit
-    shapes = [c for c in grid if c["fits"] and c["params"] >= floor]
-    if not shapes:
-        below = [c["params"] for c in grid if c["fits"]]
-        hint = (f"the largest that fits has {max(below):,} ({max(below) / limit:.1%} of it): "
-                f"widen search.band to at least {1 - max(below) / limit:.3f}" if below else
-                "no grid shape fits: give a larger prune.target_params")
-        raise MinitronError(f"search.band={settings.band}: no shape lies between {int(floor):,} and "
-                            f"{limit:,} parameters; {hint}")
-    shapes.sort(key=lambda c: (-c["params"], shape_name(c)))
-    out = []
-    for c in shapes[:settings.max_shapes]:
-        c = {k: c[k] for k in (*TARGET_KEYS, "params", "fraction", "least_kept")}
-        out.append({"name": shape_name(c), **c})
-    return out
-
-
+# ----------------------------------------------------------------------------- shapes
 def target_of(shape: dict[str, Any]) -> dict[str, int]:
     return {k: int(shape[k]) for k in TARGET_KEYS}
 
 
 # ----------------------------------------------------------------------------- zero-shot scoring
 @torch.no_grad()
-def zero_shot_kl(teacher: nn.Module, scores: Scores, shapes: list[dict], blocks: torch.Tensor,
-                 depth: str = "importance", batch_size: int = 8) -> list[float]:
+def zero_shot_kl(teacher: nn.Module, prune: Prune, shapes: list[dict], blocks: torch.Tensor,
+                 batch_size: int = 8) -> list[float]:
     """Mean per-token KL(teacher || pruned) over `blocks` for each shape, without training. The
     teacher's hidden states are computed once; each shape is pruned in memory and dropped."""
     from minitron.evaluate import final_hidden, metric_sums
@@ -95,7 +69,7 @@ def zero_shot_kl(teacher: nn.Module, scores: Scores, shapes: list[dict], blocks:
     t_head, t_cap = teacher.get_output_embeddings().weight, logit_softcap(teacher.config)
     out = []
     for shape in shapes:
-        student = prune(teacher, scores, target_of(shape), depth=depth)
+        student = prune(target_of(shape))
         sums = torch.zeros(5, dtype=torch.float64)
         for ids, th in zip(batches, t_hidden):
             sums += metric_sums(final_hidden(student, ids), student.get_output_embeddings().weight,
@@ -106,8 +80,8 @@ def zero_shot_kl(teacher: nn.Module, scores: Scores, shapes: list[dict], blocks:
     return out
 
 
-def score_shapes(work: Path, teacher: nn.Module, scores: Scores, shapes: list[dict],
-                 blocks: torch.Tensor, depth: str, key: str) -> list[dict]:
+def score_shapes(work: Path, teacher: nn.Module, prune: Prune, shapes: list[dict],
+                 blocks: torch.Tensor, key: str) -> list[dict]:
     """`shapes` with their zero-shot KL and rank, from work/shapes.json when it was written for
     the same `key` (a fingerprint of the scores, shapes and blocks)."""
     path = work / SHAPES
@@ -117,7 +91,7 @@ def score_shapes(work: Path, teacher: nn.Module, scores: Scores, shapes: list[di
             print(f"[search] zero-shot scores of {len(saved['shapes'])} shapes: reused ({path})")
             return saved["shapes"]
     t0 = time.perf_counter()
-    kls = zero_shot_kl(teacher, scores, shapes, blocks, depth)
+    kls = zero_shot_kl(teacher, prune, shapes, blocks)
     order = sorted(range(len(shapes)), key=lambda i: (kls[i], -shapes[i]["params"]))
     scored = [dict(s, zero_shot_kl=kls[i]) for i, s in enumerate(shapes)]
     for rank, i in enumerate(order, 1):
@@ -138,9 +112,8 @@ def short_config(distill: DistillConfig, settings: SearchConfig) -> DistillConfi
                                keep_checkpoint=False)
 
 
-def run_candidate(folder: Path, shape: dict, key: str, teacher: nn.Module, scores: Scores,
-                  tokenizer, train_blocks, eval_blocks: torch.Tensor, config: DistillConfig,
-                  depth: str, device: str | None) -> dict[str, Any]:
+def run_candidate(folder: Path, shape: dict, key: str, inputs: "SearchInputs",
+                  config: DistillConfig, device: str | None) -> dict[str, Any]:
     """Prune `shape`, distill it briefly from `teacher` and return its result, which result.json
     keeps (written last). A finished candidate with the same `key` is returned as it was."""
     from minitron.distill import distill
@@ -157,14 +130,11 @@ def run_candidate(folder: Path, shape: dict, key: str, teacher: nn.Module, score
     t0 = time.perf_counter()
     model_dir, run_dir = folder / "model", folder / "distill"
     if not (model_dir / "minitron.json").exists():
-        pruned = prune(teacher, scores, target_of(shape), depth=depth)
-        save_pruned(pruned, tokenizer, model_dir, {"search_candidate": shape["name"]},
-                    overwrite=True)
-        del pruned
+        inputs.save(inputs.prune(target_of(shape)), model_dir)
     student, _ = load_model(model_dir, dtype="float32", device=device)
     print(f"[search] {folder.name}: distilling {config.tokens} tokens")
-    metrics = distill(teacher, student, train_blocks, eval_blocks, config, run_dir,
-                      info={"search_candidate": shape["name"]})
+    metrics = distill(inputs.teacher, student, inputs.train_blocks, inputs.eval_blocks, config,
+                      run_dir, info={"search_candidate": shape["name"]})
     del student
     result = {"key": key, "name": shape["name"], "shape": target_of(shape),
               "params": shape["params"], "zero_shot_kl": shape["zero_shot_kl"],
@@ -241,23 +211,25 @@ def ranking_rows(ranked: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- the search
 @dataclasses.dataclass
 class SearchInputs:
-    """What a search reads: the teacher (loaded), its tokenizer, the importance scores, the
-    calibration blocks the zero-shot KL is measured on, and the short runs' train and eval blocks
-    (the same for every candidate)."""
+    """What a search reads: the teacher (loaded), the pruner (from one set of importance scores,
+    `scores_key` names them), the calibration blocks the zero-shot KL is measured on, and the short
+    runs' train and eval blocks (the same for every candidate)."""
 
     teacher: nn.Module
-    tokenizer: Any
-    scores: Scores
+    prune: Prune
+    save: Save
+    scores_key: str
     calibration: torch.Tensor
     train_blocks: Any
     eval_blocks: torch.Tensor
 
 
-def search(work: str | Path, inputs: SearchInputs, budget: float | int, settings: SearchConfig,
-           distill: DistillConfig, depth: str = "importance",
+def search(work: str | Path, inputs: SearchInputs, shapes: list[dict], budget: float | int,
+           settings: SearchConfig, distill: DistillConfig,
            device: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the search in `work`; returns the ranking.json record: `chosen` (its
-    `model_dir` is the pruned checkpoint to keep), `ranking`, `shapes`, `why` and phase times."""
+    """Run (or resume) the search over `shapes` (`minitron.prune.enumerate_shapes`) in `work`;
+    returns the ranking.json record: `chosen` (its `model_dir` is the pruned checkpoint to keep),
+    `ranking`, `shapes`, `why` and phase times."""
     from minitron.distill import blocks_fingerprint
 
     work = Path(work)
@@ -266,12 +238,9 @@ def search(work: str | Path, inputs: SearchInputs, budget: float | int, settings
         raise MinitronError("search.candidates must be at least 1 to search")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    teacher = inputs.teacher
-    shapes = enumerate_shapes(teacher.config, budget, settings)
     calib = inputs.calibration[:settings.score_blocks]
-    scores_key = fingerprint(_scores_digest(inputs.scores), depth)
-    shapes = score_shapes(work, teacher, inputs.scores, shapes, calib, depth,
-                          fingerprint(scores_key, shapes, blocks_fingerprint(calib)))
+    shapes = score_shapes(work, inputs.teacher, inputs.prune, shapes, calib,
+                          fingerprint(inputs.scores_key, shapes, blocks_fingerprint(calib)))
     times["zero_shot_s"] = round(time.perf_counter() - t0, 2)
     print(format_table([{k: s[k] for k in ("zero_shot_rank", "name", "params", "fraction",
                                            "zero_shot_kl")} for s in shapes]))
@@ -281,11 +250,9 @@ def search(work: str | Path, inputs: SearchInputs, budget: float | int, settings
     t1 = time.perf_counter()
     results = []
     for i, shape in enumerate(top, 1):
-        key = fingerprint(scores_key, target_of(shape), config, data_key)
-        results.append(dict(run_candidate(work / f"{i:02d}-{shape['name']}", shape, key, teacher,
-                                          inputs.scores, inputs.tokenizer, inputs.train_blocks,
-                                          inputs.eval_blocks, config, depth, device),
-                            fraction=shape["fraction"]))
+        key = fingerprint(inputs.scores_key, target_of(shape), config, data_key)
+        results.append(dict(run_candidate(work / f"{i:02d}-{shape['name']}", shape, key, inputs,
+                                          config, device), fraction=shape["fraction"]))
     times["short_distill_s"] = round(time.perf_counter() - t1, 2)
     ranked = rank(results)
     plot(ranked, work / PLOT, config.tokens)
@@ -316,29 +283,6 @@ def short_run_blocks(tokenizer, data, distill: DistillConfig, settings: SearchCo
     return train, evals
 
 
-def keep_best(record: dict[str, Any], output: str | Path, scores: Scores | None = None,
-              info: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """The chosen candidate's pruned checkpoint as `output` (atomically), its minitron.json
-    extended with `info` and the search's summary (ranking, why), and the scores beside it."""
-    from minitron.common import atomic_dir
-    from minitron.importance import save_scores
-    from minitron.prune import SCORES_FILE
-
-    chosen = Path(record["chosen"]["model_dir"])
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        for f in chosen.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-        meta = json.loads((tmp / "minitron.json").read_text())
-        meta.update(info or {})
-        meta["search"] = summary(record)
-        if scores is not None:
-            save_scores(scores, tmp / SCORES_FILE)
-            meta["scores_file"] = SCORES_FILE
-        write_json_atomic(tmp / "minitron.json", meta)
-    return Path(output)
-
-
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     """What reports keep of a search: the ranking table, why, times, the plot and counts."""
     return {"chosen": record["chosen"]["name"], "why": record["why"],
@@ -347,14 +291,16 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
             "tokens": record["tokens"], "budget": record["budget"], "plot": record["plot"]}
 
 
-def _scores_digest(scores: Scores) -> str:
+def scores_digest(scores: Scores) -> str:
+    """A short hash of importance scores (what every candidate was pruned from)."""
     import hashlib
 
     h = hashlib.sha256()
-    for t in (scores.neurons, scores.heads, scores.hidden, scores.layers_bi):
-        h.update(t.float().contiguous().numpy().tobytes())
+    for t in (scores.neurons, scores.heads, scores.hidden, scores.layers_bi, scores.layers_lm_loss):
+        if t is not None:
+            h.update(t.float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-__all__ = ["SearchInputs", "enumerate_shapes", "keep_best", "rank", "run_candidate", "search",
-           "shape_name", "short_run_blocks", "summary", "zero_shot_kl"]
+__all__ = ["SearchInputs", "rank", "run_candidate", "scores_digest", "search", "short_run_blocks",
+           "summary", "zero_shot_kl"]
