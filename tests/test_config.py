@@ -23,6 +23,7 @@ STAGES = {
     "distill": (["--student", "s", "--output", "o"],),
     "export": (["--output", "o"],),
     "evaluate": ([],),
+    "teacher_cache": (["--model", "m", "--output", "o"],),
 }
 # Keys that only a recipe sets: whether a stage runs, and the model that the stage commands take
 # as a path flag (--model, --teacher) or a dry run reads.
