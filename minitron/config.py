@@ -447,6 +447,7 @@ def check_correction(distill: DistillConfig, correction: TeacherCorrectionConfig
 
 # ----------------------------------------------------------------------------- teacher cache
 CacheDtype = Literal["float16", "float32"]
+CacheSplit = Literal["train", "eval", "calibration"]
 
 
 @dataclass
@@ -464,8 +465,12 @@ class CacheConfig(Section):
     block_size: int = setting(256, "Tokens per block: the distillation's distill.block_size.",
                               at_least(2))
     batch_size: int = setting(8, "Blocks per teacher forward.", at_least(1))
+    split: CacheSplit = setting("train", "The data split: train (what distillation reads), or "
+                                         "eval for held-out scoring without the teacher "
+                                         "(minitron.teacher_cache.evaluate_from_cache).")
     seed: int = setting(0, "Block order of raw (not prepared) sources: the distillation's "
-                           "distill.seed.")
+                           "distill.seed for the train split; 0 for the eval split as "
+                           "distillation evaluates it.")
     dtype: CacheDtype = setting("float16", "Storage of the log-probabilities (float32 doubles "
                                            "their size; the indices are int32, the tail float32).")
     shard_tokens: int = setting(262_144, "Tokens per shard (whole blocks); each shard is written "

@@ -14,7 +14,9 @@ Contract (what a cache folder holds and what a reader may rely on):
 - Blocks: the first `num_blocks` blocks of `block_size` tokens of the train split of the data, the
   very blocks `minitron.distill` reads (`minitron.data.open_blocks(tokenizer, "train", n, ...)`),
   block i at row i. A distillation whose train blocks are rows [0, n) of the cache reads them by
-  the same row indices as its batches (`distill.batch_indices`).
+  the same row indices as its batches (`distill.batch_indices`). `teacher_cache.split=eval` caches
+  held-out blocks instead, for `evaluate_from_cache` (held-out perplexity, sparse KL and top-1
+  agreement of a student with no teacher loaded).
 - Per token t of block i (T = 1, the teacher's own distribution p = softmax(logits)):
   `logp` [k] the k largest log p (descending; `dtype`: float16 or float32), `idx` [k] their token
   ids (int32), `tail` log(1 - sum of the kept p) computed as logsumexp over the other logits minus
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -101,14 +104,14 @@ def _tokens_hash(blocks: torch.Tensor) -> str:
     return hashlib.sha1(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def data_identity(blocks) -> dict[str, Any]:
+def data_identity(blocks, split: str = "train") -> dict[str, Any]:
     """What the train blocks are: a prepared folder's fingerprint (its BlockView names it as
     'fingerprint:split:block_size:n'), or for in-memory blocks a hash of their token ids."""
     if hasattr(blocks, "stream"):
         fp, split = blocks.fingerprint.split(":")[:2]
         kind = "prepared"
     else:
-        fp, split, kind = _tokens_hash(blocks), "train", "tokens"
+        fp, split, kind = _tokens_hash(blocks), split, "tokens"
     return {"kind": kind, "fingerprint": fp, "split": split, "block_size": int(blocks.shape[1]),
             "blocks": int(blocks.shape[0])}
 
@@ -196,6 +199,9 @@ class TeacherCache:
         """Refuse train blocks that are not rows [0, n) of the cached blocks."""
         mine, theirs = self.manifest["data"], data_identity(blocks)
         where = f"teacher cache {self.folder}"
+        if mine["split"] != "train":
+            raise MinitronError(f"{where} holds the '{mine['split']}' split; distillation trains "
+                                f"on the train split: build it with teacher_cache.split=train")
         if theirs["block_size"] != self.block_size:
             raise MinitronError(f"{where} holds blocks of {self.block_size} tokens; this run reads "
                                 f"blocks of {theirs['block_size']} (distill.block_size): build the "
@@ -236,6 +242,50 @@ class TeacherCache:
 
 def open_cache(folder: str | os.PathLike) -> TeacherCache:
     return TeacherCache(folder)
+
+
+@torch.no_grad()
+def evaluate_from_cache(student: torch.nn.Module, cache: TeacherCache, rows=None,
+                        batch_size: int = 8, chunk_tokens: int = CHUNK_TOKENS) -> dict[str, float]:
+    """Held-out metrics of `student` on the cached blocks `rows` (all by default) with no teacher
+    loaded: `eval_loss` / `eval_perplexity` (next-token cross-entropy on the cached tokens),
+    `kl_to_teacher_topk` (the sparse KL over the kept tokens + tail bucket: never above the full
+    KL, equal to it at k = V) and `top1_agreement` (student argmax = the teacher's top-1). From
+    the student's hidden states, `chunk_tokens` rows of logits at a time."""
+    from minitron.kernels.sparse_kl import sparse_rows
+    from minitron.models import logit_softcap
+
+    rows = list(range(cache.num_blocks)) if rows is None else [int(r) for r in rows]
+    device = next(student.parameters()).device
+    weight, cap = student.get_output_embeddings().weight, logit_softcap(student.config)
+    kl = ce = agree = tokens = ce_count = 0.0
+    was_training = student.training
+    student.eval()
+    for lo in range(0, len(rows), batch_size):
+        t = cache.targets(rows[lo:lo + batch_size]).to(device)
+        hidden = student.get_decoder()(t.ids, use_cache=False).last_hidden_state
+        h = hidden.reshape(-1, hidden.size(-1))
+        labels = torch.full_like(t.ids, -100)
+        labels[:, :-1] = t.ids[:, 1:]
+        labels, k = labels.reshape(-1), cache.k
+        logp, idx, tail = t.top_logp.reshape(-1, k), t.top_idx.reshape(-1, k), t.log_tail.reshape(-1)
+        for s in range(0, h.size(0), chunk_tokens):
+            sl = slice(s, min(s + chunk_tokens, h.size(0)))
+            logits = (h[sl] @ weight.T).float()
+            if cap is not None:
+                logits = cap * torch.tanh(logits / cap)
+            loss, _ = sparse_rows(logits, logp[sl], idx[sl], tail[sl], None, 0.0, -100, False)
+            kl += loss.sum().item()
+            agree += (logits.argmax(-1) == idx[sl, 0].long()).sum().item()
+            keep = labels[sl] != -100
+            lse = torch.logsumexp(logits, -1)
+            ce += (lse - logits.gather(1, labels[sl].clamp_min(0)[:, None]).squeeze(1))[keep].sum().item()
+            ce_count += keep.sum().item()
+            tokens += logits.size(0)
+    student.train(was_training)
+    loss = ce / max(ce_count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+            "kl_to_teacher_topk": kl / max(tokens, 1), "top1_agreement": agree / max(tokens, 1)}
 
 
 # ----------------------------------------------------------------------------- computing
@@ -333,7 +383,7 @@ def _load_inputs(teacher_name: str, data: DataConfig, config: CacheConfig, model
                                     device=model.device or default_device())
     teacher.eval()
     max_pos = teacher.config.max_position_embeddings
-    blocks = open_blocks(tokenizer, "train", max(1, config.tokens // config.block_size),
+    blocks = open_blocks(tokenizer, config.split, max(1, config.tokens // config.block_size),
                          source=data.source, block_size=config.block_size, seed=config.seed,
                          text_field=data.text_field, max_positions=max_pos)
     if config.k > teacher.config.vocab_size:
@@ -356,7 +406,7 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
     teacher, blocks = _load_inputs(str(teacher_name), data, config, model)
     n = len(blocks)
     shard_blocks = max(1, config.shard_tokens // config.block_size)
-    identity = data_identity(blocks)
+    identity = data_identity(blocks, config.split)
     t_hash = teacher_hash(teacher_name)
     plan = {"format": FORMAT, "data": identity, "teacher_hash": t_hash, "k": config.k,
             "block_size": config.block_size, "num_blocks": n, "shard_blocks": shard_blocks,

@@ -92,9 +92,12 @@ def full_cache(world):
 
 @pytest.fixture(scope="module")
 def small_cache(world):
-    """k = 8 of 384, float16: the default kind of cache."""
+    """k = 8 of 384, float16: the default kind of cache, built through the command."""
     out = world["root"] / "cache_k8"
-    _build(world, out, k=8, shard_tokens=24 * BLOCK)
+    tc.main(["build", "--model", str(world["teacher_dir"]), "--data", str(world["data"]),
+             "--output", str(out), "teacher_cache.k=8", f"teacher_cache.tokens={96 * BLOCK}",
+             f"--block-size={BLOCK}", "--batch-size", "16", "teacher_cache.shard_tokens=768",
+             "--no-progress"])
     return out
 
 
@@ -206,6 +209,22 @@ def test_cache_holds_the_teachers_top_k_and_tail(world, full_cache, small_cache)
     assert m["data"]["fingerprint"] == tc.data_identity(world["train"])["fingerprint"]
 
 
+def test_evaluate_from_cache_matches_the_teacher_in_float64(world, full_cache):
+    """With k = V the cached held-out metrics are the online ones: KL, top-1 agreement, CE."""
+    rows = torch.arange(0, 96, 8)
+    got = tc.evaluate_from_cache(world["student"], tc.open_cache(full_cache), rows, batch_size=5,
+                                 chunk_tokens=100)
+    ids = world["train"][rows]
+    with torch.no_grad():
+        s = world["student"](ids).logits.double().log_softmax(-1)
+        t = world["teacher"](ids).logits.double().log_softmax(-1)
+    assert got["kl_to_teacher_topk"] == pytest.approx((t.exp() * (t - s)).sum(-1).mean().item(),
+                                                      abs=1e-5)
+    assert got["top1_agreement"] == (s.argmax(-1) == t.argmax(-1)).double().mean().item()
+    ce = -s[:, :-1].gather(-1, ids[:, 1:, None]).mean().item()
+    assert got["eval_loss"] == pytest.approx(ce, abs=1e-5)
+
+
 def test_small_k_is_within_the_stated_margin(world, small_cache):
     """Bucketed KL <= full KL (never more), and within 25% of it on the trained teacher."""
     cache = tc.open_cache(small_cache)
@@ -290,6 +309,49 @@ def test_cache_refuses_other_data(world, small_cache, tmp_path):
     with pytest.raises(MinitronError, match=r"holds blocks of 32 tokens; this run reads blocks of 16"):
         distill(None, copy.deepcopy(world["student"]), world["train"].reshape(-1, 16),
                 world["eval"], _cfg(block_size=16, teacher_cache=str(small_cache)), tmp_path / "r2")
+
+
+def test_cache_refuses_other_prepared_data_exit_2(world, tmp_path, capsys):
+    """Keyed by a prepared folder's manifest fingerprint: another prepared corpus is refused by the
+    distill command with exit code 2 and one line naming both fingerprints."""
+    from minitron import distill as d
+    from minitron.common import run_cli
+    from minitron.shards import prepare
+
+    fps = []
+    for name, files in (("a", ["json/decoder.py", "textwrap.py", "string.py", "shlex.py"]),
+                        ("b", ["difflib.py", "pprint.py", "bisect.py", "heapq.py"])):
+        fps.append(prepare(str(_corpus(tmp_path / f"{name}.jsonl", files)), tmp_path / name,
+                           world["tok"], workers=1, progress=False)["fingerprint"])
+    cache = tmp_path / "cache"
+    m = tc.build_cache(world["teacher_dir"], cache, CacheConfig(k=8, tokens=16 * BLOCK,
+                       block_size=BLOCK, progress=False), data=DataConfig(source=str(tmp_path / "a")))
+    assert m["data"] == {"kind": "prepared", "fingerprint": fps[0], "split": "train",
+                         "block_size": BLOCK, "blocks": 16, "source": str(tmp_path / "a")}
+    student = tmp_path / "student"
+    world["student"].save_pretrained(student, safe_serialization=True)
+    world["tok"].save_pretrained(student)
+    argv = ["--student", str(student), "--output", str(tmp_path / "run"), "--source",
+            str(tmp_path / "b"), f"distill.teacher_cache={cache}", "--tokens", str(8 * BLOCK),
+            "--batch-size", "8", "--block-size", str(BLOCK), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        run_cli(d.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert f"fingerprint {fps[0]}, prepared" in err[0] and f"fingerprint {fps[1]}, prepared" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_eval_split_cache_scores_but_does_not_train(world, tmp_path):
+    cache = tmp_path / "eval_cache"
+    m = _build(world, cache, k=8, split="eval", tokens=8 * BLOCK)
+    assert m["data"]["split"] == "eval" and m["num_blocks"] == 8
+    got = tc.evaluate_from_cache(world["student"], tc.open_cache(cache))
+    assert 0 < got["kl_to_teacher_topk"] and 0 <= got["top1_agreement"] <= 1
+    with pytest.raises(MinitronError, match=r"holds the 'eval' split; distillation trains on the "
+                                            r"train split"):
+        distill(None, copy.deepcopy(world["student"]), world["train"], world["eval"],
+                _cfg(teacher_cache=str(cache)), tmp_path / "run")
 
 
 def test_cache_refuses_another_teacher_through_the_command(world, small_cache, tmp_path):
