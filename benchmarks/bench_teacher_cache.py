@@ -1,7 +1,7 @@
 """Benchmark the teacher cache: the teacher compute saved when K short distillations (the candidates
 of an architecture search, or reruns) read one cache instead of each running the teacher.
 
-    python benchmarks/bench_teacher_cache.py                  # K=3 runs of 24 steps (minutes on 2 cores)
+    python benchmarks/bench_teacher_cache.py                  # K=3 runs of 8 steps (~30 min on a busy 2-core box)
     python benchmarks/bench_teacher_cache.py --runs 5 --steps 48 --k 64
 
 The CPU demo shapes: the embedded SmolLM2-135M as the teacher (fp32), the demo's pruned student
@@ -136,7 +136,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="K: distillations per arm")
-    ap.add_argument("--steps", type=int, default=24, help="optimizer steps per distillation")
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per distillation")
     ap.add_argument("--k", type=int, default=64, help="teacher tokens kept per position")
     ap.add_argument("--margin", type=float, default=0.10,
                     help="largest relative gap of the first-step losses (cached below online); "

@@ -419,3 +419,13 @@ def test_interrupted_build_resumes_skipping_finished_shards_byte_identical(world
     written.clear()
     _build(world, out, k=8, shard_tokens=24 * BLOCK)  # finished: nothing recomputed
     assert written == []
+
+
+def test_memory_plan_counts_no_teacher_weights_with_a_cache():
+    from minitron.memory_plan import plan_distill
+    from tiny import tiny_config
+
+    t, s = tiny_config(), tiny_config(hidden_size=32)
+    online = plan_distill(t, s, _cfg(), 1, "float32", "ddp")
+    cached = plan_distill(t, s, _cfg(teacher_cache="c"), 1, "float32", "ddp")
+    assert online.terms["teacher weights"] > 0 and cached.terms["teacher weights"] == 0
