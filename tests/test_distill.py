@@ -386,7 +386,7 @@ def test_cli_refusals(world, tmp_path, extra, message):
 
 
 def test_cli_refuses_missing_teacher(world, tmp_path):
-    with pytest.raises(MinitronError, match=r"distillation needs --teacher; without a teacher use "
+    with pytest.raises(MinitronError, match=r"distillation needs --teacher or distill.teacher_cache; without a teacher use "
                                             r"distill.baseline=ce or distill.baseline=scratch"):
         main(["--student", str(world["student_dir"]), "--output", str(tmp_path / "o")])
 
