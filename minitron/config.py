@@ -263,6 +263,11 @@ class SearchConfig(Section):
     score_blocks: int = setting(8, "Calibration blocks the zero-shot KL is measured on.",
                                 at_least(1))
     eval_blocks: int = setting(16, "Held-out blocks each short run is ranked on.", at_least(1))
+    teacher_cache: bool = setting(True, "Run the teacher once over the short runs' tokens into a "
+                                        "teacher cache (the teacher_cache section's k and dtype) "
+                                        "that every candidate reads; false, or distill settings a "
+                                        "cache cannot serve (temperature != 1, ...): the teacher "
+                                        "runs online in each short run.")
 
 
 def check_search(prune: PruneConfig, search: SearchConfig) -> None:

@@ -192,8 +192,10 @@ def _searched_prune(ctx: Context, out: Path, timer: StageTimer, model, tokenizer
 
     r = ctx.recipe
     shapes = enumerate_shapes(model.config, r.prune.target_params, r.search)
-    inputs, scores, scores_info = search_inputs(model, tokenizer, ctx.data, r.importance,
-                                                r.distill, r.search, r.prune.depth, out / "search")
+    sections = {"data": ctx.data, "importance": r.importance, "prune": r.prune, "search": r.search,
+                "distill": r.distill, "model": r.model, "teacher_cache": r.teacher_cache}
+    inputs, scores, scores_info = search_inputs(model, tokenizer, ctx.teacher, sections,
+                                                out / "search")
     timer.tokens = inputs.calibration.numel()
     found = search.search(out / "search", inputs, shapes, r.prune.target_params, r.search,
                           r.distill, device=r.model.device)
@@ -273,7 +275,7 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
         "data": [r.data.source, r.data.text_field, r.data.seed, r.data.block_size],
         # A search's short runs take the distill section's settings too.
         "prune": [r.model, r.data, r.importance, r.prune, *data,
-                  *([r.search, distill] if r.search.candidates else [])],
+                  *([r.search, distill, r.teacher_cache] if r.search.candidates else [])],
         "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill,
                     *data],
         "export": [r.data, r.export, *data],

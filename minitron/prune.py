@@ -460,7 +460,9 @@ CLI_KEYS = {"model": ("dtype", "device"),
             "distill": ("batch_size", "block_size", "grad_accum", "lr", "min_lr_ratio",
                         "warmup_fraction", "weight_decay", "temperature", "alpha", "loss_impl",
                         "precision", "eval_every", "checkpoint_every", "eval_batch_size", "seed",
-                        "progress")}
+                        "progress"),
+            # and their teacher cache (search.teacher_cache)
+            "teacher_cache": ("k", "dtype", "batch_size", "progress")}
 
 
 def _shape_rows(config: Any, fields: Mapping[str, int]) -> list[dict]:
@@ -581,9 +583,8 @@ def _search_main(args, c: dict[str, Any], config: Any) -> int:
     work = Path(args.search_dir or f"{args.output}.search")
     with StageTimer("prune") as timer:
         model, tokenizer = load_model(args.model, dtype=c["model"].dtype, device=c["model"].device)
-        inputs, scores, scores_info = search_inputs(
-            model, tokenizer, c["data"], c["importance"], c["distill"], settings, c["prune"].depth,
-            work, args.scores)
+        inputs, scores, scores_info = search_inputs(model, tokenizer, args.model, c, work,
+                                                    args.scores)
         found = search.search(work, inputs, shapes, budget, settings, c["distill"],
                               device=c["model"].device)
     info = {"source": str(args.model), "target_params": budget,
@@ -596,14 +597,16 @@ def _search_main(args, c: dict[str, Any], config: Any) -> int:
     return 0
 
 
-def search_inputs(model: nn.Module, tokenizer, data: DataConfig, importance: ImportanceConfig,
-                  distill: DistillConfig, settings: SearchConfig, depth: DepthMode, work: Path,
-                  scores_path: str | None = None):
-    """(SearchInputs, scores, where the scores came from): the importance scores are given, found
-    in `work` from an earlier run, or computed now and saved there, so that every candidate and
-    every rerun prunes from the same ones."""
+def search_inputs(model: nn.Module, tokenizer, teacher_name: str, sections: Mapping[str, Any],
+                  work: Path, scores_path: str | None = None):
+    """(SearchInputs, scores, where the scores came from) for the teacher `model` loaded from
+    `teacher_name`, from the settings `sections` (data, importance, prune, search, distill, model,
+    teacher_cache). The importance scores are given, found in `work` from an earlier run, or
+    computed now and saved there, so that every candidate and every rerun prunes from the same
+    ones."""
     from minitron import search
 
+    data, importance = sections["data"], sections["importance"]
     blocks = calibration_blocks(tokenizer, data, model.config)
     saved = work / search.SCORES
     where = scores_path or (saved if saved.exists() else None)
@@ -621,11 +624,27 @@ def search_inputs(model: nn.Module, tokenizer, data: DataConfig, importance: Imp
         info = {"scores_from": "computed in this run",
                 "calibration": {"data": data.source, "split": "calibration", "blocks": len(blocks),
                                 "block_size": data.block_size}}
-    train, evals = search.short_run_blocks(tokenizer, data, distill, settings,
+    train, evals = search.short_run_blocks(tokenizer, data, sections["distill"], sections["search"],
                                            getattr(model.config, "max_position_embeddings", None))
-    inputs = pruner_inputs(model, tokenizer, scores, blocks, train, evals, depth,
+    inputs = pruner_inputs(model, tokenizer, scores, blocks, train, evals, sections["prune"].depth,
                            importance.depth_method)
+    inputs.build_cache = _cache_builder(teacher_name, sections)
     return inputs, scores, info
+
+
+def _cache_builder(teacher_name: str, sections: Mapping[str, Any]):
+    """Builds the search's teacher cache over a short run's train blocks (minitron.teacher_cache),
+    with the teacher_cache section's k, dtype and batch size."""
+    import dataclasses
+
+    def build(folder: Path, config: DistillConfig) -> None:
+        from minitron.teacher_cache import build_cache
+
+        settings = dataclasses.replace(
+            sections["teacher_cache"], split="train", tokens=config.steps * config.tokens_per_step,
+            block_size=config.block_size, seed=config.seed)
+        build_cache(teacher_name, folder, settings, data=sections["data"], model=sections["model"])
+    return build
 
 
 def pruner_inputs(model: nn.Module, tokenizer, scores: Scores, calibration: torch.Tensor,

@@ -53,8 +53,9 @@ def _search_section(found: dict[str, Any], run_dir: Path) -> list[str]:
           f"{found['enumerated']} shapes within the budget (prune.target_params={found['budget']}) "
           f"were pruned from one set of importance scores and scored without training (KL to the "
           f"teacher on calibration blocks); the best {found['candidates']} were distilled for "
-          f"{found['tokens']:,} tokens each, on the same tokens, and ranked by held-out KL, then "
-          f"perplexity ({times}).", "",
+          f"{found['tokens']:,} tokens each, on the same tokens (teacher: "
+          f"{found.get('teacher', 'online')}), and ranked by held-out KL, then perplexity "
+          f"({times}).", "",
           format_table(found["rows"], RANKING_COLUMNS), "",
           f"**Why {found['chosen']} won:** {found['why']}", ""]
     if plot.exists():

@@ -39,6 +39,8 @@ from minitron.recipe import fingerprint
 # prunes the teacher in memory, `save(model, folder)` writes a pruned checkpoint.
 Prune = Callable[[dict[str, int]], nn.Module]
 Save = Callable[[nn.Module, Path], None]
+# Builds (or finds) a teacher cache over the train blocks of a distill config in a folder.
+BuildCache = Callable[[Path, DistillConfig], None]
 
 RESULT = "result.json"
 SHAPES = "shapes.json"
@@ -110,6 +112,19 @@ def short_config(distill: DistillConfig, settings: SearchConfig) -> DistillConfi
     every `eval_every` and `checkpoint_every` stays (an interrupted run resumes from its last)."""
     return dataclasses.replace(distill, tokens=settings.tokens, eval_blocks=settings.eval_blocks,
                                keep_checkpoint=False)
+
+
+def with_cache(config: DistillConfig, folder: Path, build: BuildCache) -> DistillConfig:
+    """`config` reading its teacher from a cache in `folder`, built once over its train blocks (the
+    same for every candidate); `config` itself, with a note, when a cache cannot serve it."""
+    try:
+        cached = dataclasses.replace(config, teacher_cache=str(folder))
+    except MinitronError as e:
+        print(f"[search] the teacher runs online in each short run: {e}")
+        return config
+    build(folder, config)
+    print(f"[search] every short run reads the teacher from {folder}")
+    return cached
 
 
 def run_candidate(folder: Path, shape: dict, key: str, inputs: "SearchInputs",
@@ -222,6 +237,7 @@ class SearchInputs:
     calibration: torch.Tensor
     train_blocks: Any
     eval_blocks: torch.Tensor
+    build_cache: BuildCache | None = None  # None: the teacher runs online in every short run
 
 
 def search(work: str | Path, inputs: SearchInputs, shapes: list[dict], budget: float | int,
@@ -245,6 +261,10 @@ def search(work: str | Path, inputs: SearchInputs, shapes: list[dict], budget: f
     print(format_table([{k: s[k] for k in ("zero_shot_rank", "name", "params", "fraction",
                                            "zero_shot_kl")} for s in shapes]))
     config = short_config(distill, settings)
+    if settings.teacher_cache and inputs.build_cache is not None:
+        t_cache = time.perf_counter()
+        config = with_cache(config, work / "teacher_cache", inputs.build_cache)
+        times["teacher_cache_s"] = round(time.perf_counter() - t_cache, 2)
     top = shapes[:settings.candidates]
     data_key = (blocks_fingerprint(inputs.train_blocks), blocks_fingerprint(inputs.eval_blocks))
     t1 = time.perf_counter()
@@ -257,6 +277,7 @@ def search(work: str | Path, inputs: SearchInputs, shapes: list[dict], budget: f
     ranked = rank(results)
     plot(ranked, work / PLOT, config.tokens)
     record = {"budget": budget, "settings": settings.to_dict(), "tokens": config.tokens,
+              "teacher": "cache " + config.teacher_cache if config.teacher_cache else "online",
               "enumerated": len(shapes), "candidates": len(top), "times": times,
               "chosen": ranked[0], "why": why(ranked), "ranking": ranked, "shapes": shapes,
               "plot": str(work / PLOT)}
@@ -288,7 +309,8 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
     return {"chosen": record["chosen"]["name"], "why": record["why"],
             "rows": ranking_rows(record["ranking"]), "times": record["times"],
             "enumerated": record["enumerated"], "candidates": record["candidates"],
-            "tokens": record["tokens"], "budget": record["budget"], "plot": record["plot"]}
+            "tokens": record["tokens"], "budget": record["budget"], "plot": record["plot"],
+            "teacher": record["teacher"]}
 
 
 def scores_digest(scores: Scores) -> str:

@@ -4,15 +4,17 @@ short distillation (recomputed here in float64 from its saved model), and a reru
 candidates while an interrupted one resumes from its checkpoint."""
 
 import json
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
 from minitron.common import MinitronError
-from minitron.config import DistillConfig, SearchConfig
+from minitron.config import (CacheConfig, DataConfig, DistillConfig, ImportanceConfig, ModelConfig,
+                             PruneConfig, SearchConfig)
 from minitron.importance import compute_scores
-from minitron.prune import enumerate_shapes, main, pruner_inputs, save_searched
+from minitron.prune import enumerate_shapes, main, pruner_inputs, save_searched, search_inputs
 from minitron.search import RESULT, search
 from tiny import VOCAB, make_tiny_model, tiny_config, tiny_tokenizer
 
@@ -180,3 +182,41 @@ def test_rerun_skips_finished_candidates_and_resumes_an_interrupted_one(tmp_path
     calls[:] = []
     again = run_search(tmp_path, teacher, inputs, candidates=2)
     assert calls == [] and again["chosen"]["name"] == record["chosen"]["name"]
+
+
+# ----------------------------------------------------------------------------- the teacher cache
+def test_short_runs_from_a_full_teacher_cache_match_the_online_teacher(tmp_path):
+    """With k = V the cache holds the teacher's whole distribution: the search built on it (one
+    cache for every candidate) trains and ranks as the online teacher does."""
+    from minitron.shards import prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n\n".join((stdlib / n).read_text() for n in ("textwrap.py", "string.py", "shlex.py",
+                                                          "fnmatch.py", "bisect.py", "heapq.py"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text[i:i + 1000]}) + "\n"
+                              for i in range(0, len(text), 1000)))
+    prepare(str(corpus), tmp_path / "shards", tiny_tokenizer(), workers=1, progress=False)
+    teacher = make_tiny_model(path=tmp_path / "teacher")
+    sections = {"data": DataConfig(source=str(tmp_path / "shards"), block_size=BLOCK,
+                                   calibration_blocks=4),
+                "importance": ImportanceConfig(batch_size=4), "prune": PruneConfig(target_params=0.6),
+                "search": SearchConfig(candidates=1, **{**SETTINGS, "max_shapes": 1}),
+                "distill": DISTILL, "model": ModelConfig(),
+                "teacher_cache": CacheConfig(k=VOCAB, dtype="float32", progress=False)}
+    inputs, _, _ = search_inputs(teacher, tiny_tokenizer(), str(tmp_path / "teacher"), sections,
+                                 tmp_path / "work")
+    shapes = enumerate_shapes(teacher.config, 0.6, sections["search"])
+    cached = search(tmp_path / "work", inputs, shapes, 0.6, sections["search"], DISTILL)
+    online_settings = SearchConfig(candidates=1, teacher_cache=False,
+                                   **{**SETTINGS, "max_shapes": 1})
+    online = search(tmp_path / "online", inputs, shapes, 0.6, online_settings, DISTILL)
+    assert cached["teacher"] == f"cache {tmp_path / 'work' / 'teacher_cache'}"
+    assert online["teacher"] == "online"
+    manifest = json.loads((tmp_path / "work" / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["k"] == VOCAB and manifest["tokens"] == 64
+    a, b = cached["chosen"], online["chosen"]
+    assert a["name"] == b["name"]
+    assert a["kl_before"] == pytest.approx(b["kl_before"], rel=1e-6)
+    assert a["kl_after"] == pytest.approx(b["kl_after"], rel=1e-4)
+    assert a["kl_after"] != a["kl_before"]  # the short run trained
