@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -69,8 +70,8 @@ def zero_shot_kl(teacher: nn.Module, prune: Prune, shapes: list[dict], blocks: t
     batches = [blocks[i:i + batch_size].to(device) for i in range(0, len(blocks), batch_size)]
     t_hidden = [final_hidden(teacher, ids) for ids in batches]
     t_head, t_cap = teacher.get_output_embeddings().weight, logit_softcap(teacher.config)
-    out = []
-    for shape in shapes:
+    out, t0 = [], time.perf_counter()
+    for i, shape in enumerate(shapes, 1):
         student = prune(target_of(shape))
         sums = torch.zeros(5, dtype=torch.float64)
         for ids, th in zip(batches, t_hidden):
@@ -79,6 +80,8 @@ def zero_shot_kl(teacher: nn.Module, prune: Prune, shapes: list[dict], blocks: t
                                 t_softcap=t_cap).cpu()
         out.append(float(sums[2] / sums[4]))
         del student
+        print(f"[search] zero-shot {i}/{len(shapes)} {shape['name']}: KL {out[-1]:.4f} "
+              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     return out
 
 

@@ -184,27 +184,35 @@ def test_rerun_skips_finished_candidates_and_resumes_an_interrupted_one(tmp_path
     assert calls == [] and again["chosen"]["name"] == record["chosen"]["name"]
 
 
-# ----------------------------------------------------------------------------- the teacher cache
-def test_short_runs_from_a_full_teacher_cache_match_the_online_teacher(tmp_path):
-    """With k = V the cache holds the teacher's whole distribution: the search built on it (one
-    cache for every candidate) trains and ranks as the online teacher does."""
+# ----------------------------------------------------------------------------- from prepared data
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A few stdlib files tokenized once into prepared shards, and a tiny teacher saved beside."""
     from minitron.shards import prepare
 
+    root = tmp_path_factory.mktemp("shards")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     text = "\n\n".join((stdlib / n).read_text() for n in ("textwrap.py", "string.py", "shlex.py",
                                                           "fnmatch.py", "bisect.py", "heapq.py"))
-    corpus = tmp_path / "corpus.jsonl"
+    corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": text[i:i + 1000]}) + "\n"
                               for i in range(0, len(text), 1000)))
-    prepare(str(corpus), tmp_path / "shards", tiny_tokenizer(), workers=1, progress=False)
-    teacher = make_tiny_model(path=tmp_path / "teacher")
-    sections = {"data": DataConfig(source=str(tmp_path / "shards"), block_size=BLOCK,
-                                   calibration_blocks=4),
+    prepare(str(corpus), root / "shards", tiny_tokenizer(), workers=1, progress=False)
+    make_tiny_model(path=root / "teacher")
+    return root / "shards", root / "teacher"
+
+
+def test_short_runs_from_a_full_teacher_cache_match_the_online_teacher(shards, tmp_path):
+    """With k = V the cache holds the teacher's whole distribution: the search built on it (one
+    cache for every candidate) trains and ranks as the online teacher does."""
+    data, teacher_dir = shards
+    teacher = make_tiny_model()  # the same weights as the saved one
+    sections = {"data": DataConfig(source=str(data), block_size=BLOCK, calibration_blocks=4),
                 "importance": ImportanceConfig(batch_size=4), "prune": PruneConfig(target_params=0.6),
                 "search": SearchConfig(candidates=1, **{**SETTINGS, "max_shapes": 1}),
                 "distill": DISTILL, "model": ModelConfig(),
                 "teacher_cache": CacheConfig(k=VOCAB, dtype="float32", progress=False)}
-    inputs, _, _ = search_inputs(teacher, tiny_tokenizer(), str(tmp_path / "teacher"), sections,
+    inputs, _, _ = search_inputs(teacher, tiny_tokenizer(), str(teacher_dir), sections,
                                  tmp_path / "work")
     shapes = enumerate_shapes(teacher.config, 0.6, sections["search"])
     cached = search(tmp_path / "work", inputs, shapes, 0.6, sections["search"], DISTILL)
@@ -220,3 +228,43 @@ def test_short_runs_from_a_full_teacher_cache_match_the_online_teacher(tmp_path)
     assert a["kl_before"] == pytest.approx(b["kl_before"], rel=1e-6)
     assert a["kl_after"] == pytest.approx(b["kl_after"], rel=1e-4)
     assert a["kl_after"] != a["kl_before"]  # the short run trained
+
+
+RECIPE = """\
+name: searched
+output_dir: {out}
+model: {{name: {teacher}}}
+data: {{source: {data}, block_size: 16, calibration_blocks: 4, eval_blocks: 2}}
+importance: {{batch_size: 4}}
+prune: {{target_params: 0.6}}
+search: {{candidates: 2, tokens: 64, band: 0.25, max_shapes: 2, score_blocks: 1, eval_blocks: 1}}
+distill: {{tokens: 64, batch_size: 2, block_size: 16, eval_every: 2, eval_blocks: 1,
+          checkpoint_every: 2, progress: false}}
+teacher_cache: {{progress: false}}
+export: {{enabled: false}}
+evaluate: {{speed: false}}
+"""
+
+
+def test_a_recipe_chooses_its_shape_by_search_and_the_report_says_why(shards, tmp_path):
+    from minitron.pipeline import run
+    from minitron.recipe import load_recipe
+
+    data, teacher_dir = shards
+    path = tmp_path / "searched.yaml"
+    path.write_text(RECIPE.format(out=tmp_path / "runs", teacher=teacher_dir, data=data))
+    report = run(load_recipe(path))
+    run_dir = tmp_path / "runs" / "searched"
+    ranking = json.loads((run_dir / "1-prune" / "search" / "ranking.json").read_text())
+    chosen = ranking["chosen"]
+    assert chosen["kl_after"] == min(r["kl_after"] for r in ranking["ranking"])
+    assert ranking["teacher"].startswith("cache ")
+    # The chosen candidate's checkpoint is what the later stages trained and measured.
+    pruned = next(m for m in report["models"] if m["model"] == "pruned")
+    assert pruned["parameters"] == chosen["params"]
+    config = json.loads((run_dir / "1-prune" / "model" / "config.json").read_text())
+    assert {k: config[k] for k in chosen["shape"]} == chosen["shape"]
+    md = (run_dir / "report.md").read_text()
+    assert "## Shape search" in md and f"**Why {chosen['name']} won:**" in md
+    assert f"| 1 | {chosen['name']} |" in md and "![candidates" in md
+    assert (run_dir / "search.png").stat().st_size > 0
