@@ -111,10 +111,12 @@ def score_shapes(work: Path, teacher: nn.Module, prune: Prune, shapes: list[dict
 
 # ----------------------------------------------------------------------------- candidates
 def short_config(distill: DistillConfig, settings: SearchConfig) -> DistillConfig:
-    """The short runs' settings: the distill section's, with the search's tokens and eval set;
-    every `eval_every` and `checkpoint_every` stays (an interrupted run resumes from its last)."""
+    """The short runs' settings: the distill section's, with the search's tokens and eval set, and
+    a checkpoint at least every quarter of the run (an interrupted candidate resumes from it)."""
+    steps = max(1, settings.tokens // distill.tokens_per_step)
     return dataclasses.replace(distill, tokens=settings.tokens, eval_blocks=settings.eval_blocks,
-                               keep_checkpoint=False)
+                               keep_checkpoint=False,
+                               checkpoint_every=min(distill.checkpoint_every, max(1, steps // 4)))
 
 
 def with_cache(config: DistillConfig, folder: Path, build: BuildCache) -> DistillConfig:
@@ -249,7 +251,7 @@ def search(work: str | Path, inputs: SearchInputs, shapes: list[dict], budget: f
     """Run (or resume) the search over `shapes` (`minitron.prune.enumerate_shapes`) in `work`;
     returns the ranking.json record: `chosen` (its `model_dir` is the pruned checkpoint to keep),
     `ranking`, `shapes`, `why` and phase times."""
-    from minitron.distill import blocks_fingerprint
+    from minitron.distill import RESUMABLE_SETTINGS, blocks_fingerprint
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -270,10 +272,12 @@ def search(work: str | Path, inputs: SearchInputs, shapes: list[dict], budget: f
         times["teacher_cache_s"] = round(time.perf_counter() - t_cache, 2)
     top = shapes[:settings.candidates]
     data_key = (blocks_fingerprint(inputs.train_blocks), blocks_fingerprint(inputs.eval_blocks))
+    # What a candidate's result depends on: not the settings a run may change when it resumes.
+    run_key = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_SETTINGS}
     t1 = time.perf_counter()
     results = []
     for i, shape in enumerate(top, 1):
-        key = fingerprint(inputs.scores_key, target_of(shape), config, data_key)
+        key = fingerprint(inputs.scores_key, target_of(shape), run_key, data_key)
         results.append(dict(run_candidate(work / f"{i:02d}-{shape['name']}", shape, key, inputs,
                                           config, device), fraction=shape["fraction"]))
     times["short_distill_s"] = round(time.perf_counter() - t1, 2)
