@@ -271,11 +271,12 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     # Settings a distillation may change on resume (process count, checkpoint interval, ...) must
     # not make the pipeline throw its checkpoint away.
     distill = {k: v for k, v in dataclasses.asdict(r.distill).items() if k not in RESUMABLE_SETTINGS}
+    # A search's short runs take the distill section's settings but their own tokens and eval set.
+    short = {k: v for k, v in distill.items() if k not in ("tokens", "eval_blocks")}
     return {
         "data": [r.data.source, r.data.text_field, r.data.seed, r.data.block_size],
-        # A search's short runs take the distill section's settings too.
         "prune": [r.model, r.data, r.importance, r.prune, *data,
-                  *([r.search, distill, r.teacher_cache] if r.search.candidates else [])],
+                  *([r.search, short, r.teacher_cache] if r.search.candidates else [])],
         "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill,
                     *data],
         "export": [r.data, r.export, *data],
