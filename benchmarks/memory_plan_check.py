@@ -2,11 +2,17 @@
 
     python benchmarks/memory_plan_check.py                    # the three large recipes, full depth
     python benchmarks/memory_plan_check.py --depth-divisor 8  # the depth tests/test_memory_plan.py uses
+    python benchmarks/memory_plan_check.py --gloo-check 1 2 4 8  # fake vs real, small width only
 
 For each recipe: the dry run's per-GPU training-step peak (`minitron.memory_plan.plan_distill`, the
 teacher included) and the tracker's peak of one simulated rank of `nproc_per_node` (fake process
 group, fake tensors, real widths; see tests/fsdp_tracker.py), with the tracker's categories at its
 peak. Minutes on 2 CPU cores (one full-depth simulation takes 30-90 s).
+
+`--gloo-check LAYERS...` checks the reference itself instead: the same tracked step at a small
+width (hidden 256, vocabulary 4096, 512 tokens per rank), once on fake tensors with a fake 2-rank
+process group and once on real tensors in 2 gloo processes, with and without the teacher
+registered; it prints both totals and where their categories differ.
 
 Writes benchmarks/results/memory_plan-tracker-cpu-<time>.json and a .md table beside it.
 """
@@ -53,6 +59,62 @@ def measure(name: str, depth_divisor: int) -> dict:
             "tracker_gib_by_category": {k: v / GIB for k, v in snap.items() if k != "Total"}}
 
 
+SMALL = dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=4096, tie_word_embeddings=False,
+             max_position_embeddings=512)
+
+
+def _small(layers: int):
+    from minitron.distill import DistillConfig
+
+    teacher = {**SMALL, "num_hidden_layers": layers}
+    student = {**teacher, "hidden_size": 192, "intermediate_size": 768}
+    return teacher, student, DistillConfig(batch_size=2, block_size=512, gradient_checkpointing=True)
+
+
+def _gloo_rank(rank: int, port: int, layers: int, register: bool, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        teacher, student, config = _small(layers)
+        snap = tracked_step_peak(teacher, student, config, 2, register_teacher=register, fake=False)
+        if rank == 0:
+            results.put(snap)
+    finally:
+        dist.destroy_process_group()
+
+
+def gloo_check(depths: list[int]) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for register in (True, False):
+        for layers in depths:
+            fake = tracked_step_peak(*_small(layers), 2, register_teacher=register)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            results = ctx.Queue()
+            procs = [ctx.Process(target=_gloo_rank, args=(r, port, layers, register, results))
+                     for r in range(2)]
+            for p in procs:
+                p.start()
+            real = results.get(timeout=600)
+            for p in procs:
+                p.join()
+            diff = {k: round((real.get(k, 0) - fake.get(k, 0)) / 2**20, 2)
+                    for k in sorted(set(fake) | set(real)) if real.get(k, 0) != fake.get(k, 0)}
+            print(f"teacher registered={register} layers={layers}: fake {fake['Total'] / 2**20:.2f} "
+                  f"MiB, real gloo {real['Total'] / 2**20:.2f} MiB"
+                  + (f"; real - fake by category (MiB): {diff}" if diff else ""))
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"Plan vs FSDP2 memory tracker (training step, per GPU, GiB); torch "
              f"{meta['versions']['torch']}, git {meta['git_sha']}, {meta['timestamp']}", "",
@@ -74,7 +136,11 @@ def main(argv=None):
     ap.add_argument("--depth-divisor", type=int, default=1,
                     help="simulate (and plan) depth // this many layers (1: the recipe's depth)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--gloo-check", type=int, nargs="+", metavar="LAYERS",
+                    help="only cross-check the fake run against 2 real gloo processes at these depths")
     args = ap.parse_args(argv)
+    if args.gloo_check:
+        return gloo_check(args.gloo_check)
 
     stamp, sha = datetime.now(timezone.utc), commit()
     rows = []
