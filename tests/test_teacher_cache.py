@@ -417,7 +417,8 @@ def test_interrupted_build_resumes_skipping_finished_shards_byte_identical(world
     assert files == sorted(p.relative_to(out) for p in out.rglob("*.bin")) and len(files) == 16
     assert all((small_cache / f).read_bytes() == (out / f).read_bytes() for f in files)
     written.clear()
-    _build(world, out, k=8, shard_tokens=24 * BLOCK)  # finished: nothing recomputed
+    monkeypatch.setattr("minitron.models.load_model", lambda *a, **k: pytest.fail("loaded"))
+    _build(world, out, k=8, shard_tokens=24 * BLOCK)  # finished: no model loaded, nothing computed
     assert written == []
 
 
