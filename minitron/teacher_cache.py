@@ -375,22 +375,21 @@ def _begin(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _load_inputs(teacher_name: str, data: DataConfig, config: CacheConfig, model: ModelConfig):
-    from minitron.data import open_blocks
-    from minitron.models import default_device, load_model
+def _load_data(teacher_name: str, data: DataConfig, config: CacheConfig):
+    """The teacher's config and the blocks to cache (its tokenizer, no weights yet: a finished
+    cache is recognized without loading the model)."""
+    from minitron.data import load_tokenizer, open_blocks
+    from minitron.models import load_config
 
-    teacher, tokenizer = load_model(teacher_name, dtype=model.dtype,
-                                    device=model.device or default_device())
-    teacher.eval()
-    max_pos = teacher.config.max_position_embeddings
-    blocks = open_blocks(tokenizer, config.split, max(1, config.tokens // config.block_size),
-                         source=data.source, block_size=config.block_size, seed=config.seed,
-                         text_field=data.text_field, max_positions=max_pos)
-    if config.k > teacher.config.vocab_size:
+    t_cfg = load_config(teacher_name)
+    if config.k > t_cfg.vocab_size:
         raise MinitronError(f"teacher_cache.k={config.k} is larger than the teacher's vocabulary "
-                            f"({teacher.config.vocab_size}); valid: 1 <= k <= "
-                            f"{teacher.config.vocab_size}")
-    return teacher, blocks
+                            f"({t_cfg.vocab_size}); valid: 1 <= k <= {t_cfg.vocab_size}")
+    blocks = open_blocks(load_tokenizer(teacher_name), config.split,
+                         max(1, config.tokens // config.block_size), source=data.source,
+                         block_size=config.block_size, seed=config.seed,
+                         text_field=data.text_field, max_positions=t_cfg.max_position_embeddings)
+    return t_cfg, blocks
 
 
 def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
@@ -403,7 +402,7 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
 
     config, data, model = config or CacheConfig(), data or DataConfig(), model or ModelConfig()
     out = Path(output).expanduser()
-    teacher, blocks = _load_inputs(str(teacher_name), data, config, model)
+    t_cfg, blocks = _load_data(str(teacher_name), data, config)
     n = len(blocks)
     shard_blocks = max(1, config.shard_tokens // config.block_size)
     identity = data_identity(blocks, config.split)
@@ -415,6 +414,10 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
     if done is not None:
         print(f"[minitron] {out} already holds this teacher cache; not rebuilding it")
         return done
+    from minitron.models import default_device, load_model
+
+    teacher = load_model(teacher_name, dtype=model.dtype,
+                         device=model.device or default_device())[0].eval()
     spans = [(i, lo, min(lo + shard_blocks, n)) for i, lo in enumerate(range(0, n, shard_blocks))]
     todo = [s for s in spans if not (out / f"shard-{s[0]:05d}").is_dir()]
     reused = sum(hi - lo for i, lo, hi in spans if (i, lo, hi) not in todo) * config.block_size
@@ -433,7 +436,7 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
             json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16],
         "data": {**identity, "source": data.source},
         "teacher": {"name": str(teacher_name), "hash": t_hash, "dtype": model.dtype},
-        "k": config.k, "vocab_size": int(teacher.config.vocab_size),
+        "k": config.k, "vocab_size": int(t_cfg.vocab_size),
         "block_size": config.block_size, "num_blocks": n, "tokens": n * config.block_size,
         "dtype": config.dtype,
         "shards": [{"dir": f"shard-{i:05d}", "first_block": lo, "blocks": hi - lo}

@@ -417,7 +417,8 @@ def test_interrupted_build_resumes_skipping_finished_shards_byte_identical(world
     assert files == sorted(p.relative_to(out) for p in out.rglob("*.bin")) and len(files) == 16
     assert all((small_cache / f).read_bytes() == (out / f).read_bytes() for f in files)
     written.clear()
-    _build(world, out, k=8, shard_tokens=24 * BLOCK)  # finished: nothing recomputed
+    monkeypatch.setattr("minitron.models.load_model", lambda *a, **k: pytest.fail("loaded"))
+    _build(world, out, k=8, shard_tokens=24 * BLOCK)  # finished: no model loaded, nothing computed
     assert written == []
 
 
@@ -429,3 +430,33 @@ def test_memory_plan_counts_no_teacher_weights_with_a_cache():
     online = plan_distill(t, s, _cfg(), 1, "float32", "ddp")
     cached = plan_distill(t, s, _cfg(teacher_cache="c"), 1, "float32", "ddp")
     assert online.terms["teacher weights"] > 0 and cached.terms["teacher weights"] == 0
+
+
+def test_fsdp_on_two_processes_from_the_cache_matches_one_process(world, small_cache, tmp_path):
+    """The real command on 2 gloo ranks (FSDP2, the fused hidden-state form, CE mixed in): each rank
+    reads its share of every batch from the cache by row, and the result is the one-process run's."""
+    from safetensors.torch import load_file
+
+    student = tmp_path / "student"
+    world["student"].save_pretrained(student, safe_serialization=True)
+    world["tok"].save_pretrained(student)
+    common = [sys.executable, "-m", "minitron.distill", "--student", str(student), "--source",
+              str(world["data"]), f"distill.teacher_cache={small_cache}", "--tokens",
+              str(4 * 8 * BLOCK), "--batch-size", "8", "--block-size", str(BLOCK), "--lr", "5e-3",
+              "--alpha", "0.2", "--loss-impl", "fused", "--eval-blocks", "4", "--no-progress",
+              "--device", "cpu"]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    outs = {}
+    for name, extra in (("one", []), ("fsdp", ["--nproc-per-node", "2", "--strategy", "fsdp"])):
+        outs[name] = tmp_path / name
+        r = subprocess.run([*common, "--output", str(outs[name]), *extra], capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    a, b = _losses(outs["one"]), _losses(outs["fsdp"])
+    assert len(a) == 4 and all(abs(x - y) < 1e-4 * abs(x) + 1e-5 for x, y in zip(a, b)), (a, b)
+    wa, wb = (load_file(o / "model.safetensors") for o in (outs["one"], outs["fsdp"]))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+    m = json.loads((outs["fsdp"] / "minitron.json").read_text())["distillation"]["metrics"]
+    assert m["processes"] == {"world_size": 2, "strategy": "fsdp"} and m["teacher_cache"]["k"] == 8
