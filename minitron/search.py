@@ -188,13 +188,18 @@ def why(ranked: list[dict]) -> str:
                  f"runner-up {runner['name']}")
     text += ". "
     zs = best["zero_shot_rank"]
-    if zs == 1:
-        text += "It was also the best shape before any training (zero-shot KL "
-        text += f"{best['zero_shot_kl']:.4f}), so the short distillation confirmed that order."
+    before = sorted(ranked, key=lambda r: r["kl_before"]).index(best) + 1
+    text += (f"Before training it was number {zs} of all shapes by zero-shot KL on the calibration "
+             f"blocks ({best['zero_shot_kl']:.4f}) and number {before} of the {len(ranked)} "
+             f"candidates by held-out KL ({best['kl_before']:.4f}): ")
+    if before == 1 and zs == 1:
+        text += "the short distillation confirmed the order the pruned models already had."
+    elif before == 1:
+        text += ("the held-out set already preferred it; the short distillation kept that order "
+                 "and overruled the cheaper zero-shot score.")
     else:
-        text += (f"Before training it ranked {zs} by zero-shot KL ({best['zero_shot_kl']:.4f}): "
-                 f"the short distillation changed the order, as the Minitron papers found "
-                 f"(zero-shot scores do not predict how well a shape recovers).")
+        text += ("the short distillation changed the order: how well a shape recovers is not how "
+                 "well it does untrained, as the Minitron papers found.")
     return text
 
 
