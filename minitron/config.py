@@ -45,6 +45,7 @@ def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) 
 
 POSITIVE = Rule("> 0", lambda v: math.isfinite(v) and v > 0)
 NON_NEGATIVE = Rule(">= 0", lambda v: math.isfinite(v) and v >= 0)
+OFF_OR_ABOVE_1 = Rule("0 (off) or > 1", lambda v: math.isfinite(v) and (v == 0 or v > 1))
 
 
 def setting(default: Any, doc: str, valid: Rule | None = None) -> Any:
@@ -311,8 +312,21 @@ class DistillConfig(Section):
     fsdp_unsynced_accum: bool = setting(False, "Under FSDP, reduce-scatter gradients on the last "
                                                "micro-batch only (less communication; unsharded "
                                                "fp32 gradients held between micro-batches).")
-    checkpoint_every: int = setting(100, "Optimizer steps between checkpoints (also at the end).",
+    checkpoint_every: int = setting(100, "Optimizer steps between checkpoints (also at the end). "
+                                         "A checkpoint is written once the next step's loss and "
+                                         "gradient norm show its weights healthy (see spike_*).",
                                     at_least(1))
+    # Divergence guard: a non-finite loss or gradient norm always stops the run; these catch a
+    # run that is blowing up while its numbers are still finite (a too-high learning rate).
+    spike_grad_factor: float = setting(
+        20.0, "Stop when the gradient norm (before clipping) exceeds this many times its median "
+              "over the last spike_window healthy steps; 0 turns the check off.", OFF_OR_ABOVE_1)
+    spike_loss_factor: float = setting(
+        3.0, "Stop when the training loss exceeds this many times its median over the last "
+             "spike_window healthy steps (a median below 0.5 counts as 0.5, so that near-zero "
+             "losses do not stop on noise); 0 turns the check off.", OFF_OR_ABOVE_1)
+    spike_window: int = setting(50, "Healthy steps the running medians of the spike checks are "
+                                    "taken over (the first step's values included).", at_least(1))
     eval_every: int = setting(50, "Optimizer steps between evaluations (also at 0 and the end).",
                               at_least(1))
     eval_blocks: int = setting(16, "Held-out blocks per evaluation.", at_least(1))

@@ -125,9 +125,10 @@ def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
     (what `torchrun` runs); wait for them. With `nnodes` > 1 this node joins the others through a
     c10d rendezvous at `rdzv_endpoint`.
 
-    Their output streams through. When one fails (the launcher then stops the others), its
-    failure record names the rank, and the message it recorded (`record_for_torchrun`) or its
-    exit code / signal becomes this process's MinitronError.
+    Their output streams through. When one fails (the launcher then stops the others), each failed
+    rank gets one line, the one that caused the stop last, as this process's MinitronError: the
+    message it recorded (`record_for_torchrun`, `child_failure`: its traceback is in its log file)
+    or its exit code / signal. The launcher's own log lines are shown with `--debug` only.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -137,9 +138,33 @@ def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
           + (f" on each of {nnodes} nodes" if nnodes > 1 else "")
           + f": python -m {module} {' '.join(argv)}", file=sys.stderr)
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
+        with _launcher_quiet():
+            elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
     except ChildFailedError as e:
-        raise MinitronError(failure_message(*root_failure(e.failures))) from None
+        cause, failure = root_failure(e.failures)
+        for r, f in sorted(e.failures.items()):
+            if r != cause:
+                print(f"error: {failure_message(r, f)}", file=sys.stderr)
+        raise MinitronError(failure_message(cause, failure)) from None
+
+
+@contextlib.contextmanager
+def _launcher_quiet():
+    """torch's elastic agent logs each worker it stops and each failure (with the tracebacks the
+    workers recorded); our summary says the same in a line per rank, so its log waits for
+    `--debug`."""
+    import logging
+
+    from minitron.common import debug_mode
+
+    log = logging.getLogger("torch.distributed.elastic")
+    level = log.level
+    if not debug_mode():
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _recorded(failure: Any) -> str | None:
@@ -150,12 +175,13 @@ def _recorded(failure: Any) -> str | None:
 
 def _blame(failure: Any) -> int:
     """How likely a failed rank caused the stop (lower: likelier)."""
-    if _recorded(failure) is not None:
-        return 0
+    message = _recorded(failure)
+    if message is not None and message.startswith("MinitronError: "):
+        return 0  # a rank that knew what went wrong
     if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:
         return 1  # killed from outside (SIGKILL, the OOM killer, a segfault)
     if failure.exitcode > 0:
-        return 2  # crashed, maybe because a peer's collective broke
+        return 2  # crashed, maybe because a peer's collective broke (`child_failure`)
     return 3  # SIGTERM: what the launcher sends the other ranks when it stops them
 
 
@@ -169,12 +195,46 @@ def failure_message(rank: int, failure: Any) -> str:
     """One line from a worker's failure record (torch's ProcessFailure)."""
     message = _recorded(failure)
     if message is not None:
-        return f"rank {rank}: {message.removeprefix('MinitronError: ')}"
+        message = message.removeprefix("MinitronError: ").removeprefix("RankFailure: ")
+        return f"rank {rank}: {message}"
     if failure.exitcode < 0:
         return (f"rank {rank} died ({failure.signal_name()}) with no error message; the "
                 f"launcher stopped the others; the log is above")
     return (f"rank {rank} failed first (exit code {failure.exitcode}) with no error message; the "
             f"launcher stopped the others; the log is above")
+
+
+class RankFailure(Exception):
+    """What `child_failure` records: an error the rank did not expect (not a MinitronError)."""
+
+
+LOG_DIR_ENV = "MINITRON_LOG_DIR"  # where a torchrun child writes the traceback of its failure
+
+
+def child_failure(error: BaseException) -> bool:
+    """In a torchrun child process: an error that is not a MinitronError (most often a collective
+    that broke because a peer died) becomes one line on stderr and in the launcher's failure
+    record; its traceback goes to `rank<N>.log` in the run's log folder. Returns False outside
+    torchrun (the caller re-raises: a plain process shows its traceback)."""
+    import tempfile
+    import traceback
+
+    if not under_torchrun():
+        return False
+    r = int(os.environ.get("RANK", 0))
+    folder = os.environ.get(LOG_DIR_ENV) or os.path.join(tempfile.gettempdir(), "minitron-logs")
+    path = os.path.join(folder, f"rank{r}.log")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            traceback.print_exception(error, file=f)
+    except OSError:
+        path = "not written: the log folder is not writable"
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    line = f"{type(error).__name__}: {first} (traceback: {path})"
+    record_for_torchrun(RankFailure(line))
+    print(f"error: rank {r}: {line}", file=sys.stderr)
+    return True
 
 
 def record_for_torchrun(error: Exception) -> None:

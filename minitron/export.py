@@ -43,6 +43,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 import dataclasses
@@ -55,8 +56,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
-                             write_json_atomic, write_text_atomic)
+from minitron.common import (MinitronError, StageTimer, atomic_dir, check_replaceable, clean_stale,
+                             format_table, run_cli, write_json_atomic, write_text_atomic)
 from minitron.config import (BLOCKWISE_MAX_BLOCK, INT4_SCHEMES, DataConfig, ExportConfig,
                              ModelConfig)
 from minitron.cpu import Int8Settings, describe_cpu, int8_settings, int8_target
@@ -68,6 +69,7 @@ from minitron.models import (ARCHS, arch_of, count_params, head_layout, load_mod
 
 MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes validate on 512
 MANIFEST_KIND = "minitron-export"
+MANIFEST = "manifest.json"  # lists every file the export wrote: only those may be replaced
 DEPLOY_FILE = "model.onnx"  # the name ORTModelForCausalLM looks for first
 FP32_FILE = "model_fp32.onnx"  # a distinct name, so from_pretrained(folder) never picks it by accident
 TASK = "text-generation-with-past"
@@ -219,22 +221,19 @@ def check_model(model: str | os.PathLike):
 
 def is_previous_export(path: Path) -> bool:
     try:
-        return json.loads((path / "manifest.json").read_text()).get("kind") == MANIFEST_KIND
+        return json.loads((path / MANIFEST).read_text()).get("kind") == MANIFEST_KIND
     except (OSError, ValueError, AttributeError):
         return False
 
 
 def check_output(output: str | os.PathLike) -> Path:
-    """An output folder may be new, empty, or a previous export (which is replaced at the end)."""
+    """An output folder may be new, empty, or a previous export that holds nothing but the files
+    its manifest lists (it is replaced at the end; anything else in it would be lost). What a
+    killed export left beside it goes first."""
     output = Path(output)
-    if output.exists():
-        if not output.is_dir():
-            raise MinitronError(f"--output {output} exists and is a file; give a folder path")
-        if any(output.iterdir()) and not is_previous_export(output):
-            raise MinitronError(
-                f"--output {output} exists and is not a previous minitron export (no manifest.json "
-                f"of kind '{MANIFEST_KIND}'); choose a new folder or remove it"
-            )
+    check_replaceable(output, MANIFEST, "export", kind=MANIFEST_KIND)
+    for leftover in clean_stale(output):
+        print(f"[minitron] removed {leftover.name}, left by an interrupted export", file=sys.stderr)
     return output
 
 
@@ -991,7 +990,7 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
         "deployed": {"file": DEPLOY_FILE, "precision": deployed,
                      "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)",
                      **({"note": IO_BINDING_NOTE} if needs_named_head_axis(job.config) else {})},
-        "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
+        "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", MANIFEST]),
         "settings": _record(job),
         "int8_cpu": report["int8_cpu"],
         "versions": report["versions"],
@@ -999,7 +998,7 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
     }
     write_json_atomic(tmp / "report.json", report)
     write_text_atomic(tmp / "report.md", render_report(report))
-    write_json_atomic(tmp / "manifest.json", manifest)
+    write_json_atomic(tmp / MANIFEST, manifest)
     return report
 
 
@@ -1029,7 +1028,8 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
     job.timings.append(t)
     with job.timed("pytorch_fp32"):
         rows = [measure_pytorch(job)]
-    with atomic_dir(output, overwrite=True) as tmp:
+    with atomic_dir(output, overwrite=True, manifest=MANIFEST, what="export",
+                    kind=MANIFEST_KIND) as tmp:
         rows.append({**export_fp32(job, tmp, fp32_file), "deployed": not candidates})
         quantized = quantize_variants(job, tmp, fp32_file, rows[0]["perplexity"], cpu)
         deploy = choose_deployed(quantized, candidates)

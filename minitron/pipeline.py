@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minitron.config import TARGET_KEYS, DataConfig
-from minitron.common import (MinitronError, StageTimer, format_table, run_cli, write_json_atomic,
-                             write_text_atomic)
+from minitron.common import (DEBUG_FLAG, MinitronError, StageTimer, format_table, run_cli,
+                             write_json_atomic, write_text_atomic)
 from minitron.models import load_config, param_count_from_config, resolve_model
 from minitron.recipe import Recipe, dump_recipe, fingerprint, load_recipe
 
@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
+    p.add_argument(DEBUG_FLAG, action="store_true",
+                   help="print full tracebacks (of errors, and of failing torchrun ranks)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the plan, shapes and parameter counts; touch no weights")
     args = p.parse_args(argv)

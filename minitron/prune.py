@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
+from minitron.common import (MinitronError, StageTimer, atomic_dir, check_replaceable, clean_stale,
+                             format_table, run_cli,
                              write_json_atomic)
 from minitron.config import (DEPTH_MODES, TARGET_KEYS, DataConfig, DepthMode, ModelConfig,
                              PruneConfig)
@@ -34,6 +36,7 @@ from minitron.importance import Scores, compute_scores, describe, load_scores, s
 from minitron.models import (ArchSpec, HeadLayout, arch_of, count_params, head_layout,
                              param_count_from_config, shape_problem)
 
+INFO_FILE = "minitron.json"  # the record of the pruning; its "files" list is what it wrote
 SCORES_FILE = "importance/scores.safetensors"  # inside the output folder (not globbed as weights)
 
 # Candidate grid for prune.target_params: the Minitron papers' width search prunes the hidden size
@@ -383,14 +386,18 @@ def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike,
         before = record.pop("parameters_before")
         params = {"before": before, **params, "ratio": round(after / before, 4)}
     record["parameters"] = params
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite=overwrite, manifest=INFO_FILE,
+                    what="pruned model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if scores is not None:
             save_scores(scores, tmp / SCORES_FILE)
             record["scores_file"] = SCORES_FILE
-        write_json_atomic(tmp / "minitron.json", record)
+        # What --overwrite may replace later: these files and nothing else (check_replaceable).
+        record["files"] = sorted([p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                                  if not p.is_dir()] + [INFO_FILE])
+        write_json_atomic(tmp / INFO_FILE, record)
     return Path(output_dir)
 
 
@@ -456,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.output).exists() and not args.overwrite:
         raise MinitronError(f"--output {args.output} already exists; choose another folder or "
                             f"pass --overwrite")
+    if args.overwrite:
+        check_replaceable(args.output, INFO_FILE, "pruned model")
+    for leftover in clean_stale(args.output):
+        print(f"[minitron] removed {leftover.name}, left by an interrupted prune", file=sys.stderr)
     scores = load_scores(args.scores) if args.scores else None
     if scores is not None:
         scores.check_matches(config)
