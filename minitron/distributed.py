@@ -126,9 +126,10 @@ def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
     c10d rendezvous at `rdzv_endpoint`.
 
     Their output streams through. When one fails (the launcher then stops the others), each failed
-    rank gets one line, the one that caused the stop last, as this process's MinitronError: the
-    message it recorded (`record_for_torchrun`, `child_failure`: its traceback is in its log file)
-    or its exit code / signal. The launcher's own log lines are shown with `--debug` only.
+    rank has one line: a rank that recorded its message (`record_for_torchrun`, `child_failure`:
+    its traceback is in its log file) printed it itself; here a line for each other one (its exit
+    code or signal), and last the one that caused the stop, as this process's MinitronError. The
+    launcher's own log lines are shown with `--debug` only.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -143,8 +144,8 @@ def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
     except ChildFailedError as e:
         cause, failure = root_failure(e.failures)
         for r, f in sorted(e.failures.items()):
-            if r != cause:
-                print(f"error: {failure_message(r, f)}", file=sys.stderr)
+            if r != cause and _recorded(f) is None:  # a rank that recorded a message printed it
+                print(f"error: {failure_message(r, f, cause)}", file=sys.stderr)
         raise MinitronError(failure_message(cause, failure)) from None
 
 
@@ -191,12 +192,15 @@ def root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     return min(failures.items(), key=lambda kv: (_blame(kv[1]), kv[1].timestamp, kv[0]))
 
 
-def failure_message(rank: int, failure: Any) -> str:
-    """One line from a worker's failure record (torch's ProcessFailure)."""
+def failure_message(rank: int, failure: Any, cause: int | None = None) -> str:
+    """One line from a worker's failure record (torch's ProcessFailure); `cause`: the rank that
+    caused the stop, when this is another one."""
     message = _recorded(failure)
     if message is not None:
         message = message.removeprefix("MinitronError: ").removeprefix("RankFailure: ")
         return f"rank {rank}: {message}"
+    if cause is not None and cause != rank and failure.exitcode == -signal.SIGTERM:
+        return f"rank {rank} was stopped by the launcher (SIGTERM) after rank {cause} failed"
     if failure.exitcode < 0:
         return (f"rank {rank} died ({failure.signal_name()}) with no error message; the "
                 f"launcher stopped the others; the log is above")
