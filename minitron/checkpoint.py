@@ -67,8 +67,8 @@ def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, sta
         for stale in run_dir.glob(f".tmp-{CKPT}-*"):  # ... by an older version (no lock file)
             if stale.is_dir() and not stale.with_name(stale.name + LOCK_SUFFIX).exists():
                 shutil.rmtree(stale, ignore_errors=True)
+        lock = claim(tmp, run_dir / CKPT)  # first: a later start removes it if this process dies
         tmp.mkdir(parents=True)
-        lock = claim(tmp, run_dir / CKPT)  # a later start removes it if this process dies
     _barrier()
     tensors, groups = _tensor_state(trainee, optimizer, aliases)
     with _one_process_quiet():

@@ -46,11 +46,27 @@ def _try_lock(path: Path, create: bool = False):
 
 
 def claim(tmp: Path, final: Path) -> int:
-    """Hold the lock of writer folder `tmp` (for output `final`) until `_release`."""
+    """Hold the lock of writer folder `tmp` (for output `final`) until `release`."""
     fd = _try_lock(tmp.with_name(tmp.name + LOCK_SUFFIX), create=True)
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"output": final.name, "pid": os.getpid()}).encode())
     return fd
+
+
+def _claimed_tmp(final: Path) -> tuple[Path, int]:
+    """A new temporary folder beside `final`, created only once its lock is held (so that no
+    moment exists when a killed writer's folder has no lock file)."""
+    while True:
+        fd, lock = tempfile.mkstemp(prefix=f".tmp-{final.name}-", suffix=LOCK_SUFFIX,
+                                    dir=final.parent)
+        os.close(fd)
+        tmp = Path(lock[: -len(LOCK_SUFFIX)])
+        held = claim(tmp, final)
+        try:
+            tmp.mkdir()
+            return tmp, held
+        except FileExistsError:  # a folder of that name without our lock: leave it, try another
+            release(tmp, held)
 
 
 def release(tmp: Path, fd: int) -> None:
@@ -153,11 +169,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False, manifest: str 
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    lock = claim(tmp, final)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
+    tmp, lock = _claimed_tmp(final)
     try:
         yield tmp
         if final.exists():

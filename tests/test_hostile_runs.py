@@ -148,7 +148,7 @@ def test_reexport_and_overwrite_refuse_folders_holding_other_files(world, tmp_pa
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("...")
-    rc, log = _run(prune[:5] + [str(mine)] + prune[6:] + ["--overwrite"], _env(world))
+    rc, log = _run(prune[:6] + [str(mine)] + prune[7:] + ["--overwrite"], _env(world))
     assert rc == 2 and "Traceback" not in log, log[-3000:]
     assert log.strip().splitlines()[-1] == (
         f"error: --output {mine} exists and is not a previous minitron pruned model (no "
@@ -164,28 +164,34 @@ def test_killed_export_leftovers_are_removed_at_the_next_start(world, tmp_path):
     from minitron.common import atomic_dir
 
     out = tmp_path / "onnx"
-    proc = subprocess.Popen(_export_cmd(world, out), env=_env(world), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + TIMEOUT
-    while not any(p.is_dir() and p.name.startswith(".tmp-onnx-") for p in tmp_path.iterdir()):
-        assert proc.poll() is None and time.monotonic() < deadline, "export ended before the kill"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    left = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-onnx-") and p.is_dir()]
-    assert len(left) == 1 and not out.exists()
-
     foreign = tmp_path / ".tmp-onnx-someone-elses"  # no lock file of ours: never touched
     foreign.mkdir()
     # A live writer of the same output (this process) holds its own temporary folder meanwhile;
     # when it finishes, the export is there and it does not overwrite it.
     with pytest.raises(MinitronError, match="appeared while it was being written"):
         with atomic_dir(out) as live:
+            ours = {live.name, foreign.name}
+            proc = subprocess.Popen(_export_cmd(world, out), env=_env(world), cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + TIMEOUT
+
+            def left():
+                return [p for p in tmp_path.iterdir()
+                        if p.is_dir() and p.name.startswith(".tmp-onnx-") and p.name not in ours]
+
+            while not left():
+                assert proc.poll() is None and time.monotonic() < deadline, "ended before the kill"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed = left()
+            assert len(killed) == 1 and not out.exists()
+
             rc, log = _run(_export_cmd(world, out), _env(world))
             assert rc == 0, log[-3000:]
-            assert f"[minitron] removed {left[0].name}, left by an interrupted export" in log
             assert "Traceback" not in log
-            assert not left[0].exists() and live.is_dir() and foreign.is_dir()
+            assert f"[minitron] removed {killed[0].name}, left by an interrupted export" in log
+            assert not left() and live.is_dir() and foreign.is_dir()
             assert (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-onnx-someone-elses", "onnx"]
 
