@@ -276,7 +276,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     """Run a stage's `main`; a MinitronError becomes one clear line on stderr and exit code 2.
 
     With `--debug` the traceback is printed too. In a torchrun child process (see
-    `minitron.distributed.child_failure`) any other error also becomes one line, with its
+    `child_failure`) any other error also becomes one line, with its
     traceback in a per-rank log file, so that a failing rank does not bury the summary."""
     args = sys.argv[1:] if argv is None else argv
     if DEBUG_FLAG in args:
@@ -294,12 +294,45 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted; artifacts written so far are intact", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        from minitron.distributed import child_failure
-
         if debug_mode() or not child_failure(e):
             raise
         sys.exit(1)
     sys.exit(code or 0)
+
+
+class RankFailure(Exception):
+    """What `child_failure` records: an error the rank did not expect (not a MinitronError)."""
+
+
+LOG_DIR_ENV = "MINITRON_LOG_DIR"  # where a torchrun child writes the traceback of its failure
+
+
+def child_failure(error: BaseException) -> bool:
+    """In a torchrun child process: an error that is not a MinitronError (most often a collective
+    that broke because a peer died) becomes one line on stderr and in the launcher's failure
+    record; its traceback goes to `rank<N>.log` in the run's log folder. Returns False outside
+    torchrun (the caller re-raises: a plain process shows its traceback)."""
+    import traceback
+
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not under torchrun
+        return False
+    r = int(os.environ.get("RANK", 0))
+    folder = os.environ.get(LOG_DIR_ENV) or os.path.join(tempfile.gettempdir(), "minitron-logs")
+    path = os.path.join(folder, f"rank{r}.log")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            traceback.print_exception(error, file=f)
+    except OSError:
+        path = "not written: the log folder is not writable"
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    line = f"{type(error).__name__}: {first} (traceback: {path})"
+    with contextlib.suppress(Exception):  # into torchrun's failure record, as distributed does
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(RankFailure(line))
+    print(f"error: rank {r}: {line}", file=sys.stderr)
+    return True
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minitron.common import MinitronError
+from minitron.common import LOG_DIR_ENV, MinitronError  # noqa: F401  (LOG_DIR_ENV: distill sets it)
 from minitron.config import check_divisible  # noqa: F401  (the loop checks its world size too)
 
 
@@ -206,39 +206,6 @@ def failure_message(rank: int, failure: Any, cause: int | None = None) -> str:
                 f"launcher stopped the others; the log is above")
     return (f"rank {rank} failed first (exit code {failure.exitcode}) with no error message; the "
             f"launcher stopped the others; the log is above")
-
-
-class RankFailure(Exception):
-    """What `child_failure` records: an error the rank did not expect (not a MinitronError)."""
-
-
-LOG_DIR_ENV = "MINITRON_LOG_DIR"  # where a torchrun child writes the traceback of its failure
-
-
-def child_failure(error: BaseException) -> bool:
-    """In a torchrun child process: an error that is not a MinitronError (most often a collective
-    that broke because a peer died) becomes one line on stderr and in the launcher's failure
-    record; its traceback goes to `rank<N>.log` in the run's log folder. Returns False outside
-    torchrun (the caller re-raises: a plain process shows its traceback)."""
-    import tempfile
-    import traceback
-
-    if not under_torchrun():
-        return False
-    r = int(os.environ.get("RANK", 0))
-    folder = os.environ.get(LOG_DIR_ENV) or os.path.join(tempfile.gettempdir(), "minitron-logs")
-    path = os.path.join(folder, f"rank{r}.log")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            traceback.print_exception(error, file=f)
-    except OSError:
-        path = "not written: the log folder is not writable"
-    first = (str(error).strip().splitlines() or [""])[0][:300]
-    line = f"{type(error).__name__}: {first} (traceback: {path})"
-    record_for_torchrun(RankFailure(line))
-    print(f"error: rank {r}: {line}", file=sys.stderr)
-    return True
 
 
 def record_for_torchrun(error: Exception) -> None:
