@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minitron.common import MinitronError, run_cli
+from minitron.common import DEBUG_FLAG, MinitronError, run_cli
 # The documents layer lives in minitron.corpus (shards.py builds on it too); its names are
 # re-exported here, where the stages have always found them.
 from minitron.corpus import (Document, SOURCES_HELP, SPLITS, batches, encode_chat, encode_documents, iter_documents, pack,
@@ -122,6 +122,7 @@ def build_parser():
                       help="tokenizing processes (default: CPU count, at most 8)")
     prep.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file")
     prep.add_argument("--no-progress", action="store_true")
+    prep.add_argument(DEBUG_FLAG, action="store_true", help="print full tracebacks of errors")
     return p
 
 
