@@ -319,8 +319,10 @@ class DistillConfig(Section):
     # Divergence guard: a non-finite loss or gradient norm always stops the run; these catch a
     # run that is blowing up while its numbers are still finite (a too-high learning rate).
     spike_grad_factor: float = setting(
-        20.0, "Stop when the gradient norm (before clipping) exceeds this many times its median "
-              "over the last spike_window healthy steps; 0 turns the check off.", OFF_OR_ABOVE_1)
+        0.0, "Stop when the gradient norm (before clipping) exceeds this many times its median "
+             "over the last spike_window healthy steps; 0 (the default) turns the check off: "
+             "healthy runs have single-step gradient spikes far above the median that clipping "
+             "absorbs (README: the divergence guard).", OFF_OR_ABOVE_1)
     spike_loss_factor: float = setting(
         3.0, "Stop when the training loss exceeds this many times its median over the last "
              "spike_window healthy steps (a median below 0.5 counts as 0.5, so that near-zero "

@@ -244,11 +244,26 @@ def test_diverging_lr_stops_early_and_keeps_a_checkpoint_from_before(world, tmp_
     assert _snapshot(out / "checkpoint") == kept_files
 
 
+def test_gradient_norm_check_when_turned_on(world, tmp_path):
+    """The same diverging run with only the (opt-in) gradient-norm check: it stops there too."""
+    out = tmp_path / "run"
+    rc, log = _run(_distill_cmd(world, out, "--lr", "100", "--spike-loss-factor", "0",
+                                "--spike-grad-factor", "10"), _env(world, DIVERGE_AT=3))
+    assert rc == 2 and "Traceback" not in log, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("error: distill stopped: the training is diverging at step 5/8: the "
+                           "gradient norm jumped to "), last
+    assert "(distill.spike_grad_factor=10.0); the weights were not updated and the last good " \
+           "checkpoint (step 3)" in last
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
 def test_spike_checks_do_not_stop_a_healthy_run(world, tmp_path):
     """The same run at a sane lr (the demo's 3e-4, and a 30x hotter 1e-2) finishes: no false alarm."""
     for lr in ("3e-4", "1e-2"):
         rc, log = _run(_distill_cmd(world, tmp_path / lr, "--lr", lr), _env(world))
         assert rc == 0, log[-3000:]
+        assert "distill stopped" not in log
 
 
 # ----------------------------------------------------------------------------- a rank killed
