@@ -132,8 +132,6 @@ def test_reexport_and_overwrite_refuse_folders_holding_other_files(world, tmp_pa
     rc, log = _run(prune, _env(world))
     assert rc == 0, log[-3000:]
     assert "files" in json.loads((pruned / "minitron.json").read_text())
-    rc, log = _run(prune + ["--overwrite"], _env(world))  # only what it wrote: replaced
-    assert rc == 0, log[-3000:]
     (pruned / "importance" / "notes.txt").write_text("why I pruned this")
     before = _snapshot(pruned)
     rc, log = _run(prune + ["--overwrite"], _env(world))
@@ -259,11 +257,9 @@ def test_gradient_norm_check_when_turned_on(world, tmp_path):
 
 
 def test_spike_checks_do_not_stop_a_healthy_run(world, tmp_path):
-    """The same run at a sane lr (the demo's 3e-4, and a 30x hotter 1e-2) finishes: no false alarm."""
-    for lr in ("3e-4", "1e-2"):
-        rc, log = _run(_distill_cmd(world, tmp_path / lr, "--lr", lr), _env(world))
-        assert rc == 0, log[-3000:]
-        assert "distill stopped" not in log
+    """The same run at a hot but sane lr (30x the demo's 3e-4) finishes: no false alarm."""
+    rc, log = _run(_distill_cmd(world, tmp_path / "run", "--lr", "1e-2"), _env(world))
+    assert rc == 0 and "distill stopped" not in log, log[-3000:]
 
 
 # ----------------------------------------------------------------------------- a rank killed
