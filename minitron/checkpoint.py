@@ -74,7 +74,8 @@ def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, sta
     with _one_process_quiet():
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     if distributed.rank() == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "rng": rng or rng_state()}, tmp / "trainer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
+                   tmp / "trainer.pt")
         write_json_atomic(tmp / "param_groups.json", groups)
         write_json_atomic(tmp / "state.json", {**state, "world_size": distributed.world()})
     _barrier()  # every shard is on disk before the folder becomes the checkpoint

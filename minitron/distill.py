@@ -627,8 +627,8 @@ def _spike(loop: _Loop, loss_value: float, norm: float) -> str | None:
         n = len(history["loss"])
         if config.spike_loss_factor and loss_value > config.spike_loss_factor * max(
                 loss_median, SPIKE_LOSS_FLOOR):
-            return (f"the loss jumped to {loss_value:.4g}, {loss_value / loss_median:.3g} times its "
-                    f"median {loss_median:.4g} over the last {n} steps (distill.spike_loss_factor="
+            return (f"the loss jumped to {loss_value:.4g}, {loss_value / loss_median:.3g} times "
+                    f"its median {loss_median:.4g} over the last {n} steps (distill.spike_loss_factor="
                     f"{config.spike_loss_factor})")
         if config.spike_grad_factor and norm > config.spike_grad_factor * norm_median:
             return (f"the gradient norm jumped to {norm:.4g}, {norm / norm_median:.3g} times its "

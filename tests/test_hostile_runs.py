@@ -48,7 +48,8 @@ if __name__ == "__main__":
     run_cli(d.main)
 '''
 LAUNCH = ("import sys; from minitron.common import run_cli; from minitron.distributed import "
-          "launch_torchrun; run_cli(lambda argv: launch_torchrun('hworker', argv, 2), sys.argv[1:])")
+          "launch_torchrun; "
+          "run_cli(lambda argv: launch_torchrun('hworker', argv, 2), sys.argv[1:])")
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,8 @@ def test_diverging_lr_stops_early_and_keeps_a_checkpoint_from_before(world, tmp_
     assert rc == 2, log[-3000:]
     assert "Traceback" not in log
     last = log.strip().splitlines()[-1]
-    assert last.startswith("error: distill stopped: the training is diverging at step 5/8: the "), last
+    assert last.startswith("error: distill stopped: the training is diverging at step 5/8: "
+                           "the loss jumped to "), last
     assert (f"; the weights were not updated and the last good checkpoint (step 3) in "
             f"{out / 'checkpoint'} is intact. Lower the learning rate (lr=100.0)") in last
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
