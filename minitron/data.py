@@ -151,7 +151,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     # A tokenizer folder needs no model config; anything else resolves like a model name.
     path = Path(name).expanduser()
     tokenizer_only = path.is_dir() and not (path / "config.json").exists()
-    where = name if tokenizer_only else resolve_model(name, trust_remote_code)
+    where = name if tokenizer_only else resolve_model(name, trust_remote_code, need_weights=False)
     try:
         # trust_remote_code is always given: None would make transformers ask on the terminal
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)

@@ -1131,8 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
         from minitron.models import load_config
 
         trust = c["model"].trust_remote_code
-        t_cfg = load_config(args.teacher, trust) if args.teacher else None
-        memory_plan_(t_cfg, load_config(args.student, trust), config, c["teacher_correction"],
+        t_cfg = load_config(args.teacher, trust, need_weights=False) if args.teacher else None
+        memory_plan_(t_cfg, load_config(args.student, trust, need_weights=False), config, c["teacher_correction"],
                      config.nproc_per_node, c["model"])
         return 0
     result = run_distill(args.teacher, args.student, args.output, config,

@@ -268,16 +268,20 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def resolve_model(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> str:
+def resolve_model(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                  need_weights: bool = True) -> str:
     """A local folder for the embedded name or a path; a hub id is passed through unchanged.
 
-    A local folder is checked before anything loads from it (`check_model_folder`); a name that
-    is no local folder but reads as a hub id is refused offline when the cache does not hold it,
-    with a message for both readings (a mistyped relative path is the likelier one).
+    A local folder is checked before anything loads from it (`check_model_folder`; with
+    `need_weights=False`, for dry runs and tokenizers, a folder without weights files passes);
+    a name that is no local folder but reads as a hub id is refused offline when the cache does
+    not hold it, with a message for both readings (a mistyped relative path is the likelier one).
     """
     name = str(name_or_path)
     if name == EMBEDDED_NAME:
-        return str(embedded_model_dir())
+        where = embedded_model_dir()
+        check_model_folder(where, name)
+        return str(where)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -285,7 +289,7 @@ def resolve_model(name_or_path: str | os.PathLike, trust_remote_code: bool = Fal
                 f"model '{name}' is not a Hugging Face model folder (no config.json in it); "
                 f"give a folder written by save_pretrained, a hub id, or '{EMBEDDED_NAME}'"
             )
-        check_model_folder(path, name, trust_remote_code)
+        check_model_folder(path, name, trust_remote_code, need_weights)
         return str(path)
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -295,9 +299,12 @@ def resolve_model(name_or_path: str | os.PathLike, trust_remote_code: bool = Fal
         )
     cached = _hub_cached_config(name)
     if cached is None and _offline():
-        raise MinitronError(_both_readings(name, "it is not in the local Hugging Face cache and "
-                                                 "the hub is off (HF_HUB_OFFLINE=1)"))
-    if cached is not None:
+        raise MinitronError(_both_readings(
+            name, "it is not in the local Hugging Face cache and offline mode is on "
+                  "(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"))
+    if cached is not None and _offline():  # offline, the cached snapshot is all there is
+        check_model_folder(cached.parent, name, trust_remote_code, need_weights)
+    elif cached is not None:  # online, transformers may still fetch what the cache lacks
         _check_remote_code(_read_config(cached, name), name, trust_remote_code)
     return name
 
@@ -425,10 +432,13 @@ def _weight_files(folder: Path, name: str) -> list[tuple[Path, set[str] | None]]
                         f"(safe_serialization)")
 
 
-def check_model_folder(folder: Path, name: str, trust_remote_code: bool = False) -> None:
+def check_model_folder(folder: Path, name: str, trust_remote_code: bool = False,
+                       need_weights: bool = True) -> None:
     """Refuse, before any work, a model folder that cannot load: config.json unreadable, remote
     code not asked for, an unsupported architecture, a missing, truncated or corrupt weights file
-    (a sharded index is checked shard by shard). Reads headers only, never the weights."""
+    (a sharded index is checked shard by shard). Reads headers only, never the weights.
+    `need_weights=False` (dry runs: a config alone plans a model) lets a folder without any
+    weights file pass; weights files that are there are still checked."""
     config = _read_config(folder / "config.json", name)
     _check_remote_code(config, name, trust_remote_code)
     if not needs_remote_code(config):  # remote code's own classes are checked once loaded
@@ -437,6 +447,9 @@ def check_model_folder(folder: Path, name: str, trust_remote_code: bool = False)
                                     model_type=config.get("model_type")))
         except MinitronError as e:
             raise MinitronError(f"model '{name}': {e}") from None
+    if not need_weights and not any((folder / f).exists() for f in (
+            "model.safetensors", "model.safetensors.index.json")):
+        return
     for path, want in _weight_files(folder, name):
         if not path.exists():
             raise MinitronError(f"model '{name}': weights file {path} is missing (listed in "
@@ -450,10 +463,11 @@ def check_model_folder(folder: Path, name: str, trust_remote_code: bool = False)
                                 f"that model.safetensors.index.json puts there (e.g. {lost[0]})")
 
 
-def load_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+def load_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                need_weights: bool = True):
     """The config of a model (local folder, hub id or the embedded name), after the checks of
     `resolve_model`; an unsupported architecture is refused by name."""
-    where = resolve_model(name_or_path, trust_remote_code)
+    where = resolve_model(name_or_path, trust_remote_code, need_weights)
     return _config_at(where, str(name_or_path), trust_remote_code)
 
 
@@ -539,7 +553,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     """The tokenizer of a model, without its weights (cheap: for checks before any work)."""
     from transformers import AutoTokenizer
 
-    where = resolve_model(name_or_path, trust_remote_code)
+    where = resolve_model(name_or_path, trust_remote_code, need_weights=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -26,9 +26,9 @@ from minitron.recipe import Recipe, dump_recipe, fingerprint, load_recipe
 
 
 # ----------------------------------------------------------------------------- planning
-def source_config(recipe: Recipe):
+def source_config(recipe: Recipe, need_weights: bool = True):
     """The source model's config: from the recipe's shipped config.json when given (offline dry
-    runs of large models), else from the model itself."""
+    runs of large models), else from the model itself (whose weights a dry run does not need)."""
     if recipe.model.config is not None:
         from transformers import AutoConfig
 
@@ -37,7 +37,7 @@ def source_config(recipe: Recipe):
             raise MinitronError(f"model.config: '{path}' not found")
         return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path,
                                           trust_remote_code=False)
-    return load_config(recipe.model.name, recipe.model.trust_remote_code)
+    return load_config(recipe.model.name, recipe.model.trust_remote_code, need_weights)
 
 
 def prune_target(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, Any]]]:
@@ -93,7 +93,7 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
 
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate, print the plan, shapes and parameter counts; touch no weights."""
-    config = source_config(recipe)
+    config = source_config(recipe, need_weights=False)
     source = {k: getattr(config, k) for k in TARGET_KEYS}
     before = param_count_from_config(config)
     plan_info: dict[str, Any] = {"stages": stage_names(recipe), "source_shape": source,

@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg, data, importance, settings = c["model"], c["data"], c["importance"], c["prune"]
     # ---- everything that can be refused is refused before any weights or data load
     trust = model_cfg.trust_remote_code
-    config = load_config(args.model, trust)
+    config = load_config(args.model, trust, need_weights=not args.dry_run)
     target = _target(config, settings)
     fields = plan(config, target)
     print(format_table(_shape_rows(config, fields)))

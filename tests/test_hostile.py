@@ -279,8 +279,9 @@ def test_relative_path_that_looks_like_a_hub_id_gets_both_readings(tmp_path, mon
     assert line == (
         f"error: model 'models/no-such-model' not found: as a path, there is no folder "
         f"'models/no-such-model' relative to the current folder ({tmp_path}); as a hub id, it is "
-        f"not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE=1). Give an "
-        f"existing model folder, a hub id you can reach, or 'smollm2-135m'")
+        f"not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE or "
+        f"TRANSFORMERS_OFFLINE). Give an existing model folder, a hub id you can reach, or "
+        f"'smollm2-135m'")
 
 
 # ----------------------------------------------------------------------------- 6. dry-run data
