@@ -130,7 +130,7 @@ def build_parser():
 
 def _check_numbers(args) -> None:
     """Every number of the prepare command in its range, before any work."""
-    from minitron.config import POSITIVE, SEED, at_least, between
+    from minitron.config import POSITIVE, SEED, at_least, between, describe_valid
 
     checks = [("--block-size", args.block_size, at_least(2)), ("--seed", args.seed, SEED),
               ("--eval-fraction", args.eval_fraction, between(0, 1, hi_open=True)),
@@ -140,7 +140,8 @@ def _check_numbers(args) -> None:
     checks += [("--weights", w, POSITIVE) for w in args.weights or []]
     for flag, value, rule in checks:
         if value is not None and not (math.isfinite(value) and rule.ok(value)):
-            raise MinitronError(f"{flag} {value} is invalid; valid: {rule.text}")
+            raise MinitronError(f"{flag} {value} is invalid; valid: "
+                                f"{describe_valid(type(value), rule)}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
