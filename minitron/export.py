@@ -605,7 +605,7 @@ def load_ort(folder: Path, file_name: str, provider: str = "CPUExecutionProvider
     binding = None if not needs_named_head_axis(config) else False
     return ORTModelForCausalLM.from_pretrained(folder, file_name=file_name, use_cache=True,
                                                provider=provider, local_files_only=True,
-                                               use_io_binding=binding)
+                                               use_io_binding=binding, trust_remote_code=False)
 
 
 def _cuda_ort_available() -> bool:
