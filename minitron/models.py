@@ -447,6 +447,13 @@ def check_model_folder(folder: Path, name: str, trust_remote_code: bool = False,
                                     model_type=config.get("model_type")))
         except MinitronError as e:
             raise MinitronError(f"model '{name}': {e}") from None
+    for tokenizer_file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / tokenizer_file).exists():
+            try:
+                json.loads((folder / tokenizer_file).read_bytes())
+            except (OSError, ValueError) as e:
+                raise MinitronError(f"model '{name}': tokenizer file {folder / tokenizer_file} "
+                                    f"cannot be read as JSON ({e}); truncated or damaged?") from None
     if not need_weights and not any((folder / f).exists() for f in (
             "model.safetensors", "model.safetensors.index.json")):
         return

@@ -117,6 +117,12 @@ def test_truncated_or_corrupt_weights_are_refused_by_every_stage(src, tmp_path, 
     line = refused(evaluate.main, ["--model", sharded], capsys)
     assert f"weights file {shards[1]} is missing (listed in model.safetensors.index.json)" in line
 
+    # A truncated tokenizer.json (the tokenizers library would raise a bare Exception).
+    tok = _copy(src, tmp_path / "badtok") / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:500])
+    line = refused(evaluate.main, ["--model", tok.parent], capsys)
+    assert f"tokenizer file {tok} cannot be read as JSON" in line
+
     # The installed command, in a fresh process: one line, exit 2, no traceback.
     weights.write_bytes(src.joinpath("model.safetensors").read_bytes()[:-1])
     r = cli("minitron.prune", "--model", broken, "--dry-run", "prune.num_hidden_layers=2")
