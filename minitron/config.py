@@ -45,6 +45,8 @@ def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) 
 
 POSITIVE = Rule("> 0", lambda v: math.isfinite(v) and v > 0)
 NON_NEGATIVE = Rule(">= 0", lambda v: math.isfinite(v) and v >= 0)
+# What every random generator involved takes (numpy's seeds are 0 <= seed < 2**32).
+SEED = Rule("0 <= x < 2**32", lambda v: 0 <= v < 2**32)
 
 
 def setting(default: Any, doc: str, valid: Rule | None = None) -> Any:
@@ -157,6 +159,10 @@ class ModelConfig(Section):
                                       "and the teacher's in distillation (the student trains in "
                                       "float32; export works in float32, what ONNX Runtime takes).")
     device: str | None = setting(None, "cpu, cuda, cuda:N; null picks CUDA when available.")
+    trust_remote_code: bool = setting(False, "Run Python code that a model folder ships (its "
+                                             "config.json auto_map) to load it. Off: such a model "
+                                             "is refused by every stage. Only for models you "
+                                             "trust.")
 
 
 @dataclass
@@ -170,7 +176,7 @@ class DataConfig(Section):
     text_field: str = setting("text", "The field holding the text in .jsonl and datasets sources.")
     block_size: int = setting(256, "Tokens per block for importance, export and evaluation.",
                               at_least(2))
-    seed: int = setting(0, "Seed of the calibration blocks' order.")
+    seed: int = setting(0, "Seed of the calibration blocks' order.", SEED)
     calibration_blocks: int = setting(1024, "Blocks that importance is scored on (the papers: "
                                             "1024).", at_least(1))
     eval_blocks: int = setting(32, "Held-out blocks for export validation and evaluation.",
@@ -318,7 +324,7 @@ class DistillConfig(Section):
     eval_blocks: int = setting(16, "Held-out blocks per evaluation.", at_least(1))
     eval_batch_size: int = setting(8, "Sequences per evaluation forward.", at_least(1))
     log_every: int = setting(1, "Optimizer steps between metrics.jsonl records.", at_least(1))
-    seed: int = setting(0, "Seed of the batch order and initializations.")
+    seed: int = setting(0, "Seed of the batch order and initializations.", SEED)
     progress: bool = setting(True, "Show a progress bar.")
     keep_checkpoint: bool = setting(True, "Keep checkpoint/ after the final model is written.")
     strategy: Strategy = setting("auto", "With several processes: fsdp (sharded student), ddp "

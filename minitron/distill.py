@@ -48,8 +48,8 @@ from torch import nn
 from minitron import distributed, precision
 from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, load_checkpoint,
                                  plot_losses, save_checkpoint)
-from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
-                             write_json_atomic)
+from minitron.common import (MinitronError, StageTimer, atomic_dir, check_writable, format_table,
+                             run_cli, write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
                              check_correction, check_world)
 from minitron.models import logit_softcap
@@ -66,7 +66,8 @@ RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress",
 # The settings the command takes (minitron.cli); the models are --teacher and --student. The
 # distill section comes first, so `--tokens` and `--lr` are its aliases (teacher_correction.tokens
 # is set by name).
-CLI_KEYS = {"distill": None, "teacher_correction": None, "model": ("dtype", "device"),
+CLI_KEYS = {"distill": None, "teacher_correction": None,
+            "model": ("dtype", "device", "trust_remote_code"),
             "data": ("source", "text_field")}
 
 
@@ -1037,7 +1038,7 @@ def run_distill(
     with `config.nproc_per_node` > 1 it starts `python -m minitron.distill` with the same settings
     on that many local processes and waits (so a recipe can ask for K processes).
     """
-    from minitron.models import load_config
+    from minitron.models import check_same_tokenizer, load_config
 
     correction = correction or TeacherCorrectionConfig()
     data, model = data or DataConfig(), model or ModelConfig()
@@ -1054,13 +1055,13 @@ def run_distill(
     if config.uses_teacher and teacher_path is None and not config.uses_cache:
         raise MinitronError("distillation needs --teacher or distill.teacher_cache; without a "
                             "teacher use distill.baseline=ce or distill.baseline=scratch")
-    # Cheap checks on the configs before any weights load.
-    s_cfg = load_config(student_path)
-    t_cfg = load_config(teacher_path) if teacher_path is not None else None
-    if t_cfg is not None and t_cfg.vocab_size != s_cfg.vocab_size:
-        raise MinitronError(
-            f"the teacher's vocabulary ({t_cfg.vocab_size}) differs from the student's "
-            f"({s_cfg.vocab_size}); distillation needs the same tokenizer")
+    # Cheap checks on the folders, configs and tokenizers before any weights load.
+    trust = model.trust_remote_code
+    s_cfg = load_config(student_path, trust)
+    t_cfg = load_config(teacher_path, trust) if teacher_path is not None else None
+    if teacher_path is not None:
+        check_same_tokenizer(teacher_path, student_path, trust)
+    check_writable(out, "--output")
     max_pos = min(c.max_position_embeddings for c in (s_cfg, t_cfg) if c is not None)
     if config.block_size > max_pos:
         raise MinitronError(f"distill.block_size={config.block_size} is longer than the models' "
@@ -1141,11 +1142,13 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
 
         open_cache(config.teacher_cache).check_teacher(teacher_path)  # not loaded: the cache is it
     elif teacher_path is not None:
-        teacher, _ = load_model(teacher_path, dtype=model.dtype, device=teacher_device or device)
+        teacher, _ = load_model(teacher_path, dtype=model.dtype, device=teacher_device or device,
+                                trust_remote_code=model.trust_remote_code)
     # A teacher correction trains first: the student waits on the host until it is done.
     correction = sections["teacher_correction"]
     student, tokenizer = load_model(student_path, dtype="float32",
-                                    device="cpu" if correction.tokens else device)
+                                    device="cpu" if correction.tokens else device,
+                                    trust_remote_code=model.trust_remote_code)
     n_train = config.steps * config.batch_size * config.grad_accum
     # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
     train_blocks = open_blocks(tokenizer, "train", n_train, source=data.source,
@@ -1154,7 +1157,7 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
                               block_size=config.block_size, seed=0, text_field=data.text_field,
                               max_positions=max_pos)
-    info = _read_info(resolve_model(student_path))
+    info = _read_info(resolve_model(student_path, model.trust_remote_code))
     info = {"student_source": str(student_path),
             "teacher": str(teacher_path) if teacher_path is not None else None,
             "data": {"source": data.source, "train_blocks": len(train_blocks),
@@ -1187,8 +1190,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from minitron.models import load_config
 
-        t_cfg = load_config(args.teacher) if args.teacher else None
-        memory_plan_(t_cfg, load_config(args.student), config, c["teacher_correction"],
+        trust = c["model"].trust_remote_code
+        t_cfg = load_config(args.teacher, trust, need_weights=False) if args.teacher else None
+        memory_plan_(t_cfg, load_config(args.student, trust, need_weights=False), config, c["teacher_correction"],
                      config.nproc_per_node, c["model"])
         return 0
     result = run_distill(args.teacher, args.student, args.output, config,
