@@ -476,7 +476,7 @@ class CacheConfig(Section):
                                          "(minitron.teacher_cache.evaluate_from_cache).")
     seed: int = setting(0, "Block order of raw (not prepared) sources: the distillation's "
                            "distill.seed for the train split; 0 for the eval split as "
-                           "distillation evaluates it.")
+                           "distillation evaluates it.", SEED)
     dtype: CacheDtype = setting("float16", "Storage of the log-probabilities (float32 doubles "
                                            "their size; the indices are int32, the tail float32).")
     shard_tokens: int = setting(262_144, "Tokens per shard (whole blocks); each shard is written "
