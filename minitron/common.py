@@ -190,6 +190,26 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False, manifest: str 
         release(tmp, lock)
 
 
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, an output that could not be written: create and remove a probe
+    folder where the writer will create its temporary sibling (the nearest existing folder at or
+    above `path`'s parent) and, if `path` is an existing folder, inside it. `what` names the
+    setting in the message (e.g. '--output'). Leaves nothing behind."""
+    path = Path(path).expanduser()
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MinitronError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
+    for folder in (parent, path) if path.is_dir() else (parent,):
+        try:
+            Path(tempfile.mkdtemp(prefix=".minitron-probe-", dir=folder)).rmdir()
+        except OSError as e:
+            raise MinitronError(f"{what} {path} cannot be written: folder {folder} is not "
+                                f"writable ({e.strerror})") from None
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

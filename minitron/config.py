@@ -46,6 +46,8 @@ def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) 
 POSITIVE = Rule("> 0", lambda v: math.isfinite(v) and v > 0)
 NON_NEGATIVE = Rule(">= 0", lambda v: math.isfinite(v) and v >= 0)
 OFF_OR_ABOVE_1 = Rule("0 (off) or > 1", lambda v: math.isfinite(v) and (v == 0 or v > 1))
+# What every random generator involved takes (numpy's seeds are 0 <= seed < 2**32).
+SEED = Rule("0 <= x < 2**32", lambda v: 0 <= v < 2**32)
 
 
 def setting(default: Any, doc: str, valid: Rule | None = None) -> Any:
@@ -158,6 +160,10 @@ class ModelConfig(Section):
                                       "and the teacher's in distillation (the student trains in "
                                       "float32; export works in float32, what ONNX Runtime takes).")
     device: str | None = setting(None, "cpu, cuda, cuda:N; null picks CUDA when available.")
+    trust_remote_code: bool = setting(False, "Run Python code that a model folder ships (its "
+                                             "config.json auto_map) to load it. Off: such a model "
+                                             "is refused by every stage. Only for models you "
+                                             "trust.")
 
 
 @dataclass
@@ -171,7 +177,7 @@ class DataConfig(Section):
     text_field: str = setting("text", "The field holding the text in .jsonl and datasets sources.")
     block_size: int = setting(256, "Tokens per block for importance, export and evaluation.",
                               at_least(2))
-    seed: int = setting(0, "Seed of the calibration blocks' order.")
+    seed: int = setting(0, "Seed of the calibration blocks' order.", SEED)
     calibration_blocks: int = setting(1024, "Blocks that importance is scored on (the papers: "
                                             "1024).", at_least(1))
     eval_blocks: int = setting(32, "Held-out blocks for export validation and evaluation.",
@@ -334,7 +340,7 @@ class DistillConfig(Section):
     eval_blocks: int = setting(16, "Held-out blocks per evaluation.", at_least(1))
     eval_batch_size: int = setting(8, "Sequences per evaluation forward.", at_least(1))
     log_every: int = setting(1, "Optimizer steps between metrics.jsonl records.", at_least(1))
-    seed: int = setting(0, "Seed of the batch order and initializations.")
+    seed: int = setting(0, "Seed of the batch order and initializations.", SEED)
     progress: bool = setting(True, "Show a progress bar.")
     keep_checkpoint: bool = setting(True, "Keep checkpoint/ after the final model is written.")
     strategy: Strategy = setting("auto", "With several processes: fsdp (sharded student), ddp "
@@ -352,6 +358,11 @@ class DistillConfig(Section):
     process_group_timeout_s: float = setting(1800.0, "Seconds a collective waits for a missing "
                                                      "rank before failing.", POSITIVE)
     teacher_device: str | None = setting(None, "The teacher's device (null: the student's).")
+    teacher_cache: str | None = setting(
+        None, "A teacher cache folder (python -m minitron.teacher_cache build): the KD loss reads "
+              "the teacher's stored top-k log-probabilities instead of running the teacher, which "
+              "is then not loaded (--teacher, if given, is only checked against the cache). "
+              "Forward KL at temperature 1 only; see minitron/teacher_cache.py.")
     gpu_memory_gib: float | None = setting(None, "Per-GPU memory the memory plan must fit (null: "
                                                  "the detected GPU's; no check without a GPU).",
                                            POSITIVE)
@@ -376,11 +387,34 @@ class DistillConfig(Section):
             raise MinitronError(f"distill.intermediate={[list(p) for p in self.intermediate]} "
                                 f"needs a teacher; the '{self.baseline}' baseline trains without "
                                 f"one: drop one of them")
+        if self.teacher_cache is not None:
+            self._check_cache()
         if self.tokens < self.tokens_per_step:
             raise MinitronError(
                 f"distill.tokens={self.tokens} is less than one optimizer step (batch_size "
                 f"{self.batch_size} x grad_accum {self.grad_accum} x block_size {self.block_size} "
                 f"= {self.tokens_per_step} tokens); give tokens >= {self.tokens_per_step}")
+
+    def _check_cache(self) -> None:
+        """A teacher cache holds T = 1 top-k log-probabilities: enough for the forward KL at T = 1
+        (see minitron/kernels/sparse_kl.py), not for what needs the teacher itself."""
+        problems = [(name, why) for name, bad, why in (
+            ("temperature", self.temperature != 1.0, "the cache stores T = 1 log-probabilities; "
+             "softening needs the teacher's whole distribution (valid with a cache: 1.0)"),
+            ("divergence", self.divergence != "kl", "only the forward KL is defined on the "
+             "top-k + tail buckets (valid with a cache: kl)"),
+            ("intermediate", bool(self.intermediate), "intermediate states need the teacher "
+             "model (valid with a cache: [])"),
+            ("baseline", self.baseline is not None, "a baseline trains without a teacher "
+             "(valid with a cache: null)")) if bad]
+        if problems:
+            name, why = problems[0]
+            raise MinitronError(f"distill.{name}={getattr(self, name)!r} cannot be used with "
+                                f"distill.teacher_cache={self.teacher_cache!r}: {why}")
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.teacher_cache is not None
 
     @property
     def tokens_per_step(self) -> int:
@@ -424,9 +458,47 @@ def check_world(config: DistillConfig, world: int, name: str) -> None:
 
 def check_correction(distill: DistillConfig, correction: TeacherCorrectionConfig) -> None:
     """The rule that ties the two sections: a baseline has no teacher to correct."""
+    if distill.teacher_cache is not None and correction.tokens:
+        raise MinitronError(f"teacher_correction.tokens={correction.tokens} fine-tunes the teacher, "
+                            f"which distill.teacher_cache={distill.teacher_cache!r} replaces: build "
+                            f"the cache from the corrected teacher instead, or drop one of them")
     if distill.baseline is not None and correction.tokens:
         raise MinitronError(f"teacher_correction.tokens={correction.tokens} corrects a teacher that "
                             f"the '{distill.baseline}' baseline does not use: drop one of them")
+
+
+# ----------------------------------------------------------------------------- teacher cache
+CacheDtype = Literal["float16", "float32"]
+CacheSplit = Literal["train", "eval", "calibration"]
+
+
+@dataclass
+class CacheConfig(Section):
+    """A teacher cache: the teacher's top-k log-probabilities per training token, computed once and
+    read by any number of distillations (distill.teacher_cache); see minitron/teacher_cache.py."""
+
+    SECTION: ClassVar[str] = "teacher_cache"
+
+    k: int = setting(64, "Teacher tokens kept per position (the rest is one tail bucket); the "
+                         "vocabulary size keeps all of them (the exact KL).", at_least(1))
+    tokens: int = setting(1_000_000, "Training tokens to cache (whole blocks, from the start of "
+                                     "the train split): at least the distillation's distill.tokens.",
+                          at_least(2))
+    block_size: int = setting(256, "Tokens per block: the distillation's distill.block_size.",
+                              at_least(2))
+    batch_size: int = setting(8, "Blocks per teacher forward.", at_least(1))
+    split: CacheSplit = setting("train", "The data split: train (what distillation reads), or "
+                                         "eval for held-out scoring without the teacher "
+                                         "(minitron.teacher_cache.evaluate_from_cache).")
+    seed: int = setting(0, "Block order of raw (not prepared) sources: the distillation's "
+                           "distill.seed for the train split; 0 for the eval split as "
+                           "distillation evaluates it.", SEED)
+    dtype: CacheDtype = setting("float16", "Storage of the log-probabilities (float32 doubles "
+                                           "their size; the indices are int32, the tail float32).")
+    shard_tokens: int = setting(262_144, "Tokens per shard (whole blocks); each shard is written "
+                                         "atomically and skipped when a rerun finds it.",
+                                at_least(1))
+    progress: bool = setting(True, "Show a progress bar (tokens/s, ETA).")
 
 
 # ----------------------------------------------------------------------------- export and evaluate
@@ -526,5 +598,5 @@ class EvaluateConfig(Section):
 
 SECTIONS: dict[str, type[Section]] = {
     cls.SECTION: cls for cls in (ModelConfig, DataConfig, ImportanceConfig, PruneConfig,
-                                 TeacherCorrectionConfig, DistillConfig, ExportConfig,
-                                 EvaluateConfig)}
+                                 TeacherCorrectionConfig, DistillConfig, CacheConfig,
+                                 ExportConfig, EvaluateConfig)}

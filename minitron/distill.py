@@ -49,8 +49,8 @@ from torch import nn
 from minitron import distributed, precision
 from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, load_checkpoint,
                                  plot_losses, rng_state, save_checkpoint)
-from minitron.common import (MinitronError, StageTimer, atomic_dir, clean_stale, format_table,
-                             run_cli, write_json_atomic)
+from minitron.common import (MinitronError, StageTimer, atomic_dir, check_writable, clean_stale,
+                             format_table, run_cli, write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
                              check_correction, check_world)
 from minitron.models import logit_softcap
@@ -73,7 +73,8 @@ FINAL_STAGING = ".final"  # the final model is written here, then its files move
 # The settings the command takes (minitron.cli); the models are --teacher and --student. The
 # distill section comes first, so `--tokens` and `--lr` are its aliases (teacher_correction.tokens
 # is set by name).
-CLI_KEYS = {"distill": None, "teacher_correction": None, "model": ("dtype", "device"),
+CLI_KEYS = {"distill": None, "teacher_correction": None,
+            "model": ("dtype", "device", "trust_remote_code"),
             "data": ("source", "text_field")}
 
 
@@ -150,6 +151,7 @@ class LossSetup:
     fused: bool = False
     captures: list["_Capture"] = dataclasses.field(default_factory=list)
     eval_teacher: nn.Module | None = None  # for evaluation sums inside the wrapper's forward
+    cache: Any = None  # a minitron.teacher_cache.TeacherCache that stands in for the teacher
 
 
 class _Trainee(nn.Module):
@@ -168,7 +170,7 @@ class _Trainee(nn.Module):
         self.setup: LossSetup | None = None
 
     def forward(self, ids: torch.Tensor, loss: bool = False, eval_sums: bool = False,
-                mask: torch.Tensor | None = None):
+                mask: torch.Tensor | None = None, rows: torch.Tensor | None = None):
         if eval_sums:  # inside the wrapper's forward: FSDP has the root's weights gathered
             from minitron.evaluate import batch_metric_sums
 
@@ -176,6 +178,8 @@ class _Trainee(nn.Module):
         if not loss:
             return self.student(ids, use_cache=False)
         a = self.setup
+        if a.cache is not None:  # the batch's block rows index the cache (ints: FSDP leaves them)
+            return _cached_kd_loss(self.student, a.cache, rows, ids, a.config, a.fused, mask), None
         return _micro_loss(self.student, a.teacher, ids, a.config, a.teacher_head, a.fused,
                            self.projections if a.captures else None, a.captures, mask)
 
@@ -340,6 +344,29 @@ def _kd_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: 
     return loss * (1 - config.alpha)
 
 
+def _cached_kd_loss(student: nn.Module, cache, rows: torch.Tensor, ids: torch.Tensor,
+                    config: DistillConfig, fused: bool,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`_kd_loss` with the teacher read from a cache (`minitron.teacher_cache`): the sparse forward
+    KL over the cached top-k + tail (minitron/kernels/sparse_kl.py) at T = 1, the same CE mix and
+    mask, the same chunked hidden-state form when `fused`."""
+    from minitron.kernels.sparse_kl import fused_linear_sparse_kl, sparse_kl
+
+    t = cache.targets(rows).to(ids.device)
+    labels = _next_token_labels(ids) if config.alpha > 0 else None
+    kw = dict(labels=labels, ce_weight=config.alpha / (1 - config.alpha) if config.alpha else 0.0,
+              ignore_index=IGNORE_INDEX)
+    pos = position_mask(mask)
+    if fused:
+        s_hidden = student.get_decoder()(ids, use_cache=False).last_hidden_state
+        loss = fused_linear_sparse_kl(s_hidden, student.get_output_embeddings().weight,
+                                      t.top_logp, t.top_idx, t.log_tail, pos, **kw)
+    else:
+        s_logits = student(ids, use_cache=False).logits
+        loss = sparse_kl(s_logits, t.top_logp, t.top_idx, t.log_tail, pos, **kw)
+    return loss * (1 - config.alpha)
+
+
 def _micro_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
                 config: DistillConfig, teacher_head: torch.Tensor | None, fused: bool,
                 projections: nn.ModuleList | None, captures: list["_Capture"],
@@ -469,6 +496,7 @@ class _Loop:
     kd: bool
     fused: bool
     projections: nn.ModuleList | None
+    cache: Any = None  # a TeacherCache read instead of running the teacher
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
     log: Any = None
     last_ckpt_step: int | None = None
@@ -536,14 +564,14 @@ def _set_loss(loop: _Loop, teacher: nn.Module | None) -> LossSetup:
     """The trainee's loss inputs: teacher, its LM head for the fused form, the layer captures."""
     config = loop.config
     teacher_head = None
-    if loop.fused:
+    if loop.fused and teacher is not None:
         teacher_head = teacher.get_output_embeddings().weight.detach().to(loop.device)
     captures: list[_Capture] = []
     if loop.projections is not None:
         captures = [_Capture(teacher, [t for t, _ in config.intermediate]),
                     _Capture(loop.student, [s for _, s in config.intermediate])]
     loop.trainee.setup = LossSetup(teacher if loop.kd else None, config, teacher_head, loop.fused,
-                                   captures, loop.eval_teacher)
+                                   captures, loop.eval_teacher, loop.cache)
     return loop.trainee.setup
 
 
@@ -574,14 +602,19 @@ def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
     n_micro = micro_steps(config, world)
     for micro in range(n_micro):
         rows = batch_indices(step, micro, len(loop.train_blocks), config, rank, world)
-        ids = loop.train_blocks[rows].to(device)
+        host_ids = loop.train_blocks[rows]
+        ids = host_ids.to(device)
         # Chat shards carry a loss mask beside the tokens (prompt tokens excluded).
         mask = (loop.train_blocks.mask(rows).to(device)
                 if getattr(loop.train_blocks, "has_mask", False) else None)
         last = micro == n_micro - 1
+        kw = {}
+        if loop.cache is not None:  # read by row inside the forward; the tokens checked here
+            loop.cache.check_ids(rows, host_ids)
+            kw["rows"] = rows
         with distributed.grad_sync(loop.model, last, config.fsdp_unsynced_accum):
             with loop.autocast():
-                loss, inter = loop.model(ids, loss=True, mask=mask)
+                loss, inter = loop.model(ids, loss=True, mask=mask, **kw)
             (loss / n_micro).backward()
         total += loss.detach() / n_micro
         if inter is not None:
@@ -730,6 +763,9 @@ def _final_metrics(loop: _Loop, last_eval: dict[str, Any], run_time: float) -> d
         "this_session_wall_s": round(run_time, 2),
         "loss_impl": ("fused" if loop.fused else "logits") if loop.kd else "cross_entropy",
     })
+    if loop.cache is not None:
+        metrics["teacher_cache"] = {"path": str(loop.cache.folder), "k": loop.cache.k,
+                                    "fingerprint": loop.cache.fingerprint}
     return metrics
 
 
@@ -743,6 +779,7 @@ def _train(
     phase: str,
     on_step: Callable[[int], None] | None = None,
     eval_teacher: nn.Module | None = None,
+    cache: Any = None,
 ) -> dict[str, Any]:
     """Train `student` in place for config.steps optimizer steps, checkpointing into run_dir.
 
@@ -754,14 +791,15 @@ def _train(
     """
     device = _device_of(student)
     check_world(config, distributed.world(), "world size")
-    kd = teacher is not None and config.baseline is None
+    kd = (teacher is not None or cache is not None) and config.baseline is None
     fused = kd and _use_fused(config, student.config.vocab_size, student.config)
     projections, trainee, aliases, model = _setup_model(student, teacher, config, kd)
     optimizer, scheduler = _setup_optimizer(trainee, config)
     loop = _Loop(config=config, phase=phase, run_dir=run_dir, device=device, student=student,
                  trainee=trainee, model=model, aliases=aliases, optimizer=optimizer,
                  scheduler=scheduler, train_blocks=train_blocks, eval_blocks=eval_blocks,
-                 eval_teacher=eval_teacher, kd=kd, fused=fused, projections=projections)
+                 eval_teacher=eval_teacher, kd=kd, fused=fused, projections=projections,
+                 cache=cache if kd else None)
     _resume(loop)
     captures = _set_loss(loop, teacher).captures
     if config.progress and distributed.rank() == 0:
@@ -872,7 +910,9 @@ def distill(
 
     train_blocks / eval_blocks: LongTensor [n, block_size] of disjoint splits (train_blocks may
     be a `minitron.shards.BlockView`, read by index, with a loss mask for chat data). `teacher`
-    may be None only for a baseline (then no KL metrics). Resumes from `output_dir/checkpoint`; returns the
+    may be None only for a baseline (then no KL metrics) or with `config.teacher_cache`: the KD
+    loss then reads the cache (which must hold these train blocks); a teacher given with a cache
+    only adds KL and agreement to the evaluations. Resumes from `output_dir/checkpoint`; returns the
     metrics saved in `output_dir/minitron.json` (at once, if the run has already finished).
 
     Under torch.distributed (e.g. torchrun) every rank calls it with the same arguments; the
@@ -884,7 +924,8 @@ def distill(
     if saved is not None:
         return saved
     correction = correction or TeacherCorrectionConfig()
-    _check_inputs(teacher, student, train_blocks, config, correction)
+    cache = _open_cache(config, student, train_blocks)
+    _check_inputs(teacher, student, train_blocks, config, correction, cache)
     phase = "distill" if config.uses_teacher else f"baseline_{config.baseline}"
     if teacher is not None:
         freeze_(teacher)
@@ -894,6 +935,8 @@ def distill(
                 "train_data": blocks_fingerprint(train_blocks),
                 "eval_data": blocks_fingerprint(eval_blocks),
                 "student_shape": _shape(student), "teacher_shape": _shape(teacher)}
+    if cache is not None:  # a rebuilt cache at the same path is another teacher
+        settings["teacher_cache"] = cache.fingerprint
     _same_on_every_rank(settings)
     distributed.on_rank0(lambda: _check_run_dir(out, settings))
     distributed.on_rank0(lambda: _clean_leftovers(out))
@@ -915,7 +958,7 @@ def distill(
         if student_device is not None:
             student.to(student_device)
         metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
-                         on_step=on_step, eval_teacher=teacher)
+                         on_step=on_step, eval_teacher=teacher, cache=cache)
         timer.tokens = metrics["this_session_tokens"]
     weights = distributed.full_state_dict(student)  # collective under FSDP; {} on ranks other than 0
 
@@ -948,12 +991,26 @@ def _finished_metrics(out: Path) -> dict | None:
     return None
 
 
+def _open_cache(config: DistillConfig, student: nn.Module, train_blocks):
+    """The teacher cache of `config.teacher_cache` (None when unset), checked against this run's
+    train blocks and student before any work."""
+    if config.teacher_cache is None:
+        return None
+    from minitron.teacher_cache import open_cache
+
+    cache = open_cache(config.teacher_cache)
+    cache.check_student(student.config.vocab_size)
+    cache.check_data(train_blocks)
+    return cache
+
+
 def _check_inputs(teacher: nn.Module | None, student: nn.Module, train_blocks: torch.Tensor,
-                  config: DistillConfig, correction: TeacherCorrectionConfig) -> None:
+                  config: DistillConfig, correction: TeacherCorrectionConfig,
+                  cache: Any = None) -> None:
     """Refuse, before any work, inputs the run cannot use."""
     check_correction(config, correction)
     check_world(config, distributed.world(), "world size")
-    if config.uses_teacher and teacher is None:
+    if config.uses_teacher and teacher is None and cache is None:
         raise MinitronError("distillation needs a teacher (--teacher); without one, use "
                             "distill.baseline=ce or distill.baseline=scratch")
     if train_blocks.ndim != 2 or train_blocks.size(1) != config.block_size:
@@ -1055,7 +1112,7 @@ def run_distill(
     with `config.nproc_per_node` > 1 it starts `python -m minitron.distill` with the same settings
     on that many local processes and waits (so a recipe can ask for K processes).
     """
-    from minitron.models import load_config
+    from minitron.models import check_same_tokenizer, load_config
 
     correction = correction or TeacherCorrectionConfig()
     data, model = data or DataConfig(), model or ModelConfig()
@@ -1069,16 +1126,16 @@ def run_distill(
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"[minitron] {out} holds a finished run; not repeating it")
         return done["metrics"]
-    if config.uses_teacher and teacher_path is None:
-        raise MinitronError("distillation needs --teacher; without a teacher use "
-                            "distill.baseline=ce or distill.baseline=scratch")
-    # Cheap checks on the configs before any weights load.
-    s_cfg = load_config(student_path)
-    t_cfg = load_config(teacher_path) if teacher_path is not None else None
-    if t_cfg is not None and t_cfg.vocab_size != s_cfg.vocab_size:
-        raise MinitronError(
-            f"the teacher's vocabulary ({t_cfg.vocab_size}) differs from the student's "
-            f"({s_cfg.vocab_size}); distillation needs the same tokenizer")
+    if config.uses_teacher and teacher_path is None and not config.uses_cache:
+        raise MinitronError("distillation needs --teacher or distill.teacher_cache; without a "
+                            "teacher use distill.baseline=ce or distill.baseline=scratch")
+    # Cheap checks on the folders, configs and tokenizers before any weights load.
+    trust = model.trust_remote_code
+    s_cfg = load_config(student_path, trust)
+    t_cfg = load_config(teacher_path, trust) if teacher_path is not None else None
+    if teacher_path is not None:
+        check_same_tokenizer(teacher_path, student_path, trust)
+    check_writable(out, "--output")
     max_pos = min(c.max_position_embeddings for c in (s_cfg, t_cfg) if c is not None)
     if config.block_size > max_pos:
         raise MinitronError(f"distill.block_size={config.block_size} is longer than the models' "
@@ -1156,12 +1213,18 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     if distributed.dist_on() and teacher_device is not None and teacher_device.startswith("cuda"):
         teacher_device = device  # this rank's GPU
     teacher = None
-    if teacher_path is not None:
-        teacher, _ = load_model(teacher_path, dtype=model.dtype, device=teacher_device or device)
+    if teacher_path is not None and config.uses_cache:
+        from minitron.teacher_cache import open_cache
+
+        open_cache(config.teacher_cache).check_teacher(teacher_path)  # not loaded: the cache is it
+    elif teacher_path is not None:
+        teacher, _ = load_model(teacher_path, dtype=model.dtype, device=teacher_device or device,
+                                trust_remote_code=model.trust_remote_code)
     # A teacher correction trains first: the student waits on the host until it is done.
     correction = sections["teacher_correction"]
     student, tokenizer = load_model(student_path, dtype="float32",
-                                    device="cpu" if correction.tokens else device)
+                                    device="cpu" if correction.tokens else device,
+                                    trust_remote_code=model.trust_remote_code)
     n_train = config.steps * config.batch_size * config.grad_accum
     # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
     train_blocks = open_blocks(tokenizer, "train", n_train, source=data.source,
@@ -1170,7 +1233,7 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
                               block_size=config.block_size, seed=0, text_field=data.text_field,
                               max_positions=max_pos)
-    info = _read_info(resolve_model(student_path))
+    info = _read_info(resolve_model(student_path, model.trust_remote_code))
     info = {"student_source": str(student_path),
             "teacher": str(teacher_path) if teacher_path is not None else None,
             "data": {"source": data.source, "train_blocks": len(train_blocks),
@@ -1203,8 +1266,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from minitron.models import load_config
 
-        t_cfg = load_config(args.teacher) if args.teacher else None
-        memory_plan_(t_cfg, load_config(args.student), config, c["teacher_correction"],
+        trust = c["model"].trust_remote_code
+        t_cfg = load_config(args.teacher, trust, need_weights=False) if args.teacher else None
+        memory_plan_(t_cfg, load_config(args.student, trust, need_weights=False), config, c["teacher_correction"],
                      config.nproc_per_node, c["model"])
         return 0
     result = run_distill(args.teacher, args.student, args.output, config,

@@ -110,7 +110,10 @@ def plan_distill(teacher: Any, student: Any, config: Any, world: int,
     tokens = micro * config.block_size
     p_s = s.params
     terms: dict[str, int] = {}
-    terms["teacher weights"] = t.params * DTYPE_BYTES.get(teacher_dtype, 2)
+    if getattr(config, "teacher_cache", None):  # the cache stands in for the teacher: not loaded
+        terms["teacher weights"] = 0
+    else:
+        terms["teacher weights"] = t.params * DTYPE_BYTES.get(teacher_dtype, 2)
     terms["student params (fp32)"] = 4 * p_s // shard
     terms["student grads (fp32)"] = 4 * p_s // shard
     if shard > 1 and getattr(config, "fsdp_unsynced_accum", False) and config.grad_accum > 1:

@@ -27,9 +27,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from minitron.common import (MinitronError, StageTimer, atomic_dir, check_replaceable, clean_stale,
-                             format_table, run_cli,
-                             write_json_atomic)
+from minitron.common import (MinitronError, StageTimer, atomic_dir, check_replaceable,
+                             check_writable, clean_stale, format_table, run_cli, write_json_atomic)
 from minitron.config import (DEPTH_MODES, TARGET_KEYS, DataConfig, DepthMode, ModelConfig,
                              PruneConfig)
 from minitron.importance import Scores, compute_scores, describe, load_scores, save_scores
@@ -403,7 +402,7 @@ def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike,
 
 # ----------------------------------------------------------------------------- CLI
 # The settings the command takes (minitron.cli): the source model is --model.
-CLI_KEYS = {"model": ("dtype", "device"),
+CLI_KEYS = {"model": ("dtype", "device", "trust_remote_code"),
             "data": ("source", "text_field", "block_size", "seed", "calibration_blocks"),
             "importance": None, "prune": None}
 
@@ -452,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     c = cli.configs(args)
     model_cfg, data, importance, settings = c["model"], c["data"], c["importance"], c["prune"]
     # ---- everything that can be refused is refused before any weights or data load
-    config = load_config(args.model)
+    trust = model_cfg.trust_remote_code
+    config = load_config(args.model, trust, need_weights=not args.dry_run)
     target = _target(config, settings)
     fields = plan(config, target)
     print(format_table(_shape_rows(config, fields)))
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.output).exists() and not args.overwrite:
         raise MinitronError(f"--output {args.output} already exists; choose another folder or "
                             f"pass --overwrite")
+    check_writable(args.output, "--output")
     if args.overwrite:
         check_replaceable(args.output, INFO_FILE, "pruned model")
     for leftover in clean_stale(args.output):
@@ -475,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{scores.config.aggregation_seq}, batch={scores.config.aggregation_batch})")
 
     with StageTimer("prune") as timer:
-        model, tokenizer = load_model(args.model, dtype=model_cfg.dtype, device=model_cfg.device)
+        model, tokenizer = load_model(args.model, dtype=model_cfg.dtype, device=model_cfg.device,
+                                      trust_remote_code=trust)
         calibration = None
         if scores is None:
             blocks = calibration_blocks(tokenizer, data, model.config)

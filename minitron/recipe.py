@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from minitron.common import MinitronError
-from minitron.config import (DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
+from minitron.config import (CacheConfig, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
                              ImportanceConfig, ModelConfig, PruneConfig, TeacherCorrectionConfig,
                              check_correction)
 
@@ -37,6 +37,7 @@ class Recipe:
     prune: PruneConfig = field(default_factory=PruneConfig)
     teacher_correction: TeacherCorrectionConfig = field(default_factory=TeacherCorrectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher_cache: CacheConfig = field(default_factory=CacheConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     source_file: str | None = field(default=None, metadata={"internal": True})

@@ -23,6 +23,7 @@ STAGES = {
     "distill": (["--student", "s", "--output", "o"],),
     "export": (["--output", "o"],),
     "evaluate": ([],),
+    "teacher_cache": (["--model", "m", "--output", "o"],),
 }
 # Keys that only a recipe sets: whether a stage runs, and the model that the stage commands take
 # as a path flag (--model, --teacher) or a dry run reads.
@@ -174,7 +175,8 @@ def test_readme_command_table_matches_help():
     table = readme[readme.index("## Commands"):readme.index("## Recipes")]
     rows = re.findall(r"^\| `python -m (minitron\.\w+) ([^`]*)`", table, re.M)
     assert {m for m, _ in rows} == {"minitron.run", "minitron.data", "minitron.prune",
-                                    "minitron.distill", "minitron.export", "minitron.evaluate"}
+                                    "minitron.distill", "minitron.export", "minitron.evaluate",
+                                    "minitron.teacher_cache"}
     for module, usage in rows:
         first = usage.split()[0]
         sub = [first] if first.islower() and not first.startswith("-") else []  # `data prepare`
