@@ -110,6 +110,19 @@ def clean_stale(final: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def remove_unheld(tmp: Path) -> bool:
+    """Remove writer folder `tmp` and its lock file unless a live writer holds the lock (a folder
+    without a lock file is removed too: for callers that own every `.tmp-*` in their folder)."""
+    fd = _try_lock(tmp.with_name(tmp.name + LOCK_SUFFIX))
+    lock_exists = tmp.with_name(tmp.name + LOCK_SUFFIX).exists()
+    if fd is None and lock_exists:
+        return False  # a live writer's
+    shutil.rmtree(tmp, ignore_errors=True)
+    if fd is not None:
+        release(tmp, fd)
+    return True
+
+
 def listed_files(folder: Path, manifest: str, kind: str | None = None) -> set[str] | None:
     """The files `folder/manifest` (a JSON object with a "files" list, and `kind` if given) says
     its writer wrote, itself included; None when there is no such manifest."""

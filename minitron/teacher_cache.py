@@ -47,7 +47,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from minitron.common import MinitronError, atomic_dir, check_writable, run_cli, write_json_atomic
+from minitron.common import (LOCK_SUFFIX, MinitronError, atomic_dir, check_writable, remove_unheld,
+                             run_cli, write_json_atomic)
 from minitron.config import CacheConfig, DataConfig, ModelConfig
 
 FORMAT = 1
@@ -372,7 +372,8 @@ def _begin(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
                             f"new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".tmp-shard-*"):  # left by a build that was killed mid-shard
-        shutil.rmtree(stale, ignore_errors=True)
+        if not stale.name.endswith(LOCK_SUFFIX):
+            remove_unheld(stale)  # with its lock file (atomic_dir's), unless a live build holds it
     write_json_atomic(out / PLAN, plan)
     return None
 
