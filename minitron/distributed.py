@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch import nn
 
 from minitron.common import LOG_DIR_ENV, MinitronError  # noqa: F401  (LOG_DIR_ENV: distill sets it)
-from minitron.config import check_divisible  # noqa: F401  (the loop checks its world size too)
 
 
 # ----------------------------------------------------------------------------- processes

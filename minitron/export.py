@@ -207,13 +207,6 @@ def check_model(model: str | os.PathLike, trust_remote_code: bool = False):
     return where, config
 
 
-def is_previous_export(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST).read_text()).get("kind") == MANIFEST_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def check_output(output: str | os.PathLike) -> Path:
     """An output folder may be new, empty, or a previous export that holds nothing but the files
     its manifest lists (it is replaced at the end; anything else in it would be lost); it must be

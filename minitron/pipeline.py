@@ -74,7 +74,7 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
     from minitron.prune import plan
 
     shape, candidates = {}, []
-    check_writable(recipe.run_dir, f"the run folder (output_dir/name)")
+    check_writable(recipe.run_dir, "the run folder (output_dir/name)")
     tokenizer = None
     if recipe.model.config is None:  # the model is on this machine: a prepared folder must match it
         from minitron.models import load_tokenizer
