@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from minitron import distributed
-from minitron.common import write_json_atomic, write_text_atomic
+from minitron.common import (LOCK_SUFFIX, claim, clean_stale, release, write_json_atomic,
+                             write_text_atomic)
 
 CKPT = "checkpoint"
 
@@ -45,7 +46,7 @@ def _tensor_state(trainee: nn.Module, optimizer, aliases: dict[str, str]) -> tup
 
 
 def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, state: dict[str, Any],
-                    aliases: dict[str, str]) -> Path:
+                    aliases: dict[str, str], rng: dict[str, Any] | None = None) -> Path:
     """A sharded checkpoint (torch.distributed.checkpoint): every rank writes its own shard of the
     weights and optimizer state as safetensors (no rank gathers the whole state), rank 0 the
     scheduler, RNG states, param groups and the data position (`state`). All of it goes into a
@@ -53,22 +54,28 @@ def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, sta
     the previous checkpoint intact. It resumes on any number of processes (resharded on load).
 
     Collective: every rank calls it. `trainee` is the loop's student + projections module (state
-    names `student.*`, `projections.*`); `aliases` names its tied parameters.
+    names `student.*`, `projections.*`); `aliases` names its tied parameters; `rng`: the RNG
+    states to store (taken earlier, `rng_state()`), else the current ones.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     tmp = run_dir / f".tmp-{CKPT}-{state['step']}"
+    lock = None
     if distributed.rank() == 0:
-        for stale in run_dir.glob(f".tmp-{CKPT}-*"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
+        clean_stale(run_dir / CKPT)  # left by a run killed while saving
+        for stale in run_dir.glob(f".tmp-{CKPT}-*"):  # ... by an older version (no lock file)
+            if stale.is_dir() and not stale.with_name(stale.name + LOCK_SUFFIX).exists():
+                shutil.rmtree(stale, ignore_errors=True)
+        lock = claim(tmp, run_dir / CKPT)  # first: a later start removes it if this process dies
         tmp.mkdir(parents=True)
     _barrier()
     tensors, groups = _tensor_state(trainee, optimizer, aliases)
     with _one_process_quiet():
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     if distributed.rank() == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "trainer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
+                   tmp / "trainer.pt")
         write_json_atomic(tmp / "param_groups.json", groups)
         write_json_atomic(tmp / "state.json", {**state, "world_size": distributed.world()})
     _barrier()  # every shard is on disk before the folder becomes the checkpoint
@@ -78,6 +85,7 @@ def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, sta
             old = run_dir / f".old-{CKPT}-{os.getpid()}"
             final.rename(old)
         tmp.rename(final)
+        release(tmp, lock)
         for old in run_dir.glob(f".old-{CKPT}-*"):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()  # nobody goes on (or is killed) before the checkpoint is complete
@@ -113,7 +121,7 @@ def load_checkpoint(ckpt: Path, trainee: nn.Module, optimizer, scheduler,
     return json.loads((ckpt / "state.json").read_text())
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
            "python_pos": random.getstate()[2]}
     if torch.cuda.is_available():

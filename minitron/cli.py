@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from minitron.common import run_cli
+from minitron.common import DEBUG_FLAG, run_cli
 from minitron.config import SECTIONS, Section, docs
 from minitron.recipe import RecipeError, build_section, parse_overrides
 
@@ -87,6 +87,8 @@ def stage_parser(prog: str, description: str, keys: Keys) -> argparse.ArgumentPa
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="settings, listed below")
+    p.add_argument(DEBUG_FLAG, action="store_true",
+                   help="print full tracebacks (of errors, and of failing torchrun ranks)")
     for section, d in exposed(keys):
         name = f"{section}.{d['key']}"
         if name not in aliases:

@@ -45,6 +45,9 @@ def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) 
 
 POSITIVE = Rule("> 0", lambda v: math.isfinite(v) and v > 0)
 NON_NEGATIVE = Rule(">= 0", lambda v: math.isfinite(v) and v >= 0)
+OFF_OR_ABOVE_1 = Rule("0 (off) or > 1", lambda v: math.isfinite(v) and (v == 0 or v > 1))
+# What every random generator involved takes (numpy's seeds are 0 <= seed < 2**32).
+SEED = Rule("0 <= x < 2**32", lambda v: 0 <= v < 2**32)
 
 
 def setting(default: Any, doc: str, valid: Rule | None = None) -> Any:
@@ -157,6 +160,10 @@ class ModelConfig(Section):
                                       "and the teacher's in distillation (the student trains in "
                                       "float32; export works in float32, what ONNX Runtime takes).")
     device: str | None = setting(None, "cpu, cuda, cuda:N; null picks CUDA when available.")
+    trust_remote_code: bool = setting(False, "Run Python code that a model folder ships (its "
+                                             "config.json auto_map) to load it. Off: such a model "
+                                             "is refused by every stage. Only for models you "
+                                             "trust.")
 
 
 @dataclass
@@ -170,7 +177,7 @@ class DataConfig(Section):
     text_field: str = setting("text", "The field holding the text in .jsonl and datasets sources.")
     block_size: int = setting(256, "Tokens per block for importance, export and evaluation.",
                               at_least(2))
-    seed: int = setting(0, "Seed of the calibration blocks' order.")
+    seed: int = setting(0, "Seed of the calibration blocks' order.", SEED)
     calibration_blocks: int = setting(1024, "Blocks that importance is scored on (the papers: "
                                             "1024).", at_least(1))
     eval_blocks: int = setting(32, "Held-out blocks for export validation and evaluation.",
@@ -349,14 +356,29 @@ class DistillConfig(Section):
     fsdp_unsynced_accum: bool = setting(False, "Under FSDP, reduce-scatter gradients on the last "
                                                "micro-batch only (less communication; unsharded "
                                                "fp32 gradients held between micro-batches).")
-    checkpoint_every: int = setting(100, "Optimizer steps between checkpoints (also at the end).",
+    checkpoint_every: int = setting(100, "Optimizer steps between checkpoints (also at the end). "
+                                         "A checkpoint is written once the next step's loss and "
+                                         "gradient norm show its weights healthy (see spike_*).",
                                     at_least(1))
+    # Divergence guard: a non-finite loss or gradient norm always stops the run; these catch a
+    # run that is blowing up while its numbers are still finite (a too-high learning rate).
+    spike_grad_factor: float = setting(
+        0.0, "Stop when the gradient norm (before clipping) exceeds this many times its median "
+             "over the last spike_window healthy steps; 0 (the default) turns the check off: "
+             "healthy runs have single-step gradient spikes far above the median that clipping "
+             "absorbs (README: the divergence guard).", OFF_OR_ABOVE_1)
+    spike_loss_factor: float = setting(
+        3.0, "Stop when the training loss exceeds this many times its median over the last "
+             "spike_window healthy steps (a median below 0.5 counts as 0.5, so that near-zero "
+             "losses do not stop on noise); 0 turns the check off.", OFF_OR_ABOVE_1)
+    spike_window: int = setting(50, "Healthy steps the running medians of the spike checks are "
+                                    "taken over (the first step's values included).", at_least(1))
     eval_every: int = setting(50, "Optimizer steps between evaluations (also at 0 and the end).",
                               at_least(1))
     eval_blocks: int = setting(16, "Held-out blocks per evaluation.", at_least(1))
     eval_batch_size: int = setting(8, "Sequences per evaluation forward.", at_least(1))
     log_every: int = setting(1, "Optimizer steps between metrics.jsonl records.", at_least(1))
-    seed: int = setting(0, "Seed of the batch order and initializations.")
+    seed: int = setting(0, "Seed of the batch order and initializations.", SEED)
     progress: bool = setting(True, "Show a progress bar.")
     keep_checkpoint: bool = setting(True, "Keep checkpoint/ after the final model is written.")
     strategy: Strategy = setting("auto", "With several processes: fsdp (sharded student), ddp "
@@ -508,7 +530,7 @@ class CacheConfig(Section):
                                          "(minitron.teacher_cache.evaluate_from_cache).")
     seed: int = setting(0, "Block order of raw (not prepared) sources: the distillation's "
                            "distill.seed for the train split; 0 for the eval split as "
-                           "distillation evaluates it.")
+                           "distillation evaluates it.", SEED)
     dtype: CacheDtype = setting("float16", "Storage of the log-probabilities (float32 doubles "
                                            "their size; the indices are int32, the tail float32).")
     shard_tokens: int = setting(262_144, "Tokens per shard (whole blocks); each shard is written "

@@ -193,6 +193,7 @@ def iter_documents(source: str = "stdlib", text_field: str = "text") -> Iterator
     if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
         yield from _hf_documents(str(path), text_field)
     elif path.is_dir():
+        _refuse_unfinished_preparation(path)
         files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES]
         yield from _file_documents(files, path)
     elif path.is_file() and path.suffix == ".jsonl":
@@ -207,6 +208,16 @@ def iter_documents(source: str = "stdlib", text_field: str = "text") -> Iterator
         yield from _file_documents(files, Path(glob.escape(source).split("*")[0]).parent)
     else:
         raise MinitronError(f"data source '{source}' not found; valid sources: {SOURCES_HELP}")
+
+
+def _refuse_unfinished_preparation(path: Path) -> None:
+    """A folder that `minitron.data prepare` began but did not finish (its manifest is written
+    last) holds token shards, not text: reading its few .json files as a corpus would be wrong."""
+    if (path / ".work").is_dir() or any(path.glob("*-[0-9][0-9][0-9][0-9][0-9].bin")):
+        raise MinitronError(
+            f"data source '{path}' is an unfinished prepared folder (token shards or .work/, but "
+            f"no manifest.json): finish it by running the same `python -m minitron.data prepare "
+            f"... --output {path}` again, or give the raw text source")
 
 
 def split_documents(source: str, split: str, text_field: str = "text") -> list[Document]:

@@ -8,12 +8,13 @@ concatenated and cut into fixed-length blocks; the tail shorter than a block is 
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
 import torch
 
-from minitron.common import MinitronError, run_cli
+from minitron.common import DEBUG_FLAG, MinitronError, check_writable, run_cli
 # The documents layer lives in minitron.corpus (shards.py builds on it too); its names are
 # re-exported here, where the stages have always found them.
 from minitron.corpus import (Document, SOURCES_HELP, SPLITS, batches, encode_chat, encode_documents, iter_documents, pack,
@@ -122,20 +123,62 @@ def build_parser():
                       help="tokenizing processes (default: CPU count, at most 8)")
     prep.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file")
     prep.add_argument("--no-progress", action="store_true")
+    prep.add_argument("--trust-remote-code", action="store_true",
+                      help="run code that the tokenizer's model folder ships (off: refused)")
+    prep.add_argument(DEBUG_FLAG, action="store_true", help="print full tracebacks of errors")
     return p
 
 
-def load_tokenizer(name: str):
+def _check_numbers(args) -> None:
+    """Every number of the prepare command in its range, before any work."""
+    from minitron.config import POSITIVE, SEED, at_least, between, describe_valid
+
+    checks = [("--block-size", args.block_size, at_least(2)), ("--seed", args.seed, SEED),
+              ("--eval-fraction", args.eval_fraction, between(0, 1, hi_open=True)),
+              ("--calibration-fraction", args.calibration_fraction, between(0, 1, hi_open=True)),
+              ("--workers", args.workers, at_least(1)),
+              ("--shard-tokens", args.shard_tokens, at_least(1))]
+    checks += [("--weights", w, POSITIVE) for w in args.weights or []]
+    for flag, value, rule in checks:
+        if value is not None and not (math.isfinite(value) and rule.ok(value)):
+            raise MinitronError(f"{flag} {value} is invalid; valid: "
+                                f"{describe_valid(type(value), rule)}")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from minitron.models import resolve_model
 
     # A tokenizer folder needs no model config; anything else resolves like a model name.
-    where = name if Path(name).expanduser().is_dir() else resolve_model(name)
+    path = Path(name).expanduser()
+    tokenizer_only = path.is_dir() and not (path / "config.json").exists()
+    where = name if tokenizer_only else resolve_model(name, trust_remote_code, need_weights=False)
     try:
-        return AutoTokenizer.from_pretrained(where)
+        # trust_remote_code is always given: None would make transformers ask on the terminal
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise MinitronError(f"--tokenizer {name}: could not load a tokenizer ({e})") from None
+
+
+def check_source(source: str, text_field: str = "text", tokenizer=None,
+                 where: str = "data source") -> None:
+    """Refuse, before any work, a data source no stage could read: missing, unreadable, without
+    a single non-empty document, a prepared folder of another format (or, given the model's
+    `tokenizer`, another tokenizer), an unfinished preparation. Reads documents only until the
+    first non-empty one; a hub dataset (hf:) is checked when it is streamed."""
+    if is_prepared(source):
+        prepared = Prepared(source)
+        if tokenizer is not None:
+            prepared.check_tokenizer(tokenizer)
+        return
+    if source.startswith("hf:"):
+        return
+    for doc in iter_documents(source, text_field):
+        if doc.text.strip():
+            return
+    raise MinitronError(f"{where} '{source}' holds no non-empty documents; give a source with "
+                        f"text ({SOURCES_HELP})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     from minitron.shards import DEFAULT_SHARD_TOKENS
 
     args = build_parser().parse_args(argv)
+    _check_numbers(args)
+    check_writable(args.output, "--output")
     source = args.source[0] if len(args.source) == 1 and not args.weights else None
     if source is None:
         weights = args.weights or []
@@ -151,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                                 f"weight per source ({len(args.source)} sources)")
         source = list(zip(args.source, weights))
     manifest = prepare(
-        source, args.output, load_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer,
+        source, args.output, load_tokenizer(args.tokenizer, args.trust_remote_code),
+        tokenizer_name=args.tokenizer,
         text_field=args.text_field, seed=args.seed, block_size=args.block_size,
         eval_fraction=args.eval_fraction, calibration_fraction=args.calibration_fraction,
-        workers=args.workers, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+        workers=args.workers,
+        shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
         progress=not args.no_progress)
     rows = [{"split": s, "documents": v["documents"], "tokens": v["tokens"],
              "shards": len(v["shards"])} for s, v in manifest["splits"].items()]

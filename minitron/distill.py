@@ -34,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -47,9 +48,9 @@ from torch import nn
 
 from minitron import distributed, precision
 from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, load_checkpoint,
-                                 plot_losses, save_checkpoint)
-from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
-                             write_json_atomic)
+                                 plot_losses, rng_state, save_checkpoint)
+from minitron.common import (MinitronError, StageTimer, atomic_dir, check_writable, clean_stale,
+                             format_table, run_cli, write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
                              check_correction, check_world)
 from minitron.models import logit_softcap
@@ -62,11 +63,18 @@ IGNORE_INDEX = -100
 RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
                       "strategy", "nproc_per_node", "teacher_device", "enabled",
                       "gpu_memory_gib", "micro_batch_size", "nnodes", "rdzv_endpoint",
-                      "hsdp_shard_size", "process_group_timeout_s"}
+                      "hsdp_shard_size", "process_group_timeout_s", "spike_grad_factor",
+                      "spike_loss_factor", "spike_window"}
+# A loss median below this counts as this much in the loss-spike check (distill.spike_loss_factor):
+# a KL near zero would otherwise "spike" on batch noise.
+SPIKE_LOSS_FLOOR = 0.5
+LOGS = "logs"  # under torchrun: rank<N>.log, the traceback of a rank that failed unexpectedly
+FINAL_STAGING = ".final"  # the final model is written here, then its files move into the run folder
 # The settings the command takes (minitron.cli); the models are --teacher and --student. The
 # distill section comes first, so `--tokens` and `--lr` are its aliases (teacher_correction.tokens
 # is set by name).
-CLI_KEYS = {"distill": None, "teacher_correction": None, "model": ("dtype", "device"),
+CLI_KEYS = {"distill": None, "teacher_correction": None,
+            "model": ("dtype", "device", "trust_remote_code"),
             "data": ("source", "text_field")}
 
 
@@ -436,11 +444,21 @@ def _check_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:
                 f"{run_dir} holds a run started with other settings ({'; '.join(diffs)}); rerun "
                 f"with the same settings to resume it, or choose another --output")
         return
-    if run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".tmp-")):
+    if run_dir.exists() and any(p for p in run_dir.iterdir()
+                                if not p.name.startswith(".tmp-") and p.name != LOGS):
         raise MinitronError(f"output folder {run_dir} is not empty and holds no distillation run; "
                             f"choose a new or empty --output")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, settings)
+
+
+def _clean_leftovers(run_dir: Path) -> None:
+    """What a killed run of this folder left (`clean_stale`): a half-written checkpoint, a
+    half-written final model; never what a live process is still writing."""
+    for name in (CKPT, FINAL_STAGING):
+        for leftover in clean_stale(run_dir / name):
+            print(f"[minitron] removed {leftover.name}, left by an interrupted distillation",
+                  file=sys.stderr)
 
 
 def _param_groups(model: nn.Module, extra: nn.Module | None, weight_decay: float) -> list[dict]:
@@ -482,6 +500,7 @@ class _Loop:
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
     log: Any = None
     last_ckpt_step: int | None = None
+    pending: tuple[dict[str, Any], dict[str, Any]] | None = None  # (state, RNG) not yet confirmed
     start_step: int = 0
     bar: Any = None
 
@@ -608,25 +627,78 @@ def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
 
 def _clip_and_check(loop: _Loop, step: int, loss_value: float) -> torch.Tensor:
     """Clip the gradients; stop every rank at the same step when the loss or the gradient norm is
-    not finite (the loss is the global batch's, so no rank is left waiting in a collective)."""
+    not finite or spikes (`_spike`). The loss is the global batch's and the norm the global one,
+    so every rank decides the same and no rank is left waiting in a collective."""
     config = loop.config
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for g in loop.optimizer.param_groups for p in g["params"]],
         config.clip_grad if config.clip_grad > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the global norm
         grad_norm = grad_norm.full_tensor()
-    if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
+    norm = grad_norm.item()
+    if not math.isfinite(loss_value) or not math.isfinite(norm):
         what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-        value = loss_value if what == "loss" else grad_norm.item()
-        loop.log.write({"kind": "stopped", "step": step + 1, "reason": f"non-finite {what}"})
-        kept = (f"the last good checkpoint (step {loop.last_ckpt_step}) in {loop.run_dir / CKPT} "
-                f"is intact" if loop.last_ckpt_step is not None
-                else "no checkpoint had been written yet")
-        raise MinitronError(
-            f"{loop.phase} stopped: the {what} became {value} at step {step + 1}/{loop.steps}; the "
-            f"weights were not updated and {kept}. Lower the learning rate (lr={config.lr}), "
-            f"check the data, or resume from the checkpoint by rerunning the command")
+        value = loss_value if what == "loss" else norm
+        _stop(loop, step, f"non-finite {what}", f"the {what} became {value} at step "
+                                                 f"{step + 1}/{loop.steps}")
+    spike = _spike(loop, loss_value, norm)
+    if spike is not None:
+        _stop(loop, step, "divergence", f"the training is diverging at step {step + 1}/"
+                                         f"{loop.steps}: {spike}")
     return grad_norm
+
+
+def _spike(loop: _Loop, loss_value: float, norm: float) -> str | None:
+    """What spiked at this step (the loss or the gradient norm, against its running median over
+    the last `spike_window` healthy steps), or None: then the step joins the history, which the
+    checkpoints carry, so a resumed run checks against the same medians."""
+    config = loop.config
+    history = loop.state.setdefault("health", {"loss": [], "grad_norm": []})
+    if history["loss"]:
+        loss_median = statistics.median(history["loss"])
+        norm_median = statistics.median(history["grad_norm"])
+        n = len(history["loss"])
+        if config.spike_loss_factor and loss_value > config.spike_loss_factor * max(
+                loss_median, SPIKE_LOSS_FLOOR):
+            return (f"the loss jumped to {loss_value:.4g}, {loss_value / loss_median:.3g} times "
+                    f"its median {loss_median:.4g} over the last {n} steps (distill.spike_loss_factor="
+                    f"{config.spike_loss_factor})")
+        if config.spike_grad_factor and norm > config.spike_grad_factor * norm_median:
+            return (f"the gradient norm jumped to {norm:.4g}, {norm / norm_median:.3g} times its "
+                    f"median {norm_median:.4g} over the last {n} steps (distill.spike_grad_factor="
+                    f"{config.spike_grad_factor})")
+    window = config.spike_window
+    history["loss"] = (history["loss"] + [loss_value])[-window:]
+    history["grad_norm"] = (history["grad_norm"] + [norm])[-window:]
+    return None
+
+
+def _stop(loop: _Loop, step: int, reason: str, what: str) -> None:
+    """Stop the phase at `step`, before its update, naming the checkpoint that is kept: one whose
+    weights the following step found healthy (`_confirm_checkpoint`), so from before the trouble."""
+    config = loop.config
+    loop.log.write({"kind": "stopped", "step": step + 1, "reason": reason})
+    kept = (f"the last good checkpoint (step {loop.last_ckpt_step}) in {loop.run_dir / CKPT} "
+            f"is intact" if loop.last_ckpt_step is not None
+            else "no checkpoint had been written yet")
+    raise MinitronError(
+        f"{loop.phase} stopped: {what}; the weights were not updated and {kept}. Lower the "
+        f"learning rate (lr={config.lr}) in a new --output, check the data, or resume from the "
+        f"checkpoint by rerunning the command")
+
+
+def _confirm_checkpoint(loop: _Loop) -> None:
+    """Write the checkpoint `_after_step` deferred: this step's loss and gradient norm, computed
+    from its weights, passed the checks, so they are not the weights of a diverging update. The
+    weights, optimizer and scheduler are still those of that step (this step's update comes
+    after); its RNG state was taken then."""
+    if loop.pending is None:
+        return
+    state, rng = loop.pending
+    save_checkpoint(loop.run_dir, loop.trainee, loop.optimizer, loop.scheduler, state,
+                    loop.aliases, rng=rng)
+    loop.last_ckpt_step = state["step"]
+    loop.pending = None
 
 
 def _after_step(loop: _Loop, done: int, dt: float, loss_value: float, grad_norm: torch.Tensor,
@@ -649,9 +721,10 @@ def _after_step(loop: _Loop, done: int, dt: float, loss_value: float, grad_norm:
     if done % config.eval_every == 0 or done == loop.steps:
         last_eval = _evaluate(loop, done)
     if done % config.checkpoint_every == 0 or done == loop.steps:
-        save_checkpoint(loop.run_dir, loop.trainee, loop.optimizer, loop.scheduler,
-                        {**state, "phase": loop.phase}, loop.aliases)
-        loop.last_ckpt_step = done
+        # Deferred to the next step's checks (the last step's weights are the result anyway).
+        loop.pending = ({**copy.deepcopy(state), "phase": loop.phase}, rng_state())
+        if done == loop.steps:
+            _confirm_checkpoint(loop)
     return last_eval
 
 
@@ -664,6 +737,7 @@ def _run_steps(loop: _Loop, captures: list[_Capture], on_step: Callable[[int], N
         total, inter_total = _loss_step(loop, step, captures)
         loss_value = total.item()  # one host sync per optimizer step
         grad_norm = _clip_and_check(loop, step, loss_value)
+        _confirm_checkpoint(loop)
         loop.optimizer.step()
         loop.scheduler.step()
         loop.optimizer.zero_grad(set_to_none=True)
@@ -865,6 +939,7 @@ def distill(
         settings["teacher_cache"] = cache.fingerprint
     _same_on_every_rank(settings)
     distributed.on_rank0(lambda: _check_run_dir(out, settings))
+    distributed.on_rank0(lambda: _clean_leftovers(out))
 
     with StageTimer(phase) as timer:
         result: dict[str, Any] = {}
@@ -1002,12 +1077,12 @@ def _write_final(out: Path, student: nn.Module, weights: dict[str, torch.Tensor]
     meta = dict(info)
     meta["parameters"] = {"after": count_params(student)}  # global counts, also when sharded
     meta["distillation"] = {"status": "finished", "config": config.to_dict(), "metrics": metrics}
-    with atomic_dir(out / ".final", overwrite=True) as tmp:
+    with atomic_dir(out / FINAL_STAGING, overwrite=True) as tmp:
         student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "minitron.json", meta)
-    staged = out / ".final"
+    staged = out / FINAL_STAGING
     names = sorted(p.name for p in staged.iterdir())
     for name in [n for n in names if n != "minitron.json"] + ["minitron.json"]:
         os.replace(staged / name, out / name)
@@ -1037,7 +1112,7 @@ def run_distill(
     with `config.nproc_per_node` > 1 it starts `python -m minitron.distill` with the same settings
     on that many local processes and waits (so a recipe can ask for K processes).
     """
-    from minitron.models import load_config
+    from minitron.models import check_same_tokenizer, load_config
 
     correction = correction or TeacherCorrectionConfig()
     data, model = data or DataConfig(), model or ModelConfig()
@@ -1054,13 +1129,13 @@ def run_distill(
     if config.uses_teacher and teacher_path is None and not config.uses_cache:
         raise MinitronError("distillation needs --teacher or distill.teacher_cache; without a "
                             "teacher use distill.baseline=ce or distill.baseline=scratch")
-    # Cheap checks on the configs before any weights load.
-    s_cfg = load_config(student_path)
-    t_cfg = load_config(teacher_path) if teacher_path is not None else None
-    if t_cfg is not None and t_cfg.vocab_size != s_cfg.vocab_size:
-        raise MinitronError(
-            f"the teacher's vocabulary ({t_cfg.vocab_size}) differs from the student's "
-            f"({s_cfg.vocab_size}); distillation needs the same tokenizer")
+    # Cheap checks on the folders, configs and tokenizers before any weights load.
+    trust = model.trust_remote_code
+    s_cfg = load_config(student_path, trust)
+    t_cfg = load_config(teacher_path, trust) if teacher_path is not None else None
+    if teacher_path is not None:
+        check_same_tokenizer(teacher_path, student_path, trust)
+    check_writable(out, "--output")
     max_pos = min(c.max_position_embeddings for c in (s_cfg, t_cfg) if c is not None)
     if config.block_size > max_pos:
         raise MinitronError(f"distill.block_size={config.block_size} is longer than the models' "
@@ -1070,6 +1145,8 @@ def run_distill(
     sections = {"distill": config, "teacher_correction": correction, "data": data, "model": model}
     if not distributed.under_torchrun() and (config.nproc_per_node > 1 or config.nnodes > 1):
         return _launch(teacher_path, student_path, out, sections)
+    if distributed.under_torchrun():  # a failing rank's traceback goes there (child_failure)
+        os.environ.setdefault(distributed.LOG_DIR_ENV, str(out / LOGS))
     with distributed.process_group(model.device, config.process_group_timeout_s) as device:
         try:
             return _run_rank(teacher_path, student_path, out, sections, device, max_pos)
@@ -1141,11 +1218,13 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
 
         open_cache(config.teacher_cache).check_teacher(teacher_path)  # not loaded: the cache is it
     elif teacher_path is not None:
-        teacher, _ = load_model(teacher_path, dtype=model.dtype, device=teacher_device or device)
+        teacher, _ = load_model(teacher_path, dtype=model.dtype, device=teacher_device or device,
+                                trust_remote_code=model.trust_remote_code)
     # A teacher correction trains first: the student waits on the host until it is done.
     correction = sections["teacher_correction"]
     student, tokenizer = load_model(student_path, dtype="float32",
-                                    device="cpu" if correction.tokens else device)
+                                    device="cpu" if correction.tokens else device,
+                                    trust_remote_code=model.trust_remote_code)
     n_train = config.steps * config.batch_size * config.grad_accum
     # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
     train_blocks = open_blocks(tokenizer, "train", n_train, source=data.source,
@@ -1154,7 +1233,7 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
                               block_size=config.block_size, seed=0, text_field=data.text_field,
                               max_positions=max_pos)
-    info = _read_info(resolve_model(student_path))
+    info = _read_info(resolve_model(student_path, model.trust_remote_code))
     info = {"student_source": str(student_path),
             "teacher": str(teacher_path) if teacher_path is not None else None,
             "data": {"source": data.source, "train_blocks": len(train_blocks),
@@ -1187,8 +1266,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from minitron.models import load_config
 
-        t_cfg = load_config(args.teacher) if args.teacher else None
-        memory_plan_(t_cfg, load_config(args.student), config, c["teacher_correction"],
+        trust = c["model"].trust_remote_code
+        t_cfg = load_config(args.teacher, trust, need_weights=False) if args.teacher else None
+        memory_plan_(t_cfg, load_config(args.student, trust, need_weights=False), config, c["teacher_correction"],
                      config.nproc_per_node, c["model"])
         return 0
     result = run_distill(args.teacher, args.student, args.output, config,

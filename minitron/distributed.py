@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minitron.common import MinitronError
-from minitron.config import check_divisible  # noqa: F401  (the loop checks its world size too)
+from minitron.common import LOG_DIR_ENV, MinitronError  # noqa: F401  (LOG_DIR_ENV: distill sets it)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -125,9 +124,11 @@ def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
     (what `torchrun` runs); wait for them. With `nnodes` > 1 this node joins the others through a
     c10d rendezvous at `rdzv_endpoint`.
 
-    Their output streams through. When one fails (the launcher then stops the others), its
-    failure record names the rank, and the message it recorded (`record_for_torchrun`) or its
-    exit code / signal becomes this process's MinitronError.
+    Their output streams through. When one fails (the launcher then stops the others), each failed
+    rank has one line: a rank that recorded its message (`record_for_torchrun`, `child_failure`:
+    its traceback is in its log file) printed it itself; here a line for each other one (its exit
+    code or signal), and last the one that caused the stop, as this process's MinitronError. The
+    launcher's own log lines are shown with `--debug` only.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -137,9 +138,33 @@ def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
           + (f" on each of {nnodes} nodes" if nnodes > 1 else "")
           + f": python -m {module} {' '.join(argv)}", file=sys.stderr)
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
+        with _launcher_quiet():
+            elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
     except ChildFailedError as e:
-        raise MinitronError(failure_message(*root_failure(e.failures))) from None
+        cause, failure = root_failure(e.failures)
+        for r, f in sorted(e.failures.items()):
+            if r != cause and _recorded(f) is None:  # a rank that recorded a message printed it
+                print(f"error: {failure_message(r, f, cause)}", file=sys.stderr)
+        raise MinitronError(failure_message(cause, failure)) from None
+
+
+@contextlib.contextmanager
+def _launcher_quiet():
+    """torch's elastic agent logs each worker it stops and each failure (with the tracebacks the
+    workers recorded); our summary says the same in a line per rank, so its log waits for
+    `--debug`."""
+    import logging
+
+    from minitron.common import debug_mode
+
+    log = logging.getLogger("torch.distributed.elastic")
+    level = log.level
+    if not debug_mode():
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _recorded(failure: Any) -> str | None:
@@ -150,12 +175,13 @@ def _recorded(failure: Any) -> str | None:
 
 def _blame(failure: Any) -> int:
     """How likely a failed rank caused the stop (lower: likelier)."""
-    if _recorded(failure) is not None:
-        return 0
+    message = _recorded(failure)
+    if message is not None and message.startswith("MinitronError: "):
+        return 0  # a rank that knew what went wrong
     if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:
         return 1  # killed from outside (SIGKILL, the OOM killer, a segfault)
     if failure.exitcode > 0:
-        return 2  # crashed, maybe because a peer's collective broke
+        return 2  # crashed, maybe because a peer's collective broke (`child_failure`)
     return 3  # SIGTERM: what the launcher sends the other ranks when it stops them
 
 
@@ -165,11 +191,15 @@ def root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     return min(failures.items(), key=lambda kv: (_blame(kv[1]), kv[1].timestamp, kv[0]))
 
 
-def failure_message(rank: int, failure: Any) -> str:
-    """One line from a worker's failure record (torch's ProcessFailure)."""
+def failure_message(rank: int, failure: Any, cause: int | None = None) -> str:
+    """One line from a worker's failure record (torch's ProcessFailure); `cause`: the rank that
+    caused the stop, when this is another one."""
     message = _recorded(failure)
     if message is not None:
-        return f"rank {rank}: {message.removeprefix('MinitronError: ')}"
+        message = message.removeprefix("MinitronError: ").removeprefix("RankFailure: ")
+        return f"rank {rank}: {message}"
+    if cause is not None and cause != rank and failure.exitcode == -signal.SIGTERM:
+        return f"rank {rank} was stopped by the launcher (SIGTERM) after rank {cause} failed"
     if failure.exitcode < 0:
         return (f"rank {rank} died ({failure.signal_name()}) with no error message; the "
                 f"launcher stopped the others; the log is above")

@@ -14,16 +14,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minitron.common import StageTimer, format_table, run_cli, write_json_atomic
+from minitron.common import StageTimer, check_writable, format_table, run_cli, write_json_atomic
 from minitron.config import DataConfig, EvaluateConfig, ModelConfig
 from minitron.data import batches, load_blocks
 # Also export's (from a module of their own, so that export need not import this one: evaluate
 # scores exported ONNX folders on tasks through export's loader).
 from minitron.measure import speed, weights_size_mb  # noqa: F401
-from minitron.models import count_params, load_model
+from minitron.models import check_same_tokenizer, count_params, load_model
 
 # The settings the command takes (minitron.cli): the models are --model and --teacher.
-CLI_KEYS = {"model": ("dtype", "device"),
+CLI_KEYS = {"model": ("dtype", "device", "trust_remote_code"),
             "data": ("source", "text_field", "block_size", "eval_blocks"), "evaluate": None}
 
 @torch.no_grad()
@@ -172,8 +172,12 @@ def evaluate(
         require_lm_eval()  # before any model loads
     if is_onnx_folder(model_name):
         return evaluate_onnx(model_name, tasks, settings.limit, settings.num_fewshot)
+    trust = model.trust_remote_code
+    if teacher_name is not None:  # before any work: agreement needs the same tokens
+        check_same_tokenizer(teacher_name, model_name, trust, why="agreement with a teacher")
     with StageTimer("evaluate") as timer:
-        lm, tokenizer = load_model(model_name, dtype=model.dtype, device=model.device)
+        lm, tokenizer = load_model(model_name, dtype=model.dtype, device=model.device,
+                                   trust_remote_code=trust)
         blocks = load_blocks(tokenizer, "eval", data.eval_blocks, source=data.source,
                              block_size=data.block_size, text_field=data.text_field,
                              max_positions=lm.config.max_position_embeddings)
@@ -184,7 +188,8 @@ def evaluate(
             result["weights_mb"] = round(size, 1)
         result.update(perplexity(lm, blocks, settings.batch_size))
         if teacher_name is not None:
-            teacher, _ = load_model(teacher_name, dtype=model.dtype, device=model.device)
+            teacher, _ = load_model(teacher_name, dtype=model.dtype, device=model.device,
+                                    trust_remote_code=trust)
             result.update(teacher_agreement(lm, teacher, blocks, settings.batch_size))
             del teacher
         if settings.speed:
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = cli.parse(build_parser(), argv)
     c = cli.configs(args)
+    if args.json:
+        check_writable(args.json, "--json")
     result = evaluate(args.model, args.teacher, c["evaluate"], c["data"], c["model"])
     rows = [{"metric": k, "value": v} for k, v in result.items() if k not in ("timing", "tasks")]
     print(format_table(rows))

@@ -43,6 +43,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 import dataclasses
@@ -55,19 +56,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
-                             write_json_atomic, write_text_atomic)
+from minitron.common import (MinitronError, StageTimer, atomic_dir, check_replaceable,
+                             check_writable, clean_stale, format_table, run_cli, write_json_atomic,
+                             write_text_atomic)
 from minitron.config import (BLOCKWISE_MAX_BLOCK, INT4_SCHEMES, DataConfig, ExportConfig,
                              ModelConfig)
 from minitron.cpu import Int8Settings, describe_cpu, int8_settings, int8_target
 from minitron.data import load_blocks
 from minitron.measure import speed as torch_speed
 from minitron.measure import weights_size_mb
-from minitron.models import (ARCHS, arch_of, count_params, head_layout, load_model,
+from minitron.models import (arch_of, count_params, head_layout, load_config, load_model,
                              resolve_model)
 
 MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes validate on 512
 MANIFEST_KIND = "minitron-export"
+MANIFEST = "manifest.json"  # lists every file the export wrote: only those may be replaced
 DEPLOY_FILE = "model.onnx"  # the name ORTModelForCausalLM looks for first
 FP32_FILE = "model_fp32.onnx"  # a distinct name, so from_pretrained(folder) never picks it by accident
 TASK = "text-generation-with-past"
@@ -185,24 +188,11 @@ def needs_named_head_axis(config: Any) -> bool:
     return bool(ort_cache_axes(config))
 
 
-def check_model(model: str | os.PathLike):
-    """The model's local folder (or hub id) and config; refuses non-causal-LM and unsupported ones."""
-    from transformers import AutoConfig
-
-    where = resolve_model(model)
-    try:
-        config = AutoConfig.from_pretrained(where)
-    except (OSError, ValueError) as e:
-        raise MinitronError(f"could not read the config of model '{model}': {e}") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names = list(getattr(config, "architectures", None) or [])
-    if names and not set(names) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
-        raise MinitronError(
-            f"model '{model}' is not a causal LM (architectures: {names}); --model needs a "
-            f"causal-LM checkpoint, one of: {', '.join(ARCHS)}"
-        )
-    arch_of(config)  # refuses unsupported families by name
+def check_model(model: str | os.PathLike, trust_remote_code: bool = False):
+    """The model's local folder (or hub id) and config; refuses non-causal-LM and unsupported ones
+    (and, through `load_config`, broken weights files and remote code not asked for)."""
+    config = load_config(model, trust_remote_code)
+    where = resolve_model(model, trust_remote_code)
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
     from optimum.exporters.tasks import TasksManager
 
@@ -217,24 +207,15 @@ def check_model(model: str | os.PathLike):
     return where, config
 
 
-def is_previous_export(path: Path) -> bool:
-    try:
-        return json.loads((path / "manifest.json").read_text()).get("kind") == MANIFEST_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def check_output(output: str | os.PathLike) -> Path:
-    """An output folder may be new, empty, or a previous export (which is replaced at the end)."""
+    """An output folder may be new, empty, or a previous export that holds nothing but the files
+    its manifest lists (it is replaced at the end; anything else in it would be lost); it must be
+    writable. What a killed export left beside it goes first."""
     output = Path(output)
-    if output.exists():
-        if not output.is_dir():
-            raise MinitronError(f"--output {output} exists and is a file; give a folder path")
-        if any(output.iterdir()) and not is_previous_export(output):
-            raise MinitronError(
-                f"--output {output} exists and is not a previous minitron export (no manifest.json "
-                f"of kind '{MANIFEST_KIND}'); choose a new folder or remove it"
-            )
+    check_writable(output, "--output")
+    check_replaceable(output, MANIFEST, "export", kind=MANIFEST_KIND)
+    for leftover in clean_stale(output):
+        print(f"[minitron] removed {leftover.name}, left by an interrupted export", file=sys.stderr)
     return output
 
 
@@ -612,10 +593,11 @@ def load_ort(folder: Path, file_name: str, provider: str = "CPUExecutionProvider
 
     # I/O binding (optimum's default on CUDA) allocates the cache outputs with the hidden // heads
     # size, which the named head axis cannot fix; without it ORT sizes the outputs itself.
-    binding = None if not needs_named_head_axis(AutoConfig.from_pretrained(folder)) else False
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never ask on a terminal
+    binding = None if not needs_named_head_axis(config) else False
     return ORTModelForCausalLM.from_pretrained(folder, file_name=file_name, use_cache=True,
                                                provider=provider, local_files_only=True,
-                                               use_io_binding=binding)
+                                               use_io_binding=binding, trust_remote_code=False)
 
 
 def _cuda_ort_available() -> bool:
@@ -653,7 +635,7 @@ def measure_torch(model, blocks: torch.Tensor, ref: Reference, prompt: torch.Ten
     return row
 
 
-def load_bnb(where: str, scheme: Literal["int8", "nf4"]):
+def load_bnb(where: str, scheme: Literal["int8", "nf4"], trust_remote_code: bool = False):
     """The checkpoint through bitsandbytes (LLM.int8 or NF4), on the GPU if there is one, else CPU."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -664,7 +646,8 @@ def load_bnb(where: str, scheme: Literal["int8", "nf4"]):
                                      bnb_4bit_compute_dtype=torch.float32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(where, quantization_config=qconfig, device_map=device,
-                                                 dtype=torch.float32, use_safetensors=True)
+                                                 dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
     return model.eval()
 
 
@@ -788,6 +771,7 @@ class Job:
     ref: Reference | None = None
     ref_perplexity: float = math.nan
     timings: list[dict[str, Any]] = field(default_factory=list)
+    trust_remote_code: bool = False
 
     @property
     def pad_id(self) -> int | None:
@@ -803,13 +787,14 @@ def _timings(job: Job) -> list[dict[str, Any]]:
     return [t.as_dict() for t in job.timings]
 
 
-def load_job(model, where: str, config, settings: ExportConfig, data: DataConfig) -> Job:
+def load_job(model, where: str, config, settings: ExportConfig, data: DataConfig,
+             trust_remote_code: bool = False) -> Job:
     """Load the PyTorch model and the bounded validation (and calibration) blocks.
 
     The model loads in float32 whatever the recipe's model.dtype: the ONNX graph and ORT's
     quantizers take float32 (optimum-onnx 0.1 fails to export a bfloat16 Llama on CPU)."""
     n_blocks, length = eval_shape(settings, data)
-    pt_model, tokenizer = load_model(where, dtype="float32")
+    pt_model, tokenizer = load_model(where, dtype="float32", trust_remote_code=trust_remote_code)
     read = dict(source=data.source, block_size=length, text_field=data.text_field,
                 max_positions=config.max_position_embeddings)
     blocks = load_blocks(tokenizer, "eval", n_blocks, **read)
@@ -817,7 +802,7 @@ def load_job(model, where: str, config, settings: ExportConfig, data: DataConfig
     if any(v.scheme == "static" for v in variants_to_measure(settings)):
         calib = load_blocks(tokenizer, "calibration", settings.calib_samples, **read)
     return Job(str(model), where, config, settings, data, pt_model, tokenizer, blocks, calib,
-               prompt=blocks[:1, :min(16, length - 1)])
+               prompt=blocks[:1, :min(16, length - 1)], trust_remote_code=trust_remote_code)
 
 
 def measure_pytorch(job: Job) -> dict[str, Any]:
@@ -923,7 +908,7 @@ def measure_bnb(job: Job) -> list[dict[str, Any]]:
             # A side measurement for PyTorch users: a kernel bitsandbytes lacks for this shape or
             # device is reported in the row, not fatal to the ONNX export.
             try:
-                qmodel = load_bnb(job.where, scheme)
+                qmodel = load_bnb(job.where, scheme, job.trust_remote_code)
                 row = measure_torch(qmodel, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
                 row["size_mb"] = qmodel.get_memory_footprint() / 2**20
                 del qmodel
@@ -991,7 +976,7 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
         "deployed": {"file": DEPLOY_FILE, "precision": deployed,
                      "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)",
                      **({"note": IO_BINDING_NOTE} if needs_named_head_axis(job.config) else {})},
-        "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", "manifest.json"]),
+        "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", MANIFEST]),
         "settings": _record(job),
         "int8_cpu": report["int8_cpu"],
         "versions": report["versions"],
@@ -999,13 +984,13 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
     }
     write_json_atomic(tmp / "report.json", report)
     write_text_atomic(tmp / "report.md", render_report(report))
-    write_json_atomic(tmp / "manifest.json", manifest)
+    write_json_atomic(tmp / MANIFEST, manifest)
     return report
 
 
 def export(model: str | os.PathLike, output_dir: str | os.PathLike,
            settings: ExportConfig | None = None, data: DataConfig | None = None, *,
-           command: str | None = None) -> dict[str, Any]:
+           command: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Export `model` (folder, hub id or 'smollm2-135m') to a deployable ONNX folder; returns the report.
 
     `data` gives the held-out (and, for int8=static, calibration) blocks. Raises MinitronError,
@@ -1014,7 +999,7 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
     settings = settings or ExportConfig()
     data = data or DataConfig()
     output = check_output(output_dir)
-    where, config = check_model(model)
+    where, config = check_model(model, trust_remote_code)
     if settings.gguf != "none":
         from minitron.to_gguf import gguf_arch
 
@@ -1025,11 +1010,12 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
     candidates = deploy_candidates(settings)
     fp32_file = FP32_FILE if candidates else DEPLOY_FILE
     with StageTimer("load") as t:
-        job = load_job(model, where, config, settings, data)
+        job = load_job(model, where, config, settings, data, trust_remote_code)
     job.timings.append(t)
     with job.timed("pytorch_fp32"):
         rows = [measure_pytorch(job)]
-    with atomic_dir(output, overwrite=True) as tmp:
+    with atomic_dir(output, overwrite=True, manifest=MANIFEST, what="export",
+                    kind=MANIFEST_KIND) as tmp:
         rows.append({**export_fp32(job, tmp, fp32_file), "deployed": not candidates})
         quantized = quantize_variants(job, tmp, fp32_file, rows[0]["perplexity"], cpu)
         deploy = choose_deployed(quantized, candidates)
@@ -1046,7 +1032,8 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
 
 # ----------------------------------------------------------------------------- CLI
 # The settings the command takes (minitron.cli): the model is --model.
-CLI_KEYS = {"data": ("source", "text_field", "block_size", "eval_blocks"), "export": None}
+CLI_KEYS = {"model": ("trust_remote_code",),
+            "data": ("source", "text_field", "block_size", "eval_blocks"), "export": None}
 
 
 def build_parser():
@@ -1067,7 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse(build_parser(), argv)
     c = cli.configs(args)
     command = "python -m minitron.export " + shlex.join(sys.argv[1:] if argv is None else argv)
-    report = export(args.model, args.output, c["export"], c["data"], command=command)
+    report = export(args.model, args.output, c["export"], c["data"], command=command,
+                    trust_remote_code=c["model"].trust_remote_code)
     print(format_table(report["table"], REPORT_COLUMNS))
     total = sum(t["wall_s"] for t in report["timing"])
     print(f"exported {report['deployed']} to {args.output} in {total:.0f}s "

@@ -7,10 +7,12 @@ export reach weights only through it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, Mapping
 
 import torch
@@ -141,9 +143,18 @@ def arch_of(model_or_config: Any) -> ArchSpec:
         for spec in ARCHS.values():
             if spec.family == model_type:
                 return spec
+    if names and not _any_causal_lm(names):
+        raise MinitronError(f"the architecture is not a causal LM (architectures: {names}); give "
+                            f"a causal-LM checkpoint, one of: {', '.join(ARCHS)}")
     raise MinitronError(
         f"unsupported architecture {names or model_type!r}; supported: {', '.join(ARCHS)}"
     )
+
+
+def _any_causal_lm(names: list[str]) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return bool(set(names) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()))
 
 
 @dataclass(frozen=True)
@@ -200,8 +211,6 @@ def param_count_from_config(config: Any) -> int:
     Fused projections (Phi-3) hold the same weights as separate ones.
     """
     if isinstance(config, Mapping):
-        from types import SimpleNamespace
-
         config = SimpleNamespace(**config)
     spec = arch_of(config)
     h, v, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
@@ -259,11 +268,20 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """A local folder for the embedded name or a path; a hub id is passed through unchanged."""
+def resolve_model(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                  need_weights: bool = True) -> str:
+    """A local folder for the embedded name or a path; a hub id is passed through unchanged.
+
+    A local folder is checked before anything loads from it (`check_model_folder`; with
+    `need_weights=False`, for dry runs and tokenizers, a folder without weights files passes);
+    a name that is no local folder but reads as a hub id is refused offline when the cache does
+    not hold it, with a message for both readings (a mistyped relative path is the likelier one).
+    """
     name = str(name_or_path)
     if name == EMBEDDED_NAME:
-        return str(embedded_model_dir())
+        where = embedded_model_dir()
+        check_model_folder(where, name)
+        return str(where)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -271,25 +289,209 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
                 f"model '{name}' is not a Hugging Face model folder (no config.json in it); "
                 f"give a folder written by save_pretrained, a hub id, or '{EMBEDDED_NAME}'"
             )
+        check_model_folder(path, name, trust_remote_code, need_weights)
         return str(path)
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise MinitronError(
-            f"model '{name}' not found: it is not a local folder, not a hub id (owner/name), and not "
-            f"the embedded '{EMBEDDED_NAME}'"
+            f"model '{name}' not found: it is not a local folder (relative to {Path.cwd()}), not a "
+            f"hub id (owner/name), and not the embedded '{EMBEDDED_NAME}'"
         )
+    cached = _hub_cached_config(name)
+    if cached is None and _offline():
+        raise MinitronError(_both_readings(
+            name, "it is not in the local Hugging Face cache and offline mode is on "
+                  "(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"))
+    if cached is not None and _offline():  # offline, the cached snapshot is all there is
+        check_model_folder(cached.parent, name, trust_remote_code, need_weights)
+    elif cached is not None:  # online, transformers may still fetch what the cache lacks
+        _check_remote_code(_read_config(cached, name), name, trust_remote_code)
     return name
 
 
-def load_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+def _both_readings(name: str, as_hub_id: str) -> str:
+    return (f"model '{name}' not found: as a path, there is no folder '{name}' relative to the "
+            f"current folder ({Path.cwd()}); as a hub id, {as_hub_id}. Give an existing model "
+            f"folder, a hub id you can reach, or '{EMBEDDED_NAME}'")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    yes = ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or any(
+        os.environ.get(v, "0").upper() in yes for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_cached_config(repo_id: str) -> Path | None:
+    """config.json of a hub id in the local Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id huggingface_hub finds malformed is simply not cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+# ----------------------------------------------------------------------------- model folder checks
+def _read_config(path: Path, name: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except OSError as e:
+        raise MinitronError(f"model '{name}': cannot read {path} ({e.strerror})") from None
+    except ValueError as e:
+        raise MinitronError(f"model '{name}': {path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise MinitronError(f"model '{name}': {path} holds no JSON object")
+    return config
+
+
+def needs_remote_code(config: Mapping[str, Any]) -> bool:
+    """Whether transformers would have to run Python files of the model folder to load it: the
+    config maps classes to its own code (auto_map) and names a model_type transformers lacks."""
+    from transformers import CONFIG_MAPPING
+
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
+
+
+def _check_remote_code(config: Mapping[str, Any], name: str, trust_remote_code: bool) -> None:
+    if trust_remote_code or not needs_remote_code(config):
+        return
+    mapped = ", ".join(f"{k} -> {v}" for k, v in dict(config["auto_map"]).items())
+    raise MinitronError(
+        f"model '{name}' needs remote code (config.json auto_map: {mapped}; model_type "
+        f"{config.get('model_type')!r} is not one transformers knows); minitron runs no code from "
+        f"a model folder unless asked: pass --trust-remote-code (recipe: model.trust_remote_code: "
+        f"true) if you trust it")
+
+
+def _safetensors_problem(path: Path) -> tuple[str | None, set[str]]:
+    """What is wrong with a .safetensors file (None if nothing) and the tensor names it holds.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON header giving each
+    tensor's byte range in the data section, then the data section, exactly as long as the
+    largest range end. An interrupted copy fails the last check."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"is {size} bytes long: too short for a safetensors header", set()
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return (f"is truncated: its header says {n} header bytes follow, but the file holds "
+                        f"{size} bytes in all"), set()
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"cannot be read ({e.strerror})", set()
+    except ValueError:
+        return "has a corrupt header (not valid JSON): not a safetensors file, or damaged", set()
+    if not isinstance(header, dict):
+        return "has a corrupt header (no JSON object)", set()
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        data_end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "has a corrupt header (a tensor without data_offsets)", set()
+    expected = 8 + n + data_end
+    if size != expected:
+        return (f"is {'truncated' if size < expected else 'corrupt'}: its header describes "
+                f"{expected} bytes, the file holds {size} (an interrupted download or copy?)"), set()
+    from safetensors import safe_open
+
+    try:  # the library's own validation of the header (dtypes, shapes, contiguous ranges)
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:  # SafetensorError is not exported under a stable name
+        return f"is not a valid safetensors file ({e})", set()
+    return None, set(tensors)
+
+
+def _weight_files(folder: Path, name: str) -> list[tuple[Path, set[str] | None]]:
+    """The safetensors files of a model folder, with the tensors an index expects in each."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards: dict[str, set[str]] = {}
+            for tensor, shard in weight_map.items():
+                shards.setdefault(shard, set()).add(tensor)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise MinitronError(f"model '{name}': {index} is not a readable safetensors index "
+                                f"(a JSON object with a weight_map)") from None
+        return [(folder / shard, want) for shard, want in sorted(shards.items())]
+    if single.exists():
+        return [(single, None)]
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt"))
+    found = f"; it holds only {', '.join(pickles)} (pickle files, which minitron never loads)" \
+        if pickles else ""
+    raise MinitronError(f"model '{name}': no model.safetensors or model.safetensors.index.json "
+                        f"in {folder}{found}; give a folder written by save_pretrained "
+                        f"(safe_serialization)")
+
+
+def check_model_folder(folder: Path, name: str, trust_remote_code: bool = False,
+                       need_weights: bool = True) -> None:
+    """Refuse, before any work, a model folder that cannot load: config.json unreadable, remote
+    code not asked for, an unsupported architecture, a missing, truncated or corrupt weights file
+    (a sharded index is checked shard by shard). Reads headers only, never the weights.
+    `need_weights=False` (dry runs: a config alone plans a model) lets a folder without any
+    weights file pass; weights files that are there are still checked."""
+    config = _read_config(folder / "config.json", name)
+    _check_remote_code(config, name, trust_remote_code)
+    if not needs_remote_code(config):  # remote code's own classes are checked once loaded
+        try:
+            arch_of(SimpleNamespace(architectures=config.get("architectures"),
+                                    model_type=config.get("model_type")))
+        except MinitronError as e:
+            raise MinitronError(f"model '{name}': {e}") from None
+    for tokenizer_file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / tokenizer_file).exists():
+            try:
+                json.loads((folder / tokenizer_file).read_bytes())
+            except (OSError, ValueError) as e:
+                raise MinitronError(f"model '{name}': tokenizer file {folder / tokenizer_file} "
+                                    f"cannot be read as JSON ({e}); truncated or damaged?") from None
+    if not need_weights and not any((folder / f).exists() for f in (
+            "model.safetensors", "model.safetensors.index.json")):
+        return
+    for path, want in _weight_files(folder, name):
+        if not path.exists():
+            raise MinitronError(f"model '{name}': weights file {path} is missing (listed in "
+                                f"model.safetensors.index.json)")
+        problem, have = _safetensors_problem(path)
+        if problem:
+            raise MinitronError(f"model '{name}': weights file {path} {problem}")
+        if want is not None and want - have:
+            lost = sorted(want - have)
+            raise MinitronError(f"model '{name}': weights file {path} lacks {len(lost)} tensor(s) "
+                                f"that model.safetensors.index.json puts there (e.g. {lost[0]})")
+
+
+def load_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                need_weights: bool = True):
+    """The config of a model (local folder, hub id or the embedded name), after the checks of
+    `resolve_model`; an unsupported architecture is refused by name."""
+    where = resolve_model(name_or_path, trust_remote_code, need_weights)
+    return _config_at(where, str(name_or_path), trust_remote_code)
+
+
+def _config_at(where: str, name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    where = resolve_model(name_or_path)
     try:
+        # trust_remote_code is always given: None would make transformers ask on the terminal
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise MinitronError(f"could not load the config of model '{name_or_path}': {e}") from None
-    arch_of(config)
+        if where == name and not Path(where).expanduser().exists():
+            raise MinitronError(_both_readings(where, f"it could not be fetched ({e})")) from None
+        raise MinitronError(f"could not load the config of model '{name}': {e}") from None
+    try:
+        arch_of(config)
+    except MinitronError as e:
+        raise MinitronError(f"model '{name}': {e}") from None
     return config
 
 
@@ -317,8 +519,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = resolve_model(name_or_path)
-    config = load_config(where, trust_remote_code)
+    where = resolve_model(name_or_path, trust_remote_code)
+    config = _config_at(where, str(name_or_path), trust_remote_code)
     extra = {}
     attn = arch_of(config).attn_implementation(config)
     if attn is not None:
@@ -331,8 +533,7 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise MinitronError(f"could not load model '{name_or_path}': {e}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _default_pad_(tokenizer)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
@@ -340,3 +541,67 @@ def load_model(
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- tokenizers
+# Code, prose, digits, whitespace runs and non-ASCII: tokenizers that differ usually differ here.
+PROBE_TEXT = ("Hello, world! def f(x):\n    return x ** 2  # 3.14159, 2024-06-01\n"
+              "Déjà vu: naïve café, 数学, emoji 🙂 and  tabs\tend.")
+SPECIAL_TOKENS = ("bos", "eos", "pad", "unk")
+
+
+def _default_pad_(tokenizer) -> None:
+    """Batches need a pad token; a model without one pads with EOS (masked out anyway)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer of a model, without its weights (cheap: for checks before any work)."""
+    from transformers import AutoTokenizer
+
+    where = resolve_model(name_or_path, trust_remote_code, need_weights=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MinitronError(f"could not load the tokenizer of model '{name_or_path}': {e}") from None
+    _default_pad_(tokenizer)
+    return tokenizer
+
+
+def tokenizer_mismatch(a, b) -> str | None:
+    """How two tokenizers differ in what distillation and agreement need (None if they do not):
+    the vocabulary size, the ids of `PROBE_TEXT`, and the special tokens' ids."""
+    if len(a) != len(b):
+        return f"vocabulary sizes differ ({len(a)} vs {len(b)})"
+    ids_a = a(PROBE_TEXT, add_special_tokens=True)["input_ids"]
+    ids_b = b(PROBE_TEXT, add_special_tokens=True)["input_ids"]
+    if ids_a != ids_b:
+        at = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y),
+                  min(len(ids_a), len(ids_b)))
+        return (f"the probe text {PROBE_TEXT[:24]!r}... tokenizes differently (first difference "
+                f"at token {at}: {ids_a[at:at + 4]} vs {ids_b[at:at + 4]}; {len(ids_a)} vs "
+                f"{len(ids_b)} tokens)")
+    for kind in SPECIAL_TOKENS:
+        ta, tb = getattr(a, f"{kind}_token"), getattr(b, f"{kind}_token")
+        ia, ib = getattr(a, f"{kind}_token_id"), getattr(b, f"{kind}_token_id")
+        if (ta, ia) != (tb, ib):
+            return f"the {kind} tokens differ ({ta!r} id {ia} vs {tb!r} id {ib})"
+    return None
+
+
+def check_same_tokenizer(teacher: str | os.PathLike, student: str | os.PathLike,
+                         trust_remote_code: bool = False, why: str = "distillation") -> None:
+    """Refuse a teacher and student whose logits do not index the same tokens: the configs'
+    vocabulary sizes and the tokenizers (`tokenizer_mismatch`). Loads no weights."""
+    t_cfg = load_config(teacher, trust_remote_code)
+    s_cfg = load_config(student, trust_remote_code)
+    if t_cfg.vocab_size != s_cfg.vocab_size:
+        raise MinitronError(
+            f"the teacher '{teacher}' has a vocabulary of {t_cfg.vocab_size} entries, the student "
+            f"'{student}' {s_cfg.vocab_size}; {why} needs the same tokenizer")
+    problem = tokenizer_mismatch(load_tokenizer(teacher, trust_remote_code),
+                                 load_tokenizer(student, trust_remote_code))
+    if problem:
+        raise MinitronError(f"the tokenizers of teacher '{teacher}' and student '{student}' "
+                            f"differ: {problem}; {why} needs the same tokenizer")

@@ -35,7 +35,8 @@ class OrtLM(TemplateLM):
         if not (folder / name).is_file():
             raise MinitronError(f"model: no '{name}' in ONNX folder '{folder}'")
         self.model = load_ort(folder, name, provider)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        # trust_remote_code is always given: None would make transformers ask on the terminal
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         self.max_length = getattr(self.model.config, "max_position_embeddings", 2048)
 
     @property

@@ -19,24 +19,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minitron.config import TARGET_KEYS, DataConfig
-from minitron.common import (MinitronError, StageTimer, format_table, run_cli, write_json_atomic,
-                             write_text_atomic)
+from minitron.common import (DEBUG_FLAG, MinitronError, StageTimer, check_writable, format_table,
+                             run_cli, write_json_atomic, write_text_atomic)
 from minitron.models import load_config, param_count_from_config, resolve_model
 from minitron.recipe import Recipe, dump_recipe, fingerprint, load_recipe
 
 
 # ----------------------------------------------------------------------------- planning
-def source_config(recipe: Recipe):
+def source_config(recipe: Recipe, need_weights: bool = True):
     """The source model's config: from the recipe's shipped config.json when given (offline dry
-    runs of large models), else from the model itself."""
+    runs of large models), else from the model itself (whose weights a dry run does not need)."""
     if recipe.model.config is not None:
         from transformers import AutoConfig
 
         path = Path(recipe.model.config)
         if not path.is_file():
             raise MinitronError(f"model.config: '{path}' not found")
-        return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
-    return load_config(recipe.model.name)
+        return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path,
+                                          trust_remote_code=False)
+    return load_config(recipe.model.name, recipe.model.trust_remote_code, need_weights)
 
 
 def prune_target(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, Any]]]:
@@ -70,11 +71,19 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
     Returns the pruned shape (all HF config fields the pruner sets) and the budget candidates.
     """
     from minitron.config import check_search
+    from minitron.data import check_source
     from minitron.prune import plan
 
     shape, candidates = {}, []
     if recipe.prune.enabled:
         check_search(recipe.prune, recipe.search)
+    check_writable(recipe.run_dir, "the run folder (output_dir/name)")
+    tokenizer = None
+    if recipe.model.config is None:  # the model is on this machine: a prepared folder must match it
+        from minitron.models import load_tokenizer
+
+        tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code)
+    check_source(recipe.data.source, recipe.data.text_field, tokenizer, where="data.source")
     if recipe.evaluate.enabled and recipe.evaluate.tasks:
         from minitron.tasks import require_lm_eval
 
@@ -94,7 +103,7 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
 
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate, print the plan, shapes and parameter counts; touch no weights."""
-    config = source_config(recipe)
+    config = source_config(recipe, need_weights=False)
     source = {k: getattr(config, k) for k in TARGET_KEYS}
     before = param_count_from_config(config)
     plan_info: dict[str, Any] = {"stages": stage_names(recipe), "source_shape": source,
@@ -156,7 +165,8 @@ def _data_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.shards import prepare
 
     r = ctx.recipe
-    manifest = prepare(r.data.source, out / "shards", load_tokenizer(ctx.teacher),
+    manifest = prepare(r.data.source, out / "shards",
+                       load_tokenizer(ctx.teacher, r.model.trust_remote_code),
                        tokenizer_name=r.model.name, text_field=r.data.text_field,
                        seed=r.data.seed, block_size=r.data.block_size)
     timer.tokens = manifest["stats"]["tokens_tokenized"]
@@ -170,7 +180,8 @@ def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.prune import calibration_blocks, prune, save_pruned
 
     r = ctx.recipe
-    model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device)
+    model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device,
+                                  trust_remote_code=r.model.trust_remote_code)
     if r.search.candidates:
         return _searched_prune(ctx, out, timer, model, tokenizer)
     blocks = calibration_blocks(tokenizer, ctx.data, model.config)
@@ -221,7 +232,8 @@ def _export_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.export import export
 
     r = ctx.recipe
-    report = export(ctx.student, out / "onnx", r.export, ctx.data)  # float32: see export()
+    report = export(ctx.student, out / "onnx", r.export, ctx.data,  # float32: see export()
+                    trust_remote_code=r.model.trust_remote_code)
     return {"onnx_dir": str(out / "onnx"), "report": report}
 
 
@@ -290,7 +302,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-    ctx = Context(recipe, run_dir, resolve_model(recipe.model.name))
+    ctx = Context(recipe, run_dir, resolve_model(recipe.model.name, recipe.model.trust_remote_code))
     upstream = fingerprint(recipe.model)
     timings = []
     t_start = time.perf_counter()
@@ -337,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
+    p.add_argument(DEBUG_FLAG, action="store_true",
+                   help="print full tracebacks (of errors, and of failing torchrun ranks)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the plan, shapes and parameter counts; touch no weights")
     args = p.parse_args(argv)

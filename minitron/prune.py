@@ -22,6 +22,7 @@ import copy
 import itertools
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,14 +31,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from minitron.common import (MinitronError, StageTimer, atomic_dir, format_table, run_cli,
-                             write_json_atomic)
+from minitron.common import (MinitronError, StageTimer, atomic_dir, check_replaceable,
+                             check_writable, clean_stale, format_table, run_cli, write_json_atomic)
 from minitron.config import (DEPTH_MODES, TARGET_KEYS, DataConfig, DepthMode, DistillConfig,
                              ImportanceConfig, ModelConfig, PruneConfig, SearchConfig)
 from minitron.importance import Scores, compute_scores, describe, load_scores, save_scores
 from minitron.models import (ArchSpec, HeadLayout, arch_of, count_params, head_layout,
                              param_count_from_config, shape_problem)
 
+INFO_FILE = "minitron.json"  # the record of the pruning; its "files" list is what it wrote
 SCORES_FILE = "importance/scores.safetensors"  # inside the output folder (not globbed as weights)
 
 # Candidate grid for prune.target_params: the Minitron papers' width search prunes the hidden size
@@ -440,20 +442,24 @@ def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike,
         before = record.pop("parameters_before")
         params = {"before": before, **params, "ratio": round(after / before, 4)}
     record["parameters"] = params
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite=overwrite, manifest=INFO_FILE,
+                    what="pruned model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if scores is not None:
             save_scores(scores, tmp / SCORES_FILE)
             record["scores_file"] = SCORES_FILE
-        write_json_atomic(tmp / "minitron.json", record)
+        # What --overwrite may replace later: these files and nothing else (check_replaceable).
+        record["files"] = sorted([p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                                  if not p.is_dir()] + [INFO_FILE])
+        write_json_atomic(tmp / INFO_FILE, record)
     return Path(output_dir)
 
 
 # ----------------------------------------------------------------------------- CLI
 # The settings the command takes (minitron.cli): the source model is --model.
-CLI_KEYS = {"model": ("dtype", "device"),
+CLI_KEYS = {"model": ("dtype", "device", "trust_remote_code"),
             "data": ("source", "text_field", "block_size", "seed", "calibration_blocks"),
             "importance": None, "prune": None, "search": None,
             # the search's short distillations (the rest of the distill section keeps its defaults)
@@ -515,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     c = cli.configs(args)
     model_cfg, data, importance, settings = c["model"], c["data"], c["importance"], c["prune"]
     # ---- everything that can be refused is refused before any weights or data load
-    config = load_config(args.model)
+    trust = model_cfg.trust_remote_code
+    config = load_config(args.model, trust, need_weights=not args.dry_run)
     check_search(settings, c["search"])
     if c["search"].candidates:
         return _search_main(args, c, config)
@@ -529,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.output).exists() and not args.overwrite:
         raise MinitronError(f"--output {args.output} already exists; choose another folder or "
                             f"pass --overwrite")
+    check_writable(args.output, "--output")
+    if args.overwrite:
+        check_replaceable(args.output, INFO_FILE, "pruned model")
+    for leftover in clean_stale(args.output):
+        print(f"[minitron] removed {leftover.name}, left by an interrupted prune", file=sys.stderr)
     scores = load_scores(args.scores) if args.scores else None
     if scores is not None:
         scores.check_matches(config)
@@ -537,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{scores.config.aggregation_seq}, batch={scores.config.aggregation_batch})")
 
     with StageTimer("prune") as timer:
-        model, tokenizer = load_model(args.model, dtype=model_cfg.dtype, device=model_cfg.device)
+        model, tokenizer = load_model(args.model, dtype=model_cfg.dtype, device=model_cfg.device,
+                                      trust_remote_code=trust)
         calibration = None
         if scores is None:
             blocks = calibration_blocks(tokenizer, data, model.config)
@@ -580,9 +593,14 @@ def _search_main(args, c: dict[str, Any], config: Any) -> int:
     if Path(args.output).exists() and not args.overwrite:
         raise MinitronError(f"--output {args.output} already exists; choose another folder or "
                             f"pass --overwrite")
+    check_writable(args.output, "--output")
+    if args.overwrite:
+        check_replaceable(args.output, INFO_FILE, "pruned model")
     work = Path(args.search_dir or f"{args.output}.search")
+    check_writable(work, "--search-dir")
     with StageTimer("prune") as timer:
-        model, tokenizer = load_model(args.model, dtype=c["model"].dtype, device=c["model"].device)
+        model, tokenizer = load_model(args.model, dtype=c["model"].dtype, device=c["model"].device,
+                                      trust_remote_code=c["model"].trust_remote_code)
         inputs, scores, scores_info = search_inputs(model, tokenizer, args.model, c, work,
                                                     args.scores)
         found = search.search(work, inputs, shapes, budget, settings, c["distill"],
@@ -673,17 +691,19 @@ def save_searched(found: dict[str, Any], output: str | os.PathLike, scores: Scor
 
     from minitron.search import summary
 
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with atomic_dir(output, overwrite=overwrite, manifest=INFO_FILE, what="pruned model") as tmp:
         for f in Path(found["chosen"]["model_dir"]).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        record = json.loads((tmp / "minitron.json").read_text())
+        record = json.loads((tmp / INFO_FILE).read_text())
         record.update(info or {})
         record["search"] = summary(found)
         if scores is not None:
             save_scores(scores, tmp / SCORES_FILE)
             record["scores_file"] = SCORES_FILE
-        write_json_atomic(tmp / "minitron.json", record)
+        record["files"] = sorted([p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                                  if not p.is_dir() and p.name != INFO_FILE] + [INFO_FILE])
+        write_json_atomic(tmp / INFO_FILE, record)
     return Path(output)
 
 

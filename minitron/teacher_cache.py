@@ -47,7 +47,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from minitron.common import MinitronError, atomic_dir, run_cli, write_json_atomic
+from minitron.common import (LOCK_SUFFIX, MinitronError, atomic_dir, check_writable, remove_unheld,
+                             run_cli, write_json_atomic)
 from minitron.config import CacheConfig, DataConfig, ModelConfig
 
 FORMAT = 1
@@ -68,7 +68,8 @@ CHUNK_TOKENS = 1024
 # a different or fine-tuned checkpoint changes them, and an 8B teacher is not read in full.
 HASH_SAMPLES = 64
 _MIB = 1 << 20
-CLI_KEYS = {"teacher_cache": None, "model": ("dtype", "device"), "data": ("source", "text_field")}
+CLI_KEYS = {"teacher_cache": None, "model": ("dtype", "device", "trust_remote_code"),
+            "data": ("source", "text_field")}
 
 
 # ----------------------------------------------------------------------------- identities
@@ -78,7 +79,8 @@ def teacher_hash(name_or_path: str | os.PathLike) -> str:
     name."""
     from minitron.models import resolve_model
 
-    where = Path(resolve_model(name_or_path))
+    # Hashing reads files and runs none of their code; the stage's own load decides on remote code.
+    where = Path(resolve_model(name_or_path, trust_remote_code=True, need_weights=False))
     h = hashlib.sha1()
     if not where.is_dir():
         h.update(f"hub:{where}".encode())
@@ -370,22 +372,23 @@ def _begin(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
                             f"new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".tmp-shard-*"):  # left by a build that was killed mid-shard
-        shutil.rmtree(stale, ignore_errors=True)
+        if not stale.name.endswith(LOCK_SUFFIX):
+            remove_unheld(stale)  # with its lock file (atomic_dir's), unless a live build holds it
     write_json_atomic(out / PLAN, plan)
     return None
 
 
-def _load_data(teacher_name: str, data: DataConfig, config: CacheConfig):
+def _load_data(teacher_name: str, data: DataConfig, config: CacheConfig, trust: bool = False):
     """The teacher's config and the blocks to cache (its tokenizer, no weights yet: a finished
     cache is recognized without loading the model)."""
     from minitron.data import load_tokenizer, open_blocks
     from minitron.models import load_config
 
-    t_cfg = load_config(teacher_name)
+    t_cfg = load_config(teacher_name, trust)
     if config.k > t_cfg.vocab_size:
         raise MinitronError(f"teacher_cache.k={config.k} is larger than the teacher's vocabulary "
                             f"({t_cfg.vocab_size}); valid: 1 <= k <= {t_cfg.vocab_size}")
-    blocks = open_blocks(load_tokenizer(teacher_name), config.split,
+    blocks = open_blocks(load_tokenizer(teacher_name, trust), config.split,
                          max(1, config.tokens // config.block_size), source=data.source,
                          block_size=config.block_size, seed=config.seed,
                          text_field=data.text_field, max_positions=t_cfg.max_position_embeddings)
@@ -402,7 +405,8 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
 
     config, data, model = config or CacheConfig(), data or DataConfig(), model or ModelConfig()
     out = Path(output).expanduser()
-    t_cfg, blocks = _load_data(str(teacher_name), data, config)
+    check_writable(out, "--output")
+    t_cfg, blocks = _load_data(str(teacher_name), data, config, model.trust_remote_code)
     n = len(blocks)
     shard_blocks = max(1, config.shard_tokens // config.block_size)
     identity = data_identity(blocks, config.split)
@@ -416,8 +420,8 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
         return done
     from minitron.models import default_device, load_model
 
-    teacher = load_model(teacher_name, dtype=model.dtype,
-                         device=model.device or default_device())[0].eval()
+    teacher = load_model(teacher_name, dtype=model.dtype, device=model.device or default_device(),
+                         trust_remote_code=model.trust_remote_code)[0].eval()
     spans = [(i, lo, min(lo + shard_blocks, n)) for i, lo in enumerate(range(0, n, shard_blocks))]
     todo = [s for s in spans if not (out / f"shard-{s[0]:05d}").is_dir()]
     reused = sum(hi - lo for i, lo, hi in spans if (i, lo, hi) not in todo) * config.block_size

@@ -140,4 +140,4 @@ def load_gguf(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                dtype=torch.float32).eval()
+                                                dtype=torch.float32, trust_remote_code=False).eval()

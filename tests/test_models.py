@@ -84,7 +84,8 @@ def test_unsupported_folder_is_refused_before_weights_load(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error():
-    with pytest.raises(MinitronError, match="could not load the config of model 'nobody/nothing'"):
+    with pytest.raises(MinitronError, match="model 'nobody/nothing' not found: as a path.*as a hub "
+                                            "id, it is not in the local Hugging Face cache"):
         load_model("nobody/nothing")
 
 

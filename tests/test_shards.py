@@ -117,7 +117,7 @@ def test_prepare_cli(tmp_path):
     assert "tokens/s" in ok.stdout and (tmp_path / "out" / MANIFEST).exists()
     bad = subprocess.run(run + ["--output", str(tmp_path / "o2"), "--eval-fraction", "1.5"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "eval_fraction=1.5 is invalid" in bad.stderr
+    assert bad.returncode == 2 and "--eval-fraction 1.5 is invalid" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
