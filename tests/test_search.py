@@ -155,9 +155,10 @@ def test_rerun_skips_finished_candidates_and_resumes_an_interrupted_one(tmp_path
 
     def counting(*args, **kwargs):
         calls.append(Path(args[5]).parent.name)
-        if interrupt and len(calls) == 2:  # the second candidate stops after its first step
-            def stop(step):
-                raise Interrupted(step)
+        if interrupt and len(calls) == 2:  # the second candidate stops after its last step, before
+            def stop(step):  # its result is written (a checkpoint waits for the next step's checks)
+                if step == 2:
+                    raise Interrupted(step)
             kwargs["on_step"] = stop
         return real(*args, **kwargs)
 
@@ -167,7 +168,8 @@ def test_rerun_skips_finished_candidates_and_resumes_an_interrupted_one(tmp_path
         run_search(tmp_path, teacher, inputs, candidates=2)
     first, second = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert (first / RESULT).exists() and not (second / RESULT).exists()
-    assert (second / "distill" / "checkpoint").exists()
+    saved = json.loads((second / "distill" / "checkpoint" / "state.json").read_text())["step"]
+    assert saved >= 1
     stamp = (first / RESULT).stat().st_mtime_ns
 
     interrupt, calls[:] = False, []
@@ -176,7 +178,7 @@ def test_rerun_skips_finished_candidates_and_resumes_an_interrupted_one(tmp_path
     out = capsys.readouterr().out
     assert calls == [second.name]  # the finished candidate was not distilled again
     assert (first / RESULT).stat().st_mtime_ns == stamp
-    assert "resuming from step 1/2" in out and "zero-shot scores of 3 shapes: reused" in out
+    assert f"resuming from step {saved}/2" in out and "zero-shot scores of 3 shapes: reused" in out
     assert len(record["ranking"]) == 2 and (second / RESULT).exists()
 
     calls[:] = []
