@@ -171,3 +171,53 @@ def test_unchecked_bad_label_is_never_read_through():
     rows = softmax_kl(hs @ ws.T, ht @ wt.T, labels=labels, ce_weight=1.0, reduction="none",
                       backend="triton", check_labels=False)
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3]]).all()
+
+
+# ----------------------------------------------------------------------------- cached teacher
+def sparse_reference(hs, ws, ht, wt, labels, k):
+    """float64 sparse KL written out from its definition (kept tokens exact, the rest one bucket)
+    plus 0.5 x CE, on the exact inputs; returns the cache's targets too."""
+    t_logp = torch.log_softmax(ht.double() @ wt.double().T, dim=-1)
+    top_logp, top_idx = t_logp.topk(k, dim=-1)
+    log_tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1 - 1e-12))
+    hs64, ws64 = hs.double().requires_grad_(True), ws.double().requires_grad_(True)
+    log_q = torch.log_softmax(hs64 @ ws64.T, dim=-1)
+    lq_k = log_q.gather(1, top_idx)
+    lq_tail = torch.log1p(-lq_k.exp().sum(-1))
+    p, pt = top_logp.exp(), log_tail.exp()
+    rows = (p * (top_logp - lq_k)).sum(-1) + pt * (log_tail - lq_tail)
+    keep = labels != -100
+    ce = -log_q.gather(1, torch.where(keep, labels, 0)[:, None]).squeeze(1) * keep
+    loss = (rows + 0.5 * ce).mean()
+    loss.backward()
+    targets = (top_logp.to(torch.float16), top_idx.to(torch.int32), log_tail.float())
+    return loss.detach(), hs64.grad, ws64.grad, targets
+
+
+@pytest.mark.parametrize("form", ["logits", "fused_linear"])
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_sparse_kl_from_a_teacher_cache_under_autocast(form, weights):
+    # Distilling from a cache under the bf16 policy: bf16 student logits (or bf16 chunk matmuls in
+    # the hidden-state form) against fp16 cached log-probs, fp32 loss math, gradients in the
+    # parameters' dtype and within bf16 rounding of the float64 definition.
+    from minitron.kernels import fused_linear_sparse_kl, sparse_kl
+
+    hs, ws, ht, wt, labels = make(seed=5)
+    ref_loss, ref_gh, ref_gw, (top_logp, top_idx, log_tail) = sparse_reference(
+        hs, ws, ht, wt, labels, k=64)
+    hs_, ws_ = hs.clone().requires_grad_(True), ws.to(weights).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if form == "logits":
+            s_logits = hs_ @ ws_.T
+            assert s_logits.dtype == torch.bfloat16
+            loss = sparse_kl(s_logits, top_logp, top_idx, log_tail, labels=labels, ce_weight=0.5)
+        else:
+            loss = fused_linear_sparse_kl(hs_, ws_, top_logp, top_idx, log_tail, labels=labels,
+                                          ce_weight=0.5, chunk_size=7)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert ws_.grad.dtype == weights and hs_.grad.dtype == torch.float32
+    # fp16 storage of the cached log-probs adds ~2^-11 relative on top of the bf16 logits.
+    assert abs(loss.item() - ref_loss.item()) <= BF16_LOSS_RTOL * ref_loss.item()
+    assert rel_err(hs_.grad, ref_gh) < BF16_GRAD_RTOL
+    assert rel_err(ws_.grad, ref_gw) < BF16_GRAD_RTOL
