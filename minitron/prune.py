@@ -531,14 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(_shape_rows(config, fields)))
     if args.dry_run:
         return 0
-    if not args.output:
-        raise MinitronError("--output DIR is required (or use --dry-run)")
-    if Path(args.output).exists() and not args.overwrite:
-        raise MinitronError(f"--output {args.output} already exists; choose another folder or "
-                            f"pass --overwrite")
-    check_writable(args.output, "--output")
-    if args.overwrite:
-        check_replaceable(args.output, INFO_FILE, "pruned model")
+    _check_output(args)
     for leftover in clean_stale(args.output):
         print(f"[minitron] removed {leftover.name}, left by an interrupted prune", file=sys.stderr)
     scores = load_scores(args.scores) if args.scores else None
@@ -577,6 +570,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_output(args) -> None:
+    """--output must be given, and new, or (with --overwrite) a pruned model holding only its own
+    files; it must be writable. Checked before any work."""
+    if not args.output:
+        raise MinitronError("--output DIR is required (or use --dry-run)")
+    if Path(args.output).exists() and not args.overwrite:
+        raise MinitronError(f"--output {args.output} already exists; choose another folder or "
+                            f"pass --overwrite")
+    check_writable(args.output, "--output")
+    if args.overwrite:
+        check_replaceable(args.output, INFO_FILE, "pruned model")
+
+
 def _search_main(args, c: dict[str, Any], config: Any) -> int:
     """`--search K`: enumerate, score, distill the K best briefly, keep the best as --output."""
     from minitron import search
@@ -588,14 +594,7 @@ def _search_main(args, c: dict[str, Any], config: Any) -> int:
     print(format_table(shapes))
     if args.dry_run:
         return 0
-    if not args.output:
-        raise MinitronError("--output DIR is required (or use --dry-run)")
-    if Path(args.output).exists() and not args.overwrite:
-        raise MinitronError(f"--output {args.output} already exists; choose another folder or "
-                            f"pass --overwrite")
-    check_writable(args.output, "--output")
-    if args.overwrite:
-        check_replaceable(args.output, INFO_FILE, "pruned model")
+    _check_output(args)
     work = Path(args.search_dir or f"{args.output}.search")
     check_writable(work, "--search-dir")
     with StageTimer("prune") as timer:
