@@ -280,7 +280,7 @@ def test_no_import_cycle_anywhere():
     import ast
 
     graph = {}
-    for path in [*(ROOT / "minitron").glob("*.py"), *(ROOT / "kernels").glob("*.py")]:
+    for path in [*(ROOT / "minitron").glob("*.py"), *(ROOT / "minitron" / "kernels").glob("*.py")]:
         package = "minitron" if path.parent.name == "minitron" else "minitron.kernels"
         name = package if path.stem == "__init__" else f"{package}.{path.stem}"
         deps = set()

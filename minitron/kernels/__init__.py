@@ -4,12 +4,6 @@ and the sparse KL against a cached teacher's top-k (pure torch).
     from minitron.kernels import softmax_kl, fused_linear_softmax_kl, sparse_kl
 """
 
-if __name__ != "minitron.kernels":
-    # Python started in the repository root finds this folder as a top-level `kernels`, a name that
-    # belongs to Hugging Face's `kernels` package, which bitsandbytes and others probe with
-    # `from kernels import ...`. Fail like an absent package instead of importing minitron there.
-    raise ImportError("this folder is minitron.kernels, not the `kernels` package")
-
 from minitron.kernels.fused_linear import FusedLinearSoftmaxKL, fused_linear_softmax_kl
 from minitron.kernels.reference import token_losses
 from minitron.kernels.softmax_kl import SoftmaxKL, softmax_kl
