@@ -5,11 +5,13 @@
  [export.accuracy_level=auto|0..4] [export.gguf=none|f16|q8_0|all] [export.compare=true]
  [export.bnb=true]` (`--help` lists every setting)
 
-The folder loads and generates with ONNX Runtime and optimum alone:
-`ORTModelForCausalLM.from_pretrained(DIR).generate(...)` picks up `model.onnx` (the quantized model
-unless `int8=none`) with the config, generation config and tokenizer beside it. Every shape the
-pruner makes serves, including hidden_size != heads x head_dim (see `onnx_config`). `report.json` /
-`report.md` hold the measurements, `manifest.json` the source, settings and versions.
+The folder is an ONNX Runtime GenAI model folder: `onnxruntime_genai.Model(DIR)` generates and
+streams from `model.onnx` (the quantized model unless `int8=none`) with `genai_config.json` and the
+tokenizer beside it; a plain `onnxruntime.InferenceSession` runs the same graph (lm-eval's
+`onnxruntime` model scores tasks on it). The graph is traced from the model's transformers forward
+by PyTorch's exporter (`minitron.onnx_graph`), so every family and every shape the pruner makes
+serves, including hidden_size != heads x head_dim. `report.json` / `report.md` hold the
+measurements, `manifest.json` the source, settings and versions.
 
 Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and the embedding):
 - `blockwise` INT8 (default): MatMulNBits with 8-bit weights in blocks of 128 input channels (fewer
@@ -31,7 +33,8 @@ whatever the model's context. It fails the export (nothing is written) when the 
 logits differ from PyTorch's by more than `atol`, its top-1 agreement is below `fp32_min_top1`, or
 its greedy continuation of a held-out prompt differs by a token; or when no deployment candidate's
 perplexity is within `ppl_budget` (relative) of FP32's with top-1 agreement at least
-`int8_min_top1` (the same gates for INT4 and GGUF).
+`int8_min_top1` (the same gates for INT4 and GGUF); or when ONNX Runtime GenAI, run on the finished
+folder, does not generate the tokens plain ONNX Runtime generates from the deployed graph.
 """
 
 from __future__ import annotations
@@ -42,10 +45,7 @@ import logging
 import math
 import os
 import platform
-import statistics
 import sys
-import time
-import warnings
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -65,15 +65,15 @@ from minitron.cpu import Int8Settings, describe_cpu, int8_settings, int8_target
 from minitron.data import load_blocks
 from minitron.measure import speed as torch_speed
 from minitron.measure import weights_size_mb
-from minitron.models import (arch_of, count_params, head_layout, load_config, load_model,
-                             resolve_model)
+from minitron.models import arch_of, count_params, load_config, load_model, resolve_model
+from minitron.onnx_graph import export_graph, write_genai_config
+from minitron.onnx_lm import OnnxLM, genai_generate, until_eos
 
 MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes validate on 512
 MANIFEST_KIND = "minitron-export"
 MANIFEST = "manifest.json"  # lists every file the export wrote: only those may be replaced
-DEPLOY_FILE = "model.onnx"  # the name ORTModelForCausalLM looks for first
-FP32_FILE = "model_fp32.onnx"  # a distinct name, so from_pretrained(folder) never picks it by accident
-TASK = "text-generation-with-past"
+DEPLOY_FILE = "model.onnx"  # the graph genai_config.json names
+FP32_FILE = "model_fp32.onnx"  # kept beside it with export.keep_fp32
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
 _DIFF_MAX_LOGITS = 2**26  # ... but at most 256 MB of them (a 128k vocabulary keeps one 512-token block)
 REPORT_COLUMNS = ["model", "size_mb", "x_smaller", "perplexity", "ppl_change_pct", "top1_vs_fp32",
@@ -136,75 +136,12 @@ def variants_to_measure(settings: ExportConfig) -> list[QuantVariant]:
 
 
 # ----------------------------------------------------------------------------- checks before work
-def onnx_config(model) -> Any:
-    """optimum's own ONNX config for this model type, extended so that every pruned shape serves.
-
-    optimum-onnx 0.1 exports the KV cache with the true geometry, but ORTModelForCausalLM builds
-    the *empty* cache of the first step from the config by model type (the family's
-    `ort_head_dim` / `ort_kv_heads` in minitron.models): Llama, Mistral, Qwen2/3, Gemma 2 and Phi-3
-    size a head as hidden_size // num_attention_heads, ignoring config.head_dim, and Gemma 2 and
-    Phi-3 take num_attention_heads as the number of KV heads. For a model pruned in width but not
-    in heads (Llama-3.1-Minitron-4B-Width: 3072 = 32 x 96, heads of 128) that tensor is
-    [b, kv, 0, 96] where the graph declares [b, kv, past, 128], and ONNX Runtime refuses it. Naming
-    those axes of the cache (dynamic axes) lets the graph accept that empty tensor; an empty past
-    contributes nothing to the Concat that extends the cache, so the result is exact. Only the
-    shapes that need it get the dynamic axes; the others keep optimum's config. Passed to the
-    exporter as `custom_onnx_configs`, optimum's extension point for this.
-    """
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
-    from optimum.exporters.tasks import TasksManager
-
-    constructor = TasksManager.get_exporter_config_constructor(
-        "onnx", model=model, task=TASK, library_name="transformers")
-    base = constructor.func if hasattr(constructor, "func") else constructor
-    kwargs = {**getattr(constructor, "keywords", {}), "use_past": True, "use_past_in_inputs": True}
-    named = ort_cache_axes(model.config)
-    if not named:
-        return base(model.config, **kwargs)
-
-    class NamedCacheAxesOnnxConfig(base):
-        def add_past_key_values(self, inputs_or_outputs, direction):
-            super().add_past_key_values(inputs_or_outputs, direction)
-            for name, axes in inputs_or_outputs.items():
-                if name.startswith(("past_key_values.", "present.")):
-                    axes.update(named)
-
-    return NamedCacheAxesOnnxConfig(model.config, **kwargs)
-
-
-def ort_cache_axes(config: Any) -> dict[int, str]:
-    """The cache axes ORTModelForCausalLM would size wrongly for this shape (see onnx_config)."""
-    spec, hl = arch_of(config), head_layout(config)
-    axes = {}
-    if spec.ort_kv_heads == "heads" and hl.num_kv_heads != hl.num_heads:
-        axes[1] = "num_key_value_heads"
-    if spec.ort_head_dim == "hidden" and config.hidden_size // hl.num_heads != hl.head_dim:
-        axes[3] = "head_dim"
-    return axes
-
-
-def needs_named_head_axis(config: Any) -> bool:
-    """Whether ORTModelForCausalLM sizes this shape's empty cache differently from the graph."""
-    return bool(ort_cache_axes(config))
-
-
 def check_model(model: str | os.PathLike, trust_remote_code: bool = False):
-    """The model's local folder (or hub id) and config; refuses non-causal-LM and unsupported ones
-    (and, through `load_config`, broken weights files and remote code not asked for)."""
+    """The model's local folder (or hub id) and config; refuses non-causal-LM and unsupported
+    families by name (and, through `load_config`, broken weights files and remote code not asked for)."""
     config = load_config(model, trust_remote_code)
-    where = resolve_model(model, trust_remote_code)
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers them with TasksManager)
-    from optimum.exporters.tasks import TasksManager
-
-    try:
-        tasks = TasksManager.get_supported_tasks_for_model_type(config.model_type, "onnx",
-                                                                library_name="transformers")
-    except KeyError:
-        tasks = {}
-    if TASK not in tasks:
-        raise MinitronError(f"optimum's ONNX exporter has no '{TASK}' for model type "
-                            f"'{config.model_type}'; supported: {', '.join(tasks)}")
-    return where, config
+    arch_of(config)
+    return resolve_model(model, trust_remote_code), config
 
 
 def check_output(output: str | os.PathLike) -> Path:
@@ -247,7 +184,7 @@ def uses_external_data(path: Path) -> bool:
 
 
 def rename_onnx(src: Path, dst: Path) -> None:
-    """Rename an ONNX model and its external data (to `<dst name>_data`, optimum's convention)."""
+    """Rename an ONNX model and its external data (to `<dst name>_data`)."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors
     from onnx.external_data_helper import uses_external_data as tensor_external
@@ -280,9 +217,10 @@ def remove_onnx(path: Path) -> None:
 def fold_initializer_transposes(src: Path, dst: Path) -> list[str]:
     """Copy of `src` where each Transpose of a weight becomes a transposed weight.
 
-    optimum's exporter keeps one copy of tied embeddings and feeds the LM head through a run-time
+    An exporter may keep one copy of tied embeddings and feed the LM head through a run-time
     Transpose; the quantizers only quantize MatMuls whose weight is an initializer, so without this
-    the LM head (a quarter of SmolLM2's weights) would stay FP32.
+    the LM head (a quarter of SmolLM2's weights) would stay FP32. (torch's exporter folds those
+    transposes itself; this keeps any graph it is given quantizable.)
     """
     import numpy as np
     import onnx
@@ -544,9 +482,13 @@ def score(forward: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
 
 
 def _generate(model, prompt: torch.Tensor, new_tokens: int, pad_id: int | None) -> list[int]:
+    """PyTorch's greedy continuation, up to and including its first EOS (where ONNX Runtime GenAI
+    and `OnnxLM.generate` stop too)."""
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                          do_sample=False, num_beams=1, pad_token_id=pad_id)
-    return out[0, prompt.size(1):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return until_eos(out[0, prompt.size(1):].tolist(), eos)
 
 
 def greedy_match(tokens: list[int], reference: list[int]) -> int:
@@ -559,47 +501,6 @@ def greedy_match(tokens: list[int], reference: list[int]) -> int:
     return n
 
 
-@torch.no_grad()
-def ort_speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
-              vocab_size: int | None = None) -> dict[str, float]:
-    """`minitron.measure.speed` for an ORTModelForCausalLM: same prompt, same protocol, medians."""
-    vocab = vocab_size or model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(model.device)
-    prefill, decode = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
-        prefill.append(time.perf_counter() - t0)
-        cache, token, length = out.past_key_values, out.logits[:, -1:].argmax(-1), prompt_len
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            length += 1
-            mask = torch.ones(1, length, dtype=torch.long, device=model.device)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        decode.append((time.perf_counter() - t0) / new_tokens)
-    return {"prefill_tokens_per_s": prompt_len / statistics.median(prefill),
-            "decode_ms_per_token": 1000 * statistics.median(decode)}
-
-
-IO_BINDING_NOTE = ("on CUDA pass use_io_binding=False: optimum-onnx 0.1 pre-sizes bound cache outputs "
-                   "from hidden_size // heads and num_attention_heads, not this model's cache geometry")
-
-
-def load_ort(folder: Path, file_name: str, provider: str = "CPUExecutionProvider"):
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoConfig
-
-    # I/O binding (optimum's default on CUDA) allocates the cache outputs with the hidden // heads
-    # size, which the named head axis cannot fix; without it ORT sizes the outputs itself.
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never ask on a terminal
-    binding = None if not needs_named_head_axis(config) else False
-    return ORTModelForCausalLM.from_pretrained(folder, file_name=file_name, use_cache=True,
-                                               provider=provider, local_files_only=True,
-                                               use_io_binding=binding, trust_remote_code=False)
-
-
 def _cuda_ort_available() -> bool:
     import onnxruntime as ort
 
@@ -607,18 +508,19 @@ def _cuda_ort_available() -> bool:
 
 
 def measure_onnx(folder: Path, file_name: str, blocks: torch.Tensor, ref: Reference,
-                 prompt: torch.Tensor, settings: ExportConfig, pad_id: int | None) -> dict[str, Any]:
-    model = load_ort(folder, file_name)
-    row, _ = score(lambda b: model(input_ids=b, attention_mask=torch.ones_like(b),
-                                   use_cache=False).logits, blocks, ref)
-    tokens = _generate(model, prompt, settings.gen_tokens, pad_id)
+                 prompt: torch.Tensor, settings: ExportConfig) -> dict[str, Any]:
+    """A graph of the folder through plain ONNX Runtime: the same scores, generation and speed
+    protocol as the PyTorch row."""
+    model = OnnxLM(folder, file_name)
+    row, _ = score(model.logits, blocks, ref)
+    tokens = model.generate(prompt, settings.gen_tokens)
     row["greedy_match"] = greedy_match(tokens, ref.generation)
     row["greedy_tokens"] = tokens
     row["size_mb"] = onnx_size_mb(folder / file_name)
     if settings.speed:
-        row.update(ort_speed(model))
+        row.update(model.speed())
         if _cuda_ort_available():
-            gpu = ort_speed(load_ort(folder, file_name, "CUDAExecutionProvider"))
+            gpu = OnnxLM(folder, file_name, "CUDAExecutionProvider").speed()
             row.update({f"cuda_{k}": v for k, v in gpu.items()})
     return row
 
@@ -679,8 +581,8 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("minitron", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
-                "onnxruntime-gpu", "bitsandbytes"):
+    for pkg in ("minitron", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
+                "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "bitsandbytes"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
@@ -724,8 +626,9 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render_report(report: dict[str, Any]) -> str:
     lines = [f"# Export report: {report['source']['model']}", "",
-             f"Deployed: `{DEPLOY_FILE}` = {report['deployed']}. Load it with "
-             "`ORTModelForCausalLM.from_pretrained(<this folder>)`.", "",
+             f"Deployed: `{DEPLOY_FILE}` = {report['deployed']}. Generate with "
+             "`onnxruntime_genai.Model(<this folder>)` (it reads `genai_config.json`); "
+             "a plain `onnxruntime.InferenceSession` runs the same graph.", "",
              f"Held-out data: {report['eval']}. Perplexity change, top-1 agreement and the speed-ups "
              "are relative to PyTorch FP32; max_logit_diff is over the first "
              f"{_DIFF_BLOCKS} blocks (fewer where their logits pass 256 MB); greedy_match counts "
@@ -791,8 +694,8 @@ def load_job(model, where: str, config, settings: ExportConfig, data: DataConfig
              trust_remote_code: bool = False) -> Job:
     """Load the PyTorch model and the bounded validation (and calibration) blocks.
 
-    The model loads in float32 whatever the recipe's model.dtype: the ONNX graph and ORT's
-    quantizers take float32 (optimum-onnx 0.1 fails to export a bfloat16 Llama on CPU)."""
+    The model loads in float32 whatever the recipe's model.dtype: the graph is traced in float32,
+    ONNX Runtime's quantizers take float32 weights, and on a CPU ORT runs float32 fastest."""
     n_blocks, length = eval_shape(settings, data)
     pt_model, tokenizer = load_model(where, dtype="float32", trust_remote_code=trust_remote_code)
     read = dict(source=data.source, block_size=length, text_field=data.text_field,
@@ -823,19 +726,17 @@ def measure_pytorch(job: Job) -> dict[str, Any]:
 
 
 def export_fp32(job: Job, tmp: Path, file_name: str) -> dict[str, Any]:
-    """optimum's export of the graph with a KV cache, validated against PyTorch (raises if off)."""
-    with job.timed("onnx_export"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from optimum.exporters.onnx import onnx_export_from_model
-
-        onnx_export_from_model(job.pt_model, tmp, task=TASK, do_validation=False,
-                               custom_onnx_configs={"model": onnx_config(job.pt_model)})
-        if not (tmp / "tokenizer_config.json").exists():
-            job.tokenizer.save_pretrained(tmp)
-    if file_name != DEPLOY_FILE:
-        rename_onnx(tmp / DEPLOY_FILE, tmp / file_name)
+    """The graph with a KV cache (torch's exporter), the files a runtime needs beside it, and its
+    validation against PyTorch (raises if off)."""
+    with job.timed("onnx_export"):
+        export_graph(job.pt_model, tmp / file_name)
+        job.pt_model.config.save_pretrained(tmp)
+        job.pt_model.generation_config.save_pretrained(tmp)
+        job.tokenizer.save_pretrained(tmp)
+        write_genai_config(tmp, job.pt_model.config, job.tokenizer, DEPLOY_FILE,
+                           job.pt_model.generation_config)
     with job.timed("validate_fp32"):
-        row = measure_onnx(tmp, file_name, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
+        row = measure_onnx(tmp, file_name, job.blocks, job.ref, job.prompt, job.settings)
     problems = check_fp32(row, job.settings, len(job.ref.generation))
     if problems:
         raise MinitronError("the FP32 ONNX export does not match PyTorch: " + "; ".join(problems))
@@ -854,7 +755,7 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
     for v in variants:
         with job.timed(v.name.replace("-", "_")):
             quantize(folded, tmp / v.file, v, job.calib, cpu)
-            row = measure_onnx(tmp, v.file, job.blocks, job.ref, job.prompt, job.settings, job.pad_id)
+            row = measure_onnx(tmp, v.file, job.blocks, job.ref, job.prompt, job.settings)
         problems = check_quantized(row, fp32_ppl, job.settings)
         rows.append({"model": f"onnx-{v.name}", "variant": v, "within_budget": not problems,
                      "problems": problems, **row})
@@ -899,6 +800,17 @@ def keep_deployed(tmp: Path, rows: list[dict[str, Any]], deploy: QuantVariant | 
         rename_onnx(tmp / deploy.file, tmp / DEPLOY_FILE)
         if not keep_fp32:
             remove_onnx(tmp / fp32_file)
+
+
+def check_genai(job: Job, folder: Path, deployed: dict[str, Any]) -> None:
+    """The finished folder in its deployment runtime: ONNX Runtime GenAI must generate, from the
+    held-out prompt, the tokens plain ONNX Runtime generated from the same graph (`genai_config.json`
+    describes the graph's interface; a wrong field shows here, not in a user's first run)."""
+    tokens = genai_generate(folder, job.prompt[0].tolist(), job.settings.gen_tokens)
+    deployed["genai_tokens"] = tokens
+    if tokens != deployed["greedy_tokens"]:
+        raise MinitronError(f"ONNX Runtime GenAI generates {tokens} from the deployed graph where plain "
+                            f"ONNX Runtime generates {deployed['greedy_tokens']}")
 
 
 def measure_bnb(job: Job) -> list[dict[str, Any]]:
@@ -957,6 +869,7 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
                    "parameters": count_params(job.pt_model)},
         "deployed": deployed,
         "eval": f"{len(job.blocks)}x{job.blocks.shape[1]} tokens of the '{job.data.source}' eval split",
+        "prompt_tokens": job.prompt[0].tolist(),  # greedy_tokens / genai_tokens continue this
         "settings": _record(job),
         "int8_cpu": cpu.as_dict(),
         "rows": rows,
@@ -974,8 +887,8 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
         "source": {**report["source"],
                    "minitron": json.loads(source_info.read_text()) if source_info.exists() else None},
         "deployed": {"file": DEPLOY_FILE, "precision": deployed,
-                     "loader": "optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)",
-                     **({"note": IO_BINDING_NOTE} if needs_named_head_axis(job.config) else {})},
+                     "loader": "onnxruntime_genai.Model(folder)",
+                     "runtime_check": "onnxruntime-genai generated the deployed row's greedy tokens"},
         "files": sorted([p.name for p in tmp.iterdir()] + ["report.json", "report.md", MANIFEST]),
         "settings": _record(job),
         "int8_cpu": report["int8_cpu"],
@@ -1021,6 +934,8 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
         deploy = choose_deployed(quantized, candidates)
         keep_deployed(tmp, quantized, deploy, fp32_file, settings.keep_fp32)
         rows += quantized
+        with job.timed("genai_check"):
+            check_genai(job, tmp, next(r for r in rows if r.get("deployed")))
         if settings.gguf != "none":
             rows += export_gguf(job, tmp)
         if settings.bnb:

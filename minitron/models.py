@@ -261,6 +261,13 @@ def embedded_model_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=_EMBEDDED_GGUF)
     model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=_EMBEDDED_GGUF,
                                                  dtype=torch.float32)
+    # transformers 5 loads a GGUF through its "gguf" quantizer, which dequantizes every weight into
+    # a plain float32 tensor but stays attached and refuses save_pretrained; nothing is quantized.
+    if getattr(model, "hf_quantizer", None) is not None:
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.is_quantized = False
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

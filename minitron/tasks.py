@@ -1,8 +1,9 @@
 """Downstream task accuracy through EleutherAI's lm-evaluation-harness (the `minitron[tasks]` extra).
 
 A PyTorch model is scored where it already sits (lm-eval's HFLM takes a model instance: no second
-load, any dtype and device); an exported ONNX folder is scored through `OrtLM`, a small lm-eval
-model over ONNX Runtime. The task `minitron_words_and_code` ships in `task_data/` and runs offline;
+load, any dtype and device); an exported ONNX folder is scored by lm-eval's own `onnxruntime` model
+(a plain ONNX Runtime session over a folder described by genai_config.json, which our export
+writes). The task `minitron_words_and_code` ships in `task_data/` and runs offline;
 any lm-eval task name (hellaswag, arc_easy, ...) works for users with a network.
 """
 
@@ -112,16 +113,21 @@ def is_onnx_folder(path: str | os.PathLike) -> bool:
 
 
 def ort_lm(folder: str | os.PathLike, file_name: str | None = None):
-    """An lm-eval model over ONNX Runtime for an optimum export folder.
+    """lm-eval's `onnxruntime` model over an exported folder (its deployed graph, or `file_name`).
 
-    lm-eval ships an `onnxruntime` model of its own, but it reads onnxruntime-genai Model Builder
-    folders (genai_config.json), not optimum exports; this adapter reuses optimum's
-    ORTModelForCausalLM, the loader our deployed folders are made for.
-    """
+    It scores log-likelihood requests (multiple choice, perplexity tasks) one sequence at a time on
+    the CPU provider, and encodes text without the tokenizer's special tokens (HFLM adds what the
+    tokenizer adds), so a tokenizer that prepends BOS is fed differently by the two."""
     require_lm_eval()
-    from minitron.ort_lm import OrtLM
+    from lm_eval.models.onnxruntime_ort import ONNXRuntimeLM
 
-    return OrtLM(folder, file_name)
+    from minitron.onnx_lm import read_genai_config
+
+    folder = Path(folder)
+    name = file_name or read_genai_config(folder)["model"]["decoder"]["filename"]
+    if not (folder / name).is_file():
+        raise MinitronError(f"model: no '{name}' in ONNX folder '{folder}'")
+    return ONNXRuntimeLM(pretrained=str(folder / name), execution_provider="cpu")
 
 
 def task_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:

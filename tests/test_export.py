@@ -2,7 +2,8 @@
 
 References are independent of minitron.export: PyTorch forwards of the source checkpoint, raw
 `onnxruntime.InferenceSession`s fed by hand (prefill, then token-by-token decoding through the KV
-cache), and a fresh interpreter that loads the folder with optimum and never imports minitron.
+cache), and a fresh interpreter that generates from the folder with ONNX Runtime GenAI and never
+imports minitron.
 """
 
 import json
@@ -23,7 +24,7 @@ from minitron.data import load_blocks
 from tiny import make_tiny_model, tiny_tokenizer
 
 ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("optimum.onnxruntime")
+pytest.importorskip("onnxruntime_genai")
 
 from minitron import export as ex  # noqa: E402
 from minitron.config import DataConfig, ExportConfig  # noqa: E402
@@ -139,17 +140,31 @@ def test_fp32_onnx_kv_cache_decoding_matches_full_forward(exported, torch_model)
     assert (got - ref).abs().max().item() < 1e-4
 
 
-def test_fp32_greedy_generation_matches_pytorch(exported, torch_model):
-    from optimum.onnxruntime import ORTModelForCausalLM
+def _ort_greedy(session, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy tokens fed by hand through the graph's KV cache (no EOS stop: the caller compares
+    with min_new_tokens)."""
+    names = [o.name for o in session.get_outputs()]
+    ids = prompt.numpy()
+    out = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                             "position_ids": np.arange(ids.shape[1])[None], **_past(session, 1)})
+    tokens, length = [], ids.shape[1]
+    for _ in range(new_tokens):
+        tokens.append(int(out[0][0, -1].argmax()))
+        feeds = {"input_ids": np.array([[tokens[-1]]]), "attention_mask": np.ones((1, length + 1), np.int64),
+                 "position_ids": np.array([[length]])}
+        feeds.update({n.replace("present", "past_key_values"): v for n, v in zip(names[1:], out[1:])})
+        out, length = session.run(None, feeds), length + 1
+    return tokens
 
+
+def test_fp32_greedy_generation_matches_pytorch(exported, torch_model):
     out, _ = exported
-    ort_model = ORTModelForCausalLM.from_pretrained(out, file_name=ex.FP32_FILE)
     prompt = _ids(1, 10, seed=2)
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
               do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        expected = torch_model.generate(prompt, **kw)
-    assert torch.equal(ort_model.generate(prompt, **kw), expected)
+        expected = torch_model.generate(prompt, **kw)[0, 10:].tolist()
+    assert _ort_greedy(_session(out / ex.FP32_FILE), prompt, 12) == expected
 
 
 # ----------------------------------------------------------------------------- INT8
@@ -273,12 +288,11 @@ def test_hqq_lowers_the_int4_error_on_outlier_channels(tmp_path, corpus):
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[:8] *= 20.0
-    from optimum.exporters.onnx import onnx_export_from_model
+    from minitron.onnx_graph import export_graph
 
-    onnx_export_from_model(model, tmp_path / "o", task="text-generation-with-past",
-                           do_validation=False, custom_onnx_configs={"model": ex.onnx_config(model)})
+    graph = export_graph(model, tmp_path / "model.onnx")
     folded = tmp_path / "folded.onnx"
-    ex.fold_initializer_transposes(tmp_path / "o" / "model.onnx", folded)
+    ex.fold_initializer_transposes(graph, folded)
     blocks = load_blocks(tiny_tokenizer(), "eval", 4, block_size=64, source=corpus)
     with torch.no_grad():
         ref = model(blocks).logits
@@ -384,24 +398,31 @@ def test_tied_embeddings_lm_head_is_quantized(tmp_path, torch_model, fast):
     while node.op_type not in ("MatMul", "MatMulInteger", "MatMulNBits"):
         node = producers[node.input[0]]
     assert node.op_type != "MatMul"
-    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0].startswith("model.embed")]
+    gathers = [n for n in graph.node if n.op_type == "Gather" and "embed_tokens" in n.input[0]]
     assert gathers and all(n.input[0].endswith("_quantized") for n in gathers)
 
 
 # ----------------------------------------------------------------------------- the folder
 def test_folder_loads_and_generates_in_a_fresh_process(exported):
+    """ONNX Runtime GenAI, in an interpreter that never imports minitron (or torch), generates from
+    the folder the greedy tokens a hand-fed ONNX Runtime session generates from its deployed graph."""
     out, _ = exported
     script = f"""
-import sys, json, torch
-from optimum.onnxruntime import ORTModelForCausalLM
-from transformers import AutoTokenizer
-tok = AutoTokenizer.from_pretrained({str(out)!r})
-model = ORTModelForCausalLM.from_pretrained({str(out)!r})
-ids = tok("def f(x):", return_tensors="pt")["input_ids"]
-gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                     do_sample=False, pad_token_id=0)
-print(json.dumps({{"new": gen.shape[1] - ids.shape[1], "file": model.path.name,
-                  "minitron": any(m.startswith("minitron") for m in sys.modules)}}))
+import sys, json
+import onnxruntime_genai as og
+model = og.Model({str(out)!r})
+tokenizer = og.Tokenizer(model)
+ids = list(tokenizer.encode("def f(x):"))
+params = og.GeneratorParams(model)
+params.set_search_options(do_sample=False, max_length=len(ids) + 6, min_length=len(ids) + 6)
+generator = og.Generator(model, params)
+generator.append_tokens(ids)
+new = []
+while not generator.is_done():
+    generator.generate_next_token()
+    new.append(int(generator.get_next_tokens()[0]))
+print(json.dumps({{"ids": ids, "new": new, "text": tokenizer.decode(new),
+                  "imported": sorted(m for m in sys.modules if m.split(".")[0] in ("minitron", "torch"))}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
@@ -409,7 +430,11 @@ print(json.dumps({{"new": gen.shape[1] - ids.shape[1], "file": model.path.name,
                           cwd=out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"new": 6, "file": ex.DEPLOY_FILE, "minitron": False}
+    assert result["imported"] == []
+    assert result["ids"] == tiny_tokenizer().encode("def f(x):")
+    expected = _ort_greedy(_session(out / ex.DEPLOY_FILE), torch.tensor([result["ids"]]), 6)
+    assert result["new"] == expected and len(result["new"]) == 6
+    assert result["text"] == tiny_tokenizer().decode(expected)
 
 
 def test_report_and_manifest(exported, source, torch_model, corpus):
@@ -417,8 +442,12 @@ def test_report_and_manifest(exported, source, torch_model, corpus):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == ex.MANIFEST_KIND
     assert manifest["settings"]["int8"] == "blockwise"
-    assert {"torch", "transformers", "onnxruntime", "optimum"} <= set(manifest["versions"])
-    for name in ("config.json", "generation_config.json", "tokenizer.json", ex.DEPLOY_FILE):
+    assert {"torch", "transformers", "onnxruntime", "onnxruntime-genai"} <= set(manifest["versions"])
+    assert manifest["deployed"]["loader"] == "onnxruntime_genai.Model(folder)"
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["filename"] == ex.DEPLOY_FILE
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "genai_config.json",
+                 ex.DEPLOY_FILE):
         assert (out / name).exists() and name in manifest["files"]
     assert json.loads((out / "report.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     assert "| pytorch-fp32 |" in (out / "report.md").read_text()
@@ -458,12 +487,14 @@ def test_previous_export_is_replaced(exported, source, tmp_path, fast):
 
 
 def test_external_data_path(source, tmp_path, fast, monkeypatch):
-    """Models over 2 GB are written with ONNX external data. optimum's own switch forces that layout
-    on the tiny model, so every step (fold, each INT8/INT4 quantizer, renames, loading) runs on it
-    in seconds. (A real >2 GB model is not exported here: minutes and ~10 GB of RAM.)"""
-    from optimum.onnxruntime import ORTModelForCausalLM
+    """Models over 2 GB are written with ONNX external data. Lowering the threshold forces that
+    layout on the tiny model, so every step (fold, each INT8/INT4 quantizer, renames, loading in
+    both runtimes) runs on it in seconds. (A real >2 GB model is not exported here: minutes and
+    ~10 GB of RAM.)"""
+    from minitron import onnx_graph
+    from minitron.onnx_lm import genai_generate
 
-    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / "out"
     report = fast(source, out, keep_fp32=True, accuracy_level=0, compare=True)
     assert sorted(p.name for p in out.glob("*.onnx*")) == sorted(
@@ -471,11 +502,10 @@ def test_external_data_path(source, tmp_path, fast, monkeypatch):
     assert ex.uses_external_data(out / ex.DEPLOY_FILE) and ex.uses_external_data(out / ex.FP32_FILE)
     quantized = [r for r in report["rows"] if r["model"].startswith(("onnx-int8", "onnx-int4"))]
     assert len(quantized) == 7 and all("perplexity" in r for r in quantized)
-    model = ORTModelForCausalLM.from_pretrained(out)
     prompt = _ids(1, 6, seed=13)
-    gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
-                         min_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert gen.shape == (1, 11)
+    expected = _ort_greedy(_session(out / ex.DEPLOY_FILE), prompt, 5)
+    expected = expected[:expected.index(0) + 1] if 0 in expected else expected  # genai stops at EOS
+    assert genai_generate(out, prompt[0].tolist(), 5) == expected
 
 
 # ----------------------------------------------------------------------------- failures
@@ -539,29 +569,6 @@ def test_bad_inputs_are_clear_errors(source, tmp_path):
     with pytest.raises(MinitronError, match="export.calib_samples=0 is invalid; valid: an integer >= 1"):
         ex.export(source, tmp_path / "o7", ExportConfig(calib_samples=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "empty", "gpt2", "taken"]
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_width_pruned_shape_exports_and_generates_like_pytorch(tmp_path, fast, family):
-    """hidden_size 48 with all 8 heads of 8 (48 != 8 x 8), the shape width pruning makes: the folder
-    loads in ORTModelForCausalLM (which sizes the empty cache as 48 // 8 = 6) and greedy decoding
-    matches PyTorch with and without the KV cache."""
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    src = tmp_path / "m"
-    model = make_tiny_model(family, src, seed=4, hidden_size=48)
-    out = tmp_path / "out"
-    fast(src, out, int8="none")
-    ort_model = ORTModelForCausalLM.from_pretrained(out)
-    prompt = _ids(1, 10, seed=3)
-    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
-              do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        expected = model.generate(prompt, **kw)
-    assert torch.equal(ort_model.generate(prompt, use_cache=True, **kw), expected)
-    assert torch.equal(ort_model.generate(prompt, use_cache=False, **kw), expected)
-    # the manifest tells CUDA users the one loader option this shape needs
-    assert "use_io_binding=False" in json.loads((out / "manifest.json").read_text())["deployed"]["note"]
 
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path):

@@ -96,19 +96,32 @@ def test_task_accuracy_of_all_four_models_is_reported(finished_run):
 
 
 def test_the_exported_folder_generates_without_minitron(finished_run):
+    """ONNX Runtime GenAI alone (no minitron, no torch) generates from the deployed folder the
+    greedy tokens the export measured for its deployed graph."""
     _, run_dir, _ = finished_run
     onnx_dir = run_dir / "3-export" / "onnx"
+    report = json.loads((onnx_dir / "report.json").read_text())
+    deployed = next(r for r in report["rows"] if r.get("deployed"))
     code = (
-        "import sys\n"
-        "from optimum.onnxruntime import ORTModelForCausalLM\n"
-        "from transformers import AutoTokenizer\n"
-        f"m = ORTModelForCausalLM.from_pretrained({str(onnx_dir)!r})\n"
-        f"t = AutoTokenizer.from_pretrained({str(onnx_dir)!r})\n"
-        "out = m.generate(**t('def f(x):', return_tensors='pt'), max_new_tokens=5, do_sample=False)\n"
-        "assert out.shape[1] > 3\n"
-        "assert not any(k.startswith('minitron') for k in sys.modules)\n"
+        "import sys, json\n"
+        "import onnxruntime_genai as og\n"
+        f"m = og.Model({str(onnx_dir)!r})\n"
+        "p = og.GeneratorParams(m)\n"
+        f"prompt = {report['prompt_tokens']!r}\n"
+        f"p.set_search_options(do_sample=False, max_length=len(prompt) + {len(deployed['greedy_tokens'])})\n"
+        "g = og.Generator(m, p)\n"
+        "g.append_tokens(prompt)\n"
+        "new = []\n"
+        "while not g.is_done():\n"
+        "    g.generate_next_token()\n"
+        "    new.append(int(g.get_next_tokens()[0]))\n"
+        "assert not any(k.split('.')[0] in ('minitron', 'torch') for k in sys.modules)\n"
+        "print(json.dumps(new))\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    new = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert new and new == deployed["greedy_tokens"]
 
 
 def test_rerun_skips_finished_stages(finished_run):

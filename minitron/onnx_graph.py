@@ -1,0 +1,205 @@
+"""Trace a transformers causal LM into an ONNX graph with a KV cache, and describe it for ONNX
+Runtime GenAI.
+
+The graph comes from PyTorch's own exporter (`torch.onnx.export(..., dynamo=True)`): it traces the
+model's transformers forward, so rotary variants (llama3, longrope, Gemma 3's per-layer-type
+bases), soft-capping, sliding windows and any pruned shape (hidden_size != heads x head_dim,
+grouped-query attention) are exported exactly as transformers computes them. No family table and no
+fused attention kernel with its own shape rules sit in between.
+
+Graph interface (what `genai_config.json` declares, and what `minitron.onnx_lm` and lm-eval's
+`onnxruntime` model feed):
+    inputs   input_ids [batch_size, sequence_length] int64
+             attention_mask [batch_size, total_sequence_length] int64
+             position_ids [batch_size, sequence_length] int64
+             past_key_values.{i}.key / .value [batch_size, kv_heads, past_sequence_length, head_dim]
+    outputs  logits [batch_size, sequence_length, vocab]
+             present.{i}.key / .value [batch_size, kv_heads, total_sequence_length, head_dim]
+The cache is the full history for every layer (sliding-window layers mask it, as transformers'
+DynamicCache does without a config), so one past/present layout serves every family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from minitron.models import head_layout
+
+GENAI_CONFIG = "genai_config.json"
+# Graphs whose weights pass this size are written with external data (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = 2**31 - 2**27
+# Dimension names: lm-eval's onnxruntime model binds symbolic axes by these words (batch -> 1,
+# past -> 0, total / sequence -> the prompt length).
+BATCH, SEQUENCE, PAST, TOTAL = ("batch_size", "sequence_length", "past_sequence_length",
+                                "total_sequence_length")
+
+
+def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """The graph's past-input and present-output names, key then value per layer."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return past, [n.replace("past_key_values", "present") for n in past]
+
+
+class CachedForward(nn.Module):
+    """The model's forward with the KV cache as flat tensors in and out (the graph's interface)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+        # transformers 5 renames forward's `past_key_values` to `cache`; both name the same object
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()  # without a config: full-history layers, sliding ones masked
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, **{self.cache_arg: cache})
+        present = []
+        for layer in cache.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _example_inputs(config: Any) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace with: sizes distinct from each other and from 0 / 1, so that no axis is
+    specialized to a constant (the exported graph is then checked at past length 0 and 1)."""
+    hl = head_layout(config)
+    batch, seq, past = 2, 3, 5
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = [torch.zeros(batch, hl.num_kv_heads, past, hl.head_dim)
+             for _ in range(2 * config.num_hidden_layers)]
+    return (ids, mask, positions, *cache)
+
+
+def export_graph(model: nn.Module, path: Path, external_data: bool | None = None) -> Path:
+    """Write `model` (float32, eval) as an ONNX graph with a KV cache to `path`; returns `path`.
+
+    `external_data`: weights beside the graph in `<name>_data` (None: when they pass ~2 GB)."""
+    from torch.export import Dim
+
+    wrapper = CachedForward(model).eval()
+    batch, seq, past, total = Dim(BATCH), Dim(SEQUENCE), Dim(PAST), Dim(TOTAL)
+    cache_axes = tuple({0: batch, 2: past} for _ in range(2 * wrapper.num_layers))
+    past_names, present_names = cache_names(wrapper.num_layers)
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    # The exporter prints its progress and warns about every traced transformers quirk; the graph is
+    # checked against PyTorch right after (minitron.export), so neither says anything we act on.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, _example_inputs(model.config), dynamo=True, optimize=True, verbose=False,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+            output_names=["logits", *present_names],
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_axes))
+        program.save(str(path), external_data=external_data)
+    _finish_graph_(path, external_data)
+    return path
+
+
+def _finish_graph_(path: Path, external_data: bool) -> None:
+    """Drop the exporter's per-node debug records (Python stack traces with this machine's paths:
+    half the file of a small model), give the present outputs' length axis its name (the exporter
+    writes the expression `past_sequence_length + sequence_length`), and move external data to
+    `<name>_data`."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    for out in proto.graph.output:
+        if out.name.startswith("present."):
+            out.type.tensor_type.shape.dim[2].dim_param = TOTAL
+    if not external_data:
+        onnx.save(proto, str(path))
+        return
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    old = {dict((e.key, e.value) for e in t.external_data)["location"]
+           for t in _get_all_tensors(proto) if uses_external_data(t)}
+    for t in _get_all_tensors(proto):
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = path.name + "_data"
+    for location in old:
+        (path.parent / location).replace(path.parent / (path.name + "_data"))
+    onnx.save(proto, str(path))
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime GenAI
+def genai_config(config: Any, tokenizer: Any, file_name: str, generation: Any = None) -> dict[str, Any]:
+    """The `genai_config.json` that lets ONNX Runtime GenAI run the graph `file_name` (see the module
+    docstring for its interface). Greedy decoding by default, up to the model's context."""
+    hl = head_layout(config)
+    layers = config.num_hidden_layers
+    context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    if eos is None:
+        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        eos[0] if isinstance(eos, list) else eos)
+    bos = config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_token_id
+    return {
+        "model": {
+            "type": config.model_type,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "vocab_size": config.vocab_size,
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": file_name,
+                "head_size": hl.head_dim,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": hl.num_heads,
+                "num_key_value_heads": hl.num_kv_heads,
+                "num_hidden_layers": layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context,
+            "min_length": 0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+            "repetition_penalty": 1.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
+            "no_repeat_ngram_size": 0, "early_stopping": True,
+            # The graph concatenates the cache (it grows each step), so no shared fixed-size buffer.
+            "past_present_share_buffer": False,
+        },
+    }
+
+
+def write_genai_config(folder: Path, config: Any, tokenizer: Any, file_name: str,
+                       generation: Any = None) -> Path:
+    path = folder / GENAI_CONFIG
+    path.write_text(json.dumps(genai_config(config, tokenizer, file_name, generation), indent=2) + "\n")
+    return path
+
+
+def set_genai_file(folder: Path, file_name: str) -> None:
+    """Point an existing genai_config.json at another graph file of the folder."""
+    path = folder / GENAI_CONFIG
+    cfg = json.loads(path.read_text())
+    cfg["model"]["decoder"]["filename"] = file_name
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
