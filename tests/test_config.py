@@ -306,3 +306,15 @@ def test_no_import_cycle_anywhere():
     for module in graph:
         cycle = reaches(module, module, set())
         assert cycle is None, " -> ".join([*cycle, module])
+
+
+def test_repository_root_does_not_shadow_installed_packages():
+    """Python started in the repository root puts it first on sys.path: no top-level folder there
+    may take the name of a package others import (transformers 5 probes Hugging Face's `kernels`)."""
+    proc = subprocess.run([sys.executable, "-c", "import transformers, minitron.kernels; "
+                           "import importlib.util as u; print(u.find_spec('kernels') is None or "
+                           "'minitron' not in (u.find_spec('kernels').origin or ''))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "True"
+    assert not (ROOT / "kernels").exists()
