@@ -84,6 +84,19 @@ def _rope(x, cos, sin):
     return torch.cat([rot * cos + half * sin, rest], dim=-1)
 
 
+def _cos_sin(cfg, layer_type, t):
+    """Plain RoPE's cos/sin for positions 0..t-1 in float64 from the config's rotary settings
+    (transformers 5: `rope_parameters`, nested by layer type for Gemma 3: local and global bases)."""
+    rope = cfg.rope_parameters
+    rope = rope.get(layer_type, rope) if layer_type in rope else rope
+    assert rope["rope_type"] == "default", rope
+    dim = int(cfg.head_dim * rope.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(t, dtype=torch.float64)[:, None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def hand_forward(m, family, ids):
     """A one-layer model's activations, written out from the papers/model cards (float64 `m`)."""
     cfg, t = m.config, ids.numel()
@@ -103,9 +116,9 @@ def hand_forward(m, family, ids):
     q, k, v = q.view(t, H, d), k.view(t, KV, d), v.view(t, KV, d)
     if family in ("qwen3", "gemma3_text"):  # per-head norms over head_dim
         q, k = _rms(q, att.q_norm.weight, off, eps), _rms(k, att.k_norm.weight, off, eps)
-    sliding = getattr(cfg, "layer_types", ["full_attention"])[0] == "sliding_attention"
-    rotary = m.model.rotary_emb_local if family == "gemma3_text" and sliding else m.model.rotary_emb
-    cos, sin = (c[0].double() for c in rotary(x[None].float(), torch.arange(t)[None]))
+    layer_type = getattr(cfg, "layer_types", None) or ["full_attention"]
+    sliding = layer_type[0] == "sliding_attention"
+    cos, sin = _cos_sin(cfg, layer_type[0], t)
     q, k = _rope(q, cos[:, None], sin[:, None]), _rope(k, cos[:, None], sin[:, None])
     k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
     scale = cfg.query_pre_attn_scalar ** -0.5 if gemma else d ** -0.5
@@ -238,7 +251,10 @@ def test_depth_pruning_keeps_each_layers_attention_type(family):
     scores.layers_bi = torch.tensor([1.0, 0.1, 2.0, 3.0])  # drop layer 1
     pruned = prune(model, scores, {"num_hidden_layers": 3})
     assert pruned.config.layer_types == [types[0], types[2], types[3]]
-    assert [layer.attention_type for layer in pruned.model.layers] == pruned.config.layer_types
+    attn = [layer.self_attn for layer in pruned.model.layers]
+    assert [a.layer_type for a in attn] == pruned.config.layer_types
+    assert [a.sliding_window for a in attn] == [6 if t == "sliding_attention" else None
+                                                for t in pruned.config.layer_types]
 
 
 @torch.no_grad()
@@ -367,9 +383,11 @@ def test_inert_kv_groups_and_neurons_rank_lowest_and_prune_away(family):
 
 
 def test_phi3_longrope_shapes_that_would_not_reload_are_refused():
-    """Phi3Config checks a longrope rope_scaling against hidden_size // num_attention_heads."""
-    rope = {"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 3}
-    config = tiny_config("phi3", rope_scaling=rope, original_max_position_embeddings=64)
+    """Phi3Config checks longrope's factors (rope_parameters) against hidden_size //
+    num_attention_heads: 3 factors = int(8 x 0.75) // 2 for head_dim 8."""
+    rope = {"rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0] * 3, "long_factor": [2.0] * 3}
+    config = tiny_config("phi3", rope_parameters=rope, original_max_position_embeddings=64)
     with pytest.raises(MinitronError, match=r"hidden_size \(prune.hidden_size\) = 48 with "
                                             r"num_attention_heads = 8: .*hidden_size = "
                                             r"num_attention_heads x 8 \(= 64 for 8 heads\)"):
@@ -542,10 +560,14 @@ def test_gemma2_loads_with_eager_attention_because_sdpa_drops_the_soft_cap(tmp_p
     make_tiny_model("gemma2", path=tmp_path)
     ours, _ = load_model(tmp_path)
     eager = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     assert ours.config._attn_implementation == "eager"
     assert torch.equal(logits(ours), logits(eager))
-    assert (logits(sdpa) - logits(eager)).abs().max() > 1e-2  # the cap (2.0) is not applied
+    try:  # transformers 5.17 still serves Gemma 2 through SDPA, which drops the cap
+        sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    except ValueError as e:  # transformers 5.24 refuses it (Gemma2PreTrainedModel._supports_sdpa)
+        assert "scaled_dot_product_attention" in str(e)
+    else:
+        assert (logits(sdpa) - logits(eager)).abs().max() > 1e-2  # the cap (2.0) is not applied
     qwen3_dir = tmp_path / "qwen3"
     make_tiny_model("qwen3", path=qwen3_dir)
     assert load_model(qwen3_dir)[0].config._attn_implementation == "sdpa"  # nothing to cap
