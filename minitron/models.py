@@ -266,6 +266,21 @@ def _refused_by_transformers(config: Any, fields: Mapping[str, int]) -> str | No
     return None
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which this model's forward takes a KV cache: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name is deprecated until 5.40), 5.17 has only the old.
+    Outputs carry it under the same name (`cache_of`)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward returned, under either name (`cache_kwarg`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def param_count_from_config(config: Any) -> int:
     """Closed-form parameter count of a supported decoder LM from its config alone.
 
