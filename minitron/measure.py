@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from minitron.models import cache_kwarg, cache_of
+
 
 @torch.no_grad()
 def speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
@@ -22,8 +24,6 @@ def speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-
-    from minitron.models import cache_kwarg, cache_of
 
     kwarg = cache_kwarg(model)
     prefill, decode = [], []

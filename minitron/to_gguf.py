@@ -79,7 +79,7 @@ def _add_metadata(writer, model, arch: str, name: str) -> None:
     # transformers 5 keeps rope_theta and the scaling inside rope_parameters (config.rope_theta is
     # gone: reading it would silently write the default base 10000).
     rope = rope_parameters(cfg)
-    if rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+    if rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1) != 1:
         raise MinitronError(f"GGUF export: rotary settings {rope} (rope_parameters) are not "
                             f"written by minitron yet; only plain RoPE (rope_type 'default')")
     writer.add_rope_dimension_count(hl.head_dim)

@@ -197,6 +197,19 @@ def test_a_config_written_with_the_old_keys_prunes_to_what_transformers_5_reads(
     assert torch.equal(far_logits(tmp_path / "pruned"), far_logits(src))
 
 
+def test_rope_parameters_reads_one_layer_types_entry_where_they_are_per_layer_type():
+    from minitron.models import rope_parameters
+
+    gemma3 = tiny_config("gemma3_text", **copy.deepcopy(CASES["gemma3_text"][0]))
+    assert rope_parameters(gemma3, "sliding_attention") == {"rope_type": "default",
+                                                            "rope_theta": 10_000.0}
+    assert rope_parameters(gemma3, "full_attention")["factor"] == 8.0
+    with pytest.raises(MinitronError, match=r"per layer type \(sliding_attention, full_attention"):
+        rope_parameters(gemma3)
+    llama = tiny_config("llama", **copy.deepcopy(CASES["llama"][0]))
+    assert rope_parameters(llama) == CASES["llama"][0]["rope_parameters"]
+
+
 # ----------------------------------------------------------------------------- other stages
 def test_the_teacher_cache_tells_teachers_apart_by_their_rotary_settings(tmp_path):
     """The cache's teacher fingerprint covers rope_parameters: a teacher that differs only in its
