@@ -48,17 +48,21 @@ RUNTIME_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 def torch_row(model, prompt, new: int, repeats: int) -> dict:
     import torch
 
+    from minitron.models import cache_kwarg, cache_of
+
+    kw = cache_kwarg(model)
+
     prefill, decode = [], []
     with torch.no_grad():
         for _ in range(repeats):
             t0 = time.perf_counter()
             out = model(prompt, use_cache=True)
             prefill.append(time.perf_counter() - t0)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
             for _ in range(new):
-                out = model(token, past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(token, use_cache=True, **{kw: cache})
+                cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
             decode.append((time.perf_counter() - t0) / new)
         tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                 min_new_tokens=new, do_sample=False)[0, prompt.shape[1]:].tolist()

@@ -31,7 +31,7 @@ def build(hidden: int, heads: int, mlp: int, vocab: int, layers: int, seed: int)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=3,
                       head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
-                      rope_theta=1e5)
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e5})
     return LlamaForCausalLM(cfg).eval()
 
 

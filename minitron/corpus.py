@@ -136,7 +136,8 @@ def encode_chat(tokenizer, messages: tuple[dict[str, str], ...]) -> tuple[list[i
     def render(msgs, prompt=False) -> list[int]:
         if not msgs and not prompt:
             return []
-        return list(tokenizer.apply_chat_template(list(msgs), tokenize=True,
+        # return_dict=False: transformers 5 returns a BatchEncoding by default, whose list is its keys
+        return list(tokenizer.apply_chat_template(list(msgs), tokenize=True, return_dict=False,
                                                   add_generation_prompt=prompt))
 
     ids = render(messages)

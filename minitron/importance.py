@@ -148,12 +148,21 @@ def _mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float
     return total / count
 
 
+class _SkippedLayer(nn.Module):
+    """Stands in a skipped decoder layer's place: passes the hidden states through unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 @torch.no_grad()
 def layer_skip_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """[L]: mean LM loss with layer i skipped minus the full model's loss, on `blocks`.
 
-    A layer is skipped by running the model with it removed from the layer list (no KV cache is used,
-    so the remaining layers' `layer_idx` does not matter); the model is restored afterwards.
+    A layer is skipped by putting a pass-through in its place (no KV cache is used), the model is
+    restored afterwards. Removing it from the list instead would shift every later layer's index,
+    and transformers 5 picks each layer's attention mask (sliding or full) and, for Gemma 3, its
+    rotary table by that index (`config.layer_types[i]`).
     """
     parent, attr = _layers_parent(model)
     layers = getattr(parent, attr)
@@ -161,7 +170,8 @@ def layer_skip_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
     out = torch.zeros(len(layers), dtype=torch.float32)
     try:
         for i in range(len(layers)):
-            setattr(parent, attr, nn.ModuleList([m for j, m in enumerate(layers) if j != i]))
+            setattr(parent, attr, nn.ModuleList([_SkippedLayer() if j == i else m
+                                                 for j, m in enumerate(layers)]))
             out[i] = _mean_loss(model, blocks, batch_size) - base
     finally:
         setattr(parent, attr, layers)

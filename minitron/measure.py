@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from minitron.models import cache_kwarg, cache_of
+
 
 @torch.no_grad()
 def speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
@@ -23,6 +25,7 @@ def speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    kwarg = cache_kwarg(model)
     prefill, decode = [], []
     for _ in range(repeats):
         sync()
@@ -30,11 +33,11 @@ def speed(model, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
         out = model(prompt, use_cache=True)
         sync()
         prefill.append(time.perf_counter() - t0)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **{kwarg: cache})
+            cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
         sync()
         decode.append((time.perf_counter() - t0) / new_tokens)
     return {

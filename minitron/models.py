@@ -76,9 +76,10 @@ class ArchSpec:
     # ("hidden"); KV heads from num_key_value_heads ("config") or num_attention_heads ("heads").
     ort_head_dim: Literal["config", "hidden"] = "hidden"
     ort_kv_heads: Literal["config", "heads"] = "config"
-    # Phi-3's config validates a longrope `rope_scaling` against hidden_size // num_attention_heads
-    # (not head_dim), so a pruned shape must keep that quotient's rotary size or it will not reload.
-    rope_scaling_from_hidden: bool = False
+    # Phi-3's config checks longrope's long_factor / short_factor (in `rope_parameters`) against
+    # hidden_size // num_attention_heads, not head_dim, so a pruned shape must keep that quotient's
+    # rotary size or it will not reload.
+    rope_factors_from_hidden: bool = False
     # Which linear layers carry a bias: a config key to read, or a fixed answer for the family.
     qkv_bias: str | bool = False
     o_bias: str | bool = False
@@ -127,7 +128,7 @@ ARCHS: dict[str, ArchSpec] = {
     "Phi3ForCausalLM": ArchSpec("phi3", q_proj=None, k_proj=None, v_proj=None,
                                 qkv_proj="self_attn.qkv_proj", gate_proj=None, up_proj=None,
                                 gate_up_proj="mlp.gate_up_proj", ort_kv_heads="heads",
-                                rope_scaling_from_hidden=True),
+                                rope_factors_from_hidden=True),
 }
 
 
@@ -186,22 +187,98 @@ def logit_softcap(config: Any) -> float | None:
     return getattr(config, spec.logit_softcap, None) if spec.logit_softcap else None
 
 
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """A model's rotary settings as transformers 5 reads them: `config.rope_parameters` (rope_type,
+    rope_theta, partial_rotary_factor and the scaling keys), the entry of `layer_type` where they
+    are kept per layer type (Gemma 3: a local and a global base). transformers 5 converts the
+    `rope_theta` / `rope_scaling` keys of configs written by transformers 4 into this block when it
+    loads them, and no longer keeps them as attributes: read rotary settings here, not there."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, Mapping):
+        raise MinitronError(f"{type(config).__name__} has no rope_parameters (transformers 5 keeps "
+                            f"a model's rotary settings there)")
+    types = getattr(config, "layer_types", None) or ()
+    nested = [t for t in rope if t in types]
+    if nested:
+        if layer_type is None:
+            raise MinitronError(f"the rotary settings are per layer type ({', '.join(nested)}): "
+                                f"name one")
+        return dict(rope[layer_type])
+    return dict(rope)
+
+
 def shape_problem(config: Any, fields: Mapping[str, int]) -> str | None:
-    """Why a (pruned) shape of this family would not reload in transformers, or None."""
+    """Why a (pruned) shape of this family would not reload in transformers, or None.
+
+    Phi-3's longrope check gets a message that says which hidden size to take; anything else the
+    installed transformers refuses in a config of this shape (its own validation, the one that
+    runs when the pruned checkpoint is saved and again when it is loaded: e.g. Llama's and Gemma's
+    hidden_size a multiple of num_attention_heads) is reported in its own words.
+    """
     spec = arch_of(config)
-    rope = getattr(config, "rope_scaling", None)
-    if spec.rope_scaling_from_hidden and rope:
-        prf = getattr(config, "partial_rotary_factor", 1.0)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if spec.rope_factors_from_hidden and (rope.get("long_factor") or rope.get("short_factor")):
+        prf = rope.get("partial_rotary_factor", 1.0)
         want = int(fields["head_dim"] * prf) // 2
         heads = fields["num_attention_heads"]
         have = int(fields["hidden_size"] // heads * prf) // 2
         if have != want:
-            return (f"{spec.family}'s config checks rope_scaling against hidden_size // "
-                    f"num_attention_heads (here {fields['hidden_size']} // {heads}), which must "
-                    f"stay {fields['head_dim']} (the head_dim) for the checkpoint to reload: keep "
-                    f"hidden_size = num_attention_heads x {fields['head_dim']} "
+            return (f"{spec.family}'s config checks longrope's long_factor / short_factor "
+                    f"(rope_parameters) against hidden_size // num_attention_heads (here "
+                    f"{fields['hidden_size']} // {heads}), which must stay {fields['head_dim']} "
+                    f"(the head_dim) for the checkpoint to reload: keep hidden_size = "
+                    f"num_attention_heads x {fields['head_dim']} "
                     f"(= {heads * fields['head_dim']} for {heads} heads)")
+    return _refused_by_transformers(config, fields)
+
+
+def _refused_by_transformers(config: Any, fields: Mapping[str, int]) -> str | None:
+    """What transformers' own config validation says against `config` with `fields`, or None.
+    A source config that already fails it (hub configs carry oddities transformers tolerates on
+    load) is not held against the pruned shape."""
+    import copy
+
+    from huggingface_hub.errors import StrictDataclassError  # what @strict configs raise
+
+    refusals = (StrictDataclassError, ValueError, TypeError)
+    if not callable(getattr(config, "validate", None)):  # a mapping or namespace (dry runs)
+        return None
+    # A shallow copy (a deep one costs more than the check, run for every grid shape); what the
+    # validators may normalize in place, the rotary block, is copied.
+    new = copy.copy(config)
+    if isinstance(getattr(config, "rope_parameters", None), dict):
+        new.rope_parameters = copy.deepcopy(config.rope_parameters)
+    for k, v in fields.items():
+        setattr(new, k, v)
+    if isinstance(getattr(new, "layer_types", None), list):
+        new.layer_types = new.layer_types[:fields.get("num_hidden_layers", len(new.layer_types))]
+    try:
+        new.validate()
+    except refusals as e:
+        try:
+            config.validate()
+        except refusals:
+            return None
+        import transformers
+
+        cause = e.__cause__ or e
+        return f"transformers {transformers.__version__} refuses this config: {cause}"
     return None
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which this model's forward takes a KV cache: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name is deprecated until 5.40), 5.17 has only the old.
+    Outputs carry it under the same name (`cache_of`)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward returned, under either name (`cache_kwarg`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def param_count_from_config(config: Any) -> int:

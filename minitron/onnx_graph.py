@@ -22,7 +22,6 @@ DynamicCache does without a config), so one past/present layout serves every fam
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import warnings
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minitron.models import head_layout
+from minitron.models import cache_kwarg, head_layout
 
 GENAI_CONFIG = "genai_config.json"
 # Graphs whose weights pass this size are written with external data (protobuf's 2 GB limit).
@@ -56,9 +55,7 @@ class CachedForward(nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = model.config.num_hidden_layers
-        # transformers 5 renames forward's `past_key_values` to `cache`; both name the same object
-        params = inspect.signature(model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache_arg = cache_kwarg(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache

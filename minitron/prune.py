@@ -358,7 +358,7 @@ def prune(model: nn.Module, scores: Scores, target: Mapping[str, int],
     settings), which `save_pruned` writes into minitron.json.
     """
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    from transformers.initialization import no_init_weights  # transformers 5 moved it here
 
     config = model.config
     spec = arch_of(model)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from minitron.common import MinitronError
-from minitron.models import head_layout
+from minitron.models import head_layout, rope_parameters
 
 GGUF_TYPES = ("f16", "q8_0")
 GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
@@ -76,13 +76,16 @@ def _add_metadata(writer, model, arch: str, name: str) -> None:
     writer.add_head_count_kv(hl.num_kv_heads)
     writer.add_key_length(hl.head_dim)  # explicit: hidden_size may not be heads x head_dim
     writer.add_value_length(hl.head_dim)
+    # transformers 5 keeps rope_theta and the scaling inside rope_parameters (config.rope_theta is
+    # gone: reading it would silently write the default base 10000).
+    rope = rope_parameters(cfg)
+    if rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1) != 1:
+        raise MinitronError(f"GGUF export: rotary settings {rope} (rope_parameters) are not "
+                            f"written by minitron yet; only plain RoPE (rope_type 'default')")
     writer.add_rope_dimension_count(hl.head_dim)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
-    scaling = getattr(cfg, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise MinitronError(f"GGUF export: rope_scaling {scaling} is not written by minitron yet")
 
 
 def _add_tokenizer(writer, tokenizer, model_dir: str | os.PathLike, vocab_size: int) -> None:

@@ -26,6 +26,7 @@ from minitron.distill import batch_indices, distill, lr_factor, main
 from tiny import make_tiny_model, tiny_tokenizer
 
 BLOCK = 32
+ROPE = {"rope_type": "default", "rope_theta": 100_000.0}
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +72,8 @@ def world(tmp_path_factory):
     evalb = load_blocks(tok, "eval", 8, source=str(data), block_size=BLOCK)
     calib = load_blocks(tok, "calibration", 16, source=str(data), block_size=BLOCK)
 
-    teacher = make_tiny_model("llama", seed=0)
+    # SmolLM2's rope base, not the default: a stage that lost rope_parameters would show.
+    teacher = make_tiny_model("llama", seed=0, rope_parameters=ROPE)
     teacher.train()
     opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -133,6 +135,10 @@ def test_final_folder_reloads_in_plain_transformers(world, tmp_path):
     assert info["distillation"]["status"] == "finished"
     assert info["distillation"]["config"]["tokens"] == 2 * 8 * BLOCK
     assert info["distillation"]["metrics"]["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    # The student's rotary settings, as transformers 5 writes them, unchanged by distillation.
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_parameters"] == ROPE
+    assert not {"rope_theta", "rope_scaling"} & set(written)
     ids = world["eval"][:2]
     torch.save(ids, tmp_path / "ids.pt")
     code = (

@@ -57,6 +57,22 @@ def test_speed_reports_positive_rates():
     assert result["prefill_tokens_per_s"] > 0 and result["decode_ms_per_token"] > 0
 
 
+@torch.no_grad()
+def test_decoding_through_the_kv_cache_gives_the_full_forwards_logits():
+    """What speed()'s decode loop relies on: the cache handed back under the name this
+    transformers uses (`cache` from 5.24, `past_key_values` before) is the one the next step
+    reads; without it the last token would see no context."""
+    from minitron.models import cache_kwarg, cache_of
+
+    model = make_tiny_model("qwen2")
+    ids = torch.randint(0, 384, (1, 10), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits[:, -1]
+    prefix = model(ids[:, :-1], use_cache=True)
+    step = model(ids[:, -1:], use_cache=True, **{cache_kwarg(model): cache_of(prefix)}).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(ids[:, -1:]).logits[:, -1], full, rtol=1e-3, atol=1e-3)
+
+
 def test_cli_writes_json(tmp_path, capsys):
     make_tiny_model("mistral", path=tmp_path / "m")
     out = tmp_path / "eval.json"

@@ -210,11 +210,13 @@ def _checkpoint_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_diverging_lr_stops_early_and_keeps_a_checkpoint_from_before(world, tmp_path):
-    """The peak lr of 100 is reached after 3 healthy steps: the update of step 4 blows the weights
-    up. The run stops at the next step's check, before any further update, and the checkpoint it
-    keeps is step 3's (step 4's, due after the jump, is never confirmed); rerunning resumes."""
+    """The peak lr of 10 is reached after 3 healthy steps: the update of step 4 blows the weights
+    up (the loss goes from ~0.02 to ~1e3). The run stops at the next step's check, before any
+    further update, and the checkpoint it keeps is step 3's (step 4's, due after the jump, is never
+    confirmed); rerunning resumes. (At lr 100 the next gradient norm is nan on transformers 5.24 /
+    torch 2.13: the non-finite check catches that, not the spike check tested here.)"""
     out = tmp_path / "run"
-    cmd = _distill_cmd(world, out, "--lr", "100")
+    cmd = _distill_cmd(world, out, "--lr", "10")
     rc, log = _run(cmd, _env(world, DIVERGE_AT=3))
     assert rc == 2, log[-3000:]
     assert "Traceback" not in log
@@ -222,7 +224,7 @@ def test_diverging_lr_stops_early_and_keeps_a_checkpoint_from_before(world, tmp_
     assert last.startswith("error: distill stopped: the training is diverging at step 5/8: "
                            "the loss jumped to "), last
     assert (f"; the weights were not updated and the last good checkpoint (step 3) in "
-            f"{out / 'checkpoint'} is intact. Lower the learning rate (lr=100.0)") in last
+            f"{out / 'checkpoint'} is intact. Lower the learning rate (lr=10.0)") in last
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     start = {k: v for k, v in load_file(world / "student" / "model.safetensors").items()}
     kept = _checkpoint_weights(out)
@@ -247,7 +249,7 @@ def test_diverging_lr_stops_early_and_keeps_a_checkpoint_from_before(world, tmp_
 def test_gradient_norm_check_when_turned_on(world, tmp_path):
     """The same diverging run with only the (opt-in) gradient-norm check: it stops there too."""
     out = tmp_path / "run"
-    rc, log = _run(_distill_cmd(world, out, "--lr", "100", "--spike-loss-factor", "0",
+    rc, log = _run(_distill_cmd(world, out, "--lr", "10", "--spike-loss-factor", "0",
                                 "--spike-grad-factor", "10"), _env(world, DIVERGE_AT=3))
     assert rc == 2 and "Traceback" not in log, log[-3000:]
     last = log.strip().splitlines()[-1]

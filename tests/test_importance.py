@@ -124,6 +124,8 @@ def test_o_proj_contribution_head_scores_equal_naive_computation(family):
     assert not torch.allclose(scores.heads, default.heads)
 
 
+# Gemma 2: its sliding and global layers alternate, and each remaining layer keeps its own type.
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
 def test_lm_loss_scores_equal_models_built_without_each_layer(family):
     model = make_tiny_model(family)
     data = blocks(6)

@@ -254,10 +254,27 @@ def test_impossible_targets_are_refused_with_the_valid_values(target, message):
         plan(tiny_config(), target)
 
 
-def test_hidden_size_need_not_be_a_multiple_of_the_heads():
-    """Width pruning keeps every head of head_dim 8 while the hidden size becomes 60 (not 8 x 8)."""
-    shape = plan(tiny_config(), {"hidden_size": 60})
-    assert (shape["hidden_size"], shape["num_attention_heads"], shape["head_dim"]) == (60, 8, 8)
+def test_hidden_size_need_not_be_heads_times_head_dim():
+    """Width pruning keeps every head of head_dim 8 while the hidden size becomes 56 (not 8 x 8)."""
+    shape = plan(tiny_config(), {"hidden_size": 56})
+    assert (shape["hidden_size"], shape["num_attention_heads"], shape["head_dim"]) == (56, 8, 8)
+
+
+def test_hidden_sizes_that_transformers_would_not_load_are_refused_in_its_words():
+    """transformers 5 refuses a Llama config (Gemma's too) whose hidden size is not a multiple of
+    num_attention_heads, on save and on load; Qwen3's config has no such check."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    llama, qwen3 = tiny_config(), tiny_config("qwen3")
+    with pytest.raises(Exception, match=r"not a multiple of the number of attention heads"):
+        LlamaConfig(**{**llama.to_dict(), "hidden_size": 60})  # transformers itself, no minitron
+    with pytest.raises(MinitronError, match=r"hidden_size \(prune.hidden_size\) = 60 with "
+                                            r"num_attention_heads = 8: transformers .* refuses this "
+                                            r"config: The hidden size \(60\) is not a multiple"):
+        plan(llama, {"hidden_size": 60})
+    assert plan(llama, {"hidden_size": 60, "num_attention_heads": 6})["hidden_size"] == 60
+    Qwen3Config(**{**qwen3.to_dict(), "hidden_size": 60})
+    assert plan(qwen3, {"hidden_size": 60})["hidden_size"] == 60
 
 
 def test_budget_refusals():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import sysconfig
 from pathlib import Path
@@ -33,7 +34,9 @@ def tiny_tokenizer():
 # What makes each newer family itself in a tiny model: Qwen3's head_dim independent of the hidden
 # size; Gemma's soft-capping, query_pre_attn_scalar != head_dim and a sliding window shorter than
 # the test sequences (so sliding and global layers differ); Gemma 3's own layer pattern and local
-# RoPE base; Phi-3's partial rotary embedding (Phi-4-mini uses 0.75).
+# RoPE base; Phi-3's partial rotary embedding (Phi-4-mini uses 0.75). Rotary settings are written
+# as transformers 5 writes them: `rope_parameters`, per layer type for Gemma 3 (its global base
+# is Gemma 3's default, 1e6).
 FAMILY_OVERRIDES = {
     "qwen3": dict(head_dim=12),
     "gemma2": dict(query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
@@ -41,9 +44,13 @@ FAMILY_OVERRIDES = {
                    initializer_range=0.1),
     "gemma3_text": dict(head_dim=12, query_pre_attn_scalar=10, sliding_window=6,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                                     "sliding_attention"], rope_local_base_freq=100.0,
+                                     "sliding_attention"],
+                        rope_parameters={
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
                         final_logit_softcapping=4.0, initializer_range=0.1),
-    "phi3": dict(partial_rotary_factor=0.75),
+    "phi3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10_000.0,
+                                  "partial_rotary_factor": 0.75}),
 }
 NEW_FAMILIES = tuple(FAMILY_OVERRIDES)
 
@@ -59,8 +66,9 @@ def tiny_config(family: str = "llama", **overrides):
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
               tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=0)
-    kw.update(FAMILY_OVERRIDES.get(family, {}))
-    kw.update(overrides)
+    # deep copies: configs normalize their rope_parameters dict in place
+    kw.update(copy.deepcopy(FAMILY_OVERRIDES.get(family, {})))
+    kw.update(copy.deepcopy(overrides))
     config = cls(**kw)
     config.architectures = [cls.__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
     return config
