@@ -71,6 +71,55 @@ class CachedForward(nn.Module):
         return (out.logits, *present)
 
 
+@contextlib.contextmanager
+def traceable_rope(model: nn.Module):
+    """Rotary modules whose frequencies depend on the positions, rewritten so the exporter keeps
+    that dependence.
+
+    transformers' longrope (Phi-3-128k, Phi-3.5-mini, Phi-4-mini) picks the long or the short
+    factors per forward from max(position_ids) and writes the choice into its `inv_freq` buffer
+    in place; torch.export drops that write, and the graph would keep the short factors past
+    original_max_position_embeddings. Here the choice goes into the forward as a value (the same
+    torch.where), and the module's own undecorated forward computes cos/sin from it. "dynamic" RoPE
+    (recomputed by Python control flow on the sequence length) cannot be traced and is refused.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from minitron.common import MinitronError
+
+    patched = []
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        kinds = set(rope_type.values()) if isinstance(rope_type, dict) else {rope_type}
+        if any(isinstance(k, str) and "dynamic" in k for k in kinds):
+            raise MinitronError(f"ONNX export: rope_type {rope_type!r} recomputes its frequencies "
+                                "by Python control flow on the sequence length; it cannot be traced")
+        if rope_type != "longrope" or not hasattr(module, "original_inv_freq"):
+            continue
+        original = module.config.rope_parameters["original_max_position_embeddings"]
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, None, seq_len=original + 1)
+        plain = type(module).forward.__wrapped__  # the forward without dynamic_rope_update
+
+        def forward(x, position_ids, module=module, plain=plain, original=original,
+                    long_inv_freq=long_inv_freq.to(module.original_inv_freq)):
+            inv_freq = torch.where(position_ids.max() + 1 > original, long_inv_freq,
+                                   module.original_inv_freq)
+            saved = module._buffers["inv_freq"]
+            module._buffers["inv_freq"] = inv_freq
+            try:
+                return plain(module, x, position_ids)
+            finally:
+                module._buffers["inv_freq"] = saved
+
+        module.forward = forward
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def _example_inputs(config: Any) -> tuple[torch.Tensor, ...]:
     """Inputs to trace with: sizes distinct from each other and from 0 / 1, so that no axis is
     specialized to a constant (the exported graph is then checked at past length 0 and 1)."""
@@ -100,7 +149,8 @@ def export_graph(model: nn.Module, path: Path, external_data: bool | None = None
     # checked against PyTorch right after (minitron.export), so neither says anything we act on.
     # optimize=False: onnxscript's pattern rewriter takes many minutes on a 30-layer graph of ~7k
     # nodes; ONNX Runtime's own basic optimizer does the folding that matters in seconds (below).
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
+            traceable_rope(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, _example_inputs(model.config), dynamo=True, optimize=False, verbose=False,

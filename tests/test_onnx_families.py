@@ -105,3 +105,35 @@ def test_pruned_shape_exports_and_generates_in_onnx_runtime_genai(family, tmp_pa
         targets = whole[0, 1:]
         want_score = logp.gather(-1, targets[:, None])[-len(continuation):].sum().item()
         assert score == pytest.approx(want_score, abs=1e-4)
+
+
+def test_longrope_switches_to_the_long_factors_past_the_original_context(tmp_path):
+    """Phi-3-128k / Phi-3.5 / Phi-4-mini: transformers picks longrope's long factors once a position
+    passes original_max_position_embeddings (writing the choice into a buffer, which a plain trace
+    drops: the graph then kept the short factors, logits off by 1.0 of 3.4 at 100 tokens). Checked
+    against transformers on a prompt past the switch and on decoding across it, step by step."""
+    from transformers import DynamicCache
+
+    from minitron.onnx_graph import export_graph, write_genai_config
+    from minitron.onnx_lm import OnnxLM
+
+    model = make_tiny_model("phi3", max_position_embeddings=256, original_max_position_embeddings=64,
+                            initializer_range=0.1,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.75,
+                                             "long_factor": [1.0, 4.0, 16.0],
+                                             "short_factor": [1.0, 1.5, 2.0],
+                                             "original_max_position_embeddings": 64})
+    export_graph(model, tmp_path / "model.onnx")
+    write_genai_config(tmp_path, model.config, tiny_tokenizer(), "model.onnx")
+    lm = OnnxLM(tmp_path)
+    ids = torch.randint(1, 384, (1, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (lm.logits(ids) - model(ids).logits).abs().max().item() < 1e-4
+        cache, logits = DynamicCache(), []
+        ort_cache, ort_logits = lm.empty_cache(1), []
+        for lo, hi in [(0, 60)] + [(i, i + 1) for i in range(60, 70)]:  # prefill 60, decode past 64
+            logits.append(model(ids[:, lo:hi], past_key_values=cache, use_cache=True).logits)
+            out, ort_cache = lm.step(ids[:, lo:hi].numpy(), ort_cache)
+            ort_logits.append(torch.from_numpy(out))
+    assert (torch.cat(ort_logits, 1) - torch.cat(logits, 1)).abs().max().item() < 1e-4
