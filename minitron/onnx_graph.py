@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ def export_graph(model: nn.Module, path: Path, external_data: bool | None = None
     # optimize=False: onnxscript's pattern rewriter takes many minutes on a 30-layer graph of ~7k
     # nodes; ONNX Runtime's own basic optimizer does the folding that matters in seconds (below).
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
-            traceable_rope(model):
+            traceable_rope(model), _quiet_logger("torch.onnx._internal.exporter._registration"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, _example_inputs(model.config), dynamo=True, optimize=False, verbose=False,
@@ -161,6 +162,19 @@ def export_graph(model: nn.Module, path: Path, external_data: bool | None = None
     _fold_constants_(path, external_data)
     _finish_graph_(path)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """A logger raised to ERROR for a while (the exporter's registry warns on every export that
+    torchvision's operators are not installed; nothing here uses them)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _fold_constants_(path: Path, external_data: bool) -> None:
