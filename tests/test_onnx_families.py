@@ -114,6 +114,7 @@ def test_longrope_switches_to_the_long_factors_past_the_original_context(tmp_pat
     against transformers on a prompt past the switch and on decoding across it, step by step."""
     from transformers import DynamicCache
 
+    from minitron.models import cache_kwarg
     from minitron.onnx_graph import export_graph, write_genai_config
     from minitron.onnx_lm import OnnxLM
 
@@ -133,7 +134,7 @@ def test_longrope_switches_to_the_long_factors_past_the_original_context(tmp_pat
         cache, logits = DynamicCache(), []
         ort_cache, ort_logits = lm.empty_cache(1), []
         for lo, hi in [(0, 60)] + [(i, i + 1) for i in range(60, 70)]:  # prefill 60, decode past 64
-            logits.append(model(ids[:, lo:hi], past_key_values=cache, use_cache=True).logits)
+            logits.append(model(ids[:, lo:hi], use_cache=True, **{cache_kwarg(model): cache}).logits)
             out, ort_cache = lm.step(ids[:, lo:hi].numpy(), ort_cache)
             ort_logits.append(torch.from_numpy(out))
     assert (torch.cat(ort_logits, 1) - torch.cat(logits, 1)).abs().max().item() < 1e-4
