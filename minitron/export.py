@@ -65,7 +65,7 @@ from minitron.cpu import Int8Settings, describe_cpu, int8_settings, int8_target
 from minitron.data import load_blocks
 from minitron.measure import speed as torch_speed
 from minitron.measure import weights_size_mb
-from minitron.models import arch_of, count_params, load_config, load_model, resolve_model
+from minitron.models import count_params, load_config, load_model, resolve_model
 from minitron.onnx_graph import export_graph, write_genai_config
 from minitron.onnx_lm import OnnxLM, genai_generate, until_eos
 
@@ -139,8 +139,7 @@ def variants_to_measure(settings: ExportConfig) -> list[QuantVariant]:
 def check_model(model: str | os.PathLike, trust_remote_code: bool = False):
     """The model's local folder (or hub id) and config; refuses non-causal-LM and unsupported
     families by name (and, through `load_config`, broken weights files and remote code not asked for)."""
-    config = load_config(model, trust_remote_code)
-    arch_of(config)
+    config = load_config(model, trust_remote_code)  # refuses unsupported families by name
     return resolve_model(model, trust_remote_code), config
 
 
