@@ -175,7 +175,10 @@ class DataConfig(Section):
     source: str = setting("stdlib", "stdlib, a text file, a folder, a glob, a .jsonl file or "
                                     "hf:NAME / a saved datasets folder.")
     text_field: str = setting("text", "The field holding the text in .jsonl and datasets sources.")
-    block_size: int = setting(256, "Tokens per block for importance, export and evaluation.",
+    block_size: int = setting(256, "Tokens per block for importance, export and evaluation. "
+                                   "When the model's tokenizer prepends BOS (Gemma, Llama 3, "
+                                   "Mistral) every block is BOS + block_size - 1 stream tokens, "
+                                   "in every stage; else blocks are cut from the stream as is.",
                               at_least(2))
     seed: int = setting(0, "Seed of the calibration blocks' order.", SEED)
     calibration_blocks: int = setting(1024, "Blocks that importance is scored on (the papers: "
@@ -320,7 +323,8 @@ class DistillConfig(Section):
     tokens: int = setting(1_000_000, "Student training tokens (the budget).", at_least(1))
     batch_size: int = setting(8, "Sequences per micro-batch (global: split over processes).",
                               at_least(1))
-    block_size: int = setting(256, "Tokens per training sequence.", at_least(2))
+    block_size: int = setting(256, "Tokens per training sequence (BOS-led when the tokenizer "
+                                   "prepends BOS, as data.block_size).", at_least(2))
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", at_least(1))
     micro_batch_size: int | None = setting(
         None, "Sequences per process per forward. null: each micro-batch of batch_size is split "

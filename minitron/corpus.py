@@ -254,14 +254,51 @@ def token_stream(docs: Iterable[Document], tokenizer, batch: int = 64) -> Iterat
         yield ids
 
 
-def pack(streams: Iterable[list[int]], block_size: int, num_blocks: int | None = None) -> torch.Tensor:
-    """Concatenate token lists and cut them into [n, block_size] blocks; the short tail is dropped."""
+# ----------------------------------------------------------------------------- blocks
+_BOS_PROBE = "Blocks as the model expects them."
+
+
+def block_bos(tokenizer) -> int | None:
+    """The token every block starts with: the tokenizer's BOS id when encoding plain text prepends
+    it (`add_bos_token`, or a post-processor that adds one: Llama 2/3, Mistral, Gemma), else None
+    (Qwen, SmolLM2, Phi-3: blocks are cut from the stream as they are).
+
+    The one rule of block layout, asked of the tokenizer itself rather than of a list of families,
+    so a checkpoint whose tokenizer was changed (BOS switched on or off) is read as it will be run.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    special = tokenizer(_BOS_PROBE, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(_BOS_PROBE, add_special_tokens=False)["input_ids"]
+    return int(bos) if special[:1] == [bos] and special[1:len(plain) + 1] == plain else None
+
+
+def describe_bos(bos: int | None, tokenizer=None) -> str:
+    """The rule in words, for reports and errors: "BOS '<s>' (id 1) + block_size - 1 stream tokens";
+    given only a tokenizer (bos=None), the rule that tokenizer implies."""
+    if bos is None:
+        return "no BOS (blocks cut from the stream)"
+    name = tokenizer.convert_ids_to_tokens(bos) if tokenizer is not None else None
+    return f"BOS {name!r} (id {bos}) + block_size - 1 stream tokens" if name else \
+        f"BOS (id {bos}) + block_size - 1 stream tokens"
+
+
+def pack(streams: Iterable[list[int]], block_size: int, num_blocks: int | None = None,
+         bos: int | None = None) -> torch.Tensor:
+    """Concatenate token lists and cut them into [n, block_size] blocks; the short tail is dropped.
+
+    With `bos` (see `block_bos`) each block is BOS followed by the next block_size - 1 tokens of
+    the stream, so every block predicts block_size - 1 stream tokens under either rule.
+    """
+    lead = [] if bos is None else [bos]
+    body = block_size - len(lead)
     blocks, buf = [], []
     for ids in streams:
         buf.extend(ids)
-        while len(buf) >= block_size:
-            blocks.append(buf[:block_size])
-            buf = buf[block_size:]
+        while len(buf) >= body:
+            blocks.append(lead + buf[:body])
+            buf = buf[body:]
             if num_blocks is not None and len(blocks) >= num_blocks:
                 return torch.tensor(blocks, dtype=torch.long)
     return torch.tensor(blocks, dtype=torch.long).reshape(-1, block_size)

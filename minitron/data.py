@@ -3,7 +3,10 @@
 Every document lands in exactly one split, chosen by a stable hash of its key (a file's path
 relative to its source, or a record's text), so splits never overlap and never move between runs
 or machines. Within a split, documents are shuffled by `seed`, tokenized with an EOS after each,
-concatenated and cut into fixed-length blocks; the tail shorter than a block is dropped.
+concatenated and cut into fixed-length blocks; the tail shorter than a block is dropped. When
+the tokenizer prepends a BOS token to text (Gemma, Llama 3, Mistral), every block is that BOS
+followed by block_size - 1 stream tokens, as the model is run in use (`corpus.block_bos`: the one
+rule every stage reads its blocks by).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import torch
 from minitron.common import DEBUG_FLAG, MinitronError, check_writable, run_cli
 # The documents layer lives in minitron.corpus (shards.py builds on it too); its names are
 # re-exported here, where the stages have always found them.
-from minitron.corpus import (Document, SOURCES_HELP, SPLITS, batches, encode_chat, encode_documents, iter_documents, pack,
-                             split_documents, split_of, stdlib_root, token_stream, _SPLIT_EDGES)  # noqa: F401
+from minitron.corpus import (Document, SOURCES_HELP, SPLITS, batches, block_bos, describe_bos,  # noqa: F401
+                             encode_chat, encode_documents, iter_documents, pack, split_documents,
+                             split_of, stdlib_root, token_stream, _SPLIT_EDGES)
 from minitron.shards import Prepared, is_prepared, prepare
 
 def load_blocks(
@@ -37,7 +41,8 @@ def load_blocks(
     `num_blocks=None` packs the whole split. `max_positions` (the model's context length) refuses
     blocks the model cannot attend over. A prepared folder (`python -m minitron.data prepare`) as
     `source` reads the blocks from its shards; its document order was fixed by the `seed` it was
-    prepared with, so `seed` applies to raw sources only.
+    prepared with, so `seed` applies to raw sources only. Blocks start with BOS exactly when the
+    tokenizer adds one (`block_bos`).
     """
     if block_size < 2:
         raise MinitronError(f"block_size={block_size} is too small; it must be at least 2")
@@ -57,7 +62,7 @@ def load_blocks(
             f"give a source with more documents ({SOURCES_HELP})"
         )
     random.Random(seed).shuffle(docs)
-    blocks = pack(token_stream(docs, tokenizer), block_size, num_blocks)
+    blocks = pack(token_stream(docs, tokenizer), block_size, num_blocks, bos=block_bos(tokenizer))
     if len(blocks) == 0:
         raise MinitronError(
             f"the '{split}' split of data source '{source}' has fewer than block_size={block_size} "
@@ -69,13 +74,20 @@ def load_blocks(
     return blocks
 
 
+def block_rule(tokenizer) -> str:
+    """The block rule `tokenizer` implies, in words, for the reports of every stage."""
+    return describe_bos(block_bos(tokenizer), tokenizer)
+
+
 def _prepared_blocks(tokenizer, split: str, num_blocks: int | None, source: str,
                      block_size: int) -> torch.Tensor:
     if split not in SPLITS:
         raise MinitronError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
     prepared = Prepared(source)
+    bos = block_bos(tokenizer)
+    prepared.check_bos(bos)  # before the tokenizer hash, so a rule mismatch is named as one
     prepared.check_tokenizer(tokenizer)
-    view = prepared.blocks(split, block_size, num_blocks)
+    view = prepared.blocks(split, block_size, num_blocks, bos=bos)
     if len(view) == 0:
         raise MinitronError(
             f"the '{split}' split of prepared data '{source}' has fewer than block_size="
@@ -95,7 +107,7 @@ def open_blocks(tokenizer, split: str, num_blocks: int | None, *, source: str, b
                            seed=seed, text_field=text_field, max_positions=max_positions)
     load_blocks(tokenizer, split, 1, source=source, block_size=block_size,
                 max_positions=max_positions)  # the same checks and errors, on one block
-    return Prepared(source).blocks(split, block_size, num_blocks)
+    return Prepared(source).blocks(split, block_size, num_blocks, bos=block_bos(tokenizer))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -170,6 +182,7 @@ def check_source(source: str, text_field: str = "text", tokenizer=None,
     if is_prepared(source):
         prepared = Prepared(source)
         if tokenizer is not None:
+            prepared.check_bos(block_bos(tokenizer))
             prepared.check_tokenizer(tokenizer)
         return
     if source.startswith("hf:"):

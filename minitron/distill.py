@@ -1205,7 +1205,7 @@ def _launch(teacher_path, student_path, out: Path, sections: dict[str, Any]) -> 
 def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], device: str,
               max_pos: int) -> dict[str, Any]:
     """One process's part of `run_distill` (all of it when there is one process)."""
-    from minitron.data import load_blocks, open_blocks
+    from minitron.data import block_rule, load_blocks, open_blocks
     from minitron.models import load_model, resolve_model
 
     config, data, model = sections["distill"], sections["data"], sections["model"]
@@ -1237,7 +1237,8 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     info = {"student_source": str(student_path),
             "teacher": str(teacher_path) if teacher_path is not None else None,
             "data": {"source": data.source, "train_blocks": len(train_blocks),
-                     "eval_blocks": len(eval_blocks), "block_size": config.block_size},
+                     "eval_blocks": len(eval_blocks), "block_size": config.block_size,
+                     "blocks": block_rule(tokenizer)},
             "pruning": info or None}
     return distill(teacher, student, train_blocks, eval_blocks, config, out, tokenizer=tokenizer,
                    info=info, correction=correction, student_device=device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from minitron.common import StageTimer, check_writable, format_table, run_cli, write_json_atomic
 from minitron.config import DataConfig, EvaluateConfig, ModelConfig
-from minitron.data import batches, load_blocks
+from minitron.data import batches, block_rule, load_blocks
 # Also export's (from a module of their own, so that export need not import this one: evaluate
 # scores exported ONNX folders on tasks through export's loader).
 from minitron.measure import speed, weights_size_mb  # noqa: F401
@@ -201,6 +201,7 @@ def evaluate(
                                           settings.num_fewshot, settings.batch_size)
         timer.tokens = result["tokens"]
     result["eval_blocks"] = f"{len(blocks)}x{data.block_size} of '{data.source}' eval split"
+    result["blocks"] = block_rule(tokenizer)
     result["timing"] = timer.as_dict()
     return result
 

@@ -62,7 +62,7 @@ from minitron.common import (MinitronError, StageTimer, atomic_dir, check_replac
 from minitron.config import (BLOCKWISE_MAX_BLOCK, INT4_SCHEMES, DataConfig, ExportConfig,
                              ModelConfig)
 from minitron.cpu import Int8Settings, describe_cpu, int8_settings, int8_target
-from minitron.data import load_blocks
+from minitron.data import block_rule, load_blocks
 from minitron.measure import speed as torch_speed
 from minitron.measure import weights_size_mb
 from minitron.models import count_params, load_config, load_model, resolve_model
@@ -628,9 +628,9 @@ def render_report(report: dict[str, Any]) -> str:
              f"Deployed: `{DEPLOY_FILE}` = {report['deployed']}. Generate with "
              "`onnxruntime_genai.Model(<this folder>)` (it reads `genai_config.json`); "
              "a plain `onnxruntime.InferenceSession` runs the same graph.", "",
-             f"Held-out data: {report['eval']}. Perplexity change, top-1 agreement and the speed-ups "
-             "are relative to PyTorch FP32; max_logit_diff is over the first "
-             f"{_DIFF_BLOCKS} blocks (fewer where their logits pass 256 MB); greedy_match counts "
+             f"Held-out data: {report['eval']}; blocks: {report.get('blocks', 'no BOS')}. "
+             "Perplexity change, top-1 agreement and the speed-ups are relative to PyTorch FP32; "
+             f"max_logit_diff is over the first {_DIFF_BLOCKS} blocks (fewer where their logits pass 256 MB); greedy_match counts "
              "leading tokens of a greedy continuation that "
              "equal PyTorch FP32's. Speeds: batch 1, 128-token prompt, 32 decoded tokens with the KV "
              f"cache, median of 3, on {report['device']['cpu']} ({report['device']['cpu_count']} cores, "
@@ -868,6 +868,7 @@ def write_report(job: Job, tmp: Path, rows: list[dict[str, Any]], deployed: str,
                    "parameters": count_params(job.pt_model)},
         "deployed": deployed,
         "eval": f"{len(job.blocks)}x{job.blocks.shape[1]} tokens of the '{job.data.source}' eval split",
+        "blocks": block_rule(job.tokenizer),
         "prompt_tokens": job.prompt[0].tolist(),  # greedy_tokens / genai_tokens continue this
         "settings": _record(job),
         "int8_cpu": cpu.as_dict(),

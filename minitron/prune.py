@@ -447,6 +447,9 @@ def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike,
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            from minitron.data import block_rule
+
+            record.setdefault("blocks", block_rule(tokenizer))  # how calibration was read
         if scores is not None:
             save_scores(scores, tmp / SCORES_FILE)
             record["scores_file"] = SCORES_FILE

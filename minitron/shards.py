@@ -3,13 +3,15 @@ manifest; `Prepared` reads blocks from them by index, so no stage holds the corp
 
 Layout of a prepared folder (the nanoGPT `train.bin` idea, with splits and fingerprints):
 
-    manifest.json            tokenizer hash, source fingerprint, split edges, seed, counts, shards
+    manifest.json            tokenizer hash and BOS rule, source fingerprint, split edges, seed,
+                             counts, shards
     train-00000.bin ...      the split's packed token stream, uint16 (vocab <= 65536) or uint32
     train-00000.mask ...     (chat sources) uint8 per token: 1 = the loss counts this token
 
 Each split's stream is what `minitron.data.load_blocks` builds in memory: the split's documents
 (chosen by the same key hash), shuffled by `seed`, each followed by EOS, concatenated. Block i of
-size B is tokens [i*B, (i+1)*B) of that stream, so any block size reads the same folder.
+size B is tokens [i*B, (i+1)*B) of that stream, so any block size reads the same folder; under
+the BOS rule (a tokenizer that prepends BOS) it is BOS + tokens [i*(B-1), (i+1)*(B-1)).
 
 Preparing runs in two passes, both resumable. Pass 1 tokenizes chunks of documents in parallel
 worker processes, in source order; each chunk's files land atomically in `.work/` with a marker
@@ -95,13 +97,15 @@ class BlockView:
     """Blocks [n, block_size] of one split, read from the shards on indexing (int64 tensors).
 
     Quacks like the 2-D LongTensor the stages used to receive: `len`, `shape`, `ndim`, `size()`,
-    and `view[rows]` with an int, a slice, a list or a tensor of indices.
+    and `view[rows]` with an int, a slice, a list or a tensor of indices. With `bos` every row is
+    BOS followed by block_size - 1 stream tokens (`minitron.corpus.pack`'s rule, read from disk).
     """
 
     def __init__(self, stream: TokenStream, block_size: int, num_blocks: int, fingerprint: str,
-                 vocab_size: int):
+                 vocab_size: int, bos: int | None = None):
         self.stream, self.block_size, self.num_blocks = stream, block_size, num_blocks
         self.fingerprint, self.vocab_size = fingerprint, vocab_size  # every id < vocab_size
+        self.bos = bos
         self.ndim = 2
 
     def __len__(self) -> int:
@@ -133,10 +137,13 @@ class BlockView:
         import torch
 
         rows = self._rows(index)
-        b = self.block_size
-        out = np.empty((len(rows), b), dtype=np.int64 if not mask else np.bool_)
+        lead = int(self.bos is not None)
+        body = self.block_size - lead
+        out = np.empty((len(rows), self.block_size), dtype=np.int64 if not mask else np.bool_)
+        if lead:  # BOS is never a target: its mask is False
+            out[:, 0] = False if mask else self.bos
         for i, r in enumerate(rows):
-            out[i] = self.stream.read(r * b, b, mask=mask)
+            out[i, lead:] = self.stream.read(r * body, body, mask=mask)
         t = torch.from_numpy(out)
         return t[0] if isinstance(index, int) else t
 
@@ -189,14 +196,38 @@ class Prepared:
             raise MinitronError(f"unknown split '{split}'; valid: {', '.join(self.manifest['splits'])}")
         return TokenStream(self.folder, split, self.manifest["splits"][split], self.dtype)
 
-    def blocks(self, split: str, block_size: int, num_blocks: int | None = None) -> BlockView:
-        """The first `num_blocks` (all when None) blocks of `block_size` tokens of a split."""
+    def check_bos(self, bos: int | None) -> None:
+        """Refuse to read blocks by another BOS rule than the one this folder was prepared for.
+
+        The shards hold the stream either way; the rule is fixed with the tokenizer, and a run
+        reading by the other one (a tokenizer with BOS switched on or off, which a vocabulary
+        hash of a SentencePiece tokenizer does not see) would train and score on other blocks
+        than those its teacher cache and reports name. Folders prepared before the rule was
+        recorded say nothing and are read by the run's rule.
+        """
+        from minitron.corpus import describe_bos
+
+        info = self.manifest["tokenizer"]
+        if "block_bos" not in info or info["block_bos"] == bos:
+            return
+        raise MinitronError(
+            f"prepared data {self.folder} was prepared for blocks led by "
+            f"{describe_bos(info['block_bos'])}; this run's tokenizer reads blocks as "
+            f"{describe_bos(bos)}: prepare the data again with this model's tokenizer "
+            f"(python -m minitron.data prepare SOURCE --tokenizer MODEL)")
+
+    def blocks(self, split: str, block_size: int, num_blocks: int | None = None,
+               bos: int | None = None) -> BlockView:
+        """The first `num_blocks` (all when None) blocks of `block_size` tokens of a split; with
+        `bos` (the tokenizer's rule, `minitron.corpus.block_bos`) each is BOS + block_size - 1
+        stream tokens."""
+        self.check_bos(bos)
         stream = self.stream(split)
-        n = stream.tokens // block_size
+        n = stream.tokens // (block_size - (bos is not None))
         if num_blocks is not None:
             n = min(n, num_blocks)
-        fp = f"{self.fingerprint}:{split}:{block_size}:{n}"
-        return BlockView(stream, block_size, n, fp, self.manifest["tokenizer"]["vocab_size"])
+        fp = f"{self.fingerprint}:{split}:{block_size}:{n}" + ("" if bos is None else f":bos{bos}")
+        return BlockView(stream, block_size, n, fp, self.manifest["tokenizer"]["vocab_size"], bos)
 
 
 def is_prepared(source: str | os.PathLike) -> bool:
@@ -535,6 +566,8 @@ def prepare(
                                calibration_fraction)
     if tokenizer.eos_token_id is None:
         raise MinitronError("the tokenizer has no EOS token; documents cannot be separated")
+    from minitron.corpus import block_bos
+
     workers = workers or min(os.cpu_count() or 1, 8)
     if workers < 1 or shard_tokens < 1 or chunk_chars < 1:
         raise MinitronError(f"workers={workers}, shard_tokens={shard_tokens}, chunk_chars="
@@ -564,7 +597,8 @@ def prepare(
                    "fingerprint": source_fp},
         "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", None),
                       "hash": plan["tokenizer_hash"], "vocab_size": vocab,
-                      "eos_token_id": tokenizer.eos_token_id},
+                      "eos_token_id": tokenizer.eos_token_id,
+                      "block_bos": block_bos(tokenizer)},
         "dtype": dtype.str, "seed": seed, "block_size": block_size, "split_edges": settings.edges,
         "splits": splits,
         "stats": {"workers": workers, "tokenize_s": round(stats["seconds"], 3),

@@ -96,7 +96,11 @@ def score_torch(model, tokenizer, tasks: list[str], limit: int | None = None,
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from minitron.data import block_bos
+
+    # Contexts start with BOS exactly when minitron's blocks do (the tokenizer adds one).
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              add_bos_token=block_bos(tokenizer) is not None)
     return score_lm(lm, tasks, limit, num_fewshot)
 
 
@@ -116,18 +120,28 @@ def ort_lm(folder: str | os.PathLike, file_name: str | None = None):
     """lm-eval's `onnxruntime` model over an exported folder (its deployed graph, or `file_name`).
 
     It scores log-likelihood requests (multiple choice, perplexity tasks) one sequence at a time on
-    the CPU provider, and encodes text without the tokenizer's special tokens (HFLM adds what the
-    tokenizer adds), so a tokenizer that prepends BOS is fed differently by the two."""
+    the CPU provider. lm-eval's ONNX models encode text without special tokens; ours encodes it
+    as `score_torch` does (BOS first exactly when the tokenizer adds one, `data.block_bos`), so a
+    PyTorch model and its export are scored on the same tokens."""
     require_lm_eval()
     from lm_eval.models.onnxruntime_ort import ONNXRuntimeLM
 
+    from minitron.data import block_bos
     from minitron.onnx_lm import read_genai_config
+
+    class BlockRuleLM(ONNXRuntimeLM):
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
+            if add_special_tokens is None:
+                if not hasattr(self, "_adds_bos"):
+                    self._adds_bos = block_bos(self.tokenizer) is not None
+                add_special_tokens = self._adds_bos
+            return super().tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
 
     folder = Path(folder)
     name = file_name or read_genai_config(folder)["model"]["decoder"]["filename"]
     if not (folder / name).is_file():
         raise MinitronError(f"model: no '{name}' in ONNX folder '{folder}'")
-    return ONNXRuntimeLM(pretrained=str(folder / name), execution_provider="cpu")
+    return BlockRuleLM(pretrained=str(folder / name), execution_provider="cpu")
 
 
 def task_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:

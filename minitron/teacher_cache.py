@@ -28,10 +28,12 @@ Contract (what a cache folder holds and what a reader may rely on):
   at most a `.tmp-*` folder (removed).
 - `manifest.json` is written last (the commit): format, `plan` (everything the bytes depend on),
   `data` (kind "prepared": the prepared folder's manifest fingerprint, or kind "tokens": a hash of
-  the cached blocks' token ids; split, block_size, blocks), `teacher` (name and `teacher_hash`),
+  the cached blocks' token ids; split, block_size, blocks; `bos` when every block is led by the
+  tokenizer's BOS, see `minitron.corpus.block_bos`), `teacher` (name and `teacher_hash`),
   k, vocab_size, shards, `fingerprint` (of the plan) and timing stats.
 - Refusals (MinitronError, exit 2, naming both fingerprints): a distillation whose data is not the
-  cache's (another prepared fingerprint, other tokens, another block size, more blocks than cached)
+  cache's (another prepared fingerprint, other tokens, another BOS rule, another block size, more
+  blocks than cached)
   or whose named --teacher hashes differently; a build into a folder holding another cache.
 - The loss (minitron/kernels/sparse_kl.py): forward KL, exact over the kept tokens, with the tail
   as one bucket whose student mass is the student's probability outside the kept ids; with k = V it
@@ -106,16 +108,19 @@ def _tokens_hash(blocks: torch.Tensor) -> str:
     return hashlib.sha1(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def data_identity(blocks, split: str = "train") -> dict[str, Any]:
+def data_identity(blocks, split: str = "train", bos: int | None = None) -> dict[str, Any]:
     """What the train blocks are: a prepared folder's fingerprint (its BlockView names it as
-    'fingerprint:split:block_size:n'), or for in-memory blocks a hash of their token ids."""
+    'fingerprint:split:block_size:n'), or for in-memory blocks a hash of their token ids; and
+    `bos`, the BOS id every block starts with (a BlockView knows it; in-memory blocks are told),
+    recorded only under the BOS rule so caches of BOS-less blocks keep their fingerprints."""
     if hasattr(blocks, "stream"):
         fp, split = blocks.fingerprint.split(":")[:2]
-        kind = "prepared"
+        kind, bos = "prepared", blocks.bos
     else:
         fp, split, kind = _tokens_hash(blocks), split, "tokens"
-    return {"kind": kind, "fingerprint": fp, "split": split, "block_size": int(blocks.shape[1]),
-            "blocks": int(blocks.shape[0])}
+    identity = {"kind": kind, "fingerprint": fp, "split": split,
+                "block_size": int(blocks.shape[1]), "blocks": int(blocks.shape[0])}
+    return identity if bos is None else {**identity, "bos": int(bos)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -201,6 +206,12 @@ class TeacherCache:
         """Refuse train blocks that are not rows [0, n) of the cached blocks."""
         mine, theirs = self.manifest["data"], data_identity(blocks)
         where = f"teacher cache {self.folder}"
+        if theirs["kind"] == "prepared" and mine.get("bos") != theirs.get("bos"):
+            from minitron.corpus import describe_bos
+
+            raise MinitronError(f"{where} holds blocks led by {describe_bos(mine.get('bos'))}; "
+                                f"this run reads blocks as {describe_bos(theirs.get('bos'))} (its "
+                                f"tokenizer's rule): build the cache with this run's tokenizer")
         if mine["split"] != "train":
             raise MinitronError(f"{where} holds the '{mine['split']}' split; distillation trains "
                                 f"on the train split: build it with teacher_cache.split=train")
@@ -220,6 +231,8 @@ class TeacherCache:
             want = _tokens_hash(self.read("ids", range(theirs["blocks"])))
             have = theirs["fingerprint"]
             same = have == want
+            if not same and mine.get("bos") is not None:
+                want += f", blocks led by BOS id {mine['bos']}"
         if not same:
             raise MinitronError(
                 f"{where} was built from other data (fingerprint {want}, {mine['kind']}) than this "
@@ -381,18 +394,19 @@ def _begin(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
 def _load_data(teacher_name: str, data: DataConfig, config: CacheConfig, trust: bool = False):
     """The teacher's config and the blocks to cache (its tokenizer, no weights yet: a finished
     cache is recognized without loading the model)."""
-    from minitron.data import load_tokenizer, open_blocks
+    from minitron.data import block_bos, load_tokenizer, open_blocks
     from minitron.models import load_config
 
     t_cfg = load_config(teacher_name, trust)
     if config.k > t_cfg.vocab_size:
         raise MinitronError(f"teacher_cache.k={config.k} is larger than the teacher's vocabulary "
                             f"({t_cfg.vocab_size}); valid: 1 <= k <= {t_cfg.vocab_size}")
-    blocks = open_blocks(load_tokenizer(teacher_name, trust), config.split,
+    tokenizer = load_tokenizer(teacher_name, trust)
+    blocks = open_blocks(tokenizer, config.split,
                          max(1, config.tokens // config.block_size), source=data.source,
                          block_size=config.block_size, seed=config.seed,
                          text_field=data.text_field, max_positions=t_cfg.max_position_embeddings)
-    return t_cfg, blocks
+    return t_cfg, blocks, block_bos(tokenizer)
 
 
 def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
@@ -406,10 +420,10 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
     config, data, model = config or CacheConfig(), data or DataConfig(), model or ModelConfig()
     out = Path(output).expanduser()
     check_writable(out, "--output")
-    t_cfg, blocks = _load_data(str(teacher_name), data, config, model.trust_remote_code)
+    t_cfg, blocks, bos = _load_data(str(teacher_name), data, config, model.trust_remote_code)
     n = len(blocks)
     shard_blocks = max(1, config.shard_tokens // config.block_size)
-    identity = data_identity(blocks, config.split)
+    identity = data_identity(blocks, config.split, bos)
     t_hash = teacher_hash(teacher_name)
     plan = {"format": FORMAT, "data": identity, "teacher_hash": t_hash, "k": config.k,
             "block_size": config.block_size, "num_blocks": n, "shard_blocks": shard_blocks,

@@ -5,6 +5,7 @@ References are independent of minitron's export: the pruned folder reloaded by p
 (what a user deploys), and lm-eval's own `onnxruntime` model scoring it.
 """
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from minitron.importance import compute_scores
 from minitron.prune import prune, save_pruned
-from tiny import make_tiny_model, tiny_tokenizer
+from tiny import bos_tokenizer, make_tiny_model, tiny_tokenizer
 
 pytest.importorskip("onnxruntime")
 og = pytest.importorskip("onnxruntime_genai")
@@ -69,11 +70,16 @@ def test_pruned_shape_exports_and_generates_in_onnx_runtime_genai(family, tmp_pa
     model = make_tiny_model(family, initializer_range=0.1, **overrides)
     calib = torch.randint(0, 384, (6, 24), generator=torch.Generator().manual_seed(1))
     pruned = prune(model, compute_scores(model, calib, 4), {**target, "intermediate_size": 64})
-    save_pruned(pruned, tiny_tokenizer(), tmp_path / "pruned")
+    # Gemma's tokenizer prepends BOS: its blocks, validation prompt and task contexts start with it.
+    tok = bos_tokenizer() if family.startswith("gemma") else tiny_tokenizer()
+    save_pruned(pruned, tok, tmp_path / "pruned")
     corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
     export(tmp_path / "pruned", tmp_path / "onnx",
            ExportConfig(int8="none", gen_tokens=8, compare=False, speed=False),
            DataConfig(source=corpus, eval_blocks=2, block_size=32))
+    report = json.loads((tmp_path / "onnx" / "report.json").read_text())
+    assert report["blocks"].startswith("BOS" if family.startswith("gemma") else "no BOS")
+    assert (report["prompt_tokens"][0] == 1) == family.startswith("gemma")
 
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
     config = reference.config
@@ -97,8 +103,8 @@ def test_pruned_shape_exports_and_generates_in_onnx_runtime_genai(family, tmp_pa
 
         request = Instance("loglikelihood", {}, ("def f(x):", " return x"), 0)
         (score, _), = ort_lm(tmp_path / "onnx").loglikelihood([request])
-        tok = tiny_tokenizer()
-        context, continuation = tok.encode("def f(x):"), tok.encode(" return x")
+        context = [1] + tok.encode("def f(x):", add_special_tokens=False)  # BOS, as PyTorch's HFLM
+        continuation = tok.encode(" return x", add_special_tokens=False)
         whole = torch.tensor([context + continuation])
         with torch.no_grad():
             logp = torch.log_softmax(reference(whole).logits[0, :-1].double(), -1)

@@ -31,6 +31,30 @@ def tiny_tokenizer():
                                    model_input_names=["input_ids", "attention_mask"])
 
 
+@functools.lru_cache(maxsize=None)
+def bos_tokenizer(adds_bos: bool = True):
+    """Like `tiny_tokenizer`, with a `<bos>` token (id 1) that its post-processor prepends to
+    every text, as Gemma's, Llama 3's and Mistral's tokenizers do; `adds_bos=False`: the same
+    vocabulary, adding nothing (so the two encode text to the same ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text() for name in ("json/decoder.py", "textwrap.py", "string.py")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", bos_token="<bos>",
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
 # What makes each newer family itself in a tiny model: Qwen3's head_dim independent of the hidden
 # size; Gemma's soft-capping, query_pre_attn_scalar != head_dim and a sliding window shorter than
 # the test sequences (so sliding and global layers differ); Gemma 3's own layer pattern and local
