@@ -168,7 +168,7 @@ def _data_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     manifest = prepare(r.data.source, out / "shards",
                        load_tokenizer(ctx.teacher, r.model.trust_remote_code),
                        tokenizer_name=r.model.name, text_field=r.data.text_field,
-                       seed=r.data.seed, block_size=r.data.block_size)
+                       seed=r.data.seed, block_size=r.data.block_size, workers=r.data.workers)
     timer.tokens = manifest["stats"]["tokens_tokenized"]
     return {"data_dir": str(out / "shards"), "fingerprint": manifest["fingerprint"],
             "tokens": {s: v["tokens"] for s, v in manifest["splits"].items()}}
@@ -285,14 +285,16 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     distill = {k: v for k, v in dataclasses.asdict(r.distill).items() if k not in RESUMABLE_SETTINGS}
     # A search's short runs take the distill section's settings but their own tokens and eval set.
     short = {k: v for k, v in distill.items() if k not in ("tokens", "eval_blocks")}
+    # The tokenizing process count does not change the shards.
+    d = dataclasses.replace(r.data, workers=None)
     return {
         "data": [r.data.source, r.data.text_field, r.data.seed, r.data.block_size],
-        "prune": [r.model, r.data, r.importance, r.prune, *data,
+        "prune": [r.model, d, r.importance, r.prune, *data,
                   *([r.search, short, r.teacher_cache] if r.search.candidates else [])],
         "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill,
                     *data],
-        "export": [r.data, r.export, *data],
-        "evaluate": [r.data, r.model.dtype, r.model.device, r.evaluate, *data],
+        "export": [d, r.export, *data],
+        "evaluate": [d, r.model.dtype, r.model.device, r.evaluate, *data],
     }[name]
 
 

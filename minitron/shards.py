@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -414,22 +415,64 @@ def _mixture_order(markers: list[dict], chunk_ids: np.ndarray, lengths: np.ndarr
     return order, summary
 
 
+def _max_open() -> int:
+    """Chunk files a reader keeps open: 64, or a quarter of a lower open-file limit (two readers,
+    tokens and mask, stay within half of it)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError):  # no resource module (Windows)
+        return 64
+    return 64 if soft == resource.RLIM_INFINITY else max(2, min(64, soft // 4))
+
+
 class _ChunkReader:
-    """Reads a document's tokens (or mask) from the pass-1 chunk files, memory-mapped lazily."""
+    """Reads a document's tokens (or mask) from the pass-1 chunk files by offset.
+
+    A corpus has ~120k chunks at 111B tokens; one map (or descriptor) per chunk would exceed the
+    open-file limit and `vm.max_map_count`. So files are read with seek + readinto (no mapping),
+    and at most `max_open` stay open, least recently used closed first."""
 
     def __init__(self, work: Path, split: str, dtype: np.dtype, mask: bool):
-        self.work, self.split, self.dtype, self.mask = work, split, dtype, mask
-        self.files: dict[int, np.ndarray | None] = {}
+        self.work, self.split, self.mask, self.max_open = work, split, mask, _max_open()
+        self.dtype = np.dtype(np.uint8) if mask else np.dtype(dtype)
+        self.files: OrderedDict[int, Any] = OrderedDict()  # chunk -> open file, or None
+
+    def _file(self, chunk: int):
+        if chunk in self.files:
+            self.files.move_to_end(chunk)
+            return self.files[chunk]
+        tok, _, mask = _chunk_files(self.work, chunk, self.split)
+        path = mask if self.mask else tok
+        f = open(path, "rb", buffering=0) if path.exists() else None
+        self.files[chunk] = f
+        while len(self.files) > self.max_open:
+            old = self.files.popitem(last=False)[1]
+            if old is not None:
+                old.close()
+        return f
 
     def get(self, chunk: int, lo: int, hi: int) -> np.ndarray:
-        if chunk not in self.files:
-            tok, _, mask = _chunk_files(self.work, chunk, self.split)
-            path, dt = (mask, np.uint8) if self.mask else (tok, self.dtype)
-            self.files[chunk] = np.memmap(path, dtype=dt, mode="r") if path.exists() else None
-        data = self.files[chunk]
-        if data is None:  # a chunk of plain documents in a split with conversations
+        f = self._file(chunk)
+        if f is None:  # a chunk of plain documents in a split with conversations
             return np.ones(hi - lo, dtype=np.uint8)
-        return data[lo:hi]
+        out = np.empty(hi - lo, dtype=self.dtype)
+        f.seek(lo * self.dtype.itemsize)
+        view, got = memoryview(out).cast("B"), 0
+        while got < out.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise MinitronError(f"{f.name}: ends before token {hi}; the preparation's "
+                                    f".work folder is damaged: delete it and prepare again")
+            got += n
+        return out
+
+    def close(self) -> None:
+        for f in self.files.values():
+            if f is not None:
+                f.close()
+        self.files.clear()
 
 
 def _fill(buf: np.ndarray, lo: int, reader: _ChunkReader, order, ends, lengths, chunk_ids,
@@ -463,6 +506,22 @@ def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: i
     with_mask = any(m["splits"].get(split, {}).get("mask") for m in markers)
     kinds = [(".bin", dtype, False)] + ([(".mask", np.dtype(np.uint8), True)] if with_mask else [])
     readers = {mask: _ChunkReader(work, split, dtype, mask) for _, _, mask in kinds}
+    try:
+        shards = _write_shards(out, split, kinds, readers, total, shard_tokens,
+                               (order, ends, lengths, chunk_ids, offsets))
+    finally:
+        for reader in readers.values():
+            reader.close()
+    info = {"documents": len(lengths), "tokens": total, "shard_tokens": shard_tokens,
+            "mask": with_mask, "shards": shards}
+    if mixture is not None:
+        info["mixture"] = mixture
+    return info
+
+
+def _write_shards(out: Path, split: str, kinds, readers, total: int, shard_tokens: int,
+                  layout) -> list[dict]:
+    """The split's shards, each written by rename (one an interrupted run wrote is kept)."""
     shards = []
     for k in range(math.ceil(total / shard_tokens)):
         lo, hi = k * shard_tokens, min((k + 1) * shard_tokens, total)
@@ -472,13 +531,9 @@ def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: i
             if path.exists() and path.stat().st_size == (hi - lo) * dt.itemsize:
                 continue  # written by an interrupted run (shards appear only by rename)
             buf = np.empty(hi - lo, dtype=dt)
-            _fill(buf, lo, readers[mask], order, ends, lengths, chunk_ids, offsets)
+            _fill(buf, lo, readers[mask], *layout)
             _save(path, buf)
-    info = {"documents": len(lengths), "tokens": total, "shard_tokens": shard_tokens,
-            "mask": with_mask, "shards": shards}
-    if mixture is not None:
-        info["mixture"] = mixture
-    return info
+    return shards
 
 
 # ----------------------------------------------------------------------------- prepare
