@@ -101,6 +101,30 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
     return shape, candidates
 
 
+def _cache_size(recipe: Recipe) -> dict[str, Any] | None:
+    """The size of the teacher cache the run builds (the search's, over a short run's tokens) or
+    reads (distill.teacher_cache, when it exists): said before any build starts."""
+    from minitron import teacher_cache as tc
+
+    r = recipe
+    if r.prune.enabled and r.search.candidates and r.search.teacher_cache:
+        from minitron.search import short_config
+
+        short = short_config(r.distill, r.search)
+        tokens, k, dtype = (short.steps * short.tokens_per_step, r.teacher_cache.k,
+                            r.teacher_cache.dtype)
+        where = "the search builds"
+    elif (r.distill.enabled and r.distill.teacher_cache
+          and Path(r.distill.teacher_cache, tc.MANIFEST).is_file()):
+        m = tc.open_cache(r.distill.teacher_cache).manifest
+        tokens, k, dtype, where = m["tokens"], m["k"], m["dtype"], "distillation reads"
+    else:
+        return None
+    return {"tokens": tokens, "bytes_per_token": tc.bytes_per_token(k, dtype),
+            "gb": round(tokens * tc.bytes_per_token(k, dtype) / 1e9, 3),
+            "line": f"{tc.size_line(tokens, k, dtype)} ({where})"}
+
+
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate, print the plan, shapes and parameter counts; touch no weights."""
     config = source_config(recipe, need_weights=False)
@@ -123,6 +147,10 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         print(f"pruned{' (at most)' if recipe.search.candidates else ''}: {shape}, {after:,} "
               f"parameters ({after / before:.1%} of the source)")
         plan_info.update(pruned_shape=shape, pruned_params=after, candidates=candidates)
+    cache = _cache_size(recipe)
+    if cache is not None:
+        print(cache["line"])
+        plan_info["teacher_cache"] = {k: v for k, v in cache.items() if k != "line"}
     if recipe.distill.enabled:
         from minitron.distill import memory_plan_
 
