@@ -125,6 +125,22 @@ def _cache_size(recipe: Recipe) -> dict[str, Any] | None:
             "line": f"{tc.size_line(tokens, k, dtype)} ({where})"}
 
 
+def _stage_memory(recipe: Recipe, config, shape: dict[str, int]) -> dict[str, float]:
+    """The memory plans of the prune stage (its importance pass) and the evaluate stage (the
+    pruned student beside the teacher), GiB."""
+    from minitron.memory_plan import GIB, plan_evaluate, plan_prune
+
+    r, source, out = recipe, config.to_dict(), {}
+    if r.prune.enabled:
+        imp = r.importance
+        out["prune"] = plan_prune(source, imp.batch_size, r.data.block_size, r.model.dtype,
+                                  imp.head_score, imp.depth_method).peak / GIB
+    if r.evaluate.enabled:
+        out["evaluate"] = plan_evaluate({**source, **shape}, source, r.evaluate.batch_size,
+                                        r.data.block_size, r.model.dtype).peak / GIB
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate, print the plan, shapes and parameter counts; touch no weights."""
     config = source_config(recipe, need_weights=False)
@@ -151,6 +167,10 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     if cache is not None:
         print(cache["line"])
         plan_info["teacher_cache"] = {k: v for k, v in cache.items() if k != "line"}
+    stages = _stage_memory(recipe, config, shape)
+    for name, gib in stages.items():
+        print(f"{name} stage memory per device: {gib:.2f} GiB (one process)")
+    plan_info["stage_memory_gib"] = stages
     if recipe.distill.enabled:
         from minitron.distill import memory_plan_
 
