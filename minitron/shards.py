@@ -327,8 +327,13 @@ def _chunk_digest(chunk: list) -> str:
 
 
 def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dtype, workers: int,
-                  chunk_chars: int, progress: bool) -> tuple[list[dict], str, dict[str, float]]:
-    """Pass 1: every chunk tokenized into `work` (reusing chunks a previous run finished)."""
+                  chunk_chars: int, progress: bool, part: tuple[int, int] | None = None,
+                  merge: bool = False) -> tuple[list[dict], str, dict[str, float]]:
+    """Pass 1: every chunk tokenized into `work` (reusing chunks a previous run finished).
+
+    `part` (i, n): only the chunks whose index is i modulo n (one machine's share); the others
+    are streamed past (their text feeds the fingerprint) and left out of the markers. `merge`:
+    tokenize nothing; every chunk must be there (the parts' `.work` files, gathered)."""
     from tqdm import tqdm
 
     source_fp = hashlib.sha1()
@@ -344,8 +349,8 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
         stats["tokenized" if fresh else "reused"] += n
         bar.update(n)
 
-    pool, pending = None, {}
-    if workers > 1:
+    pool, pending, missing = None, {}, []
+    if workers > 1 and not merge:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                    initializer=_init_worker, initargs=(pickle.dumps(tokenizer),))
     else:
@@ -356,6 +361,11 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
             marker_path = work / f"chunk-{index:06d}.json"
             if marker_path.exists() and json.loads(marker_path.read_text())["digest"] == digest:
                 done(index, json.loads(marker_path.read_text()), fresh=False)
+                continue
+            if merge:
+                missing.append(index)
+                continue
+            if part is not None and index % part[1] != part[0]:
                 continue
             if pool is None:
                 done(index, _tokenize_chunk(str(work), index, digest, chunk, dtype.str, src), True)
@@ -372,6 +382,10 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
             pool.shutdown(cancel_futures=True)
         bar.close()
     stats["seconds"] = time.perf_counter() - t0
+    if missing:
+        raise MinitronError(f"merge: {len(missing)} of {len(missing) + len(markers)} chunks are not "
+                            f"in {work} (chunks {missing[:8]}{' ...' if len(missing) > 8 else ''}); "
+                            f"run the missing --shard I/N parts, or gather their .work files here")
     return [markers[i] for i in sorted(markers)], source_fp.hexdigest()[:16], stats
 
 
@@ -576,11 +590,18 @@ def prepare(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     progress: bool = True,
+    part: tuple[int, int] | None = None,
+    merge: bool = False,
 ) -> dict[str, Any]:
     """Tokenize `source` once into shards + manifest in `output`; returns the manifest.
 
     A folder that already holds the same preparation is returned as is; an interrupted one is
     resumed (finished chunks and shards are kept); a folder holding anything else is refused.
+
+    Across machines: `part=(i, n)` tokenizes chunk i, i + n, ... into `output/.work` and returns
+    {"part": ...} (no shards, no manifest); `merge=True`, once the n parts' `.work` files are in
+    one `output/.work` (a shared folder, or copied: the file names are the chunks' global
+    indices), writes the shards and the manifest, the same as one machine's preparation.
     """
     sources = ((source, 1.0),) if isinstance(source, str) else tuple(
         (str(s), float(w)) for s, w in source)
@@ -591,6 +612,9 @@ def prepare(
     if tokenizer.eos_token_id is None:
         raise MinitronError("the tokenizer has no EOS token; documents cannot be separated")
     workers = workers or min(os.cpu_count() or 1, 8)
+    if part is not None and (merge or not 0 <= part[0] < part[1]):
+        raise MinitronError(f"--shard {part[0]}/{part[1]} is invalid; valid: I/N with 0 <= I < N, "
+                            f"without --merge")
     if workers < 1 or shard_tokens < 1 or chunk_chars < 1:
         raise MinitronError(f"workers={workers}, shard_tokens={shard_tokens}, chunk_chars="
                             f"{chunk_chars}: each must be >= 1")
@@ -606,7 +630,10 @@ def prepare(
         return done
     work = out / ".work"
     markers, source_fp, stats = _tokenize_all(settings, work, tokenizer, dtype, workers,
-                                              chunk_chars, progress)
+                                              chunk_chars, progress, part, merge)
+    if part is not None:
+        return {"part": list(part), "chunks": len(markers), "tokens_tokenized": stats["tokenized"],
+                "tokens_reused": stats["reused"], "tokenize_s": round(stats["seconds"], 3)}
     t0 = time.perf_counter()
     weights = [w for _, w in sources]
     splits = {s: _write_split(out, work, markers, s, seed, dtype, shard_tokens, weights)

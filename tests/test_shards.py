@@ -119,6 +119,9 @@ def test_prepare_cli(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--eval-fraction 1.5 is invalid" in bad.stderr
     assert "Traceback" not in bad.stderr
+    part = subprocess.run(run + ["--output", str(tmp_path / "o3"), "--shard", "2/2"],
+                          capture_output=True, text=True)
+    assert part.returncode == 2 and "--shard 2/2 is invalid; valid: I/N" in part.stderr
 
 
 def test_weighted_mixture_gives_each_source_its_share_of_train_tokens(tmp_path, tokenizer):
@@ -176,3 +179,26 @@ def test_prepare_with_more_chunks_than_the_open_file_limit(tmp_path, tokenizer):
         for shard in info["shards"]:
             want = (tmp_path / "ref" / shard["file"]).read_bytes()
             assert (out / shard["file"]).read_bytes() == want
+
+
+def test_prepare_in_parts_then_merge_gives_the_one_machine_shards(tmp_path, prepared, tokenizer):
+    """Two machines' parts (--shard 0/2 and 1/2, each folder's .work then gathered into one, as a
+    copy between machines does), then --merge: the fixture's shards and fingerprint. A merge with
+    a part missing is refused, naming what to run."""
+    kw = dict(workers=1, shard_tokens=4099, chunk_chars=50_000, progress=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = prepare(SLICE, a, tokenizer, part=(0, 2), **kw)
+    second = prepare(SLICE, b, tokenizer, part=(1, 2), **kw)
+    assert first["chunks"] and second["chunks"] and not (a / MANIFEST).exists()
+    assert not list(a.glob("*.bin"))  # a part writes no shards
+    with pytest.raises(MinitronError, match=r"merge: \d+ of \d+ chunks are not in"):
+        prepare(SLICE, a, tokenizer, merge=True, **kw)
+    for f in (b / ".work").iterdir():
+        if f.name != "plan.json":
+            f.rename(a / ".work" / f.name)
+    m = prepare(SLICE, a, tokenizer, merge=True, **kw)
+    ref = json.loads((prepared / MANIFEST).read_text())
+    assert m["fingerprint"] == ref["fingerprint"] and m["stats"]["tokens_tokenized"] == 0
+    for info in ref["splits"].values():
+        for shard in info["shards"]:
+            assert (a / shard["file"]).read_bytes() == (prepared / shard["file"]).read_bytes()
