@@ -383,9 +383,10 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
         bar.close()
     stats["seconds"] = time.perf_counter() - t0
     if missing:
-        raise MinitronError(f"merge: {len(missing)} of {len(missing) + len(markers)} chunks are not "
-                            f"in {work} (chunks {missing[:8]}{' ...' if len(missing) > 8 else ''}); "
-                            f"run the missing --shard I/N parts, or gather their .work files here")
+        shown = f"{missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        raise MinitronError(f"merge: {len(missing)} of {len(missing) + len(markers)} chunks are "
+                            f"not in {work} (chunks {shown}); run the missing --shard I/N parts, "
+                            f"or gather their .work files here")
     return [markers[i] for i in sorted(markers)], source_fp.hexdigest()[:16], stats
 
 
