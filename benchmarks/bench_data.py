@@ -5,6 +5,13 @@ packing every stage used before shards; optional, on the smaller sizes).
     python benchmarks/bench_data.py                       # 10M, 30M, 100M tokens (minutes on 2 cores)
     python benchmarks/bench_data.py --sizes 10 30         # skip the largest
     python benchmarks/bench_data.py --baseline-max 10     # raw-source start-up only up to 10M tokens
+    python benchmarks/bench_data.py --chunks 125000       # pass 2 over 125k chunks (minutes)
+
+`--chunks N` measures `prepare` at the chunk count of a ~111B-token corpus (120k chunks of 4M
+characters) without its text: N one-document chunks (`--chunk-chars`, default 100 characters per
+chunk), one worker; a sampler thread records the open files (/proc/self/fd), memory mappings
+(/proc/self/maps lines) and RSS during pass 2 (the shard writing), against the open-file limit and
+vm.max_map_count. Writes data-chunks-cpu-<time>.json/.md.
 
 The corpus is generated: documents are random 2-8k character slices of this Python's standard
 library source (real code, so the tokenizer sees realistic text), as JSONL. The tokenizer is the
@@ -151,6 +158,113 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class Sampler:
+    """Max open files, mappings and RSS of this process while `active` (a 20 ms poll thread)."""
+
+    def __init__(self):
+        import threading
+
+        self.active, self.peak = False, {"open_files": 0, "maps": 0, "rss_mb": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            if self.active:
+                self.sample()
+
+    def sample(self):
+        p = self.peak
+        p["open_files"] = max(p["open_files"], len(os.listdir("/proc/self/fd")))
+        with open("/proc/self/maps") as f:
+            p["maps"] = max(p["maps"], sum(1 for _ in f))
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        p["rss_mb"] = max(p["rss_mb"], rss / 1024)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_chunk_corpus(path: Path, chunks: int, chunk_chars: int, seed: int = 0) -> dict:
+    """A JSONL of `chunks` documents of chunk_chars..2*chunk_chars characters (one per chunk)."""
+    rng, words = random.Random(seed), "the of and to in is was for on that with as by at".split()
+    chars = 0
+    with path.open("w") as f:
+        for i in range(chunks):
+            text = f"doc {i}:"
+            while len(text) < chunk_chars + rng.randrange(chunk_chars):
+                text += " " + rng.choice(words) + str(rng.randrange(1000))
+            f.write(json.dumps({"text": text}) + "\n")
+            chars += len(text)
+    return {"documents": chunks, "chars": chars, "bytes": path.stat().st_size}
+
+
+def chunk_scale(args) -> None:
+    """`prepare` over `args.chunks` one-document chunks, pass 2 sampled (see the module doc)."""
+    import resource
+
+    import minitron.shards as shards
+    from minitron.data import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    stamp, sha = datetime.now(timezone.utc), commit()
+    sampler, write_split = Sampler(), shards._write_split
+
+    def sampled(*a, **k):  # pass 2 of one split, sampled
+        sampler.active = True
+        try:
+            return write_split(*a, **k)
+        finally:
+            sampler.sample()
+            sampler.active = False
+
+    shards._write_split = sampled
+    with tempfile.TemporaryDirectory(prefix="bench-data-chunks-", dir=args.work) as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        info = make_chunk_corpus(corpus, args.chunks, args.chunk_chars)
+        t0 = time.perf_counter()
+        m = shards.prepare(str(corpus), Path(tmp) / "out", tokenizer, workers=1, block_size=BLOCK,
+                           chunk_chars=args.chunk_chars, progress=False)
+        wall = time.perf_counter() - t0
+    sampler.stop()
+    st, total = m["stats"], sum(s["tokens"] for s in m["splits"].values())
+    row = {"chunks": args.chunks, "chunk_chars": args.chunk_chars, "corpus": info, "tokens": total,
+           "documents": {s: v["documents"] for s, v in m["splits"].items()}, "workers": 1,
+           "prepare_s": wall, "tokenize_s": st["tokenize_s"], "write_s": st["write_s"],
+           "tokenize_tokens_per_s": total / st["tokenize_s"],
+           "write_tokens_per_s": total / st["write_s"], "pass2_peak": sampler.peak,
+           "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "open_file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+    with open("/proc/sys/vm/max_map_count") as f:
+        row["max_map_count"] = int(f.read())
+    meta = dict(device="cpu", device_name=f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+                versions=versions(), git_sha=sha, timestamp=stamp.isoformat(timespec="seconds"),
+                tokenizer="smollm2-135m (vocab 49152, uint16 shards)", block_size=BLOCK)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"data-chunks-cpu-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta, results=[row]), indent=1) + "\n")
+    p = row["pass2_peak"]
+    table = "\n".join([
+        f"# data prepare at a corpus's chunk count ({meta['device_name']})", "",
+        f"git {sha}, {meta['timestamp']}; {args.chunks} one-document chunks of >= "
+        f"{args.chunk_chars} characters, 1 worker; `python benchmarks/bench_data.py --chunks "
+        f"{args.chunks} --chunk-chars {args.chunk_chars}`.", "",
+        "| chunks | tokens | tokenize tokens/s | pass 2 tokens/s | pass 2 peak open files | "
+        "pass 2 peak mappings | pass 2 peak RSS MB | open-file limit | vm.max_map_count |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {args.chunks} | {total:,} | {row['tokenize_tokens_per_s']:,.0f} | "
+        f"{row['write_tokens_per_s']:,.0f} | {p['open_files']} | {p['maps']} | "
+        f"{p['rss_mb']:.0f} | {row['open_file_limit']} | {row['max_map_count']} |", "",
+        "Pass 2 before this change kept a memory map (and its descriptor) per chunk of a split: "
+        f"{max(row['documents'].values()):,} for the train split here (the limits: the last "
+        "two columns).", ""])
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[10, 30, 100],
@@ -160,7 +274,12 @@ def main(argv=None):
                     help="run the raw-source start-up only up to this size (millions; 0 = never)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--chunks", type=int, default=None,
+                    help="instead: prepare this many one-document chunks, pass 2 sampled")
+    ap.add_argument("--chunk-chars", type=int, default=100, help="characters per chunk (--chunks)")
     args = ap.parse_args(argv)
+    if args.chunks:
+        return chunk_scale(args)
 
     from minitron.data import load_tokenizer
     from minitron.shards import prepare

@@ -185,6 +185,9 @@ class DataConfig(Section):
                                             "1024).", at_least(1))
     eval_blocks: int = setting(32, "Held-out blocks for export validation and evaluation.",
                                at_least(1))
+    workers: int | None = setting(None, "Tokenizing processes of the data stage (null: the CPU "
+                                        "count, at most 8); no effect on the shards' content.",
+                                  at_least(1))
 
 
 # ----------------------------------------------------------------------------- importance and prune

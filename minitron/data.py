@@ -134,6 +134,11 @@ def build_parser():
     prep.add_argument("--workers", type=int, default=None,
                       help="tokenizing processes (default: CPU count, at most 8)")
     prep.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file")
+    prep.add_argument("--shard", default=None, metavar="I/N",
+                      help="one machine's part: tokenize chunks I, I+N, ... into DIR/.work only")
+    prep.add_argument("--merge", action="store_true",
+                      help="after the N parts (their .work files in DIR/.work): write the shards "
+                           "and manifest")
     prep.add_argument("--no-progress", action="store_true")
     prep.add_argument("--trust-remote-code", action="store_true",
                       help="run code that the tokenizer's model folder ships (off: refused)")
@@ -155,6 +160,20 @@ def _check_numbers(args) -> None:
         if value is not None and not (math.isfinite(value) and rule.ok(value)):
             raise MinitronError(f"{flag} {value} is invalid; valid: "
                                 f"{describe_valid(type(value), rule)}")
+
+
+def _part(text: str | None) -> tuple[int, int] | None:
+    """--shard I/N as (I, N)."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise MinitronError(f"--shard {text} is invalid; valid: I/N, two integers with "
+                            f"0 <= I < N") from None
+    if not 0 <= i < n:
+        raise MinitronError(f"--shard {text} is invalid; valid: I/N with 0 <= I < N")
+    return i, n
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -215,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         eval_fraction=args.eval_fraction, calibration_fraction=args.calibration_fraction,
         workers=args.workers,
         shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
-        progress=not args.no_progress)
+        progress=not args.no_progress, part=_part(args.shard), merge=args.merge)
+    if "part" in manifest:
+        i, n = manifest["part"]
+        print(f"part {i}/{n} of {args.output}: {manifest['chunks']} chunks in .work "
+              f"({manifest['tokens_tokenized']} tokens tokenized, {manifest['tokens_reused']} "
+              f"reused); when all {n} parts are there: prepare ... --merge")
+        return 0
     rows = [{"split": s, "documents": v["documents"], "tokens": v["tokens"],
              "shards": len(v["shards"])} for s, v in manifest["splits"].items()]
     print(format_table(rows))

@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from minitron.common import StageTimer, check_writable, format_table, run_cli, write_json_atomic
 from minitron.config import DataConfig, EvaluateConfig, ModelConfig
@@ -28,35 +27,32 @@ CLI_KEYS = {"model": ("dtype", "device", "trust_remote_code"),
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
-    """Token-weighted mean next-token loss over `blocks` [n, L] and its exp (perplexity)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
+    """Token-weighted mean next-token loss over `blocks` [n, L] and its exp (perplexity), from the
+    final hidden states, `EVAL_CHUNK_TOKENS` rows of logits at a time (never [B, T, V])."""
+    return held_out(model, None, blocks, batch_size)
+
+
+@torch.no_grad()
+def held_out(student, teacher, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """`perplexity`'s record, and `teacher_agreement`'s with a teacher, from one pass."""
+    device = next(student.parameters()).device
+    sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
     for batch in batches(blocks, batch_size):
-        batch = batch.to(device)
-        logits = model(batch).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
-                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+        sums += batch_metric_sums(student, teacher, batch.to(device))
+    m = metrics_from_sums(sums, with_teacher=teacher is not None)
+    out = {"loss": m["eval_loss"], "perplexity": m["eval_perplexity"],
+           "tokens": int(sums[1].item())}
+    if teacher is not None:
+        out.update(top1_agreement=m["top1_agreement"], kl_to_teacher=m["kl_to_teacher"])
+    return out
 
 
 @torch.no_grad()
 def teacher_agreement(student, teacher, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
-    """Top-1 agreement and mean per-token KL(teacher || student) over the shared vocabulary."""
-    from minitron.kernels import softmax_kl
-
-    device = next(student.parameters()).device
-    teacher_device = next(teacher.parameters()).device
-    agree, kl_sum, count = 0, 0.0, 0
-    for batch in batches(blocks, batch_size):
-        s = student(batch.to(device)).logits.float()
-        t = teacher(batch.to(teacher_device)).logits.float().to(device)
-        v = min(s.size(-1), t.size(-1))
-        agree += (s[..., :v].argmax(-1) == t[..., :v].argmax(-1)).sum().item()
-        kl_sum += softmax_kl(s, t, reduction="sum").item()
-        count += batch.numel()
-    return {"top1_agreement": agree / count, "kl_to_teacher": kl_sum / count}
+    """Top-1 agreement and mean per-token KL(teacher || student) over the shared vocabulary, from
+    both models' hidden states in logit chunks (never [B, T, V])."""
+    r = held_out(student, teacher, blocks, batch_size)
+    return {"top1_agreement": r["top1_agreement"], "kl_to_teacher": r["kl_to_teacher"]}
 
 
 # Tokens per chunk of logits in the hidden-state evaluation: a chunk's fp32 [C, V] temporaries are
@@ -186,12 +182,12 @@ def evaluate(
         size = weights_size_mb(model_name)
         if size is not None:
             result["weights_mb"] = round(size, 1)
-        result.update(perplexity(lm, blocks, settings.batch_size))
+        teacher = None
         if teacher_name is not None:
             teacher, _ = load_model(teacher_name, dtype=model.dtype, device=model.device,
                                     trust_remote_code=trust)
-            result.update(teacher_agreement(lm, teacher, blocks, settings.batch_size))
-            del teacher
+        result.update(held_out(lm, teacher, blocks, settings.batch_size))
+        del teacher
         if settings.speed:
             result.update(speed(lm))
         if tasks:

@@ -17,6 +17,8 @@ Model of one training step under the precision policy (bf16 compute, fp32 master
                      [chunk, V] bf16 tensors; logits form: student and teacher [T, V] bf16 logits and
                      their gradient
   eval               a separate peak: a no-grad forward and 512-token logit chunks (fp32 temporaries)
+`plan_evaluate` and `plan_prune` model the evaluate stage and the prune stage's importance pass
+(one device, no grad: weights, one layer's forward transients, logit chunks, scoring hooks).
 The step's peak is the fixed terms plus the larger of the forward/backward working set and the
 reduce-scatter moment; eval and teacher correction are their own phases. Activation bytes per token
 per layer follow the Llama block as PyTorch saves it under autocast (norms keep their fp32 input,
@@ -155,6 +157,60 @@ def plan_distill(teacher: Any, student: Any, config: Any, world: int,
             + t.layers * tokens * t.hidden * 2 + t.layer_activation_bytes(tokens) * 3 // 2
             + 3 * tokens * t.vocab * 2)
     plan = Plan(world=world, terms=terms, phases=phases)
+    plan.peak = max(phases.values())
+    return plan
+
+
+def _forward_working_set(s: Shape, tokens: int, nbytes: int) -> int:
+    """A no-grad forward's largest moment: one decoder layer's transients (the gated MLP's three
+    [T, I] tensors, the attention's q, k, v and output, a few [T, H] residual and norm tensors)."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return tokens * (3 * s.intermediate + 4 * s.hidden + 2 * q + 2 * kv) * nbytes
+
+
+def plan_evaluate(student: Any, teacher: Any | None, batch_size: int, block_size: int,
+                  dtype: str | None = "bfloat16") -> Plan:
+    """The evaluate stage (minitron.evaluate): both models in `dtype`, one batch's no-grad forward
+    through each, then metrics from the final hidden states in `EVAL_CHUNK`-token logit chunks:
+    the model's [C, V] logits and their fp32 copy (student alone), plus the teacher's logits and
+    the KL's fp32 temporaries with a teacher. No [B, T, V] tensor."""
+    s, nbytes, tokens = Shape.of(student), DTYPE_BYTES.get(dtype, 2), batch_size * block_size
+    t = Shape.of(teacher) if teacher is not None else None
+    terms = {"student weights": s.params * nbytes}
+    if t is not None:
+        terms["teacher weights"] = t.params * nbytes
+    hidden = tokens * (s.hidden + (t.hidden if t else 0)) * nbytes
+    per_element = nbytes + 4 if t is None else 2 * nbytes + 3 * 4
+    forward = max(_forward_working_set(m, tokens, nbytes) for m in (s, t) if m is not None)
+    terms["forward (one layer)"] = forward + tokens * s.hidden * nbytes
+    terms["logit chunks"] = hidden + EVAL_CHUNK * max(s.vocab, t.vocab if t else 0) * per_element
+    weights = terms["student weights"] + terms.get("teacher weights", 0)
+    plan = Plan(world=1, terms=terms, phases={
+        "evaluate": weights + max(terms["forward (one layer)"], terms["logit chunks"])})
+    plan.peak = max(plan.phases.values())
+    return plan
+
+
+def plan_prune(model: Any, batch_size: int, block_size: int, dtype: str | None = "bfloat16",
+               head_score: str = "attention_output",
+               depth_method: str = "block_importance") -> Plan:
+    """The prune stage's importance pass (minitron.importance): the model in `dtype`, a no-grad
+    forward of one calibration batch with the scoring hooks' fp32 temporaries (the MLP input, the
+    attention output per head, with o_proj_contribution its per-head Gram products [T, H, d]),
+    and for depth_method lm_loss the evaluation's logit chunks. Pruning itself copies slices of
+    one weight at a time."""
+    s, nbytes, tokens = Shape.of(model), DTYPE_BYTES.get(dtype, 2), batch_size * block_size
+    q = s.heads * s.head_dim
+    hooks = tokens * max(s.intermediate, q * (3 if head_score == "o_proj_contribution" else 1)) * 4
+    terms = {"weights": s.params * nbytes,
+             "forward (one layer)": _forward_working_set(s, tokens, nbytes),
+             "scoring hooks (fp32)": hooks}
+    phases = {"importance": terms["weights"] + terms["forward (one layer)"] + hooks}
+    if depth_method == "lm_loss":
+        lm = plan_evaluate(model, None, batch_size, block_size, dtype)
+        terms["lm_loss logit chunks"] = lm.terms["logit chunks"]
+        phases["lm_loss"] = lm.peak
+    plan = Plan(world=1, terms=terms, phases=phases)
     plan.peak = max(phases.values())
     return plan
 

@@ -101,6 +101,46 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
     return shape, candidates
 
 
+def _cache_size(recipe: Recipe) -> dict[str, Any] | None:
+    """The size of the teacher cache the run builds (the search's, over a short run's tokens) or
+    reads (distill.teacher_cache, when it exists): said before any build starts."""
+    from minitron import teacher_cache as tc
+
+    r = recipe
+    if r.prune.enabled and r.search.candidates and r.search.teacher_cache:
+        from minitron.search import short_config
+
+        short = short_config(r.distill, r.search)
+        tokens, k, dtype = (short.steps * short.tokens_per_step, r.teacher_cache.k,
+                            r.teacher_cache.dtype)
+        where = "the search builds"
+    elif (r.distill.enabled and r.distill.teacher_cache
+          and Path(r.distill.teacher_cache, tc.MANIFEST).is_file()):
+        m = tc.open_cache(r.distill.teacher_cache).manifest
+        tokens, k, dtype, where = m["tokens"], m["k"], m["dtype"], "distillation reads"
+    else:
+        return None
+    return {"tokens": tokens, "bytes_per_token": tc.bytes_per_token(k, dtype),
+            "gb": round(tokens * tc.bytes_per_token(k, dtype) / 1e9, 3),
+            "line": f"{tc.size_line(tokens, k, dtype)} ({where})"}
+
+
+def _stage_memory(recipe: Recipe, config, shape: dict[str, int]) -> dict[str, float]:
+    """The memory plans of the prune stage (its importance pass) and the evaluate stage (the
+    pruned student beside the teacher), GiB."""
+    from minitron.memory_plan import GIB, plan_evaluate, plan_prune
+
+    r, source, out = recipe, config.to_dict(), {}
+    if r.prune.enabled:
+        imp = r.importance
+        out["prune"] = plan_prune(source, imp.batch_size, r.data.block_size, r.model.dtype,
+                                  imp.head_score, imp.depth_method).peak / GIB
+    if r.evaluate.enabled:
+        out["evaluate"] = plan_evaluate({**source, **shape}, source, r.evaluate.batch_size,
+                                        r.data.block_size, r.model.dtype).peak / GIB
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate, print the plan, shapes and parameter counts; touch no weights."""
     config = source_config(recipe, need_weights=False)
@@ -123,6 +163,14 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         print(f"pruned{' (at most)' if recipe.search.candidates else ''}: {shape}, {after:,} "
               f"parameters ({after / before:.1%} of the source)")
         plan_info.update(pruned_shape=shape, pruned_params=after, candidates=candidates)
+    cache = _cache_size(recipe)
+    if cache is not None:
+        print(cache["line"])
+        plan_info["teacher_cache"] = {k: v for k, v in cache.items() if k != "line"}
+    stages = _stage_memory(recipe, config, shape)
+    for name, gib in stages.items():
+        print(f"{name} stage memory per device: {gib:.2f} GiB (one process)")
+    plan_info["stage_memory_gib"] = stages
     if recipe.distill.enabled:
         from minitron.distill import memory_plan_
 
@@ -168,7 +216,7 @@ def _data_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     manifest = prepare(r.data.source, out / "shards",
                        load_tokenizer(ctx.teacher, r.model.trust_remote_code),
                        tokenizer_name=r.model.name, text_field=r.data.text_field,
-                       seed=r.data.seed, block_size=r.data.block_size)
+                       seed=r.data.seed, block_size=r.data.block_size, workers=r.data.workers)
     timer.tokens = manifest["stats"]["tokens_tokenized"]
     return {"data_dir": str(out / "shards"), "fingerprint": manifest["fingerprint"],
             "tokens": {s: v["tokens"] for s, v in manifest["splits"].items()}}
@@ -285,14 +333,16 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     distill = {k: v for k, v in dataclasses.asdict(r.distill).items() if k not in RESUMABLE_SETTINGS}
     # A search's short runs take the distill section's settings but their own tokens and eval set.
     short = {k: v for k, v in distill.items() if k not in ("tokens", "eval_blocks")}
+    # The tokenizing process count does not change the shards.
+    d = dataclasses.replace(r.data, workers=None)
     return {
         "data": [r.data.source, r.data.text_field, r.data.seed, r.data.block_size],
-        "prune": [r.model, r.data, r.importance, r.prune, *data,
+        "prune": [r.model, d, r.importance, r.prune, *data,
                   *([r.search, short, r.teacher_cache] if r.search.candidates else [])],
         "distill": [r.data.source, r.data.text_field, r.model.dtype, r.teacher_correction, distill,
                     *data],
-        "export": [r.data, r.export, *data],
-        "evaluate": [r.data, r.model.dtype, r.model.device, r.evaluate, *data],
+        "export": [d, r.export, *data],
+        "evaluate": [d, r.model.dtype, r.model.device, r.evaluate, *data],
     }[name]
 
 

@@ -30,6 +30,7 @@ import random
 import shutil
 import sys
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -357,8 +358,13 @@ def _chunk_digest(chunk: list) -> str:
 
 
 def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dtype, workers: int,
-                  chunk_chars: int, progress: bool) -> tuple[list[dict], str, dict[str, float]]:
-    """Pass 1: every chunk tokenized into `work` (reusing chunks a previous run finished)."""
+                  chunk_chars: int, progress: bool, part: tuple[int, int] | None = None,
+                  merge: bool = False) -> tuple[list[dict], str, dict[str, float]]:
+    """Pass 1: every chunk tokenized into `work` (reusing chunks a previous run finished).
+
+    `part` (i, n): only the chunks whose index is i modulo n (one machine's share); the others
+    are streamed past (their text feeds the fingerprint) and left out of the markers. `merge`:
+    tokenize nothing; every chunk must be there (the parts' `.work` files, gathered)."""
     from tqdm import tqdm
 
     source_fp = hashlib.sha1()
@@ -374,8 +380,8 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
         stats["tokenized" if fresh else "reused"] += n
         bar.update(n)
 
-    pool, pending = None, {}
-    if workers > 1:
+    pool, pending, missing = None, {}, []
+    if workers > 1 and not merge:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                    initializer=_init_worker, initargs=(pickle.dumps(tokenizer),))
     else:
@@ -386,6 +392,11 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
             marker_path = work / f"chunk-{index:06d}.json"
             if marker_path.exists() and json.loads(marker_path.read_text())["digest"] == digest:
                 done(index, json.loads(marker_path.read_text()), fresh=False)
+                continue
+            if merge:
+                missing.append(index)
+                continue
+            if part is not None and index % part[1] != part[0]:
                 continue
             if pool is None:
                 done(index, _tokenize_chunk(str(work), index, digest, chunk, dtype.str, src), True)
@@ -402,6 +413,11 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
             pool.shutdown(cancel_futures=True)
         bar.close()
     stats["seconds"] = time.perf_counter() - t0
+    if missing:
+        shown = f"{missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        raise MinitronError(f"merge: {len(missing)} of {len(missing) + len(markers)} chunks are "
+                            f"not in {work} (chunks {shown}); run the missing --shard I/N parts, "
+                            f"or gather their .work files here")
     return [markers[i] for i in sorted(markers)], source_fp.hexdigest()[:16], stats
 
 
@@ -445,22 +461,64 @@ def _mixture_order(markers: list[dict], chunk_ids: np.ndarray, lengths: np.ndarr
     return order, summary
 
 
+def _max_open() -> int:
+    """Chunk files a reader keeps open: 64, or a quarter of a lower open-file limit (two readers,
+    tokens and mask, stay within half of it)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError):  # no resource module (Windows)
+        return 64
+    return 64 if soft == resource.RLIM_INFINITY else max(2, min(64, soft // 4))
+
+
 class _ChunkReader:
-    """Reads a document's tokens (or mask) from the pass-1 chunk files, memory-mapped lazily."""
+    """Reads a document's tokens (or mask) from the pass-1 chunk files by offset.
+
+    A corpus has ~120k chunks at 111B tokens; one map (or descriptor) per chunk would exceed the
+    open-file limit and `vm.max_map_count`. So files are read with seek + readinto (no mapping),
+    and at most `max_open` stay open, least recently used closed first."""
 
     def __init__(self, work: Path, split: str, dtype: np.dtype, mask: bool):
-        self.work, self.split, self.dtype, self.mask = work, split, dtype, mask
-        self.files: dict[int, np.ndarray | None] = {}
+        self.work, self.split, self.mask, self.max_open = work, split, mask, _max_open()
+        self.dtype = np.dtype(np.uint8) if mask else np.dtype(dtype)
+        self.files: OrderedDict[int, Any] = OrderedDict()  # chunk -> open file, or None
+
+    def _file(self, chunk: int):
+        if chunk in self.files:
+            self.files.move_to_end(chunk)
+            return self.files[chunk]
+        tok, _, mask = _chunk_files(self.work, chunk, self.split)
+        path = mask if self.mask else tok
+        f = open(path, "rb", buffering=0) if path.exists() else None
+        self.files[chunk] = f
+        while len(self.files) > self.max_open:
+            old = self.files.popitem(last=False)[1]
+            if old is not None:
+                old.close()
+        return f
 
     def get(self, chunk: int, lo: int, hi: int) -> np.ndarray:
-        if chunk not in self.files:
-            tok, _, mask = _chunk_files(self.work, chunk, self.split)
-            path, dt = (mask, np.uint8) if self.mask else (tok, self.dtype)
-            self.files[chunk] = np.memmap(path, dtype=dt, mode="r") if path.exists() else None
-        data = self.files[chunk]
-        if data is None:  # a chunk of plain documents in a split with conversations
+        f = self._file(chunk)
+        if f is None:  # a chunk of plain documents in a split with conversations
             return np.ones(hi - lo, dtype=np.uint8)
-        return data[lo:hi]
+        out = np.empty(hi - lo, dtype=self.dtype)
+        f.seek(lo * self.dtype.itemsize)
+        view, got = memoryview(out).cast("B"), 0
+        while got < out.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise MinitronError(f"{f.name}: ends before token {hi}; the preparation's "
+                                    f".work folder is damaged: delete it and prepare again")
+            got += n
+        return out
+
+    def close(self) -> None:
+        for f in self.files.values():
+            if f is not None:
+                f.close()
+        self.files.clear()
 
 
 def _fill(buf: np.ndarray, lo: int, reader: _ChunkReader, order, ends, lengths, chunk_ids,
@@ -494,6 +552,22 @@ def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: i
     with_mask = any(m["splits"].get(split, {}).get("mask") for m in markers)
     kinds = [(".bin", dtype, False)] + ([(".mask", np.dtype(np.uint8), True)] if with_mask else [])
     readers = {mask: _ChunkReader(work, split, dtype, mask) for _, _, mask in kinds}
+    try:
+        shards = _write_shards(out, split, kinds, readers, total, shard_tokens,
+                               (order, ends, lengths, chunk_ids, offsets))
+    finally:
+        for reader in readers.values():
+            reader.close()
+    info = {"documents": len(lengths), "tokens": total, "shard_tokens": shard_tokens,
+            "mask": with_mask, "shards": shards}
+    if mixture is not None:
+        info["mixture"] = mixture
+    return info
+
+
+def _write_shards(out: Path, split: str, kinds, readers, total: int, shard_tokens: int,
+                  layout) -> list[dict]:
+    """The split's shards, each written by rename (one an interrupted run wrote is kept)."""
     shards = []
     for k in range(math.ceil(total / shard_tokens)):
         lo, hi = k * shard_tokens, min((k + 1) * shard_tokens, total)
@@ -503,13 +577,9 @@ def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: i
             if path.exists() and path.stat().st_size == (hi - lo) * dt.itemsize:
                 continue  # written by an interrupted run (shards appear only by rename)
             buf = np.empty(hi - lo, dtype=dt)
-            _fill(buf, lo, readers[mask], order, ends, lengths, chunk_ids, offsets)
+            _fill(buf, lo, readers[mask], *layout)
             _save(path, buf)
-    info = {"documents": len(lengths), "tokens": total, "shard_tokens": shard_tokens,
-            "mask": with_mask, "shards": shards}
-    if mixture is not None:
-        info["mixture"] = mixture
-    return info
+    return shards
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -552,11 +622,18 @@ def prepare(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     progress: bool = True,
+    part: tuple[int, int] | None = None,
+    merge: bool = False,
 ) -> dict[str, Any]:
     """Tokenize `source` once into shards + manifest in `output`; returns the manifest.
 
     A folder that already holds the same preparation is returned as is; an interrupted one is
     resumed (finished chunks and shards are kept); a folder holding anything else is refused.
+
+    Across machines: `part=(i, n)` tokenizes chunk i, i + n, ... into `output/.work` and returns
+    {"part": ...} (no shards, no manifest); `merge=True`, once the n parts' `.work` files are in
+    one `output/.work` (a shared folder, or copied: the file names are the chunks' global
+    indices), writes the shards and the manifest, the same as one machine's preparation.
     """
     sources = ((source, 1.0),) if isinstance(source, str) else tuple(
         (str(s), float(w)) for s, w in source)
@@ -569,6 +646,9 @@ def prepare(
     from minitron.corpus import block_bos
 
     workers = workers or min(os.cpu_count() or 1, 8)
+    if part is not None and (merge or not 0 <= part[0] < part[1]):
+        raise MinitronError(f"--shard {part[0]}/{part[1]} is invalid; valid: I/N with 0 <= I < N, "
+                            f"without --merge")
     if workers < 1 or shard_tokens < 1 or chunk_chars < 1:
         raise MinitronError(f"workers={workers}, shard_tokens={shard_tokens}, chunk_chars="
                             f"{chunk_chars}: each must be >= 1")
@@ -584,7 +664,10 @@ def prepare(
         return done
     work = out / ".work"
     markers, source_fp, stats = _tokenize_all(settings, work, tokenizer, dtype, workers,
-                                              chunk_chars, progress)
+                                              chunk_chars, progress, part, merge)
+    if part is not None:
+        return {"part": list(part), "chunks": len(markers), "tokens_tokenized": stats["tokenized"],
+                "tokens_reused": stats["reused"], "tokenize_s": round(stats["seconds"], 3)}
     t0 = time.perf_counter()
     weights = [w for _, w in sources]
     splits = {s: _write_split(out, work, markers, s, seed, dtype, shard_tokens, weights)

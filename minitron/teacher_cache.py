@@ -51,6 +51,7 @@ import math
 import os
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -140,6 +141,30 @@ class CachedTargets(NamedTuple):
 _FILES = ("logp", "idx", "tail", "ids")
 
 
+def _max_open() -> int:
+    """Files a reader keeps open: 64, or a quarter of a lower open-file limit."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError):  # no resource module (Windows)
+        return 64
+    return 64 if soft == resource.RLIM_INFINITY else max(4, min(64, soft // 4))
+
+
+def bytes_per_token(k: int, dtype: str) -> int:
+    """Stored bytes per cached token: k log-probs (`dtype`) and k int32 ids, the float32 tail and
+    the int32 token id (392 at k = 64 in float16)."""
+    return k * (np.dtype(dtype).itemsize + 4) + 8
+
+
+def size_line(tokens: int, k: int, dtype: str) -> str:
+    """The cache's size on disk, said before a build starts."""
+    b = bytes_per_token(k, dtype)
+    return (f"teacher cache: {tokens:,} tokens x {b} bytes/token (top-{k}, {dtype}) = "
+            f"{tokens * b / 1e9:,.2f} GB ({tokens * b / 1e12:,.3f} TB) on disk")
+
+
 class TeacherCache:
     """A finished cache folder, read by block rows through memory maps."""
 
@@ -161,22 +186,48 @@ class TeacherCache:
         self.block_size, self.num_blocks = int(m["block_size"]), int(m["num_blocks"])
         self.shard_blocks = int(m["plan"]["shard_blocks"])
         self.dtype = np.dtype(m["dtype"])
-        self._maps: dict[int, dict[str, np.memmap]] = {}
+        # (shard, file) -> open file; at most `_max_open()`, least recently used closed first: a
+        # 94B-token cache has ~360k shards, past any open-file or memory-map limit.
+        self._files: OrderedDict[tuple[int, str], Any] = OrderedDict()
+        self._max_open = _max_open()
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
-    def _shard(self, s: int) -> dict[str, np.memmap]:
-        if s not in self._maps:
-            info = self.manifest["shards"][s]
-            n, t, k = info["blocks"], self.block_size, self.k
-            shapes = {"logp": (n, t, k), "idx": (n, t, k), "tail": (n, t), "ids": (n, t)}
-            dtypes = {"logp": self.dtype, "idx": np.int32, "tail": np.float32, "ids": np.int32}
-            d = self.folder / info["dir"]
-            self._maps[s] = {f: np.memmap(d / f"{f}.bin", dtype=dtypes[f], mode="r",
-                                          shape=shapes[f]) for f in _FILES}
-        return self._maps[s]
+    def _row_layout(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        t, k = self.block_size, self.k
+        return {"logp": (self.dtype, (t, k)), "idx": (np.dtype(np.int32), (t, k)),
+                "tail": (np.dtype(np.float32), (t,)), "ids": (np.dtype(np.int32), (t,))}[name]
+
+    def _file(self, s: int, name: str):
+        key = (s, name)
+        if key in self._files:
+            self._files.move_to_end(key)
+            return self._files[key]
+        f = open(self.folder / self.manifest["shards"][s]["dir"] / f"{name}.bin", "rb", buffering=0)
+        self._files[key] = f
+        while len(self._files) > self._max_open:
+            self._files.popitem(last=False)[1].close()
+        return f
+
+    def _read_row(self, name: str, r: int, out: np.ndarray) -> None:
+        """Block row `r` of file `name` into `out`, read by offset (no memory map)."""
+        s, local = divmod(r, self.shard_blocks)
+        f = self._file(s, name)
+        f.seek(local * out.nbytes)
+        view, got = memoryview(out).cast("B"), 0
+        while got < out.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise MinitronError(f"{f.name} ends before block {r}: the teacher cache "
+                                    f"{self.folder} is damaged; build it again")
+            got += n
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def read(self, name: str, rows) -> torch.Tensor:
         """One stored array ('logp', 'idx', 'tail' or 'ids') at block `rows`, as a CPU tensor."""
@@ -185,8 +236,11 @@ class TeacherCache:
             if not 0 <= r < self.num_blocks:
                 raise MinitronError(f"block {r} is outside the teacher cache {self.folder} "
                                     f"({self.num_blocks} blocks)")
-        parts = [self._shard(r // self.shard_blocks)[name][r % self.shard_blocks] for r in rows]
-        return torch.from_numpy(np.stack(parts))
+        dtype, shape = self._row_layout(name)
+        out = np.empty((len(rows), *shape), dtype=dtype)
+        for i, r in enumerate(rows):
+            self._read_row(name, r, out[i])
+        return torch.from_numpy(out)
 
     def targets(self, rows) -> CachedTargets:
         """The teacher's top-k, indices and tail (and the tokens) at block `rows`."""
@@ -414,12 +468,24 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
                 model: ModelConfig | None = None) -> dict[str, Any]:
     """Run the teacher over the first `config.tokens` training tokens of `data` and write the cache
     to `output`; returns its manifest. A folder holding this very cache is returned as it is; an
-    interrupted build is resumed (finished shards are kept, not recomputed)."""
-    from tqdm import tqdm
+    interrupted build is resumed (finished shards are kept, not recomputed).
+
+    Under torchrun each rank builds every world-th of the shards still missing (on its own GPU),
+    and rank 0 writes the manifest when all are done: the same bytes as one process."""
+    from minitron.distributed import process_group
 
     config, data, model = config or CacheConfig(), data or DataConfig(), model or ModelConfig()
-    out = Path(output).expanduser()
-    check_writable(out, "--output")
+    with process_group(model.device) as device:
+        return _build(teacher_name, Path(output).expanduser(), config, data, model, device)
+
+
+def _build(teacher_name, out: Path, config: CacheConfig, data: DataConfig, model: ModelConfig,
+           device: str) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from minitron import distributed as d
+
+    d.on_rank0(lambda: check_writable(out, "--output"))
     t_cfg, blocks, bos = _load_data(str(teacher_name), data, config, model.trust_remote_code)
     n = len(blocks)
     shard_blocks = max(1, config.shard_tokens // config.block_size)
@@ -428,25 +494,34 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
     plan = {"format": FORMAT, "data": identity, "teacher_hash": t_hash, "k": config.k,
             "block_size": config.block_size, "num_blocks": n, "shard_blocks": shard_blocks,
             "dtype": config.dtype, "batch_size": config.batch_size, "model_dtype": model.dtype}
-    done = _begin(out, plan)
+    done = d.on_rank0(lambda: _begin(out, plan))
     if done is not None:
-        print(f"[minitron] {out} already holds this teacher cache; not rebuilding it")
+        if d.rank() == 0:
+            print(f"[minitron] {out} already holds this teacher cache; not rebuilding it")
         return done
-    from minitron.models import default_device, load_model
+    if d.rank() == 0:
+        print(f"[minitron] {size_line(n * config.block_size, config.k, config.dtype)}",
+              file=sys.stderr)
+    from minitron.models import load_model
 
-    teacher = load_model(teacher_name, dtype=model.dtype, device=model.device or default_device(),
+    teacher = load_model(teacher_name, dtype=model.dtype, device=device,
                          trust_remote_code=model.trust_remote_code)[0].eval()
     spans = [(i, lo, min(lo + shard_blocks, n)) for i, lo in enumerate(range(0, n, shard_blocks))]
-    todo = [s for s in spans if not (out / f"shard-{s[0]:05d}").is_dir()]
+    # Listed by rank 0 for all, before any rank writes one: every rank splits the same list.
+    todo = d.on_rank0(lambda: [s for s in spans if not (out / f"shard-{s[0]:05d}").is_dir()])
     reused = sum(hi - lo for i, lo, hi in spans if (i, lo, hi) not in todo) * config.block_size
+    mine = todo[d.rank()::d.world()]
     bar = tqdm(total=n * config.block_size, initial=reused, desc="teacher cache", unit="tok",
-               unit_scale=True, disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+               unit_scale=True, disable=not config.progress or d.rank() != 0, file=sys.stderr,
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for i, lo, hi in todo:
+        for i, lo, hi in mine:
             _write_shard(out, i, teacher, blocks, lo, hi - lo, config, bar)
     finally:
         bar.close()
+    if d.dist_on():
+        torch.distributed.barrier()  # every rank's shards are in place
     seconds = time.perf_counter() - t0
     computed = n * config.block_size - reused
     manifest = {
@@ -460,10 +535,10 @@ def build_cache(teacher_name: str | os.PathLike, output: str | os.PathLike,
         "shards": [{"dir": f"shard-{i:05d}", "first_block": lo, "blocks": hi - lo}
                    for i, lo, hi in spans],
         "stats": {"seconds": round(seconds, 3), "tokens_computed": computed,
-                  "tokens_reused": reused,
+                  "tokens_reused": reused, "processes": d.world(),
                   "tokens_per_s": round(computed / seconds, 1) if computed and seconds else None},
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    d.on_rank0(lambda: write_json_atomic(out / MANIFEST, manifest))
     return manifest
 
 
@@ -478,6 +553,8 @@ def build_parser():
                    help="a prepared data folder (python -m minitron.data prepare) or any data "
                         "source the stages accept (same as data.source)")
     p.add_argument("--output", required=True, help="the cache folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cache's size (tokens x bytes per token) and build nothing")
     return p
 
 
@@ -490,7 +567,15 @@ def main(argv: list[str] | None = None) -> int:
                             "SOURCE --output DIR [teacher_cache.k=64 ...] (see build --help)")
     args = cli.parse(build_parser(), argv[1:])
     c = cli.configs(args)
+    if args.dry_run:
+        cc = c["teacher_cache"]
+        tokens = max(1, cc.tokens // cc.block_size) * cc.block_size
+        print(f"{size_line(tokens, cc.k, cc.dtype)} (at most: a smaller data split caches fewer "
+              f"blocks); would write {args.output}")
+        return 0
     m = build_cache(args.model, args.output, c["teacher_cache"], data=c["data"], model=c["model"])
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return 0
     st = m["stats"]
     size = sum(f.stat().st_size for f in Path(args.output).rglob("*.bin"))
     print(f"wrote {args.output}: {m['tokens']} tokens x top-{m['k']} of {m['vocab_size']} "

@@ -30,7 +30,8 @@ STAGES = {
 # Settings that need another one set with them (per-channel scales exist for dynamic/static INT8).
 COMPANIONS = {("export", "per_channel"): {"int8": "dynamic"},
               ("distill", "nnodes"): {"rdzv_endpoint": "127.0.0.1:29500"}}
-RECIPE_ONLY = {"model.name", "model.config"} | {
+# data.workers: the data stage of a recipe; `minitron.data prepare` has its own --workers.
+RECIPE_ONLY = {"model.name", "model.config", "data.workers"} | {
     f"{s}.enabled" for s, cls in SECTIONS.items() if "enabled" in {f.name for f in dataclasses.fields(cls)}}
 
 

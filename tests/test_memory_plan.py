@@ -137,8 +137,12 @@ def test_shipped_large_recipes_fit_80gb_gpus(name, capsys):
 
     recipe = load_recipe(f"recipes/{name}")
     assert recipe.distill.nproc_per_node == 8 and recipe.distill.gpu_memory_gib == 79
-    plan = dry_run(recipe)["memory_plan"]
+    info = dry_run(recipe)
+    plan = info["memory_plan"]
     assert plan["peak_gib"] <= 79
+    # The prune (importance) and evaluate stages' own plans, on one device.
+    assert set(info["stage_memory_gib"]) == {"prune", "evaluate"}
+    assert all(0 < v <= 79 for v in info["stage_memory_gib"].values()), info["stage_memory_gib"]
     assert "estimated peak per GPU" in capsys.readouterr().out
     # The same recipe on one process does not fit, and says why.
     with pytest.raises(MinitronError, match=r"biggest term is optimizer \(AdamW fp32\)"):

@@ -119,6 +119,9 @@ def test_prepare_cli(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--eval-fraction 1.5 is invalid" in bad.stderr
     assert "Traceback" not in bad.stderr
+    part = subprocess.run(run + ["--output", str(tmp_path / "o3"), "--shard", "2/2"],
+                          capture_output=True, text=True)
+    assert part.returncode == 2 and "--shard 2/2 is invalid; valid: I/N" in part.stderr
 
 
 def test_weighted_mixture_gives_each_source_its_share_of_train_tokens(tmp_path, tokenizer):
@@ -144,3 +147,58 @@ def test_weighted_mixture_gives_each_source_its_share_of_train_tokens(tmp_path, 
     assert sum(tokens.values()) == pytest.approx(stream.tokens, rel=0) and not doc
     with pytest.raises(MinitronError, match="weight -1.0 of source"):
         prepare([(str(big), -1.0), (str(small), 1.0)], tmp_path / "bad", tokenizer, workers=1)
+
+
+def test_prepare_with_more_chunks_than_the_open_file_limit(tmp_path, tokenizer):
+    """One document per chunk (300 chunks) under an open-file limit of 64 (pass 2 of the old code
+    kept a memory map, and its descriptor, per chunk): pass 2 keeps a bounded number of chunk
+    files open, and writes the same shards as a preparation from one chunk."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(300):
+        (corpus / f"{i:03d}.txt").write_text(f"document {i}: " + "word " * (i % 17 + 3))
+    ref = prepare(str(corpus), tmp_path / "ref", tokenizer, workers=1, shard_tokens=997,
+                  chunk_chars=10**9, progress=False)
+    out = tmp_path / "p"
+    code = (
+        "import json, resource, sys; sys.path.insert(0, 'tests')\n"
+        "from tiny import tiny_tokenizer\n"
+        "import minitron.shards as s\n"
+        "tok = tiny_tokenizer()\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        f"s.prepare({str(corpus)!r}, {str(out)!r}, tok, workers=1, shard_tokens=997, chunk_chars=1,"
+        " progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["splits"]["train"]["documents"] > 3 * 64  # a chunk per document: past the limit
+    assert m["splits"] == ref["splits"]
+    for info in ref["splits"].values():
+        for shard in info["shards"]:
+            want = (tmp_path / "ref" / shard["file"]).read_bytes()
+            assert (out / shard["file"]).read_bytes() == want
+
+
+def test_prepare_in_parts_then_merge_gives_the_one_machine_shards(tmp_path, prepared, tokenizer):
+    """Two machines' parts (--shard 0/2 and 1/2, each folder's .work then gathered into one, as a
+    copy between machines does), then --merge: the fixture's shards and fingerprint. A merge with
+    a part missing is refused, naming what to run."""
+    kw = dict(workers=1, shard_tokens=4099, chunk_chars=50_000, progress=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = prepare(SLICE, a, tokenizer, part=(0, 2), **kw)
+    second = prepare(SLICE, b, tokenizer, part=(1, 2), **kw)
+    assert first["chunks"] and second["chunks"] and not (a / MANIFEST).exists()
+    assert not list(a.glob("*.bin"))  # a part writes no shards
+    with pytest.raises(MinitronError, match=r"merge: \d+ of \d+ chunks are not in"):
+        prepare(SLICE, a, tokenizer, merge=True, **kw)
+    for f in (b / ".work").iterdir():
+        if f.name != "plan.json":
+            f.rename(a / ".work" / f.name)
+    m = prepare(SLICE, a, tokenizer, merge=True, **kw)
+    ref = json.loads((prepared / MANIFEST).read_text())
+    assert m["fingerprint"] == ref["fingerprint"] and m["stats"]["tokens_tokenized"] == 0
+    for info in ref["splits"].values():
+        for shard in info["shards"]:
+            assert (a / shard["file"]).read_bytes() == (prepared / shard["file"]).read_bytes()

@@ -463,3 +463,75 @@ def test_fsdp_on_two_processes_from_the_cache_matches_one_process(world, small_c
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
     m = json.loads((outs["fsdp"] / "minitron.json").read_text())["distillation"]["metrics"]
     assert m["processes"] == {"world_size": 2, "strategy": "fsdp"} and m["teacher_cache"]["k"] == 8
+
+
+def test_a_read_over_more_shards_than_the_open_file_limit(world, tmp_path):
+    """48 one-block shards (192 files) read whole under an open-file limit of 64 (the reader kept
+    4 memory maps per shard it touched): the same arrays as an unlimited read."""
+    out = tmp_path / "many"
+    _build(world, out, k=8, tokens=48 * BLOCK, shard_tokens=BLOCK)
+    cache = tc.open_cache(out)
+    want = {name: cache.read(name, range(48)) for name in tc._FILES}
+    assert len(cache._files) <= 64 and len(cache.manifest["shards"]) == 48
+    code = (
+        "import resource, sys, torch\n"
+        "from minitron import teacher_cache as tc\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        f"c = tc.open_cache({str(out)!r})\n"
+        "rows = list(range(48)) + list(range(47, -1, -3))\n"
+        "torch.save({n: c.read(n, rows) for n in tc._FILES}, sys.argv[1])\n")
+    got_file = tmp_path / "got.pt"
+    proc = subprocess.run([sys.executable, "-c", code, str(got_file)], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(got_file, weights_only=True)
+    rows = list(range(48)) + list(range(47, -1, -3))
+    for name in tc._FILES:
+        assert torch.equal(got[name], want[name][rows]), name
+
+
+def test_build_on_two_gloo_ranks_equals_one_process(world, small_cache, tmp_path):
+    """torchrun with 2 CPU processes: each builds every other missing shard; the folder is the
+    one-process build's, byte for byte (manifest plan and fingerprint too)."""
+    out = tmp_path / "two"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "-m", "minitron.teacher_cache", "build", "--model",
+                        str(world["teacher_dir"]), "--data", str(world["data"]), "--output",
+                        str(out), "teacher_cache.k=8", f"teacher_cache.tokens={96 * BLOCK}",
+                        f"--block-size={BLOCK}", "--batch-size", "16",
+                        "teacher_cache.shard_tokens=768", "--no-progress", "--device", "cpu"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.count("wrote ") == 1  # rank 0 reports
+    one, two = (json.loads((p / "manifest.json").read_text()) for p in (small_cache, out))
+    assert two["stats"]["processes"] == 2 and two["fingerprint"] == one["fingerprint"]
+    assert {k: v for k, v in two.items() if k != "stats"} == {
+        k: v for k, v in one.items() if k != "stats"}
+    files = sorted(p.relative_to(small_cache) for p in small_cache.rglob("*.bin"))
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*.bin")) and len(files) == 16
+    assert all((small_cache / f).read_bytes() == (out / f).read_bytes() for f in files)
+
+
+def test_dry_run_prints_the_size_and_builds_nothing(world, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert tc.main(["build", "--model", str(world["teacher_dir"]), "--data", str(world["data"]),
+                    "--output", str(out), "teacher_cache.tokens=94000000000", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert tc.bytes_per_token(64, "float16") == 392 and tc.bytes_per_token(8, "float32") == 72
+    assert "94,000,000,000 tokens x 392 bytes/token" in said and "36.848 TB" in said
+    assert not out.exists()
+
+
+def test_recipe_dry_run_shows_the_search_cache_size(tmp_path, capsys):
+    from minitron.pipeline import dry_run
+    from minitron.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "demo-search.yaml", [f"output_dir={tmp_path}"])
+    info = dry_run(recipe)["teacher_cache"]
+    tokens = 16384 // recipe.distill.tokens_per_step * recipe.distill.tokens_per_step
+    b = tc.bytes_per_token(recipe.teacher_cache.k, recipe.teacher_cache.dtype)
+    assert info == {"tokens": tokens, "bytes_per_token": b, "gb": round(tokens * b / 1e9, 3)}
+    assert f"{tokens:,} tokens x {b} bytes/token" in capsys.readouterr().out
