@@ -277,3 +277,53 @@ def test_imatrix_file_and_its_effect(families, tmp_path):
         err = {k: (((sd[name + ".weight"] - src[name + ".weight"]) ** 2) * w).sum().item()
                for k, sd in (("plain", plain), ("imatrix", weighted))}
         assert err["imatrix"] < err["plain"], (name, err)
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself
+def _llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
+    """Logits of every position from llama.cpp's own forward of the GGUF file."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=max(64, len(ids)), logits_all=True, verbose=False,
+                n_threads=1, seed=0)
+    llm.eval(ids)
+    out = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    llm.close()
+    return out
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_llama_cpp_computes_the_source_logits(families, family):
+    """The consumer itself: llama.cpp reads each family's F16 file (metadata, soft-caps, sliding
+    pattern, rope bases, folded scale, fused Phi-3 tensors) and computes the source's logits, within
+    3x a control of F16 rounding noise on the weights and activations' scale."""
+    if not _has_llama_cpp():
+        pytest.skip("llama-cpp-python (minitron[gguf]) is not installed")
+    model, _, files = families[family]
+    ids = IDS[0].tolist()
+    got = _llama_cpp_logits(files["f16"]["path"], ids)
+    with torch.no_grad():
+        ref = model(IDS[:1]).logits[0]
+    src = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    errors = {k: _rms(v - v.half().float()) for k, v in src.items() if v.ndim == 2}
+    copy = make_tiny_model(family, seed=2, **{**BASE, **CASES[family]})
+    control = _noise_control(copy, src, errors)[0]
+    assert _rel(got, ref) <= 3 * 2 * _rel(control, ref), (_rel(got, ref), _rel(control, ref))
+
+
+def test_llama_cpp_applies_llama31_rope_freqs(llama31):
+    """Past original_max_position_embeddings (32) the llama3 factors change the logits; llama.cpp
+    with the written rope_freqs computes the source's."""
+    if not _has_llama_cpp():
+        pytest.skip("llama-cpp-python (minitron[gguf]) is not installed")
+    model, _, _, path = llama31
+    ids = torch.randint(1, VOCAB, (1, 96), generator=torch.Generator().manual_seed(3))
+    got = _llama_cpp_logits(path, ids[0].tolist())
+    plain = make_tiny_model("llama", seed=4, hidden_size=64, head_dim=16, num_attention_heads=4,
+                            num_key_value_heads=2, rope_parameters={"rope_type": "default",
+                                                                    "rope_theta": 500000.0})
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref, unscaled = model(ids).logits[0], plain(ids).logits[0]
+    # far closer to the llama3-scaled source than the scaling's own effect on the logits
+    assert _rel(got, ref) < 0.1 * _rel(unscaled, ref)
