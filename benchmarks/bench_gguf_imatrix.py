@@ -2,7 +2,7 @@
 held-out eval blocks, both files read back by transformers' GGUF loader and scored by the same
 function (minitron.export.score). Needs the extra minitron[gguf] (llama-cpp-python).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_gguf_imatrix.py [--eval-blocks 32] [--calib-blocks 64]
+    OMP_NUM_THREADS=1 python benchmarks/bench_gguf_imatrix.py [--eval-blocks 32] [--calib-blocks 64]
 
 Writes benchmarks/results/gguf_imatrix.json and .md (device, versions, git sha)."""
 
@@ -47,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         f16 = write_gguf(model, tok, where, Path(d) / "f16.gguf", "f16")
         for name, im in (("Q4_K_M", None), ("Q4_K_M + imatrix", imatrix)):
-            path = quantize_gguf(f16, Path(d) / "q.gguf", "q4_k_m", im, threads=2)
+            path = quantize_gguf(f16, Path(d) / "q.gguf", "q4_k_m", im, threads=1)
             back = load_gguf(path)
             with torch.no_grad():
                 row, _ = score(lambda b: back(b).logits, evals, ref)

@@ -271,6 +271,20 @@ def _add_gemma(writer, config: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- writing
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _safe_name(name: str, tokenizer) -> str:
+    """general.name, except that llama.cpp's vocabulary loader looks up Phi-3's own special tokens
+    by text for any model whose name contains "phi3" / "phi-3" and aborts when one is missing (a
+    Phi-4-style vocabulary in a folder named phi3-...): such a name is written as "phi_3"."""
+    lowered = name.lower()
+    if ("phi3" in lowered or "phi-3" in lowered) and not all(
+            t in tokenizer.get_vocab() for t in _PHI3_TOKENS):
+        return lowered.replace("phi-3", "phi_3").replace("phi3", "phi_3")
+    return name
+
+
 def write_gguf(model, tokenizer, model_dir: str | os.PathLike, path: Path, qtype: str) -> Path:
     """Write `model` (a loaded HF model of a supported family) to `path` in F16 or Q8_0 (2-D weights;
     norms and rotary factors stay F32, as llama.cpp's converter keeps them). The k-quants start from
@@ -285,7 +299,7 @@ def write_gguf(model, tokenizer, model_dir: str | os.PathLike, path: Path, qtype
     arch = gguf_arch(model.config)
     tmp = Path(path).with_name(Path(path).name + ".part")
     writer = gguf.GGUFWriter(str(tmp), arch.name)
-    _add_metadata(writer, model.config, arch, Path(model_dir).name)
+    _add_metadata(writer, model.config, arch, _safe_name(Path(model_dir).name, tokenizer))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     add_tokenizer(writer, tokenizer, model_dir, model.config.vocab_size)
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]

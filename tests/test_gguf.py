@@ -325,5 +325,5 @@ def test_llama_cpp_applies_llama31_rope_freqs(llama31):
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref, unscaled = model(ids).logits[0], plain(ids).logits[0]
-    # far closer to the llama3-scaled source than the scaling's own effect on the logits
-    assert _rel(got, ref) < 0.1 * _rel(unscaled, ref)
+    # far closer to the llama3-scaled source than to the same weights without the scaling
+    assert _rel(got, ref) < 0.25 * _rel(got, unscaled)
