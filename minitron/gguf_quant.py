@@ -45,9 +45,11 @@ def llama_cpp():
 
 
 def has_llama_cpp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def imatrix_values(stats, names: dict[str, str]) -> dict[str, np.ndarray]:

@@ -327,3 +327,45 @@ def test_llama_cpp_applies_llama31_rope_freqs(llama31):
         ref, unscaled = model(ids).logits[0], plain(ids).logits[0]
     # far closer to the llama3-scaled source than to the same weights without the scaling
     assert _rel(got, ref) < 0.25 * _rel(got, unscaled)
+
+
+def test_phi3_longrope_factors_and_attention_factor(tmp_path):
+    """Phi-3-128k style longrope: the factor tensors and the attention factor are written as
+    llama.cpp's converter writes them; transformers' loader and (with the extra) llama.cpp compute
+    the source's logits, within 3x the F16 noise control."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "long_factor": [1.0, 4.0, 16.0], "short_factor": [1.0, 1.5, 2.0]}
+    shape = dict(max_position_embeddings=8192, original_max_position_embeddings=1024,
+                 rope_parameters=rope, tie_word_embeddings=True)
+    model = make_tiny_model("phi3", tmp_path, **shape)
+    path = to_gguf.write_gguf(model, tiny_tokenizer(), tmp_path, tmp_path / "m.gguf", "f16")
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    np.testing.assert_array_equal(tensors["rope_factors_long.weight"], [1.0, 4.0, 16.0])
+    np.testing.assert_array_equal(tensors["rope_factors_short.weight"], [1.0, 1.5, 2.0])
+    attn = reader.fields["phi3.rope.scaling.attn_factor"]
+    assert float(attn.parts[attn.data[0]][0]) == pytest.approx((1 + np.log(8) / np.log(1024)) ** 0.5)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    src = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    errors = {k: _rms(v - v.half().float()) for k, v in src.items() if v.ndim == 2}
+    bound = 3 * _rel(_noise_control(make_tiny_model("phi3", **shape), src, errors), ref)
+    back = to_gguf.load_gguf(path, to_gguf.reference_config(model.config))
+    with torch.no_grad():
+        assert _rel(back(IDS).logits, ref) <= bound
+    if _has_llama_cpp():
+        assert _rel(_llama_cpp_logits(path, IDS[0].tolist()), ref[0]) <= 2 * bound
+
+
+def test_kquants_without_their_encoder_say_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    from minitron.gguf_quant import write_all
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were absent
+    model = make_tiny_model("llama")
+    with pytest.raises(MinitronError, match=r"pip install 'minitron\[gguf\]'"):
+        write_all(model, tiny_tokenizer(), tmp_path, tmp_path, ("q4_k_m",))
+    assert not list(tmp_path.iterdir())  # refused before writing anything
