@@ -50,7 +50,7 @@ def main() -> None:
             path = quantize_gguf(f16, Path(d) / "q.gguf", "q4_k_m", im, threads=1)
             back = load_gguf(path)
             with torch.no_grad():
-                row, _ = score(lambda b: back(b).logits, evals, ref)
+                row, _ = score(lambda b, m=back: m(b).logits, evals, ref)
             row.update(size_mb=path.stat().st_size / 2**20,
                        fallbacks=sorted({f["type"] for f in fallbacks(path)}),
                        n_fallbacks=len(fallbacks(path)))
