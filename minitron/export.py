@@ -651,10 +651,27 @@ def render_report(report: dict[str, Any]) -> str:
     if over:
         lines += [f"Outside the perplexity budget (+{100 * report['settings']['ppl_budget']:.1f}%): "
                   + ", ".join(over) + ".", ""]
+    lines += _gguf_notes(report["rows"])
     if any(r["model"].startswith("bnb") for r in report["rows"]):
         lines += ["bitsandbytes sizes are the in-memory footprint of the loaded model.", ""]
     lines += [f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def _gguf_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Per k-quant GGUF row: its importance matrix, and the tensors llama.cpp could not make
+    k-quants (rows not whole 256-value blocks) with the type it chose instead."""
+    out = []
+    for r in rows:
+        if not r["model"].startswith("gguf-") or r["model"] in ("gguf-f16", "gguf-q8_0"):
+            continue
+        fell = r.get("fallbacks") or []
+        listed = ", ".join(f"{f['tensor']} ({f['row_width']} -> {f['type']})" for f in fell[:12])
+        more = f" and {len(fell) - 12} more" if len(fell) > 12 else ""
+        out += [f"{r['model']}: importance matrix {r.get('imatrix', 'none')}; "
+                + (f"{len(fell)} tensors fell back from k-quants (row width not a multiple of "
+                   f"256): {listed}{more}." if fell else "every 2-D tensor is a k-quant."), ""]
+    return out
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -334,6 +334,10 @@ def test_gguf_round_trip_through_transformers_loader(tmp_path, fast):
         if qtype == "f16":
             assert torch.equal(reloaded.generate(prompt, **kw), ref_gen)
     assert rows["gguf-q8_0"]["size_mb"] < 0.6 * rows["gguf-f16"]["size_mb"]
+    if "gguf-q4_k_m" in rows:  # with the extra minitron[gguf]: every width here (96, 128) falls back
+        fell = {f["tensor"] for f in rows["gguf-q4_k_m"]["fallbacks"]}
+        assert "blk.0.ffn_down.weight" in fell and rows["gguf-q4_k_m"]["imatrix"].startswith("computed")
+        assert "blk.0.ffn_down.weight (128 -> " in (out / "report.md").read_text()
 
 
 def test_gguf_refuses_shapes_llama_cpp_cannot_hold(tmp_path, fast):
