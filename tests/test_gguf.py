@@ -312,11 +312,19 @@ def test_llama_cpp_computes_the_source_logits(families, family):
 
 
 def test_llama_cpp_applies_llama31_rope_freqs(llama31):
-    """Past original_max_position_embeddings (32) the llama3 factors change the logits; llama.cpp
-    with the written rope_freqs computes the source's."""
+    """llama.cpp tokenizes the test texts as the source does, and past
+    original_max_position_embeddings (32), where the llama3 factors change the logits, computes the
+    source's with the written rope_freqs."""
     if not _has_llama_cpp():
         pytest.skip("llama-cpp-python (minitron[gguf]) is not installed")
-    model, _, _, path = llama31
+    model, tok, _, path = llama31
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in TEXTS:  # llama.cpp's own 'llama-bpe' splitting gives the source's ids
+        assert vocab.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(
+            text, add_special_tokens=False)
+    vocab.close()
     ids = torch.randint(1, VOCAB, (1, 96), generator=torch.Generator().manual_seed(3))
     got = _llama_cpp_logits(path, ids[0].tolist())
     plain = make_tiny_model("llama", seed=4, hidden_size=64, head_dim=16, num_attention_heads=4,
