@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class GgufArch:
     norm_shift: float = 0.0  # Gemma's norms multiply by (1 + weight): llama.cpp stores 1 + weight
     big_depth: int | None = None  # the depth llama.cpp takes for the 27B (its own attention scale)
     tied_only: bool = False  # llama.cpp reads no output.weight (the embedding is the head)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 GGUF_ARCHS = {
