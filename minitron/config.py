@@ -553,7 +553,7 @@ Int4Scheme = Literal["rtn", "hqq", "none"]
 INT4_SCHEMES: tuple[str, ...] = typing.get_args(Int4Scheme)
 # 'auto' measures levels 0 and 4; YAML and `key=value` read a bare 4 as a number.
 AccuracyLevel = Literal["auto", 0, 1, 2, 3, 4]
-GgufChoice = Literal["none", "f16", "q8_0", "all"]
+GgufChoice = Literal["none", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "all"]
 # A Literal (so --help and recipes list the kinds); minitron.cpu's targets are the same names.
 Int8Cpu = Literal["auto", "vnni", "no-vnni", "arm"]
 assert typing.get_args(Int8Cpu) == INT8_CPUS, "config.Int8Cpu and cpu.CPU_TARGETS disagree"
@@ -581,8 +581,13 @@ class ExportConfig(Section):
         "auto", "MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float "
                 "activations) and 4 (int8 activations) and deploys the faster one that passes the "
                 "gates; or 0..4.")
-    gguf: GgufChoice = setting("none", "Also write GGUF for llama.cpp/ollama (Llama family), each "
-                                       "file validated through transformers' GGUF loader.")
+    gguf: GgufChoice = setting("none", "Also write GGUF for llama.cpp/ollama (every family): F16, "
+                                       "Q8_0, or llama.cpp's k-quants Q4_K_M/Q5_K_M/Q6_K (optional "
+                                       "extra minitron[gguf]), or all (the k-quants where that "
+                                       "extra is installed); each file validated through "
+                                       "transformers' GGUF loader (logits and text tokenization).")
+    gguf_imatrix: bool = setting(True, "k-quants weigh rounding errors by the importance matrix "
+                                       "(mean squared input activations from the calibration pass).")
     # One default for the recipe and the command (they were 32 and 16): 32 calibration blocks.
     calib_samples: int = setting(32, "Calibration blocks for int8=static.", at_least(1))
     max_eval_tokens: int = setting(8192, "Validation reads at most this many tokens (blocks of at "

@@ -2,7 +2,7 @@
 
 `python -m minitron.export --model M --output DIR [export.int8=blockwise|dynamic|static|none]
  [export.per_channel=true] [export.int8_cpu=auto|vnni|no-vnni|arm] [export.int4=rtn|hqq|none]
- [export.accuracy_level=auto|0..4] [export.gguf=none|f16|q8_0|all] [export.compare=true]
+ [export.accuracy_level=auto|0..4] [export.gguf=none|f16|q8_0|q4_k_m|q5_k_m|q6_k|all] [export.compare=true]
  [export.bnb=true]` (`--help` lists every setting)
 
 The folder is an ONNX Runtime GenAI model folder: `onnxruntime_genai.Model(DIR)` generates and
@@ -63,10 +63,12 @@ from minitron.config import (BLOCKWISE_MAX_BLOCK, INT4_SCHEMES, DataConfig, Expo
                              ModelConfig)
 from minitron.cpu import Int8Settings, describe_cpu, int8_settings, int8_target
 from minitron.data import block_rule, load_blocks
+from minitron.gguf_vocab import CHECK_TEXT as GGUF_CHECK_TEXT
 from minitron.measure import speed as torch_speed
 from minitron.measure import weights_size_mb
 from minitron.models import count_params, load_config, load_model, resolve_model
 from minitron.onnx_graph import export_graph, write_genai_config
+from minitron.to_gguf import K_QUANT_TYPES as GGUF_KQUANTS
 from minitron.onnx_lm import OnnxLM, genai_generate, until_eos
 
 MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes validate on 512
@@ -649,10 +651,27 @@ def render_report(report: dict[str, Any]) -> str:
     if over:
         lines += [f"Outside the perplexity budget (+{100 * report['settings']['ppl_budget']:.1f}%): "
                   + ", ".join(over) + ".", ""]
+    lines += _gguf_notes(report["rows"])
     if any(r["model"].startswith("bnb") for r in report["rows"]):
         lines += ["bitsandbytes sizes are the in-memory footprint of the loaded model.", ""]
     lines += [f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def _gguf_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Per k-quant GGUF row: its importance matrix, and the tensors llama.cpp could not make
+    k-quants (rows not whole 256-value blocks) with the type it chose instead."""
+    out = []
+    for r in rows:
+        if not r["model"].startswith("gguf-") or r["model"] in ("gguf-f16", "gguf-q8_0"):
+            continue
+        fell = r.get("fallbacks") or []
+        listed = ", ".join(f"{f['tensor']} ({f['row_width']} -> {f['type']})" for f in fell[:12])
+        more = f" and {len(fell) - 12} more" if len(fell) > 12 else ""
+        out += [f"{r['model']}: importance matrix {r.get('imatrix', 'none')}; "
+                + (f"{len(fell)} tensors fell back from k-quants (row width not a multiple of "
+                   f"256): {listed}{more}." if fell else "every 2-D tensor is a k-quant."), ""]
+    return out
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -701,7 +720,8 @@ def load_job(model, where: str, config, settings: ExportConfig, data: DataConfig
                 max_positions=config.max_position_embeddings)
     blocks = load_blocks(tokenizer, "eval", n_blocks, **read)
     calib = None
-    if any(v.scheme == "static" for v in variants_to_measure(settings)):
+    kquants = settings.gguf_imatrix and any(t in GGUF_KQUANTS for t in gguf_types(settings.gguf))
+    if kquants or any(v.scheme == "static" for v in variants_to_measure(settings)):
         calib = load_blocks(tokenizer, "calibration", settings.calib_samples, **read)
     return Job(str(model), where, config, settings, data, pt_model, tokenizer, blocks, calib,
                prompt=blocks[:1, :min(16, length - 1)], trust_remote_code=trust_remote_code)
@@ -830,27 +850,56 @@ def measure_bnb(job: Job) -> list[dict[str, Any]]:
     return rows
 
 
-def export_gguf(job: Job, tmp: Path) -> list[dict[str, Any]]:
-    """GGUF files beside the ONNX ones, each validated through transformers' GGUF loader."""
-    from minitron.to_gguf import GGUF_TYPES, load_gguf, write_gguf
+def gguf_types(choice: str) -> tuple[str, ...]:
+    """The GGUF types of `export.gguf`: 'all' is F16 and Q8_0, plus the k-quants where their
+    encoder (llama-cpp-python, the extra minitron[gguf]) is installed."""
+    from minitron.gguf_quant import has_llama_cpp
+    from minitron.to_gguf import FLOAT_TYPES
 
+    if choice == "all":
+        if not has_llama_cpp():
+            print("[minitron] export.gguf=all: no k-quants (Q4_K_M/Q5_K_M/Q6_K): their encoder, "
+                  "llama-cpp-python, is not installed (pip install 'minitron[gguf]')")
+            return FLOAT_TYPES
+        return FLOAT_TYPES + GGUF_KQUANTS
+    return () if choice == "none" else (choice,)
+
+
+def export_gguf(job: Job, tmp: Path) -> list[dict[str, Any]]:
+    """GGUF files beside the ONNX ones, each validated through transformers' GGUF loader: logits on
+    the held-out blocks and the tokenization of text. F16 / Q8_0 must pass the INT8 gates; the
+    k-quants are reported against them (a 4-6 bit model is not expected to keep +2%)."""
+    from minitron import calibration
+    from minitron.gguf_quant import FTYPES, write_all
+    from minitron.gguf_vocab import text_mismatch
+    from minitron.to_gguf import load_gguf, reference_config
+
+    types = gguf_types(job.settings.gguf)
+    stats, source = None, "none"
+    if job.settings.gguf_imatrix and any(t in FTYPES for t in types):
+        stats, source = calibration.for_model(job.pt_model, job.where, job.calib)
+    with job.timed("gguf_write"):
+        files = write_all(job.pt_model, job.tokenizer, job.where, tmp, types, stats)
+    texts = [job.tokenizer.decode(b) for b in job.blocks[:2]] + [GGUF_CHECK_TEXT]
     rows = []
-    for qtype in GGUF_TYPES if job.settings.gguf == "all" else (job.settings.gguf,):
-        path = tmp / f"model-{qtype}.gguf"
+    for f in files:
+        qtype, path = f["type"], f["path"]
         with job.timed(f"gguf_{qtype}"):
-            write_gguf(job.pt_model, job.tokenizer, job.where, path, qtype)
-            reloaded = load_gguf(path)
+            bad_text = text_mismatch(job.tokenizer, path, texts)
+            reloaded = load_gguf(path, reference_config(job.config))
             row = measure_torch(reloaded, job.blocks, job.ref, job.prompt,
                                 dataclasses.replace(job.settings, speed=False), job.pad_id)
             del reloaded
-        row["size_mb"] = path.stat().st_size / 2**20
+        row.update(size_mb=path.stat().st_size / 2**20, imatrix=source if f["imatrix"] else "none",
+                   fallbacks=f["fallbacks"])
         problems = check_quantized(row, job.ref_perplexity, job.settings)
         if qtype == "f16" and row["greedy_match"] < len(job.ref.generation):
             problems.append(f"greedy generation matches only {row['greedy_match']}/"
                             f"{len(job.ref.generation)} tokens")
-        if problems:
-            raise MinitronError(f"the GGUF {qtype} file fails validation: " + "; ".join(problems))
-        rows.append({"model": f"gguf-{qtype}", "within_budget": True, **row})
+        if bad_text or (problems and qtype not in FTYPES) or not math.isfinite(row["perplexity"]):
+            raise MinitronError(f"the GGUF {qtype} file fails validation: " + "; ".join(
+                problems + ([f"text tokenizes differently: {bad_text}"] if bad_text else [])))
+        rows.append({"model": f"gguf-{qtype}", "within_budget": not problems, **row})
     return rows
 
 
@@ -916,7 +965,11 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
     if settings.gguf != "none":
         from minitron.to_gguf import gguf_arch
 
-        gguf_arch(config)  # refuses other families before any work
+        gguf_arch(config)  # refuses other families and shapes llama.cpp cannot hold, before any work
+        if any(t in GGUF_KQUANTS for t in gguf_types(settings.gguf)):
+            from minitron.gguf_quant import llama_cpp
+
+            llama_cpp()  # the k-quant encoder is an optional extra: say so before any work
     if settings.bnb:
         _check_bnb()
     cpu = int8_target(settings.int8_cpu)

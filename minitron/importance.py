@@ -195,6 +195,7 @@ def compute_scores(
     batch_size: int | None = None,
     config: ImportanceConfig | None = None,
     progress: bool = False,
+    collector: Any = None,
 ) -> Scores:
     """Score every neuron, head, KV group, hidden channel and layer of `model` on `blocks` [n, T].
 
@@ -202,6 +203,8 @@ def compute_scores(
 
     One pass over all blocks through the decoder body (the LM head is not needed and not run); with
     `config.depth_method == "lm_loss"`, also L + 1 forwards over the first `lm_loss_blocks` blocks.
+    A `minitron.calibration.Collector` given as `collector` is attached to that same pass (the
+    quantizers' activation statistics; read them with `collector.stats`).
     """
     config = config or ImportanceConfig()
     batch_size = config.batch_size if batch_size is None else batch_size
@@ -268,6 +271,8 @@ def compute_scores(
                 add_norm(spec.get(layer, norm))
             handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
         add_norm(spec.get(model, spec.final_norm))
+        if collector is not None:
+            collector.attach(model)
         body = model.base_model
         done = 0
         for batch in batches(blocks, batch_size):
@@ -280,6 +285,8 @@ def compute_scores(
     finally:
         for h in handles:
             h.remove()
+        if collector is not None:
+            collector.detach()
     stream_s = time.perf_counter() - t0
 
     neurons = torch.stack([a.result() for a in neuron_acc]).cpu()

@@ -223,6 +223,7 @@ def _data_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
 
 
 def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    from minitron.calibration import Collector
     from minitron.importance import compute_scores
     from minitron.models import load_model
     from minitron.prune import calibration_blocks, prune, save_pruned
@@ -233,10 +234,11 @@ def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     if r.search.candidates:
         return _searched_prune(ctx, out, timer, model, tokenizer)
     blocks = calibration_blocks(tokenizer, ctx.data, model.config)
-    scores = compute_scores(model, blocks, config=r.importance, progress=True)
+    collector = Collector()
+    scores = compute_scores(model, blocks, config=r.importance, progress=True, collector=collector)
     timer.tokens = blocks.numel()
     target, candidates = prune_target(r, model.config)
-    pruned = prune(model, scores, target, depth=r.prune.depth)
+    pruned = prune(model, scores, target, depth=r.prune.depth, stats=collector.stats)
     info = {"recipe": r.source_file, "candidates": candidates}
     save_pruned(pruned, tokenizer, out / "model", info, scores=scores)
     shape = {k: getattr(pruned.config, k) for k in (*TARGET_KEYS, "head_dim")}

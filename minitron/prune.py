@@ -35,6 +35,7 @@ from minitron.common import (MinitronError, StageTimer, atomic_dir, check_replac
                              check_writable, clean_stale, format_table, run_cli, write_json_atomic)
 from minitron.config import (DEPTH_MODES, TARGET_KEYS, DataConfig, DepthMode, DistillConfig,
                              ImportanceConfig, ModelConfig, PruneConfig, SearchConfig)
+from minitron import calibration
 from minitron.importance import Scores, compute_scores, describe, load_scores, save_scores
 from minitron.models import (ArchSpec, HeadLayout, arch_of, count_params, head_layout,
                              param_count_from_config, shape_problem)
@@ -350,8 +351,12 @@ def fold_embed_scale_(state: dict[str, torch.Tensor], spec: ArchSpec, config: An
 # ----------------------------------------------------------------------------- pruning
 @torch.no_grad()
 def prune(model: nn.Module, scores: Scores, target: Mapping[str, int],
-          depth: DepthMode = "importance", depth_method: str | None = None) -> nn.Module:
+          depth: DepthMode = "importance", depth_method: str | None = None,
+          stats: calibration.Stats | None = None) -> nn.Module:
     """A new, smaller model; `model` (the teacher) is left untouched (weights are copied by index).
+
+    The teacher's activation statistics `stats` (minitron.calibration), if given, follow the kept
+    layers and channels onto the result as `minitron_calibration`; `save_pruned` writes them.
 
     `depth_method` picks the layer scores ("block_importance" or "lm_loss"; default: the one the
     scores were computed for). The result carries `minitron_record` (kept layers, parameter counts,
@@ -416,6 +421,8 @@ def prune(model: nn.Module, scores: Scores, target: Mapping[str, int],
         raise MinitronError(f"pruned weights do not fit the pruned architecture (missing "
                             f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
     pruned.tie_weights()
+    if stats is not None:
+        pruned.minitron_calibration = stats.remap(calibration.prune_mapping(rules, stats.modules))
     pruned.generation_config = copy.deepcopy(model.generation_config)
     pruned.eval()
     pruned.minitron_record = {
@@ -453,6 +460,9 @@ def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike,
         if scores is not None:
             save_scores(scores, tmp / SCORES_FILE)
             record["scores_file"] = SCORES_FILE
+        if getattr(model, "minitron_calibration", None) is not None:
+            calibration.save(model.minitron_calibration, tmp / calibration.FILE)
+            record["calibration_file"] = calibration.FILE
         # What --overwrite may replace later: these files and nothing else (check_replaceable).
         record["files"] = sorted([p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
                                   if not p.is_dir()] + [INFO_FILE])
@@ -547,21 +557,24 @@ def main(argv: list[str] | None = None) -> int:
     with StageTimer("prune") as timer:
         model, tokenizer = load_model(args.model, dtype=model_cfg.dtype, device=model_cfg.device,
                                       trust_remote_code=trust)
-        calibration = None
+        calib_info, stats = None, None
         if scores is None:
             blocks = calibration_blocks(tokenizer, data, model.config)
             t0 = time.perf_counter()
-            scores = compute_scores(model, blocks, config=importance, progress=True)
-            calibration = {"data": data.source, "split": "calibration", "blocks": len(blocks),
-                           "block_size": data.block_size}
+            collector = calibration.Collector()
+            scores = compute_scores(model, blocks, config=importance, progress=True,
+                                    collector=collector)
+            stats = collector.stats
+            calib_info = {"data": data.source, "split": "calibration", "blocks": len(blocks),
+                          "block_size": data.block_size}
             print(f"importance computed in {time.perf_counter() - t0:.1f}s")
         print(describe(scores))
         pruned = prune(model, scores, target, depth=settings.depth,
-                       depth_method=importance.depth_method)
+                       depth_method=importance.depth_method, stats=stats)
     info = {"source": str(args.model), "target": target, "method": {
         "width": "activation importance (Minitron)", "depth": settings.depth,
         "depth_method": importance.depth_method,
-        "scores_from": args.scores or "computed in this run", "calibration": calibration},
+        "scores_from": args.scores or "computed in this run", "calibration": calib_info},
         "timing": timer.as_dict()}
     if settings.target_params is not None:
         info["target_params"] = settings.target_params

@@ -334,12 +334,18 @@ def test_gguf_round_trip_through_transformers_loader(tmp_path, fast):
         if qtype == "f16":
             assert torch.equal(reloaded.generate(prompt, **kw), ref_gen)
     assert rows["gguf-q8_0"]["size_mb"] < 0.6 * rows["gguf-f16"]["size_mb"]
+    if "gguf-q4_k_m" in rows:  # with the extra minitron[gguf]: every width here (96, 128) falls back
+        fell = {f["tensor"] for f in rows["gguf-q4_k_m"]["fallbacks"]}
+        assert "blk.0.ffn_down.weight" in fell and rows["gguf-q4_k_m"]["imatrix"].startswith("computed")
+        assert "blk.0.ffn_down.weight (128 -> " in (out / "report.md").read_text()
 
 
-def test_gguf_refuses_other_families(tmp_path, fast):
+def test_gguf_refuses_shapes_llama_cpp_cannot_hold(tmp_path, fast):
+    """Qwen2 pruned to hidden != heads x head_dim: llama.cpp sizes its attention by the hidden size,
+    so the export refuses before any work (every family is written otherwise: tests/test_gguf.py)."""
     src = tmp_path / "q"
-    make_tiny_model("qwen2", src)
-    with pytest.raises(MinitronError, match=r"GGUF export supports LlamaForCausalLM"):
+    make_tiny_model("qwen2", src, hidden_size=48)
+    with pytest.raises(MinitronError, match=r"llama.cpp's qwen2 sizes attention by the hidden size"):
         fast(src, tmp_path / "out", gguf="f16")
     assert not (tmp_path / "out").exists()
 
