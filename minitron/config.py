@@ -383,8 +383,8 @@ class DistillConfig(Section):
     keep_checkpoint: bool = setting(True, "Keep checkpoint/ after the final model is written.")
     strategy: Strategy = setting("auto", "With several processes: fsdp (sharded student), ddp "
                                          "(replicated), hsdp (sharded inside a node, replicated "
-                                         "across nodes: a 2-D mesh), auto (fsdp on GPUs, ddp on "
-                                         "CPU).")
+                                         "across nodes: a 2-D mesh), auto (fsdp on the GPUs of "
+                                         "one node, hsdp across nodes, ddp on CPU).")
     nproc_per_node: int = setting(1, "> 1 outside torchrun: start torchrun with that many "
                                      "processes on this node.", at_least(1))
     nnodes: int = setting(1, "> 1: this node joins the others through a c10d rendezvous at "
@@ -393,6 +393,9 @@ class DistillConfig(Section):
                                               "node), the same on every node.")
     hsdp_shard_size: int | None = setting(None, "strategy hsdp: ranks per shard group (null: the "
                                                 "ranks of one node).", at_least(1))
+    max_restarts: int = setting(0, "Times the launcher restarts every rank after one fails "
+                                   "(torchrun's --max-restarts); each restart resumes from the "
+                                   "last checkpoint.", at_least(0))
     process_group_timeout_s: float = setting(1800.0, "Seconds a collective waits for a missing "
                                                      "rank before failing.", POSITIVE)
     teacher_device: str | None = setting(None, "The teacher's device (null: the student's).")

@@ -64,7 +64,7 @@ RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress",
                       "strategy", "nproc_per_node", "teacher_device", "enabled",
                       "gpu_memory_gib", "micro_batch_size", "nnodes", "rdzv_endpoint",
                       "hsdp_shard_size", "process_group_timeout_s", "spike_grad_factor",
-                      "spike_loss_factor", "spike_window"}
+                      "spike_loss_factor", "spike_window", "max_restarts"}
 # A loss median below this counts as this much in the loss-spike check (distill.spike_loss_factor):
 # a KL near zero would otherwise "spike" on batch noise.
 SPIKE_LOSS_FLOOR = 0.5
@@ -1168,11 +1168,12 @@ def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig,
     dev = torch.device(model.device or default_device())
     gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
            else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
-    strategy = "fsdp" if config.strategy == "fsdp" or (config.strategy == "auto"
-                                                       and (dev.type == "cuda" or gpu)) else "ddp"
-    strategy = "hsdp" if config.strategy == "hsdp" else strategy
+    strategy = distributed.strategy(config.strategy, torch.device("cuda" if gpu else dev.type),
+                                    config.nnodes)
     plan = memory_plan.plan_distill(teacher_cfg or student_cfg, student_cfg, config, world,
-                                    model.dtype, strategy, correction_tokens=correction.tokens)
+                                    model.dtype, strategy, correction_tokens=correction.tokens,
+                                    per_node=int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                config.nproc_per_node)))
     if show:
         print(format_table(plan.rows()))
         print(f"estimated peak per GPU: {plan.peak / memory_plan.GIB:.1f} GiB on {world} "
@@ -1198,7 +1199,7 @@ def _launch(teacher_path, student_path, out: Path, sections: dict[str, Any]) -> 
         argv += ["--teacher", str(teacher_path)]
     distributed.launch_torchrun("minitron.distill", argv + cli.as_overrides(sections, CLI_KEYS), k,
                                 config.nnodes, config.rdzv_endpoint,
-                                f"minitron-{out.resolve().name}")
+                                f"minitron-{out.resolve().name}", config.max_restarts)
     return json.loads((out / "minitron.json").read_text())["distillation"]["metrics"]
 
 
@@ -1269,7 +1270,7 @@ def main(argv: list[str] | None = None) -> int:
         trust = c["model"].trust_remote_code
         t_cfg = load_config(args.teacher, trust, need_weights=False) if args.teacher else None
         memory_plan_(t_cfg, load_config(args.student, trust, need_weights=False), config, c["teacher_correction"],
-                     config.nproc_per_node, c["model"])
+                     config.nproc_per_node * config.nnodes, c["model"])
         return 0
     result = run_distill(args.teacher, args.student, args.output, config,
                          correction=c["teacher_correction"], data=c["data"], model=c["model"])

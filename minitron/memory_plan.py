@@ -98,13 +98,16 @@ class Plan:
 
 def plan_distill(teacher: Any, student: Any, config: Any, world: int,
                  teacher_dtype: str | None = "bfloat16", strategy: str = "fsdp",
-                 correction_tokens: int = 0) -> Plan:
-    """The per-GPU plan of `minitron.distill` with DistillConfig `config` on `world` GPUs, after a
-    teacher correction of `correction_tokens` tokens (0: none)."""
+                 correction_tokens: int = 0, per_node: int | None = None) -> Plan:
+    """The per-GPU plan of `minitron.distill` with DistillConfig `config` on `world` GPUs
+    (`per_node` of them on each node: HSDP's default shard group), after a teacher correction of
+    `correction_tokens` tokens (0: none)."""
     t, s = Shape.of(teacher), Shape.of(student)
     shard = world if (strategy == "fsdp" and world > 1) else 1
-    if strategy == "hsdp" and world > 1:  # sharded inside groups of hsdp_shard_size ranks
-        shard = getattr(config, "hsdp_shard_size", None) or world
+    if strategy == "hsdp" and world > 1:
+        # Sharded inside a group (hsdp_shard_size ranks, else one node's), replicated across
+        # groups: each GPU holds 1/group of the state, not 1/world.
+        shard = getattr(config, "hsdp_shard_size", None) or per_node or world
     # Sequences per rank per forward: the per-process micro-batch when one is set.
     micro = getattr(config, "micro_batch_size", None) or max(config.batch_size // world, 1)
     tokens = micro * config.block_size
