@@ -349,7 +349,11 @@ class DistillConfig(Section):
                                               "teacher; scratch: random init of the student's shape.")
     loss_impl: LossImpl = setting("auto", "auto takes the fused linear+KL form for vocabularies "
                                           ">= 32768.")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in backward.")
+    gradient_checkpointing: bool | None = setting(
+        None, "Recompute activations in backward: true (every decoder layer), false, or null: "
+              "the memory plan chooses (off when the step fits the GPU without it, on the fewest "
+              "layers that make it fit when it nearly does, every layer otherwise; off without "
+              "a GPU).")
     precision: Precision = setting("auto", "bf16 (bf16 compute, fp32 master weights and "
                                             "gradient reduction), fp32, or auto (bf16 on CUDA, "
                                             "fp32 on CPU); see minitron/precision.py.")

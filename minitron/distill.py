@@ -518,13 +518,39 @@ def _setup_model(student: nn.Module, teacher: nn.Module | None, config: DistillC
     student.train()
     for p in student.parameters():
         p.requires_grad_(True)
-    if config.gradient_checkpointing:
+    from minitron.models import decoder_layers
+
+    checkpointed = _checkpointed_layers(student, teacher, config)
+    if checkpointed:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in decoder_layers(student)[checkpointed:]:  # selective: the first ones only
+            layer.gradient_checkpointing = False
     trainee = _Trainee(student, projections)
     aliases = distributed.tied_aliases(trainee)
     model = distributed.wrap_model(trainee, config.strategy, config.precision,
                                    config.hsdp_shard_size)
     return projections, trainee, aliases, model
+
+
+def _checkpointed_layers(student: nn.Module, teacher: nn.Module | None,
+                         config: DistillConfig) -> int:
+    """How many of the student's decoder layers recompute activations: all or none as
+    `gradient_checkpointing` says, or the memory plan's choice when it is null."""
+    from minitron import memory_plan
+    from minitron.models import decoder_layers
+
+    layers = len(decoder_layers(student))
+    if config.gradient_checkpointing is not None:
+        return layers if config.gradient_checkpointing else 0
+    device = next(student.parameters()).device
+    gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
+           else memory_plan.detected_gpu_bytes() if device.type == "cuda" else None)
+    t_cfg = (teacher.config if teacher is not None else student.config).to_dict()
+    t_dtype = str(next(teacher.parameters()).dtype).removeprefix("torch.") if teacher else None
+    strategy = distributed.strategy(config.strategy, torch.device("cuda" if gpu else device.type))
+    return memory_plan.choose_checkpointing(
+        t_cfg, student.config.to_dict(), config, distributed.world(), t_dtype, strategy, gpu,
+        per_node=int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world())))
 
 
 def _setup_optimizer(trainee: _Trainee, config: DistillConfig):
@@ -592,6 +618,15 @@ def _evaluate(loop: _Loop, step: int) -> dict[str, Any]:
     return rec
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A micro-batch's host tensor on `device`: to a GPU through pinned memory without blocking
+    (the copy overlaps the work queued before it; the caching host allocator keeps the pinned
+    block until the copy has run), elsewhere a plain copy (no pinning without CUDA)."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
     """Forward and backward of one optimizer step's micro-batches; returns the global batch's loss
     and intermediate loss (averaged over ranks: every rank gets the same values)."""
@@ -603,9 +638,9 @@ def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
     for micro in range(n_micro):
         rows = batch_indices(step, micro, len(loop.train_blocks), config, rank, world)
         host_ids = loop.train_blocks[rows]
-        ids = host_ids.to(device)
+        ids = to_device(host_ids, device)
         # Chat shards carry a loss mask beside the tokens (prompt tokens excluded).
-        mask = (loop.train_blocks.mask(rows).to(device)
+        mask = (to_device(loop.train_blocks.mask(rows), device)
                 if getattr(loop.train_blocks, "has_mask", False) else None)
         last = micro == n_micro - 1
         kw = {}
@@ -816,7 +851,7 @@ def _train(
             loop.bar.close()
         for c in captures:
             c.close()
-        if config.gradient_checkpointing:
+        if student.is_gradient_checkpointing:
             student.gradient_checkpointing_disable()
     student.eval()
     return _final_metrics(loop, last_eval, time.perf_counter() - t_train)
@@ -1170,12 +1205,21 @@ def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig,
            else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
     strategy = distributed.strategy(config.strategy, torch.device("cuda" if gpu else dev.type),
                                     config.nnodes)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", config.nproc_per_node))
+    checkpointed = None
+    if config.gradient_checkpointing is None:  # the plan chooses (`_checkpointed_layers`)
+        checkpointed = memory_plan.choose_checkpointing(teacher_cfg or student_cfg, student_cfg,
+                                                        config, world, model.dtype, strategy,
+                                                        gpu, per_node)
     plan = memory_plan.plan_distill(teacher_cfg or student_cfg, student_cfg, config, world,
                                     model.dtype, strategy, correction_tokens=correction.tokens,
-                                    per_node=int(os.environ.get("LOCAL_WORLD_SIZE",
-                                                                config.nproc_per_node)))
+                                    per_node=per_node, checkpointed=checkpointed)
     if show:
         print(format_table(plan.rows()))
+        if checkpointed is not None:
+            layers = memory_plan.Shape.of(student_cfg).layers
+            print(f"activation checkpointing (chosen by the plan): {checkpointed} of {layers} "
+                  f"decoder layers")
         print(f"estimated peak per GPU: {plan.peak / memory_plan.GIB:.1f} GiB on {world} "
               f"process(es), {strategy}" + (f", of {gpu / memory_plan.GIB:.1f} GiB" if gpu else ""))
     memory_plan.check_fits(plan, gpu)

@@ -191,3 +191,76 @@ def test_run_on_several_nodes_refuses_with_commands_that_rebuild_the_recipe(tmp_
     assert "--student" in lines[1] and str(recipe.run_dir / "1-prune" / "model") in lines[1]
     dry_run(recipe)  # the dry run plans for both nodes and shows the same commands
     assert lines[1] in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- throughput
+def test_plan_chooses_activation_checkpointing_by_what_fits():
+    from minitron.config import DistillConfig
+
+    teacher, student = _llama(4096, 8, 128256), _llama(3072, 8, 128256)
+    config = DistillConfig(batch_size=8, block_size=8192, nproc_per_node=8)
+
+    def step(k):
+        return memory_plan.plan_distill(teacher, student, config, 8, "bfloat16", "fsdp",
+                                        checkpointed=k).phases["train step"]
+
+    def choose(gpu):
+        return memory_plan.choose_checkpointing(teacher, student, config, 8, "bfloat16", "fsdp",
+                                                int(gpu))
+
+    room = memory_plan.CHECKPOINT_HEADROOM
+    assert step(8) < step(4) < step(0)
+    assert choose(step(0) / room + 1) == 0  # fits without: off
+    assert choose(step(8) / room - 1) == 8  # fits only with every layer: on (the plan refuses)
+    middle = choose((step(3) + step(4)) / 2 / room)  # nearly fits: selective
+    assert middle == 4 and step(middle) <= (step(3) + step(4)) / 2 < step(middle - 1)
+    assert memory_plan.choose_checkpointing(teacher, student, config, 8, "bfloat16", "fsdp",
+                                            None) == 0  # no GPU
+
+
+def test_selective_checkpointing_recomputes_the_first_layers_with_the_same_gradients():
+    from tiny import make_tiny_model
+
+    from minitron import distill
+    from minitron.config import DistillConfig
+
+    ids = torch.randint(0, 100, (2, 16))
+
+    def grads(checkpointed):
+        model = make_tiny_model("llama", num_hidden_layers=3)
+        config = DistillConfig(gradient_checkpointing=None, gpu_memory_gib=1.0)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(distill, "_checkpointed_layers", lambda *a: checkpointed)
+            distill._setup_model(model, None, config, kd=False)
+        flags = [layer.gradient_checkpointing for layer in model.model.layers]
+        model(ids, labels=ids).loss.backward()
+        return flags, [p.grad for p in model.parameters()]
+
+    flags, selective = grads(2)
+    assert flags == [True, True, False]
+    _, plain = grads(0)
+    for a, b in zip(selective, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_null_checkpointing_asks_the_plan_with_the_gpu_given():
+    from tiny import make_tiny_model
+
+    from minitron import distill
+    from minitron.config import DistillConfig
+
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    assert distill._checkpointed_layers(model, None, DistillConfig()) == 0  # no GPU: off
+    assert distill._checkpointed_layers(model, None, DistillConfig(gradient_checkpointing=True)) == 3
+    roomy = DistillConfig(gpu_memory_gib=80.0)
+    assert distill._checkpointed_layers(model, None, roomy) == 0
+    tight = DistillConfig(gpu_memory_gib=1e-6)  # nothing fits: every layer (the plan refuses)
+    assert distill._checkpointed_layers(model, None, tight) == 3
+
+
+def test_micro_batches_go_to_the_cpu_without_pinning():
+    from minitron.distill import to_device
+
+    host = torch.arange(12).view(3, 4)
+    out = to_device(host, "cpu")
+    assert torch.equal(out, host) and not out.is_pinned()
