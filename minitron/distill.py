@@ -53,7 +53,7 @@ from minitron.common import (MinitronError, StageTimer, atomic_dir, check_writab
                              format_table, run_cli, write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
                              check_correction, check_world)
-from minitron.models import logit_softcap
+from minitron.models import logit_softcap, parse_dtype
 
 # Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
 FUSED_MIN_VOCAB = 32_768
@@ -895,31 +895,38 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
     master = (copy.deepcopy(teacher).float()
               if sharded or any(p.dtype != torch.float32 for p in teacher.parameters()) else teacher)
     metrics = _train(master, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
-    weights = distributed.full_state_dict(master)  # collective under FSDP; {} on other ranks
+    # The hand-off, one tensor at a time: each fp32 parameter is gathered whole (a collective),
+    # copied into every rank's teacher in its dtype, and streamed by rank 0 into the file a rerun
+    # loads. No rank gathers the whole model, and no rank reads the file back.
+    targets = dict(teacher.state_dict()) if master is not teacher else {}
 
-    def save() -> None:
-        from safetensors.torch import save_file
+    @torch.no_grad()
+    def hand_off(name: str, whole: torch.Tensor) -> None:
+        if name in targets:
+            targets[name].copy_(whole)
 
-        tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
-        save_file(weights, str(tmp))
-        os.replace(tmp, done)
-        write_json_atomic(run_dir / "metrics.json", metrics)
-
-    distributed.on_rank0(save)  # every rank waits for the file
-    del master, weights
-    _load_corrected(teacher, done)  # every rank reads it: the run folder is shared
+    distributed.write_streamed_safetensors(done, master, on_tensor=hand_off)
+    distributed.on_rank0(lambda: write_json_atomic(run_dir / "metrics.json", metrics))
+    del master, targets
+    freeze_(teacher)
     return metrics
 
 
 def _load_corrected(teacher: nn.Module, path: Path) -> None:
     """The corrected fp32 weights into `teacher`, cast to its dtype; tied aliases may be absent."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    missing, unexpected = teacher.load_state_dict(load_file(str(path)), strict=False)
+    targets = teacher.state_dict()
     aliases = distributed.tied_aliases(teacher)
-    if unexpected or set(missing) - set(aliases):
-        raise MinitronError(f"{path} does not hold this teacher's weights (missing "
-                            f"{sorted(set(missing) - set(aliases))[:3]}, unexpected {unexpected[:3]})")
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():  # one tensor at a time
+        names = set(f.keys())
+        missing = sorted(set(targets) - names - set(aliases))
+        unexpected = sorted(names - set(targets))
+        if unexpected or missing:
+            raise MinitronError(f"{path} does not hold this teacher's weights (missing "
+                                f"{missing[:3]}, unexpected {unexpected[:3]})")
+        for name in names:
+            targets[name].copy_(f.get_tensor(name))
     freeze_(teacher)
 
 
@@ -995,7 +1002,11 @@ def distill(
         metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
                          on_step=on_step, eval_teacher=teacher, cache=cache)
         timer.tokens = metrics["this_session_tokens"]
-    weights = distributed.full_state_dict(student)  # collective under FSDP; {} on ranks other than 0
+    # Streamed tensor by tensor (no whole-model gather on rank 0's host), in the source's dtype.
+    save_dtype = parse_dtype((info or {}).get("student_dtype") or "float32")
+    weights = out / f".{FINAL_STAGING.lstrip('.')}-weights.safetensors"
+    distributed.write_streamed_safetensors(weights, student, dtype=save_dtype,
+                                           metadata={"format": "pt"})
 
     def finish() -> dict[str, Any]:
         records = MetricsLog(out / "metrics.jsonl").records
@@ -1007,7 +1018,7 @@ def distill(
             result["processes"] = {"world_size": distributed.world(), "strategy":
                                    distributed.strategy(config.strategy, _device_of(student))}
         plot_losses(records, out / "loss.png", f"{phase}: {out.name}")
-        _write_final(out, student, weights, tokenizer, config, result, info or {})
+        _write_final(out, student, weights, save_dtype, tokenizer, config, result, info or {})
         if not config.keep_checkpoint:
             shutil.rmtree(out / CKPT, ignore_errors=True)
         return result
@@ -1103,17 +1114,22 @@ def _cached(path: Path, fn: Callable[[], dict]) -> dict:
     return value
 
 
-def _write_final(out: Path, student: nn.Module, weights: dict[str, torch.Tensor], tokenizer,
+def _write_final(out: Path, student: nn.Module, weights: Path, dtype: torch.dtype, tokenizer,
                  config: DistillConfig, metrics: dict[str, Any], info: dict[str, Any]) -> None:
-    """The student (its gathered `weights`) as a plain HF checkpoint in `out`, the same whatever
-    the process count; minitron.json moves in last (the commit)."""
+    """The student as a plain HF checkpoint in `out`, the same whatever the process count: its
+    `weights` file (streamed by `distributed.write_streamed_safetensors`, in `dtype`), its config
+    and tokenizer; minitron.json moves in last (the commit)."""
     from minitron.models import count_params
 
-    meta = dict(info)
+    meta = {k: v for k, v in info.items() if k != "student_dtype"}
     meta["parameters"] = {"after": count_params(student)}  # global counts, also when sharded
     meta["distillation"] = {"status": "finished", "config": config.to_dict(), "metrics": metrics}
     with atomic_dir(out / FINAL_STAGING, overwrite=True) as tmp:
-        student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        student.config.dtype = dtype  # what the weights file holds
+        student.config.save_pretrained(tmp)
+        if getattr(student, "generation_config", None) is not None and student.can_generate():
+            student.generation_config.save_pretrained(tmp)
+        os.replace(weights, tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "minitron.json", meta)
@@ -1122,6 +1138,17 @@ def _write_final(out: Path, student: nn.Module, weights: dict[str, torch.Tensor]
     for name in [n for n in names if n != "minitron.json"] + ["minitron.json"]:
         os.replace(staged / name, out / name)
     staged.rmdir()
+
+
+def _source_dtype(folder: str | os.PathLike) -> str:
+    """The dtype a model folder's weights are stored in (config.json's dtype): the final student
+    is written in it (bf16 stays bf16; the training itself is fp32)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _read_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -1280,6 +1307,7 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
                               max_positions=max_pos)
     info = _read_info(resolve_model(student_path, model.trust_remote_code))
     info = {"student_source": str(student_path),
+            "student_dtype": _source_dtype(resolve_model(student_path, model.trust_remote_code)),
             "teacher": str(teacher_path) if teacher_path is not None else None,
             "data": {"source": data.source, "train_blocks": len(train_blocks),
                      "eval_blocks": len(eval_blocks), "block_size": config.block_size},

@@ -316,3 +316,69 @@ def full_state_dict(module: nn.Module, aliases: dict[str, str] | None = None) ->
         return {}
     drop = set(aliases if aliases is not None else tied_aliases(module))
     return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop}
+
+
+# ----------------------------------------------------------------------------- streamed full state
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL",
+                       torch.float64: "F64", torch.uint8: "U8", torch.int8: "I8"}
+
+
+def full_tensors(module: nn.Module, aliases: dict[str, str] | None = None):
+    """(name, whole tensor) for each entry of `module`'s state dict (tied aliases dropped), one at
+    a time: a sharded DTensor is all-gathered (`full_tensor()`, a collective, so every rank
+    iterates the same names in the same order) and dropped before the next, so no rank ever holds
+    more than one whole tensor beside its shards (a whole-model gather holds all of them)."""
+    drop = set(aliases if aliases is not None else tied_aliases(module))
+    for name, t in module.state_dict().items():
+        if name in drop:
+            continue
+        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
+def write_streamed_safetensors(path, module: nn.Module, aliases: dict[str, str] | None = None,
+                               on_tensor: Callable[[str, torch.Tensor], None] | None = None,
+                               dtype: torch.dtype | None = None,
+                               metadata: dict[str, str] | None = None) -> None:
+    """Write `module`'s whole state as one safetensors file at `path` from rank 0, tensor by
+    tensor: the header first (names, dtypes and global shapes are known without gathering), then
+    each tensor's bytes as it is gathered. Collective; `on_tensor(name, whole)` sees each tensor on
+    every rank (to copy it somewhere). The file is what `safetensors.torch.save_file` writes for
+    the same tensors (an atomic rename into place). `dtype`: floating tensors are written in it
+    (e.g. bf16 for a bf16 source; None: as they are); `metadata`: the header's `__metadata__`."""
+    import json
+    import struct
+
+    def cast(t_dtype: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and t_dtype.is_floating_point else t_dtype
+
+    drop = set(aliases if aliases is not None else tied_aliases(module))
+    specs: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in module.state_dict().items():
+        if name in drop:
+            continue
+        size = t.numel() * cast(t.dtype).itemsize
+        specs[name] = {"dtype": _SAFETENSORS_DTYPES[cast(t.dtype)], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    out = None
+    if rank() == 0:
+        header = json.dumps(specs, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        out = open(tmp, "wb")
+        out.write(struct.pack("<Q", len(header)) + header)
+    try:
+        for name, whole in full_tensors(module, aliases):
+            if on_tensor is not None:
+                on_tensor(name, whole)
+            if out is not None:
+                host = whole.to(cast(whole.dtype)).cpu().contiguous()
+                out.write(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+            del whole
+    finally:
+        if out is not None:
+            out.close()
+    if out is not None:
+        os.replace(tmp, path)

@@ -2,7 +2,6 @@
 loads on, GPU memory given back between stages, the strategy and memory plan across nodes, the
 launcher's restarts, and the writer lock on filesystems without flock."""
 
-import dataclasses
 import errno
 import fcntl
 import gc
@@ -264,3 +263,22 @@ def test_micro_batches_go_to_the_cpu_without_pinning():
     host = torch.arange(12).view(3, 4)
     out = to_device(host, "cpu")
     assert torch.equal(out, host) and not out.is_pinned()
+
+
+# ----------------------------------------------------------------------------- no whole-model gather
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_safetensors_equal_the_gathered_state_in_its_dtype(tmp_path, dtype):
+    # Teacher correction's hand-off writes its file tensor by tensor (header first); it must hold
+    # exactly what saving the gathered state dict held, in the model's own dtype.
+    from safetensors.torch import load_file, save_file
+    from tiny import make_tiny_model
+
+    model = make_tiny_model("llama", tie_word_embeddings=True).to(dtype)
+    seen = []
+    distributed.write_streamed_safetensors(tmp_path / "streamed.safetensors", model,
+                                           on_tensor=lambda n, t: seen.append(n))
+    save_file(distributed.full_state_dict(model), str(tmp_path / "whole.safetensors"))
+    a, b = (load_file(tmp_path / f) for f in ("streamed.safetensors", "whole.safetensors"))
+    assert a.keys() == b.keys() and seen == list(a)  # tied aliases dropped in both
+    for k in a:
+        assert a[k].dtype == dtype and torch.equal(a[k], b[k]), k
