@@ -375,7 +375,9 @@ def write_streamed_safetensors(path, module: nn.Module, aliases: dict[str, str] 
                 on_tensor(name, whole)
             if out is not None:
                 host = whole.to(cast(whole.dtype)).cpu().contiguous()
-                out.write(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+                if host.numel():  # its own bytes, no copy
+                    out.write(memoryview(host.view(torch.uint8).numpy()))
+                del host
             del whole
     finally:
         if out is not None:

@@ -282,3 +282,29 @@ def test_streamed_safetensors_equal_the_gathered_state_in_its_dtype(tmp_path, dt
     assert a.keys() == b.keys() and seen == list(a)  # tied aliases dropped in both
     for k in a:
         assert a[k].dtype == dtype and torch.equal(a[k], b[k]), k
+
+
+def test_streamed_write_on_two_ranks_holds_one_tensor_not_the_model(tmp_path):
+    # Two gloo FSDP2 ranks, a 256 MiB fp32 model (16 x 16 MiB), built sharded from the meta
+    # device. Rank 0's peak RSS grows by about one tensor while it streams the file; the whole
+    # gather (today's path before this change, measured after it as the control) grows by the model.
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = Path(__file__).with_name("_stream_rank.py")
+    init = f"file://{tmp_path / 'store'}"
+    # A fixed mmap threshold: glibc's dynamic one keeps freed 16 MiB blocks in the heap, and the
+    # peak RSS then grows with fragmentation (~150 MiB here) rather than with what the code holds.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    ranks = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path)],
+                              env=env) for r in range(2)]
+    assert [p.wait(timeout=300) for p in ranks] == [0, 0]
+    peak = json.loads((tmp_path / "peak.json").read_text())
+    print(peak)
+    assert peak["model_mb"] == 256
+    assert peak["streamed_mb"] < 0.25 * peak["model_mb"]
+    assert peak["gathered_mb"] > 0.75 * peak["model_mb"]  # the measure sees a whole gather
+    written = load_file(tmp_path / "streamed.safetensors")
+    assert [float(written[f"{i}.weight"][0, 0]) for i in range(16)] == [float(i) for i in range(16)]
