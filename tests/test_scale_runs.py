@@ -308,3 +308,23 @@ def test_streamed_write_on_two_ranks_holds_one_tensor_not_the_model(tmp_path):
     assert peak["gathered_mb"] > 0.75 * peak["model_mb"]  # the measure sees a whole gather
     written = load_file(tmp_path / "streamed.safetensors")
     assert [float(written[f"{i}.weight"][0, 0]) for i in range(16)] == [float(i) for i in range(16)]
+
+
+def test_a_rerun_loads_the_corrected_teacher_tensor_by_tensor(tmp_path):
+    # What a rerun of a finished teacher correction does with its streamed fp32 file: each tensor
+    # into the bf16 teacher, cast; a file of another model is refused by name.
+    from tiny import make_tiny_model
+
+    from minitron.common import MinitronError
+    from minitron.distill import _load_corrected
+
+    corrected = make_tiny_model("llama", seed=1)
+    distributed.write_streamed_safetensors(tmp_path / "teacher.safetensors", corrected)
+    teacher = make_tiny_model("llama", seed=0).to(torch.bfloat16)
+    _load_corrected(teacher, tmp_path / "teacher.safetensors")
+    for k, v in teacher.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, corrected.state_dict()[k].bfloat16()), k
+    assert not any(p.requires_grad for p in teacher.parameters())
+    other = make_tiny_model("llama", num_hidden_layers=1)
+    with pytest.raises(MinitronError, match="does not hold this teacher's weights"):
+        _load_corrected(other, tmp_path / "teacher.safetensors")
