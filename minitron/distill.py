@@ -1230,8 +1230,11 @@ def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig,
     dev = torch.device(model.device or default_device())
     gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
            else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
+    # nodes: the setting's, or what a torchrun started by hand spans
+    n_nodes = max(config.nnodes, int(os.environ.get("WORLD_SIZE", 1))
+                  // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1))
     strategy = distributed.strategy(config.strategy, torch.device("cuda" if gpu else dev.type),
-                                    config.nnodes)
+                                    n_nodes)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", config.nproc_per_node))
     checkpointed = None
     if config.gradient_checkpointing is None:  # the plan chooses (`_checkpointed_layers`)

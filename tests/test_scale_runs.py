@@ -61,6 +61,18 @@ def test_auto_strategy_is_hsdp_across_nodes():
     assert distributed.strategy("fsdp", cuda, n_nodes=4) == "fsdp"  # an explicit choice stays
 
 
+def test_plan_under_a_hand_started_torchrun_over_two_nodes_is_hsdp(monkeypatch, capsys):
+    from minitron.config import DistillConfig, ModelConfig, TeacherCorrectionConfig
+    from minitron.distill import memory_plan_
+
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    config = DistillConfig(batch_size=16, gpu_memory_gib=1000.0)
+    student = _llama(1024, 2, 32768)
+    memory_plan_(student, student, config, TeacherCorrectionConfig(), 16, ModelConfig())
+    assert "on 16 process(es), hsdp" in capsys.readouterr().out
+
+
 def _recipe(*overrides):
     from minitron.recipe import load_recipe
 
