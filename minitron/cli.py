@@ -70,13 +70,19 @@ def settings_help(keys: Keys, aliases: dict[str, str] | None = None) -> str:
         for d in items:
             name = f"{section}.{d['key']}"
             alias = aliases.get(name)
-            if alias and d["type"] is bool:
+            if alias and _is_bool(d["type"]):
                 alias = f"{alias} / --no-{alias[2:]}"
             head = f"  {name}={_show(d['default'])}" + (f"  ({alias})" if alias else "")
             body = f"{d['doc']} Valid: {d['valid']}."
             lines.append(head)
             lines += textwrap.wrap(body, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
+
+
+def _is_bool(tp) -> bool:
+    """A true/false setting (also one that may be null: its flag sets true or false; null is
+    `section.key=null`)."""
+    return tp is bool or tp == (bool | None)
 
 
 def stage_parser(prog: str, description: str, keys: Keys) -> argparse.ArgumentParser:
@@ -93,7 +99,7 @@ def stage_parser(prog: str, description: str, keys: Keys) -> argparse.ArgumentPa
         name = f"{section}.{d['key']}"
         if name not in aliases:
             continue
-        if d["type"] is bool:
+        if _is_bool(d["type"]):
             p.add_argument(aliases[name], dest=name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:

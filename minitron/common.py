@@ -28,8 +28,46 @@ class MinitronError(Exception):
 LOCK_SUFFIX = ".lock"
 
 
+# Some shared filesystems (NFS without lockd, some FUSE mounts) refuse flock with these. There the
+# lock file itself is the lock: created exclusively (mkstemp's O_CREAT|O_EXCL), it names its owner's
+# host and pid, and counts as stale when that process is gone (same host) or, for another host's,
+# when the file is older than STALE_FOREIGN_LOCK_S (its process cannot be asked).
+_NO_FLOCK_ERRNOS = {"ENOLCK", "EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EINVAL"}
+STALE_FOREIGN_LOCK_S = 6 * 3600.0
+
+
+def _flock_unsupported(e: OSError) -> bool:
+    import errno
+
+    return e.errno in {getattr(errno, n) for n in _NO_FLOCK_ERRNOS if hasattr(errno, n)}
+
+
+def _owner_gone(fd: int) -> bool:
+    """A lock file's owner (its JSON: host, pid) is no longer running: the fallback's stale test."""
+    import socket
+
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        owner = {}
+    if owner.get("host") not in (None, socket.gethostname()):
+        return time.time() - os.fstat(fd).st_mtime > STALE_FOREIGN_LOCK_S
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return not isinstance(pid, int)  # our own lock is held; one without a pid is garbage
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def _try_lock(path: Path, create: bool = False):
-    """An open file of `path` holding an exclusive flock, or None if another process holds it."""
+    """An open file of `path` holding an exclusive flock, or None if another process holds it.
+    Where the filesystem has no flock, the file is taken when it names no owner (just made) or
+    its owner is gone (`_owner_gone`)."""
     import fcntl
 
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
@@ -39,17 +77,25 @@ def _try_lock(path: Path, create: bool = False):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if create else fcntl.LOCK_NB))
-    except OSError:  # held by a live writer
-        os.close(fd)
+    except OSError as e:
+        if _flock_unsupported(e) and _owner_gone(fd):  # an empty (just made) one included
+            return fd
+        os.close(fd)  # held by a live writer
         return None
     return fd
 
 
 def claim(tmp: Path, final: Path) -> int:
-    """Hold the lock of writer folder `tmp` (for output `final`) until `release`."""
+    """Hold the lock of writer folder `tmp` (for output `final`) until `release`. The lock file
+    names the output and its owner (host and pid: what the no-flock fallback's stale test reads)."""
+    import socket
+
     fd = _try_lock(tmp.with_name(tmp.name + LOCK_SUFFIX), create=True)
+    if fd is None:
+        raise MinitronError(f"could not lock {tmp.name + LOCK_SUFFIX} in {tmp.parent}")
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"output": final.name, "pid": os.getpid()}).encode())
+    os.write(fd, json.dumps({"output": final.name, "pid": os.getpid(),
+                             "host": socket.gethostname()}).encode())
     return fd
 
 
@@ -293,6 +339,21 @@ class StageTimer:
             d["tokens_per_s"] = round(self.tokens / max(self.wall_s, 1e-9), 1)
         d.update(self.extra)
         return d
+
+
+def free_accelerator_memory() -> None:
+    """Give back what a finished stage held: collect its now unreferenced models (reference
+    cycles included: HF modules and hooks make some), then return the CUDA caching allocator's
+    free blocks to the driver, so that the next stage (8 distillation ranks, one on this GPU)
+    does not start beside importance's cached gigabytes. No CUDA call without CUDA."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- CLI glue

@@ -356,7 +356,11 @@ class DistillConfig(Section):
                                               "teacher; scratch: random init of the student's shape.")
     loss_impl: LossImpl = setting("auto", "auto takes the fused linear+KL form for vocabularies "
                                           ">= 32768.")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in backward.")
+    gradient_checkpointing: bool | None = setting(
+        None, "Recompute activations in backward: true (every decoder layer), false, or null: "
+              "the memory plan chooses (off when the step fits the GPU without it, on the fewest "
+              "layers that make it fit when it nearly does, every layer otherwise; off without "
+              "a GPU).")
     precision: Precision = setting("auto", "bf16 (bf16 compute, fp32 master weights and "
                                             "gradient reduction), fp32, or auto (bf16 on CUDA, "
                                             "fp32 on CPU); see minitron/precision.py.")
@@ -390,8 +394,8 @@ class DistillConfig(Section):
     keep_checkpoint: bool = setting(True, "Keep checkpoint/ after the final model is written.")
     strategy: Strategy = setting("auto", "With several processes: fsdp (sharded student), ddp "
                                          "(replicated), hsdp (sharded inside a node, replicated "
-                                         "across nodes: a 2-D mesh), auto (fsdp on GPUs, ddp on "
-                                         "CPU).")
+                                         "across nodes: a 2-D mesh), auto (fsdp on the GPUs of "
+                                         "one node, hsdp across nodes, ddp on CPU).")
     nproc_per_node: int = setting(1, "> 1 outside torchrun: start torchrun with that many "
                                      "processes on this node.", at_least(1))
     nnodes: int = setting(1, "> 1: this node joins the others through a c10d rendezvous at "
@@ -400,6 +404,9 @@ class DistillConfig(Section):
                                               "node), the same on every node.")
     hsdp_shard_size: int | None = setting(None, "strategy hsdp: ranks per shard group (null: the "
                                                 "ranks of one node).", at_least(1))
+    max_restarts: int = setting(0, "Times the launcher restarts every rank after one fails "
+                                   "(torchrun's --max-restarts); each restart resumes from the "
+                                   "last checkpoint.", at_least(0))
     process_group_timeout_s: float = setting(1800.0, "Seconds a collective waits for a missing "
                                                      "rank before failing.", POSITIVE)
     teacher_device: str | None = setting(None, "The teacher's device (null: the student's).")

@@ -53,7 +53,7 @@ from minitron.common import (MinitronError, StageTimer, atomic_dir, check_writab
                              format_table, run_cli, write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
                              check_correction, check_world)
-from minitron.models import logit_softcap
+from minitron.models import logit_softcap, parse_dtype
 
 # Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
 FUSED_MIN_VOCAB = 32_768
@@ -64,7 +64,7 @@ RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress",
                       "strategy", "nproc_per_node", "teacher_device", "enabled",
                       "gpu_memory_gib", "micro_batch_size", "nnodes", "rdzv_endpoint",
                       "hsdp_shard_size", "process_group_timeout_s", "spike_grad_factor",
-                      "spike_loss_factor", "spike_window"}
+                      "spike_loss_factor", "spike_window", "max_restarts"}
 # A loss median below this counts as this much in the loss-spike check (distill.spike_loss_factor):
 # a KL near zero would otherwise "spike" on batch noise.
 SPIKE_LOSS_FLOOR = 0.5
@@ -518,13 +518,39 @@ def _setup_model(student: nn.Module, teacher: nn.Module | None, config: DistillC
     student.train()
     for p in student.parameters():
         p.requires_grad_(True)
-    if config.gradient_checkpointing:
+    from minitron.models import decoder_layers
+
+    checkpointed = _checkpointed_layers(student, teacher, config)
+    if checkpointed:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in decoder_layers(student)[checkpointed:]:  # selective: the first ones only
+            layer.gradient_checkpointing = False
     trainee = _Trainee(student, projections)
     aliases = distributed.tied_aliases(trainee)
     model = distributed.wrap_model(trainee, config.strategy, config.precision,
                                    config.hsdp_shard_size)
     return projections, trainee, aliases, model
+
+
+def _checkpointed_layers(student: nn.Module, teacher: nn.Module | None,
+                         config: DistillConfig) -> int:
+    """How many of the student's decoder layers recompute activations: all or none as
+    `gradient_checkpointing` says, or the memory plan's choice when it is null."""
+    from minitron import memory_plan
+    from minitron.models import decoder_layers
+
+    layers = len(decoder_layers(student))
+    if config.gradient_checkpointing is not None:
+        return layers if config.gradient_checkpointing else 0
+    device = next(student.parameters()).device
+    gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
+           else memory_plan.detected_gpu_bytes() if device.type == "cuda" else None)
+    t_cfg = (teacher.config if teacher is not None else student.config).to_dict()
+    t_dtype = str(next(teacher.parameters()).dtype).removeprefix("torch.") if teacher else None
+    strategy = distributed.strategy(config.strategy, torch.device("cuda" if gpu else device.type))
+    return memory_plan.choose_checkpointing(
+        t_cfg, student.config.to_dict(), config, distributed.world(), t_dtype, strategy, gpu,
+        per_node=int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world())))
 
 
 def _setup_optimizer(trainee: _Trainee, config: DistillConfig):
@@ -592,6 +618,15 @@ def _evaluate(loop: _Loop, step: int) -> dict[str, Any]:
     return rec
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A micro-batch's host tensor on `device`: to a GPU through pinned memory without blocking
+    (the copy overlaps the work queued before it; the caching host allocator keeps the pinned
+    block until the copy has run), elsewhere a plain copy (no pinning without CUDA)."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
     """Forward and backward of one optimizer step's micro-batches; returns the global batch's loss
     and intermediate loss (averaged over ranks: every rank gets the same values)."""
@@ -603,9 +638,9 @@ def _loss_step(loop: _Loop, step: int, captures: list[_Capture]):
     for micro in range(n_micro):
         rows = batch_indices(step, micro, len(loop.train_blocks), config, rank, world)
         host_ids = loop.train_blocks[rows]
-        ids = host_ids.to(device)
+        ids = to_device(host_ids, device)
         # Chat shards carry a loss mask beside the tokens (prompt tokens excluded).
-        mask = (loop.train_blocks.mask(rows).to(device)
+        mask = (to_device(loop.train_blocks.mask(rows), device)
                 if getattr(loop.train_blocks, "has_mask", False) else None)
         last = micro == n_micro - 1
         kw = {}
@@ -816,7 +851,7 @@ def _train(
             loop.bar.close()
         for c in captures:
             c.close()
-        if config.gradient_checkpointing:
+        if student.is_gradient_checkpointing:
             student.gradient_checkpointing_disable()
     student.eval()
     return _final_metrics(loop, last_eval, time.perf_counter() - t_train)
@@ -860,31 +895,38 @@ def teacher_correct_(teacher: nn.Module, train_blocks: torch.Tensor, eval_blocks
     master = (copy.deepcopy(teacher).float()
               if sharded or any(p.dtype != torch.float32 for p in teacher.parameters()) else teacher)
     metrics = _train(master, None, train_blocks, eval_blocks, tc, run_dir, "teacher_correction")
-    weights = distributed.full_state_dict(master)  # collective under FSDP; {} on other ranks
+    # The hand-off, one tensor at a time: each fp32 parameter is gathered whole (a collective),
+    # copied into every rank's teacher in its dtype, and streamed by rank 0 into the file a rerun
+    # loads. No rank gathers the whole model, and no rank reads the file back.
+    targets = dict(teacher.state_dict()) if master is not teacher else {}
 
-    def save() -> None:
-        from safetensors.torch import save_file
+    @torch.no_grad()
+    def hand_off(name: str, whole: torch.Tensor) -> None:
+        if name in targets:
+            targets[name].copy_(whole)
 
-        tmp = run_dir / f".teacher.safetensors.tmp-{os.getpid()}"
-        save_file(weights, str(tmp))
-        os.replace(tmp, done)
-        write_json_atomic(run_dir / "metrics.json", metrics)
-
-    distributed.on_rank0(save)  # every rank waits for the file
-    del master, weights
-    _load_corrected(teacher, done)  # every rank reads it: the run folder is shared
+    distributed.write_streamed_safetensors(done, master, on_tensor=hand_off)
+    distributed.on_rank0(lambda: write_json_atomic(run_dir / "metrics.json", metrics))
+    del master, targets
+    freeze_(teacher)
     return metrics
 
 
 def _load_corrected(teacher: nn.Module, path: Path) -> None:
     """The corrected fp32 weights into `teacher`, cast to its dtype; tied aliases may be absent."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    missing, unexpected = teacher.load_state_dict(load_file(str(path)), strict=False)
+    targets = teacher.state_dict()
     aliases = distributed.tied_aliases(teacher)
-    if unexpected or set(missing) - set(aliases):
-        raise MinitronError(f"{path} does not hold this teacher's weights (missing "
-                            f"{sorted(set(missing) - set(aliases))[:3]}, unexpected {unexpected[:3]})")
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():  # one tensor at a time
+        names = set(f.keys())
+        missing = sorted(set(targets) - names - set(aliases))
+        unexpected = sorted(names - set(targets))
+        if unexpected or missing:
+            raise MinitronError(f"{path} does not hold this teacher's weights (missing "
+                                f"{missing[:3]}, unexpected {unexpected[:3]})")
+        for name in names:
+            targets[name].copy_(f.get_tensor(name))
     freeze_(teacher)
 
 
@@ -960,7 +1002,11 @@ def distill(
         metrics = _train(student, teacher, train_blocks, eval_blocks, config, out, phase,
                          on_step=on_step, eval_teacher=teacher, cache=cache)
         timer.tokens = metrics["this_session_tokens"]
-    weights = distributed.full_state_dict(student)  # collective under FSDP; {} on ranks other than 0
+    # Streamed tensor by tensor (no whole-model gather on rank 0's host), in the source's dtype.
+    save_dtype = parse_dtype((info or {}).get("student_dtype") or "float32")
+    weights = out / f".{FINAL_STAGING.lstrip('.')}-weights.safetensors"
+    distributed.write_streamed_safetensors(weights, student, dtype=save_dtype,
+                                           metadata={"format": "pt"})
 
     def finish() -> dict[str, Any]:
         records = MetricsLog(out / "metrics.jsonl").records
@@ -972,7 +1018,7 @@ def distill(
             result["processes"] = {"world_size": distributed.world(), "strategy":
                                    distributed.strategy(config.strategy, _device_of(student))}
         plot_losses(records, out / "loss.png", f"{phase}: {out.name}")
-        _write_final(out, student, weights, tokenizer, config, result, info or {})
+        _write_final(out, student, weights, save_dtype, tokenizer, config, result, info or {})
         if not config.keep_checkpoint:
             shutil.rmtree(out / CKPT, ignore_errors=True)
         return result
@@ -1068,17 +1114,22 @@ def _cached(path: Path, fn: Callable[[], dict]) -> dict:
     return value
 
 
-def _write_final(out: Path, student: nn.Module, weights: dict[str, torch.Tensor], tokenizer,
+def _write_final(out: Path, student: nn.Module, weights: Path, dtype: torch.dtype, tokenizer,
                  config: DistillConfig, metrics: dict[str, Any], info: dict[str, Any]) -> None:
-    """The student (its gathered `weights`) as a plain HF checkpoint in `out`, the same whatever
-    the process count; minitron.json moves in last (the commit)."""
+    """The student as a plain HF checkpoint in `out`, the same whatever the process count: its
+    `weights` file (streamed by `distributed.write_streamed_safetensors`, in `dtype`), its config
+    and tokenizer; minitron.json moves in last (the commit)."""
     from minitron.models import count_params
 
-    meta = dict(info)
+    meta = {k: v for k, v in info.items() if k != "student_dtype"}
     meta["parameters"] = {"after": count_params(student)}  # global counts, also when sharded
     meta["distillation"] = {"status": "finished", "config": config.to_dict(), "metrics": metrics}
     with atomic_dir(out / FINAL_STAGING, overwrite=True) as tmp:
-        student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        student.config.dtype = dtype  # what the weights file holds
+        student.config.save_pretrained(tmp)
+        if getattr(student, "generation_config", None) is not None and student.can_generate():
+            student.generation_config.save_pretrained(tmp)
+        os.replace(weights, tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "minitron.json", meta)
@@ -1087,6 +1138,17 @@ def _write_final(out: Path, student: nn.Module, weights: dict[str, torch.Tensor]
     for name in [n for n in names if n != "minitron.json"] + ["minitron.json"]:
         os.replace(staged / name, out / name)
     staged.rmdir()
+
+
+def _source_dtype(folder: str | os.PathLike) -> str:
+    """The dtype a model folder's weights are stored in (config.json's dtype): the final student
+    is written in it (bf16 stays bf16; the training itself is fp32)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _read_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -1168,13 +1230,26 @@ def memory_plan_(teacher_cfg, student_cfg, config: DistillConfig,
     dev = torch.device(model.device or default_device())
     gpu = (int(config.gpu_memory_gib * memory_plan.GIB) if config.gpu_memory_gib
            else memory_plan.detected_gpu_bytes() if dev.type == "cuda" else None)
-    strategy = "fsdp" if config.strategy == "fsdp" or (config.strategy == "auto"
-                                                       and (dev.type == "cuda" or gpu)) else "ddp"
-    strategy = "hsdp" if config.strategy == "hsdp" else strategy
+    # nodes: the setting's, or what a torchrun started by hand spans
+    n_nodes = max(config.nnodes, int(os.environ.get("WORLD_SIZE", 1))
+                  // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1))
+    strategy = distributed.strategy(config.strategy, torch.device("cuda" if gpu else dev.type),
+                                    n_nodes)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", config.nproc_per_node))
+    checkpointed = None
+    if config.gradient_checkpointing is None:  # the plan chooses (`_checkpointed_layers`)
+        checkpointed = memory_plan.choose_checkpointing(teacher_cfg or student_cfg, student_cfg,
+                                                        config, world, model.dtype, strategy,
+                                                        gpu, per_node)
     plan = memory_plan.plan_distill(teacher_cfg or student_cfg, student_cfg, config, world,
-                                    model.dtype, strategy, correction_tokens=correction.tokens)
+                                    model.dtype, strategy, correction_tokens=correction.tokens,
+                                    per_node=per_node, checkpointed=checkpointed)
     if show:
         print(format_table(plan.rows()))
+        if checkpointed is not None:
+            layers = memory_plan.Shape.of(student_cfg).layers
+            print(f"activation checkpointing (chosen by the plan): {checkpointed} of {layers} "
+                  f"decoder layers")
         print(f"estimated peak per GPU: {plan.peak / memory_plan.GIB:.1f} GiB on {world} "
               f"process(es), {strategy}" + (f", of {gpu / memory_plan.GIB:.1f} GiB" if gpu else ""))
     memory_plan.check_fits(plan, gpu)
@@ -1198,7 +1273,7 @@ def _launch(teacher_path, student_path, out: Path, sections: dict[str, Any]) -> 
         argv += ["--teacher", str(teacher_path)]
     distributed.launch_torchrun("minitron.distill", argv + cli.as_overrides(sections, CLI_KEYS), k,
                                 config.nnodes, config.rdzv_endpoint,
-                                f"minitron-{out.resolve().name}")
+                                f"minitron-{out.resolve().name}", config.max_restarts)
     return json.loads((out / "minitron.json").read_text())["distillation"]["metrics"]
 
 
@@ -1235,6 +1310,7 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
                               max_positions=max_pos)
     info = _read_info(resolve_model(student_path, model.trust_remote_code))
     info = {"student_source": str(student_path),
+            "student_dtype": _source_dtype(resolve_model(student_path, model.trust_remote_code)),
             "teacher": str(teacher_path) if teacher_path is not None else None,
             "data": {"source": data.source, "train_blocks": len(train_blocks),
                      "eval_blocks": len(eval_blocks), "block_size": config.block_size,
@@ -1270,7 +1346,7 @@ def main(argv: list[str] | None = None) -> int:
         trust = c["model"].trust_remote_code
         t_cfg = load_config(args.teacher, trust, need_weights=False) if args.teacher else None
         memory_plan_(t_cfg, load_config(args.student, trust, need_weights=False), config, c["teacher_correction"],
-                     config.nproc_per_node, c["model"])
+                     config.nproc_per_node * config.nnodes, c["model"])
         return 0
     result = run_distill(args.teacher, args.student, args.output, config,
                          correction=c["teacher_correction"], data=c["data"], model=c["model"])

@@ -62,13 +62,23 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def strategy(name: str, device: torch.device) -> str:
+def nodes() -> int:
+    """How many nodes the process group spans (torchrun's LOCAL_WORLD_SIZE ranks on each)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world()) or 1)
+    return max(world() // max(local, 1), 1)
+
+
+def strategy(name: str, device: torch.device, n_nodes: int | None = None) -> str:
     """The wrapper `name` means on `device`: ddp (replicated), fsdp (sharded over all ranks) or
     hsdp (a 2-D mesh: sharded inside a group of ranks, replicated across groups: shard inside a
-    node, replicate across nodes); auto is FSDP on GPUs, DDP on CPU."""
+    node, replicate across nodes); auto is FSDP on the GPUs of one node, HSDP on GPUs across
+    `n_nodes` > 1 (default: what the process group spans): its all-gathers and reduce-scatters
+    stay on a node's NVLink, only the gradient all-reduce crosses nodes; DDP on CPU."""
     if name != "auto":
         return name
-    return "fsdp" if device.type == "cuda" else "ddp"
+    if device.type != "cuda":
+        return "ddp"
+    return "hsdp" if (n_nodes if n_nodes is not None else nodes()) > 1 else "fsdp"
 
 
 @contextlib.contextmanager
@@ -103,10 +113,12 @@ def process_group(device: str | None, timeout_s: float = 1800.0):
 
 
 def launch_config(nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-                  rdzv_id: str | None = None):
+                  rdzv_id: str | None = None, max_restarts: int = 0):
     """torch's elastic LaunchConfig: one node alone (a local c10d store on a free port), or
     `nnodes` nodes meeting at `rdzv_endpoint` (host:port of the c10d store, on the first node)
-    under `rdzv_id`; every node runs the same command and the rendezvous gives out the ranks."""
+    under `rdzv_id`; every node runs the same command and the rendezvous gives out the ranks.
+    `max_restarts`: how often the launcher restarts all ranks after one fails (they resume from
+    the last checkpoint), as torchrun's --max-restarts."""
     from torch.distributed.launcher.api import LaunchConfig
 
     if nnodes > 1 and rdzv_endpoint is None:
@@ -114,12 +126,13 @@ def launch_config(nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
                             f"the same on every node), e.g. --rdzv-endpoint node0:29500")
     return LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
                         run_id=rdzv_id or str(uuid.uuid4()), rdzv_backend="c10d",
-                        rdzv_endpoint=rdzv_endpoint or "localhost:0", max_restarts=0,
+                        rdzv_endpoint=rdzv_endpoint or "localhost:0", max_restarts=max_restarts,
                         monitor_interval=0.1)  # torchrun's default
 
 
 def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
-                    rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> None:
+                    rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+                    max_restarts: int = 0) -> None:
     """`python -m module argv` on `nproc` processes of this node under torch's elastic launcher
     (what `torchrun` runs); wait for them. With `nnodes` > 1 this node joins the others through a
     c10d rendezvous at `rdzv_endpoint`.
@@ -133,7 +146,7 @@ def launch_torchrun(module: str, argv: list[str], nproc: int, nnodes: int = 1,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    config = launch_config(nproc, nnodes, rdzv_endpoint, rdzv_id)
+    config = launch_config(nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
     print(f"[minitron] starting {nproc} processes"
           + (f" on each of {nnodes} nodes" if nnodes > 1 else "")
           + f": python -m {module} {' '.join(argv)}", file=sys.stderr)
@@ -240,7 +253,8 @@ def wrap_model(model: nn.Module, strategy_name: str, precision_name: str = "auto
     # master weights) stay fp32.
     kw = {"mp_policy": p} if (p := precision.fsdp_policy(precision_name, device)) else {}
     if strategy(strategy_name, device) == "hsdp":
-        kw["mesh"] = hybrid_mesh(device.type, hsdp_shard_size)
+        # a student still on the meta device (built before its weights) shards for the CPU
+        kw["mesh"] = hybrid_mesh("cpu" if device.type == "meta" else device.type, hsdp_shard_size)
     for layer in decoder_layers(model.student):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)  # the root: embeddings, final norm, LM head, projections
@@ -302,3 +316,71 @@ def full_state_dict(module: nn.Module, aliases: dict[str, str] | None = None) ->
         return {}
     drop = set(aliases if aliases is not None else tied_aliases(module))
     return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop}
+
+
+# ----------------------------------------------------------------------------- streamed full state
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL",
+                       torch.float64: "F64", torch.uint8: "U8", torch.int8: "I8"}
+
+
+def full_tensors(module: nn.Module, aliases: dict[str, str] | None = None):
+    """(name, whole tensor) for each entry of `module`'s state dict (tied aliases dropped), one at
+    a time: a sharded DTensor is all-gathered (`full_tensor()`, a collective, so every rank
+    iterates the same names in the same order) and dropped before the next, so no rank ever holds
+    more than one whole tensor beside its shards (a whole-model gather holds all of them)."""
+    drop = set(aliases if aliases is not None else tied_aliases(module))
+    for name, t in module.state_dict().items():
+        if name in drop:
+            continue
+        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
+def write_streamed_safetensors(path, module: nn.Module, aliases: dict[str, str] | None = None,
+                               on_tensor: Callable[[str, torch.Tensor], None] | None = None,
+                               dtype: torch.dtype | None = None,
+                               metadata: dict[str, str] | None = None) -> None:
+    """Write `module`'s whole state as one safetensors file at `path` from rank 0, tensor by
+    tensor: the header first (names, dtypes and global shapes are known without gathering), then
+    each tensor's bytes as it is gathered. Collective; `on_tensor(name, whole)` sees each tensor on
+    every rank (to copy it somewhere). The file is what `safetensors.torch.save_file` writes for
+    the same tensors (an atomic rename into place). `dtype`: floating tensors are written in it
+    (e.g. bf16 for a bf16 source; None: as they are); `metadata`: the header's `__metadata__`."""
+    import json
+    import struct
+
+    def cast(t_dtype: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and t_dtype.is_floating_point else t_dtype
+
+    drop = set(aliases if aliases is not None else tied_aliases(module))
+    specs: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in module.state_dict().items():
+        if name in drop:
+            continue
+        size = t.numel() * cast(t.dtype).itemsize
+        specs[name] = {"dtype": _SAFETENSORS_DTYPES[cast(t.dtype)], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    out = None
+    if rank() == 0:
+        header = json.dumps(specs, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        out = open(tmp, "wb")
+        out.write(struct.pack("<Q", len(header)) + header)
+    try:
+        for name, whole in full_tensors(module, aliases):
+            if on_tensor is not None:
+                on_tensor(name, whole)
+            if out is not None:
+                host = whole.to(cast(whole.dtype)).cpu().contiguous()
+                if host.numel():  # its own bytes, no copy
+                    out.write(memoryview(host.view(torch.uint8).numpy()))
+                del host
+            del whole
+    finally:
+        if out is not None:
+            out.close()
+    if out is not None:
+        os.replace(tmp, path)

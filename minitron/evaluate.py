@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from minitron.common import StageTimer, check_writable, format_table, run_cli, write_json_atomic
+from minitron.common import (StageTimer, check_writable, format_table, free_accelerator_memory,
+                             run_cli, write_json_atomic)
 from minitron.config import DataConfig, EvaluateConfig, ModelConfig
 from minitron.data import batches, block_rule, load_blocks
 # Also export's (from a module of their own, so that export need not import this one: evaluate
 # scores exported ONNX folders on tasks through export's loader).
 from minitron.measure import speed, weights_size_mb  # noqa: F401
-from minitron.models import check_same_tokenizer, count_params, load_model
+from minitron.models import check_same_tokenizer, count_params, load_model, resolve_device
 
 # The settings the command takes (minitron.cli): the models are --model and --teacher.
 CLI_KEYS = {"model": ("dtype", "device", "trust_remote_code"),
@@ -172,7 +173,7 @@ def evaluate(
     if teacher_name is not None:  # before any work: agreement needs the same tokens
         check_same_tokenizer(teacher_name, model_name, trust, why="agreement with a teacher")
     with StageTimer("evaluate") as timer:
-        lm, tokenizer = load_model(model_name, dtype=model.dtype, device=model.device,
+        lm, tokenizer = load_model(model_name, dtype=model.dtype, device=resolve_device(model.device),
                                    trust_remote_code=trust)
         blocks = load_blocks(tokenizer, "eval", data.eval_blocks, source=data.source,
                              block_size=data.block_size, text_field=data.text_field,
@@ -184,10 +185,11 @@ def evaluate(
             result["weights_mb"] = round(size, 1)
         teacher = None
         if teacher_name is not None:
-            teacher, _ = load_model(teacher_name, dtype=model.dtype, device=model.device,
+            teacher, _ = load_model(teacher_name, dtype=model.dtype, device=resolve_device(model.device),
                                     trust_remote_code=trust)
         result.update(held_out(lm, teacher, blocks, settings.batch_size))
         del teacher
+        free_accelerator_memory()
         if settings.speed:
             result.update(speed(lm))
         if tasks:

@@ -100,13 +100,19 @@ class Plan:
 
 def plan_distill(teacher: Any, student: Any, config: Any, world: int,
                  teacher_dtype: str | None = "bfloat16", strategy: str = "fsdp",
-                 correction_tokens: int = 0) -> Plan:
-    """The per-GPU plan of `minitron.distill` with DistillConfig `config` on `world` GPUs, after a
-    teacher correction of `correction_tokens` tokens (0: none)."""
+                 correction_tokens: int = 0, per_node: int | None = None,
+                 checkpointed: int | None = None) -> Plan:
+    """The per-GPU plan of `minitron.distill` with DistillConfig `config` on `world` GPUs
+    (`per_node` of them on each node: HSDP's default shard group), after a teacher correction of
+    `correction_tokens` tokens (0: none). `checkpointed`: how many decoder layers recompute
+    their activations (default: all of them when `config.gradient_checkpointing` is true, else
+    none; `choose_checkpointing` picks it when that is null)."""
     t, s = Shape.of(teacher), Shape.of(student)
     shard = world if (strategy == "fsdp" and world > 1) else 1
-    if strategy == "hsdp" and world > 1:  # sharded inside groups of hsdp_shard_size ranks
-        shard = getattr(config, "hsdp_shard_size", None) or world
+    if strategy == "hsdp" and world > 1:
+        # Sharded inside a group (hsdp_shard_size ranks, else one node's), replicated across
+        # groups: each GPU holds 1/group of the state, not 1/world.
+        shard = getattr(config, "hsdp_shard_size", None) or per_node or world
     # Sequences per rank per forward: the per-process micro-batch when one is set.
     micro = getattr(config, "micro_batch_size", None) or max(config.batch_size // world, 1)
     tokens = micro * config.block_size
@@ -127,8 +133,14 @@ def plan_distill(teacher: Any, student: Any, config: Any, world: int,
     else:
         terms["bf16 weight copies (autocast)"] = 2 * p_s
     layer_act = s.layer_activation_bytes(tokens)
-    if config.gradient_checkpointing:
+    k = checkpointed if checkpointed is not None else (s.layers if config.gradient_checkpointing
+                                                       else 0)
+    k = min(max(k, 0), s.layers)
+    if k == s.layers:
         terms["activations (checkpointed)"] = s.layers * tokens * s.hidden * 2 + layer_act
+    elif k:  # selective: the first k layers keep their input only, the others everything
+        terms[f"activations ({k}/{s.layers} layers checkpointed)"] = (
+            k * tokens * s.hidden * 2 + layer_act + (s.layers - k) * layer_act)
     else:
         terms["activations"] = s.layers * layer_act
     terms["activation grads (one layer)"] = layer_act // 2
@@ -213,6 +225,28 @@ def plan_prune(model: Any, batch_size: int, block_size: int, dtype: str | None =
     plan = Plan(world=1, terms=terms, phases=phases)
     plan.peak = max(phases.values())
     return plan
+
+
+CHECKPOINT_HEADROOM = 0.9  # the plan is within 15% of the tracker: leave a margin when choosing
+
+
+def choose_checkpointing(teacher: Any, student: Any, config: Any, world: int,
+                         teacher_dtype: str | None, strategy: str, gpu_bytes: int | None,
+                         per_node: int | None = None) -> int:
+    """How many decoder layers recompute their activations when `gradient_checkpointing` is null:
+    none when the training step fits in `CHECKPOINT_HEADROOM` of `gpu_bytes` without it (the
+    recompute costs about a third more compute), the fewest that make it fit when it nearly does
+    (selective), all of them otherwise. No GPU (`gpu_bytes` None): none."""
+    layers = Shape.of(student).layers
+    if gpu_bytes is None:
+        return 0
+    budget = CHECKPOINT_HEADROOM * gpu_bytes
+    for k in range(layers + 1):
+        step = plan_distill(teacher, student, config, world, teacher_dtype, strategy,
+                            per_node=per_node, checkpointed=k).phases["train step"]
+        if step <= budget:
+            return k
+    return layers
 
 
 _FIXED = {"teacher weights", "student params (fp32)", "student grads (fp32)",

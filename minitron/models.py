@@ -627,6 +627,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | torch.device | None) -> str:
+    """The device a stage loads its model on: `model.device` when set, else CUDA where there is
+    one (importance and evaluation of an 8B model take minutes there, hours to days on the CPU)."""
+    return str(device) if device is not None else default_device()
+
+
 # ----------------------------------------------------------------------------- tokenizers
 # Code, prose, digits, whitespace runs and non-ASCII: tokenizers that differ usually differ here.
 PROBE_TEXT = ("Hello, world! def f(x):\n    return x ** 2  # 3.14159, 2024-06-01\n"

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from minitron.config import TARGET_KEYS, DataConfig
 from minitron.common import (DEBUG_FLAG, MinitronError, StageTimer, check_writable, format_table,
-                             run_cli, write_json_atomic, write_text_atomic)
+                             free_accelerator_memory, run_cli, write_json_atomic,
+                             write_text_atomic)
 from minitron.models import load_config, param_count_from_config, resolve_model
 from minitron.recipe import Recipe, dump_recipe, fingerprint, load_recipe
 
@@ -175,11 +176,15 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         from minitron.distill import memory_plan_
 
         dc = recipe.distill
-        print(f"distillation memory per GPU (nproc_per_node={dc.nproc_per_node}):")
+        print(f"distillation memory per GPU (nproc_per_node={dc.nproc_per_node}, "
+              f"nnodes={dc.nnodes}):")
         plan = memory_plan_(config.to_dict(), {**config.to_dict(), **shape}, dc,
-                            recipe.teacher_correction, dc.nproc_per_node, recipe.model)
+                            recipe.teacher_correction, dc.nproc_per_node * dc.nnodes, recipe.model)
         plan_info["memory_plan"] = {"terms_gib": {k: round(v / 2**30, 2) for k, v in plan.terms.items()},
                                     "peak_gib": round(plan.peak / 2**30, 2)}
+        if dc.nnodes > 1:
+            print(f"distill.nnodes={dc.nnodes}: minitron.run runs on one node; the commands:")
+            print("\n".join(node_commands(recipe)))
     return plan_info
 
 
@@ -225,11 +230,12 @@ def _data_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
 def _prune_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
     from minitron.calibration import Collector
     from minitron.importance import compute_scores
-    from minitron.models import load_model
+    from minitron.models import load_model, resolve_device
     from minitron.prune import calibration_blocks, prune, save_pruned
 
     r = ctx.recipe
-    model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype, device=r.model.device,
+    model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype,
+                                  device=resolve_device(r.model.device),
                                   trust_remote_code=r.model.trust_remote_code)
     if r.search.candidates:
         return _searched_prune(ctx, out, timer, model, tokenizer)
@@ -249,6 +255,7 @@ def _searched_prune(ctx: Context, out: Path, timer: StageTimer, model, tokenizer
     """The prune stage by search (recipe key `search.candidates`): its work folder is
     out/search (resumed when the stage reruns), the chosen candidate's checkpoint out/model."""
     from minitron import search
+    from minitron.models import resolve_device
     from minitron.prune import enumerate_shapes, save_searched, search_inputs
 
     r = ctx.recipe
@@ -259,7 +266,7 @@ def _searched_prune(ctx: Context, out: Path, timer: StageTimer, model, tokenizer
                                                 out / "search")
     timer.tokens = inputs.calibration.numel()
     found = search.search(out / "search", inputs, shapes, r.prune.target_params, r.search,
-                          r.distill, device=r.model.device)
+                          r.distill, device=resolve_device(r.model.device))
     info = {"recipe": r.source_file, "target_params": r.prune.target_params,
             "method": {"depth": r.prune.depth, "depth_method": r.importance.depth_method,
                        **scores_info}}
@@ -348,8 +355,76 @@ def _settings(recipe: Recipe, name: str) -> list[Any]:
     }[name]
 
 
+# ----------------------------------------------------------------------------- several nodes
+NODES_RECIPE = "recipe-nodes.yaml"  # the resolved recipe the commands of `node_commands` read
+
+
+def node_commands(recipe: Recipe) -> list[str]:
+    """What to run instead of `minitron.run` when distillation spans several nodes: the
+    single-process stages on the first node, the distillation on every node, then export and
+    evaluation on the first node. Each command resumes or skips what it finished, as the stages
+    do under `minitron.run`; the settings are the recipe's own (its resolved copy in the run
+    folder, and `section.key=value` arguments)."""
+    import shlex
+
+    from minitron import cli
+    from minitron import distill, evaluate, export
+    from minitron.shards import is_prepared
+
+    r, run_dir = recipe, recipe.run_dir
+    names = stage_names(r)
+    folder = {n: run_dir / f"{i}-{n}" for i, n in enumerate(names, 0 if names[:1] == ["data"] else 1)}
+    data = r.data
+    if "data" in folder:
+        data = dataclasses.replace(r.data, source=str(folder["data"] / "shards"))
+    teacher = r.model.name
+    student = str(folder["prune"] / "model") if "prune" in folder else teacher
+    distilled = str(folder["distill"] / "model")
+    sections = {"distill": r.distill, "teacher_correction": r.teacher_correction, "model": r.model,
+                "data": data, "export": r.export, "evaluate": r.evaluate}
+    commands = []
+    if not is_prepared(r.data.source) or r.prune.enabled:
+        commands.append("# on the first node: " + " ".join(n for n in names if n in ("data", "prune")))
+        commands.append(shlex.join(["python", "-m", "minitron.run", str(run_dir / NODES_RECIPE),
+                                    "distill.enabled=false", "export.enabled=false",
+                                    "evaluate.enabled=false"]))
+    commands.append(f"# on every node (each joins the rendezvous at {r.distill.rdzv_endpoint}):")
+    commands.append(shlex.join(["python", "-m", "minitron.distill", "--teacher", teacher,
+                                "--student", student, "--output", distilled,
+                                *cli.as_overrides(sections, distill.CLI_KEYS)]))
+    if r.export.enabled or r.evaluate.enabled:
+        commands.append("# then on the first node:")
+    if r.export.enabled:
+        commands.append(shlex.join(["python", "-m", "minitron.export", "--model", distilled,
+                                    "--output", str(folder["export"] / "onnx"),
+                                    *cli.as_overrides(sections, export.CLI_KEYS)]))
+    if r.evaluate.enabled:
+        commands.append(shlex.join(["python", "-m", "minitron.evaluate", "--model", distilled,
+                                    "--teacher", teacher,
+                                    "--json", str(folder["evaluate"] / "distilled.json"),
+                                    *cli.as_overrides(sections, evaluate.CLI_KEYS)]))
+    return commands
+
+
+def refuse_several_nodes(recipe: Recipe) -> None:
+    """`minitron.run` runs on one node. Several nodes would each run the data, prune, export and
+    evaluate stages into the same run folder; having the others wait for the first one would need
+    a barrier on a shared filesystem (stage files polled across NFS attribute caches, a dead first
+    node leaving the others waiting for hours with no collective timeout). The separate commands
+    are explicit, each resumes, and the distillation already joins its nodes by rendezvous."""
+    if not (recipe.distill.enabled and recipe.distill.nnodes > 1):
+        return
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(recipe.run_dir / NODES_RECIPE, dump_recipe(recipe))
+    raise MinitronError(
+        f"distill.nnodes={recipe.distill.nnodes}: minitron.run runs on one node; run these "
+        f"instead, from this folder (the resolved recipe is {recipe.run_dir / NODES_RECIPE}):\n"
+        + "\n".join(node_commands(recipe)))
+
+
 # ----------------------------------------------------------------------------- running
 def run(recipe: Recipe) -> dict[str, Any]:
+    refuse_several_nodes(recipe)
     check_plan(recipe, source_config(recipe))
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -377,7 +452,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
         write_json_atomic(state_file, {"fingerprint": fp, "status": "running"})
         print(f"[{name}] running in {out}")
         with StageTimer(name) as timer:
-            result = STAGES[name](ctx, out, timer)
+            try:
+                result = STAGES[name](ctx, out, timer)
+            finally:
+                free_accelerator_memory()  # its models are unreferenced now: free their GPU memory
         timing = timer.as_dict()
         write_json_atomic(state_file, {"fingerprint": fp, "status": "done", "timing": timing,
                                        "result": result})

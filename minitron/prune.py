@@ -528,7 +528,7 @@ def _target(config: Any, settings: PruneConfig) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     from minitron import cli
     from minitron.config import check_search
-    from minitron.models import load_config, load_model
+    from minitron.models import load_config, load_model, resolve_device
 
     args = cli.parse(build_parser(), argv)
     c = cli.configs(args)
@@ -555,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{scores.config.aggregation_seq}, batch={scores.config.aggregation_batch})")
 
     with StageTimer("prune") as timer:
-        model, tokenizer = load_model(args.model, dtype=model_cfg.dtype, device=model_cfg.device,
+        model, tokenizer = load_model(args.model, dtype=model_cfg.dtype,
+                                      device=resolve_device(model_cfg.device),
                                       trust_remote_code=trust)
         calib_info, stats = None, None
         if scores is None:
@@ -602,7 +603,7 @@ def _check_output(args) -> None:
 def _search_main(args, c: dict[str, Any], config: Any) -> int:
     """`--search K`: enumerate, score, distill the K best briefly, keep the best as --output."""
     from minitron import search
-    from minitron.models import load_model
+    from minitron.models import load_model, resolve_device
 
     settings, budget = c["search"], c["prune"].target_params
     shapes = enumerate_shapes(config, budget, settings)
@@ -614,12 +615,13 @@ def _search_main(args, c: dict[str, Any], config: Any) -> int:
     work = Path(args.search_dir or f"{args.output}.search")
     check_writable(work, "--search-dir")
     with StageTimer("prune") as timer:
-        model, tokenizer = load_model(args.model, dtype=c["model"].dtype, device=c["model"].device,
+        model, tokenizer = load_model(args.model, dtype=c["model"].dtype,
+                                      device=resolve_device(c["model"].device),
                                       trust_remote_code=c["model"].trust_remote_code)
         inputs, scores, scores_info = search_inputs(model, tokenizer, args.model, c, work,
                                                     args.scores)
         found = search.search(work, inputs, shapes, budget, settings, c["distill"],
-                              device=c["model"].device)
+                              device=resolve_device(c["model"].device))
     info = {"source": str(args.model), "target_params": budget,
             "method": {"width": "activation importance (Minitron)", "depth": c["prune"].depth,
                        "depth_method": c["importance"].depth_method, **scores_info},

@@ -77,12 +77,13 @@ def _models(teacher_cfg: dict, student_cfg: dict, teacher_dtype: torch.dtype, fa
 
 def tracked_step_peak(teacher_cfg: dict, student_cfg: dict, config, world: int,
                       teacher_dtype: torch.dtype = torch.bfloat16,
-                      register_teacher: bool = True, fake: bool = True) -> dict[str, int]:
+                      register_teacher: bool = True, fake: bool = True,
+                      strategy: str = "fsdp", hsdp_shard_size: int | None = None) -> dict[str, int]:
     """The tracker's snapshot (bytes per category, and "Total") at the root module's peak of the
     second training step's forward or backward, on rank 0 of `world`, with DistillConfig-like
     `config` (batch_size, micro_batch_size, block_size, gradient_checkpointing). `fake=False`: real
     tensors in the process group this process has joined (small shapes; a cross-check of the fake
-    run)."""
+    run). `strategy` "hsdp": shard groups of `hsdp_shard_size` ranks on the fake group's mesh."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -96,7 +97,8 @@ def tracked_step_peak(teacher_cfg: dict, student_cfg: dict, config, world: int,
         if config.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train()
-        trainee = distributed.wrap_model(distill._Trainee(student, None), "fsdp", "bf16")
+        trainee = distributed.wrap_model(distill._Trainee(student, None), strategy, "bf16",
+                                         hsdp_shard_size)
         with fake:
             trainee.to_empty(device="cpu")
             head = teacher.get_output_embeddings().weight.detach()

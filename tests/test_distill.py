@@ -128,6 +128,23 @@ def test_distillation_lowers_kl_to_teacher(world, tmp_path):
     assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_final_model_is_streamed_in_the_source_dtype(world, tmp_path):
+    # Written tensor by tensor (no whole-model gather): fp32 bit-equal to the trained student,
+    # bf16 (config.json saying so) where the student's source folder was bf16.
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        _, student, _ = _run(world, out, _cfg(tokens=2 * 8 * BLOCK),
+                             info={"student_dtype": dtype})
+        written = load_file(out / "model.safetensors")
+        trained = student.state_dict()
+        assert written.keys() <= trained.keys()
+        for k, v in written.items():
+            assert v.dtype == getattr(torch, dtype) and torch.equal(v, trained[k].to(v.dtype)), k
+        assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+        assert "student_dtype" not in json.loads((out / "minitron.json").read_text())
+        assert not list(out.glob(".final*"))
+
+
 def test_final_folder_reloads_in_plain_transformers(world, tmp_path):
     out = tmp_path / "run"
     metrics, student, _ = _run(world, out, _cfg(tokens=2 * 8 * BLOCK))
