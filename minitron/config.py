@@ -540,9 +540,9 @@ class CacheConfig(Section):
 
 
 # ----------------------------------------------------------------------------- export and evaluate
-Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
+Int8Scheme = Literal["blockwise", "dynamic", "static", "smoothquant", "none"]
 INT8_SCHEMES: tuple[str, ...] = typing.get_args(Int8Scheme)
-Int4Scheme = Literal["rtn", "hqq", "none"]
+Int4Scheme = Literal["rtn", "hqq", "awq", "none"]
 INT4_SCHEMES: tuple[str, ...] = typing.get_args(Int4Scheme)
 # 'auto' measures levels 0 and 4; YAML and `key=value` read a bare 4 as a number.
 AccuracyLevel = Literal["auto", 0, 1, 2, 3, 4]
@@ -568,8 +568,9 @@ class ExportConfig(Section):
     int8_cpu: Int8Cpu = setting("auto", "The CPU kind the dynamic/static INT8 models are made "
                                         "for: 'auto' (this one) or a kind (minitron.cpu); it picks "
                                         "ONNX Runtime's activation/weight types and weight range.")
-    int4: Int4Scheme = setting("none", "'rtn' or 'hqq' deploys 4-bit MatMulNBits weights "
-                                       "(embedding too) instead of INT8.")
+    int4: Int4Scheme = setting("none", "'rtn', 'hqq' or 'awq' (activation-aware scales from "
+                                       "the calibration statistics) deploys 4-bit MatMulNBits "
+                                       "weights (embedding too) instead of INT8.")
     accuracy_level: AccuracyLevel = setting(
         "auto", "MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float "
                 "activations) and 4 (int8 activations) and deploys the faster one that passes the "
@@ -577,7 +578,8 @@ class ExportConfig(Section):
     gguf: GgufChoice = setting("none", "Also write GGUF for llama.cpp/ollama (Llama family), each "
                                        "file validated through transformers' GGUF loader.")
     # One default for the recipe and the command (they were 32 and 16): 32 calibration blocks.
-    calib_samples: int = setting(32, "Calibration blocks for int8=static.", at_least(1))
+    calib_samples: int = setting(32, "Calibration blocks for int8=static|smoothquant and "
+                                     "int4=awq.", at_least(1))
     max_eval_tokens: int = setting(8192, "Validation reads at most this many tokens (blocks of at "
                                          "most 512, batch 1), whatever the model's context.",
                                    at_least(2))

@@ -132,6 +132,16 @@ def apply_scales_(group: Group, s: torch.Tensor) -> None:
         m.weight.data = (m.weight.data.double() * s[None, :]).to(m.weight.dtype)
 
 
+def matmul_block(model: nn.Module, largest: int = 128) -> int:
+    """The MatMulNBits block export uses for `model` (export.blockwise_block_size on its graph):
+    the largest power of two <= `largest` dividing the input width of every linear layer."""
+    ks = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
+    block = largest
+    while block > 16 and any(k % block for k in ks):
+        block //= 2
+    return block
+
+
 def _clean(s: torch.Tensor) -> torch.Tensor:
     """Scales that are finite and positive (a channel that never fired keeps scale 1)."""
     s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
@@ -244,4 +254,4 @@ def awq_(model: nn.Module, stats: Stats, bits: int = 4, block: int = 32,
 
 
 __all__ = ["AWQ_ALPHAS", "SMOOTH_ALPHAS", "Group", "apply_scales_", "awq_", "awq_error",
-           "fake_quant_blockwise", "groups", "smooth_scales", "smoothquant_", "w8a8_error"]
+           "fake_quant_blockwise", "groups", "matmul_block", "smooth_scales", "smoothquant_", "w8a8_error"]

@@ -99,8 +99,8 @@ def test_awq_lowers_the_4bit_output_error_on_calibration_tokens():
     info = quantize.awq_(m, stats, block=16)
     assert info["alpha"]["model.layers.1.mlp_in"] > 0
     # gate_proj (up_proj's rows also carry down_proj's input scales)
-    w = model.model.layers[1].mlp.gate_proj.weight.double()
-    ws = m.model.layers[1].mlp.gate_proj.weight
+    w = model.model.layers[1].mlp.gate_proj.weight.detach().double()
+    ws = m.model.layers[1].mlp.gate_proj.weight.detach()
     s = ws[0] / w[0]  # the scale AWQ folded into the weight's columns
     err = {key: float(((dw @ x) * dw).sum()) for key, dw in (
         ("rtn", quantize.fake_quant_blockwise(w, 4, 16) - w),
