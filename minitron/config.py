@@ -237,6 +237,11 @@ class PruneConfig(Section):
                                                 "of the source (<= 1) or a count (> 1).", POSITIVE)
     depth: DepthMode = setting("importance", "Drop the lowest-scoring layers, or the "
                                              "lowest-scoring contiguous block.")
+    width_multiple: int = setting(64, "Keep hidden and MLP widths at multiples of this (64: "
+                                      "MatMulNBits / Q8_0 blocks; 256 for GGUF k-quants; 1: any): "
+                                      "the budget rule and the search round to it, an explicit "
+                                      "width that is not one is refused. Applies to a width whose "
+                                      "source is at least 2x it.", at_least(1))
 
     def target(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in TARGET_KEYS if getattr(self, k) is not None}
