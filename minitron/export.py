@@ -773,44 +773,6 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
     return rows
 
 
-def patch_weights(src: Path, dst: Path, before, after) -> bool:
-    """Write `src` to `dst` with the weights of model `before` replaced by those of `after`
-    (same architecture): each changed parameter is looked up by its exact values (the exporter
-    stores a linear's weight transposed, a norm's as is). False, writing nothing, if any changed
-    parameter is not found exactly once (e.g. constant-folded into another value, or equal to
-    another weight)."""
-    import onnx
-    from onnx import numpy_helper
-
-    proto = onnx.load(str(src))
-    by_key: dict[tuple, list] = {}
-    for t in proto.graph.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) in (1, 2):
-            arr = numpy_helper.to_array(t)
-            by_key.setdefault((arr.shape, hash(arr.tobytes())), []).append((t, arr))
-    new = dict(after.named_parameters())
-    todo = []
-    for name, p in before.named_parameters():
-        if torch.equal(p, new[name]):
-            continue
-        old = p.detach().float().numpy()
-        old = old.T if old.ndim == 2 else old
-        hits = [t for t, arr in by_key.get((old.shape, hash(np.ascontiguousarray(old).tobytes())), [])
-                if np.array_equal(arr, old)]
-        if len(hits) != 1:
-            return False
-        val = new[name].detach().float().numpy()
-        todo.append((hits[0], np.ascontiguousarray(val.T if val.ndim == 2 else val)))
-    if len({id(t) for t, _ in todo}) != len(todo):
-        return False
-    for t, val in todo:
-        t.CopyFrom(numpy_helper.from_array(val, t.name))
-    external = uses_external_data(src)
-    onnx.save(proto, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
-              location=dst.name + "_data")
-    return True
-
-
 # A weight transform (minitron.quantize) -> the ORT quantization of the transformed FP32 graph.
 TRANSFORMS: dict[str, Callable[[QuantVariant], QuantVariant]] = {
     "smoothquant": lambda v: QuantVariant("static", per_channel=True),
@@ -836,7 +798,7 @@ def transformed_graph(job: Job, tmp: Path, transform: str, base: Path) -> tuple[
     else:
         info = aq.awq_(model, job.stats, bits=4, block=aq.matmul_block(model))
     folded = tmp / f"model_fp32_{transform}.onnx"
-    patched = patch_weights(base, folded, job.pt_model, model)
+    patched = aq.patch_weights(base, folded, job.pt_model, model)
     if not patched:  # a weight the graph hides (folded into another constant): trace anew
         raw = tmp / f"model_fp32_{transform}_raw.onnx"
         export_graph(model, raw)

@@ -27,6 +27,7 @@ The statistics are minitron.calibration's (the importance pass, or a short pass 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -85,7 +86,7 @@ def groups(model: nn.Module) -> list[Group]:
     for i, layer in enumerate(decoder_layers(model)):
         p = f"{spec.layers}.{i}."
 
-        def lin(path):
+        def lin(path, p=p, layer=layer):
             return (p + path, spec.get(layer, path), None)
 
         attn = [lin(spec.qkv_proj)] if spec.qkv_proj else [lin(spec.q_proj), lin(spec.k_proj),
@@ -253,5 +254,44 @@ def awq_(model: nn.Module, stats: Stats, bits: int = 4, block: int = 32,
     return {"alpha": chosen}
 
 
+def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> bool:
+    """Write `src` to `dst` with the weights of model `before` replaced by those of `after`
+    (same architecture): each changed parameter is looked up by its exact values (the exporter
+    stores a linear's weight transposed, a norm's as is). False, writing nothing, if any changed
+    parameter is not found exactly once (e.g. constant-folded into another value, or equal to
+    another weight)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    by_key: dict[tuple, list] = {}
+    for t in proto.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) in (1, 2):
+            arr = numpy_helper.to_array(t)
+            by_key.setdefault((arr.shape, hash(arr.tobytes())), []).append((t, arr))
+    new = dict(after.named_parameters())
+    todo = []
+    for name, p in before.named_parameters():
+        if torch.equal(p, new[name]):
+            continue
+        old = p.detach().float().numpy()
+        old = old.T if old.ndim == 2 else old
+        hits = [t for t, arr in by_key.get((old.shape, hash(np.ascontiguousarray(old).tobytes())), [])
+                if np.array_equal(arr, old)]
+        if len(hits) != 1:
+            return False
+        val = new[name].detach().float().numpy()
+        todo.append((hits[0], np.ascontiguousarray(val.T if val.ndim == 2 else val)))
+    if len({id(t) for t, _ in todo}) != len(todo):
+        return False
+    for t, val in todo:
+        t.CopyFrom(numpy_helper.from_array(val, t.name))
+    external = src.with_name(src.name + "_data").exists()  # minitron.export names it so
+    onnx.save(proto, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=dst.name + "_data")
+    return True
+
+
 __all__ = ["AWQ_ALPHAS", "SMOOTH_ALPHAS", "Group", "apply_scales_", "awq_", "awq_error",
-           "fake_quant_blockwise", "groups", "matmul_block", "smooth_scales", "smoothquant_", "w8a8_error"]
+           "fake_quant_blockwise", "groups", "matmul_block", "patch_weights", "smooth_scales", "smoothquant_", "w8a8_error"]
