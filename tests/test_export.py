@@ -625,7 +625,7 @@ def test_bad_inputs_are_clear_errors(source, tmp_path):
         ex.export(source, taken)
     assert (taken / "notes.txt").read_text() == "mine"
     with pytest.raises(MinitronError, match="export.int8='int4' is invalid; valid: blockwise, "
-                                            "dynamic, static, none"):
+                                            "dynamic, static, smoothquant, none"):
         ex.export(source, tmp_path / "o5", ExportConfig(int8="int4"))
     with pytest.raises(MinitronError, match="export.per_channel=True applies to int8 dynamic or static"):
         ex.export(source, tmp_path / "o6", ExportConfig(int8="blockwise", per_channel=True))
