@@ -115,10 +115,12 @@ class Collector:
         self.gram, self.include_head = gram, include_head
         self.stats = Stats()
         self._handles: list = []
+        self._last: tuple[torch.Tensor, str] | None = None
 
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0].detach()
+            shared = self._last is not None and x is self._last[0]  # q/k/v and gate/up
             x = x.reshape(-1, x.shape[-1]).float()
             acc = self.stats.modules.get(name)
             sq = x.pow(2).sum(0).double().cpu()
@@ -126,16 +128,20 @@ class Collector:
             asum = x.abs().sum(0).double().cpu()
             if acc is None:
                 acc = {"sq_sum": sq, "abs_max": amax, "abs_sum": asum}
-                if self.gram:
-                    acc["gram"] = (x.double().T @ x.double()).cpu()
                 self.stats.modules[name], self.stats.tokens[name] = acc, x.shape[0]
-                return
-            acc["sq_sum"] += sq
-            acc["abs_sum"] += asum
-            torch.maximum(acc["abs_max"], amax, out=acc["abs_max"])
-            if self.gram:
-                acc["gram"] += (x.double().T @ x.double()).cpu()
-            self.stats.tokens[name] += x.shape[0]
+            else:
+                acc["sq_sum"] += sq
+                acc["abs_sum"] += asum
+                torch.maximum(acc["abs_max"], amax, out=acc["abs_max"])
+                self.stats.tokens[name] += x.shape[0]
+            if self.gram:  # one [D, D] float64 sum per distinct input (modules reading it share it)
+                if shared:
+                    acc.setdefault("gram", self.stats.modules[self._last[1]]["gram"])
+                elif "gram" in acc:
+                    acc["gram"] += (x.double().T @ x.double()).cpu()
+                else:
+                    acc["gram"] = (x.double().T @ x.double()).cpu()
+            self._last = (args[0], name)
         return hook
 
     def attach(self, model: nn.Module) -> Collector:
@@ -147,6 +153,7 @@ class Collector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._last = None
         return self.stats
 
 
@@ -180,7 +187,8 @@ def save(stats: Stats, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         path = path / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}::{kind}": t.contiguous()
+    # clone: modules reading one input share one Gram tensor, and safetensors refuses shared memory
+    tensors = {f"{name}::{kind}": t.contiguous().clone() if kind == "gram" else t.contiguous()
                for name, kinds in stats.modules.items() for kind, t in kinds.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"minitron_calibration": json.dumps(

@@ -243,6 +243,11 @@ class PruneConfig(Section):
                                                 "of the source (<= 1) or a count (> 1).", POSITIVE)
     depth: DepthMode = setting("importance", "Drop the lowest-scoring layers, or the "
                                              "lowest-scoring contiguous block.")
+    width_multiple: int = setting(64, "Keep hidden and MLP widths at multiples of this (64: "
+                                      "MatMulNBits / Q8_0 blocks; 256 for GGUF k-quants; 1: any): "
+                                      "the budget rule and the search round to it, an explicit "
+                                      "width that is not one is refused. Applies to a width whose "
+                                      "source is at least 2x it.", at_least(1))
 
     def target(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in TARGET_KEYS if getattr(self, k) is not None}
@@ -554,9 +559,9 @@ class CacheConfig(Section):
 
 
 # ----------------------------------------------------------------------------- export and evaluate
-Int8Scheme = Literal["blockwise", "dynamic", "static", "none"]
+Int8Scheme = Literal["blockwise", "dynamic", "static", "smoothquant", "none"]
 INT8_SCHEMES: tuple[str, ...] = typing.get_args(Int8Scheme)
-Int4Scheme = Literal["rtn", "hqq", "none"]
+Int4Scheme = Literal["rtn", "hqq", "awq", "none"]
 INT4_SCHEMES: tuple[str, ...] = typing.get_args(Int4Scheme)
 # 'auto' measures levels 0 and 4; YAML and `key=value` read a bare 4 as a number.
 AccuracyLevel = Literal["auto", 0, 1, 2, 3, 4]
@@ -582,8 +587,9 @@ class ExportConfig(Section):
     int8_cpu: Int8Cpu = setting("auto", "The CPU kind the dynamic/static INT8 models are made "
                                         "for: 'auto' (this one) or a kind (minitron.cpu); it picks "
                                         "ONNX Runtime's activation/weight types and weight range.")
-    int4: Int4Scheme = setting("none", "'rtn' or 'hqq' deploys 4-bit MatMulNBits weights "
-                                       "(embedding too) instead of INT8.")
+    int4: Int4Scheme = setting("none", "'rtn', 'hqq' or 'awq' (activation-aware scales from "
+                                       "the calibration statistics) deploys 4-bit MatMulNBits "
+                                       "weights (embedding too) instead of INT8.")
     accuracy_level: AccuracyLevel = setting(
         "auto", "MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float "
                 "activations) and 4 (int8 activations) and deploys the faster one that passes the "
@@ -596,7 +602,8 @@ class ExportConfig(Section):
     gguf_imatrix: bool = setting(True, "k-quants weigh rounding errors by the importance matrix "
                                        "(mean squared input activations from the calibration pass).")
     # One default for the recipe and the command (they were 32 and 16): 32 calibration blocks.
-    calib_samples: int = setting(32, "Calibration blocks for int8=static.", at_least(1))
+    calib_samples: int = setting(32, "Calibration blocks for int8=static|smoothquant and "
+                                     "int4=awq.", at_least(1))
     max_eval_tokens: int = setting(8192, "Validation reads at most this many tokens (blocks of at "
                                          "most 512, batch 1), whatever the model's context.",
                                    at_least(2))

@@ -119,6 +119,8 @@ def deploy_candidates(settings: ExportConfig) -> list[QuantVariant]:
         return [QuantVariant(settings.int4, bits=4, accuracy_level=lv) for lv in settings.levels]
     if settings.int8 == "blockwise":
         return [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
+    if settings.int8 == "smoothquant":  # per-channel weights always (the scales migrate into them)
+        return [QuantVariant("smoothquant", True)]
     if settings.int8 != "none":
         return [QuantVariant(settings.int8, settings.per_channel)]
     return []
@@ -130,7 +132,7 @@ def variants_to_measure(settings: ExportConfig) -> list[QuantVariant]:
     if settings.compare:
         others = [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
         others += [QuantVariant("dynamic"), QuantVariant("dynamic", True), QuantVariant("static"),
-                   QuantVariant("static", True)]
+                   QuantVariant("static", True), QuantVariant("smoothquant", True)]
         others += [QuantVariant(s, bits=4, accuracy_level=lv) for s in INT4_SCHEMES[:-1]
                    for lv in settings.levels]
         out += [v for v in others if v not in out]
@@ -691,6 +693,8 @@ class Job:
     prompt: torch.Tensor
     ref: Reference | None = None
     ref_perplexity: float = math.nan
+    stats: Any = None  # minitron.calibration.Stats, once a transform needs them
+    stats_from: str = ""
     timings: list[dict[str, Any]] = field(default_factory=list)
     trust_remote_code: bool = False
 
@@ -721,7 +725,7 @@ def load_job(model, where: str, config, settings: ExportConfig, data: DataConfig
     blocks = load_blocks(tokenizer, "eval", n_blocks, **read)
     calib = None
     kquants = settings.gguf_imatrix and any(t in GGUF_KQUANTS for t in gguf_types(settings.gguf))
-    if kquants or any(v.scheme == "static" for v in variants_to_measure(settings)):
+    if kquants or any(v.scheme in ("static", *TRANSFORMS) for v in variants_to_measure(settings)):
         calib = load_blocks(tokenizer, "calibration", settings.calib_samples, **read)
     return Job(str(model), where, config, settings, data, pt_model, tokenizer, blocks, calib,
                prompt=blocks[:1, :min(16, length - 1)], trust_remote_code=trust_remote_code)
@@ -770,16 +774,61 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
         return []
     folded = tmp / "model_fp32_folded.onnx"
     fold_initializer_transposes(tmp / fp32_file, folded)
+    sources = {None: (folded, {})}  # transform -> (its FP32 graph, what it did)
     rows = []
     for v in variants:
+        transform = v.scheme if v.scheme in TRANSFORMS else None
+        if transform not in sources:
+            with job.timed(f"{transform}_transform"):
+                sources[transform] = transformed_graph(job, tmp, transform, folded)
+        src, info = sources[transform]
         with job.timed(v.name.replace("-", "_")):
-            quantize(folded, tmp / v.file, v, job.calib, cpu)
+            quantize(src, tmp / v.file, TRANSFORMS.get(v.scheme, lambda v: v)(v), job.calib, cpu)
             row = measure_onnx(tmp, v.file, job.blocks, job.ref, job.prompt, job.settings)
         problems = check_quantized(row, fp32_ppl, job.settings)
         rows.append({"model": f"onnx-{v.name}", "variant": v, "within_budget": not problems,
-                     "problems": problems, **row})
-    remove_onnx(folded)
+                     "problems": problems, **info, **row})
+    for src, _ in sources.values():
+        remove_onnx(src)
     return rows
+
+
+# A weight transform (minitron.quantize) -> the ORT quantization of the transformed FP32 graph.
+TRANSFORMS: dict[str, Callable[[QuantVariant], QuantVariant]] = {
+    "smoothquant": lambda v: QuantVariant("static", per_channel=True),
+    "awq": lambda v: QuantVariant("rtn", bits=4, accuracy_level=v.accuracy_level),
+}
+
+
+def transformed_graph(job: Job, tmp: Path, transform: str, base: Path) -> tuple[Path, dict[str, Any]]:
+    """The FP32 graph of a rescaled copy of the model (SmoothQuant or AWQ scales folded in; the
+    same function, so the FP32 gates need not be rerun), transposes folded, and a summary: the
+    validated graph `base` with its weights replaced where each changed parameter is found there
+    unambiguously, else traced anew."""
+    import copy
+
+    from minitron import calibration, quantize as aq
+
+    if job.stats is None:  # one pass (or the pruned folder's saved statistics) for every transform
+        gram = any(v.scheme == "awq" for v in variants_to_measure(job.settings))
+        job.stats, job.stats_from = calibration.for_model(job.pt_model, job.where, job.calib, gram)
+    model = copy.deepcopy(job.pt_model)
+    if transform == "smoothquant":
+        info = aq.smoothquant_(model, job.stats)
+    else:
+        info = aq.awq_(model, job.stats, bits=4, block=aq.matmul_block(model))
+    folded = tmp / f"model_fp32_{transform}.onnx"
+    patched = aq.patch_weights(base, folded, job.pt_model, model)
+    if not patched:  # a weight the graph hides (folded into another constant): trace anew
+        raw = tmp / f"model_fp32_{transform}_raw.onnx"
+        export_graph(model, raw)
+        fold_initializer_transposes(raw, folded)
+        remove_onnx(raw)
+    alphas = [a for a in info["alpha"].values() if a is not None]
+    summary = {"calibration_stats": job.stats_from, "alpha_mean": round(sum(alphas) / len(alphas), 3)
+               if alphas else None, "groups_scaled": f"{len(alphas)}/{len(info['alpha'])}",
+               "graph": "weights patched" if patched else "traced anew"}
+    return folded, summary
 
 
 def choose_deployed(rows: list[dict[str, Any]], candidates: list[QuantVariant]) -> QuantVariant | None:

@@ -43,10 +43,11 @@ def source_config(recipe: Recipe, need_weights: bool = True):
 
 def prune_target(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """The pruning target (HF config names) and, for a parameter budget, the candidates considered."""
-    from minitron.prune import target_for_budget
+    from minitron.prune import check_widths, target_for_budget
 
     if recipe.prune.target_params is not None:
-        return target_for_budget(config, recipe.prune.target_params)
+        return target_for_budget(config, recipe.prune.target_params, recipe.prune.width_multiple)
+    check_widths(config, recipe.prune.target(), recipe.prune.width_multiple)
     return recipe.prune.target(), []
 
 
@@ -94,7 +95,8 @@ def check_plan(recipe: Recipe, config) -> tuple[dict[str, int], list[dict[str, A
         from minitron.search import target_of
 
         # The searched shape is not known yet: plan (memory) for the largest one it may choose.
-        candidates = enumerate_shapes(config, recipe.prune.target_params, recipe.search)
+        candidates = enumerate_shapes(config, recipe.prune.target_params, recipe.search,
+                                      recipe.prune.width_multiple)
         shape = plan(config, target_of(candidates[0]))
     elif recipe.prune.enabled:
         target, candidates = prune_target(recipe, config)
@@ -259,7 +261,8 @@ def _searched_prune(ctx: Context, out: Path, timer: StageTimer, model, tokenizer
     from minitron.prune import enumerate_shapes, save_searched, search_inputs
 
     r = ctx.recipe
-    shapes = enumerate_shapes(model.config, r.prune.target_params, r.search)
+    shapes = enumerate_shapes(model.config, r.prune.target_params, r.search,
+                              r.prune.width_multiple)
     sections = {"data": ctx.data, "importance": r.importance, "prune": r.prune, "search": r.search,
                 "distill": r.distill, "model": r.model, "teacher_cache": r.teacher_cache}
     inputs, scores, scores_info = search_inputs(model, tokenizer, ctx.teacher, sections,

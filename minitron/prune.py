@@ -141,13 +141,34 @@ def head_options(config: Any) -> list[tuple[int, int]]:
             for m in range(hl.group_size, 0, -1)]
 
 
+def width_multiples(config: Any, multiple: int) -> dict[str, int]:
+    """The multiple each width is kept at (prune.width_multiple): `multiple` where the source is at
+    least 2x it, else 1 (a smaller model keeps the grid's own granularity)."""
+    return {k: multiple if getattr(config, k) >= 2 * multiple else 1
+            for k in ("hidden_size", "intermediate_size")}
+
+
+def check_widths(config: Any, target: Mapping[str, int], multiple: int) -> None:
+    """Refuse explicit widths off the deployment block (the source's own width is always fine)."""
+    for key, m in width_multiples(config, multiple).items():
+        v = target.get(key)
+        if v is None or m == 1 or v % m == 0 or v == getattr(config, key):
+            continue
+        lo, hi = v // m * m, (v // m + 1) * m
+        raise MinitronError(f"{_flag(key)}={v} is not a multiple of prune.width_multiple={multiple}"
+                            f" (the quantized blocks of MatMulNBits / GGUF; valid near it: "
+                            f"{', '.join(str(x) for x in (lo, hi) if 0 < x <= getattr(config, key))}"
+                            f"); or set prune.width_multiple=1 to allow any width")
+
+
 def shape_grid(config: Any, limit: int, layer_ratios=(1.0,),
-               heads: list[tuple[int, int]] | None = None) -> list[dict]:
+               heads: list[tuple[int, int]] | None = None, multiple: int = 1) -> list[dict]:
     """The candidate shapes of the grid HIDDEN_RATIOS x MLP_RATIOS x `layer_ratios` x `heads`
     ((query heads, KV groups) pairs; default: the source's), each with its parameter count (closed
     form), its fraction of the source, the fraction its most-pruned dimension keeps ("least_kept")
     and whether it fits `limit`. Hidden sizes are rounded to a multiple of num_attention_heads and
-    of 8 where possible, MLP sizes to a multiple of 8. Shapes the family cannot take (`plan`
+    of 8 where possible, MLP sizes to a multiple of 8, both also to `multiple`
+    (prune.width_multiple, see `width_multiples`). Shapes the family cannot take (`plan`
     refuses them) are left out; every other shape exports (see minitron.export.onnx_config: any
     width, any head layout with one KV-head count for all layers, which pruning keeps)."""
     source = param_count_from_config(config)
@@ -155,12 +176,16 @@ def shape_grid(config: Any, limit: int, layer_ratios=(1.0,),
     h_mult = math.lcm(hl.num_heads, 8) if math.lcm(hl.num_heads, 8) <= config.hidden_size // 8 \
         else hl.num_heads
     heads = heads or [(hl.num_heads, hl.num_kv_heads)]
+    mult = width_multiples(config, multiple)
+    i_mult = math.lcm(8, mult["intermediate_size"])
     seen, out = set(), []
     for lr, hr, mr, (n_heads, n_kv) in itertools.product(layer_ratios, HIDDEN_RATIOS, MLP_RATIOS,
                                                          heads):
-        t = dict(hidden_size=min(config.hidden_size, _round_to(config.hidden_size * hr, h_mult)),
+        # with a block: a multiple of it and of the heads (transformers checks hidden % heads)
+        hm = math.lcm(mult["hidden_size"], n_heads) if mult["hidden_size"] > 1 else h_mult
+        t = dict(hidden_size=min(config.hidden_size, _round_to(config.hidden_size * hr, hm)),
                  intermediate_size=min(config.intermediate_size,
-                                       _round_to(config.intermediate_size * mr, 8)),
+                                       _round_to(config.intermediate_size * mr, i_mult)),
                  num_attention_heads=n_heads, num_key_value_heads=n_kv,
                  num_hidden_layers=max(1, round(config.num_hidden_layers * lr)))
         key = tuple(sorted(t.items()))
@@ -181,7 +206,8 @@ def shape_grid(config: Any, limit: int, layer_ratios=(1.0,),
     return out
 
 
-def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int], list[dict]]:
+def target_for_budget(config: Any, budget: float | int,
+                      multiple: int = 1) -> tuple[dict[str, int], list[dict]]:
     """Choose a target shape for a parameter budget: a fraction (<= 1) of the source's parameters
     or an absolute count (> 1).
 
@@ -194,10 +220,10 @@ def target_for_budget(config: Any, budget: float | int) -> tuple[dict[str, int],
     """
     source = param_count_from_config(config)
     limit = budget_limit(config, budget)
-    candidates = shape_grid(config, limit)
+    candidates = shape_grid(config, limit, multiple=multiple)
     fitting = [c for c in candidates if c["fits"]]
     if not fitting:
-        candidates += shape_grid(config, limit, DEPTH_RATIOS)
+        candidates += shape_grid(config, limit, DEPTH_RATIOS, multiple=multiple)
         fitting = [c for c in candidates if c["fits"]]
     if not fitting:
         smallest = min(c["params"] for c in candidates)
@@ -219,14 +245,15 @@ def shape_name(shape: Mapping[str, int]) -> str:
             f"-kv{shape['num_key_value_heads']}-l{shape['num_hidden_layers']}")
 
 
-def enumerate_shapes(config: Any, budget: float | int, settings: SearchConfig) -> list[dict]:
+def enumerate_shapes(config: Any, budget: float | int, settings: SearchConfig,
+                     multiple: int = 1) -> list[dict]:
     """The shapes a search considers (`minitron.search`): the grid of `shape_grid` over hidden
     size, MLP width, every head layout (`head_options`) and, if `settings.depth`, DEPTH_RATIOS of
     the layers, whose parameter count lies in [(1 - band) x limit, limit]; the largest first, at
     most `settings.max_shapes`, each named (`shape_name`)."""
     limit = budget_limit(config, budget)
     ratios = (1.0, *DEPTH_RATIOS) if settings.depth else (1.0,)
-    grid = shape_grid(config, limit, ratios, head_options(config))
+    grid = shape_grid(config, limit, ratios, head_options(config), multiple)
     floor = (1 - settings.band) * limit
     shapes = [c for c in grid if c["fits"] and c["params"] >= floor]
     if not shapes:
@@ -518,8 +545,9 @@ def _target(config: Any, settings: PruneConfig) -> dict[str, int]:
                             + ", ".join("prune." + k for k in TARGET_KEYS)
                             + ", or prune.target_params")
     if settings.target_params is None:
+        check_widths(config, settings.target(), settings.width_multiple)
         return settings.target()
-    target, candidates = target_for_budget(config, settings.target_params)
+    target, candidates = target_for_budget(config, settings.target_params, settings.width_multiple)
     print("candidates for prune.target_params (width grid; depth only if no width shape fits):")
     print(format_table(candidates))
     return target
@@ -606,7 +634,7 @@ def _search_main(args, c: dict[str, Any], config: Any) -> int:
     from minitron.models import load_model, resolve_device
 
     settings, budget = c["search"], c["prune"].target_params
-    shapes = enumerate_shapes(config, budget, settings)
+    shapes = enumerate_shapes(config, budget, settings, c["prune"].width_multiple)
     print(f"{len(shapes)} shapes within prune.target_params={budget} (search.band={settings.band}):")
     print(format_table(shapes))
     if args.dry_run:

@@ -361,3 +361,28 @@ def test_cli_module_exits_2_with_one_line(tiny_dir):
     assert res.stderr.strip().splitlines() == [
         "error: num_attention_heads (prune.num_attention_heads) = 3 cannot be spread evenly over 2 KV "
         "groups of at most 4 query heads each (num_key_value_heads=2); valid values: 2, 4, 6, 8"]
+
+
+def test_widths_stay_at_multiples_of_the_deployment_block():
+    """prune.width_multiple: the budget rule and the search keep SmolLM2-sized widths at multiples
+    of 64 (256 for k-quant targets); explicit widths off the block are refused with the valid ones."""
+    from minitron.config import SearchConfig
+    from minitron.prune import check_widths, enumerate_shapes, target_for_budget
+    from tiny import tiny_config
+
+    cfg = tiny_config("llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                      num_key_value_heads=3, head_dim=64, num_hidden_layers=30, vocab_size=49152)
+    free = enumerate_shapes(cfg, 0.7, SearchConfig(band=0.2))
+    assert any(s["hidden_size"] % 64 for s in free)  # the plain grid has h504 (as the demo found)
+    for m in (64, 256):
+        target, _ = target_for_budget(cfg, 0.7, m)  # the source's own width is always allowed
+        assert target["hidden_size"] in (576, *range(m, 577, m))
+        assert target["intermediate_size"] % m == 0
+        shapes = enumerate_shapes(cfg, 0.7, SearchConfig(band=0.2), m)
+        assert shapes and all(s["hidden_size"] in (576, *range(m, 577, m))
+                              and s["intermediate_size"] % m == 0 for s in shapes)
+    check_widths(cfg, {"hidden_size": 512, "intermediate_size": 1536}, 64)
+    check_widths(cfg, {"hidden_size": 504}, 1)
+    with pytest.raises(MinitronError, match=r"prune.hidden_size\)=504 is not a multiple of "
+                                            r"prune.width_multiple=64.*448, 512"):
+        check_widths(cfg, {"hidden_size": 504}, 64)

@@ -74,7 +74,7 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_bad_choice_lists_the_choices(tmp_path):
-    with pytest.raises(RecipeError, match=r"export.int8: 'int4' is not one of 'blockwise', 'dynamic', 'static', 'none'"):
+    with pytest.raises(RecipeError, match=r"export.int8: 'int4' is not one of 'blockwise', 'dynamic', 'static', 'smoothquant', 'none'"):
         load_recipe(write(tmp_path, "export:\n  int8: int4\n"))
 
 

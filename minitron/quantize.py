@@ -1,0 +1,297 @@
+"""Activation-aware weight transforms before ONNX quantization: SmoothQuant (W8A8) and AWQ (INT4).
+
+Both rescale each input channel j of a linear layer's input: x_j -> x_j / s_j and W[:, j] ->
+W[:, j] * s_j, which leaves the product unchanged (W x = (W diag(s)) (diag(1/s) x)). The division
+of x is folded into whatever produces x, so the graph gains no operation:
+
+- the inputs of q/k/v (and gate/up) are a norm's output: its gain g_j -> g_j / s_j;
+- the input of o_proj is the attention output, a per-head mix of v_proj's rows: v_proj's row
+  (and bias) for channel j -> / s_j. Query heads of one KV group read the same v rows, so their
+  channels share one scale (the group's);
+- the input of down_proj is act(gate) * up, linear in up: up_proj's row (and bias) j -> / s_j.
+
+SmoothQuant (Xiao et al., arXiv 2211.10438) makes the activations easy to quantize per tensor:
+s_j = max|X_j|^a / max|W_:,j|^(1-a). The strength a is chosen per group of linears sharing an
+input, from {none, 0.3, ..., 0.9}, by the expected output error of W8A8 rounding (per-tensor
+activation step, per-row weight steps; uniform rounding noise step^2 / 12) computed from the
+calibration statistics (max |x_j| and E[x_j^2]).
+
+AWQ (Lin et al., arXiv 2306.00978) protects the weights of salient channels at 4 bits:
+s_j = mean|X_j|^a, a from a grid, chosen per group by the layer output error of 4-bit blockwise
+rounding, measured exactly on the calibration tokens through their Gram matrix G = X^T X:
+||(Q(W diag(s)) diag(1/s) - W) X^T||^2 = tr(dW G dW^T).
+
+The statistics are minitron.calibration's (the importance pass, or a short pass at export).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from minitron.calibration import Stats
+from minitron.common import MinitronError
+from minitron.models import ArchSpec, arch_of, decoder_layers, head_layout
+
+SMOOTH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+AWQ_ALPHAS = tuple(i / 10 for i in range(11))
+
+
+@dataclass
+class Group:
+    """Linears that read one input, and what produces that input (where 1/s is folded)."""
+
+    name: str                       # e.g. "model.layers.0.mlp_in"
+    consumers: list[tuple[str, nn.Linear, slice | None]]  # (HF name, module, input columns)
+    fold: Callable[[torch.Tensor], None]  # divides the producer by s (s over the input channels)
+    stats_key: str                  # the module whose input statistics describe this input
+    tie: Callable[[torch.Tensor], torch.Tensor] | None = None  # makes s share within KV groups
+
+
+def _norm_fold(spec: ArchSpec, norm: nn.Module):
+    def fold(s: torch.Tensor) -> None:
+        gain = spec.norm_gain(norm.weight.data.double()) / s
+        spec.set_norm_gain_(norm, gain.to(norm.weight.dtype))
+    return fold
+
+
+def _rows_fold(linear: nn.Linear, rows: torch.Tensor):
+    """Divide rows `rows` of `linear` (and its bias) by s (s[k] for rows[k])."""
+    def fold(s: torch.Tensor) -> None:
+        w = linear.weight.data
+        w[rows] = (w[rows].double() / s[:, None]).to(w.dtype)
+        if linear.bias is not None:
+            b = linear.bias.data
+            b[rows] = (b[rows].double() / s).to(b.dtype)
+    return fold
+
+
+def _o_rows(hl) -> torch.Tensor:
+    """The v row feeding each o_proj input channel: (head h, dim d) reads KV head h // group_size."""
+    heads = torch.arange(hl.num_heads).repeat_interleave(hl.head_dim)
+    dims = torch.arange(hl.head_dim).repeat(hl.num_heads)
+    return (heads // hl.group_size) * hl.head_dim + dims
+
+
+def groups(model: nn.Module) -> list[Group]:
+    """The rescalable input groups of every decoder layer (four per layer)."""
+    spec = arch_of(model)
+    hl = head_layout(model.config)
+    out = []
+    inter = model.config.intermediate_size
+    for i, layer in enumerate(decoder_layers(model)):
+        p = f"{spec.layers}.{i}."
+
+        def lin(path, p=p, layer=layer):
+            return (p + path, spec.get(layer, path), None)
+
+        attn = [lin(spec.qkv_proj)] if spec.qkv_proj else [lin(spec.q_proj), lin(spec.k_proj),
+                                                            lin(spec.v_proj)]
+        mlp = [lin(spec.gate_up_proj)] if spec.gate_up_proj else [lin(spec.gate_proj),
+                                                                   lin(spec.up_proj)]
+        norm_attn, norm_mlp = (spec.get(layer, n) for n in spec.scored_norms)
+        out.append(Group(p + "attn_in", attn, _norm_fold(spec, norm_attn), attn[0][0]))
+        out.append(Group(p + "mlp_in", mlp, _norm_fold(spec, norm_mlp), mlp[0][0]))
+        # o_proj input: v rows; the scale of channel c is its KV row's (shared by the group's heads)
+        kv_rows = _o_rows(hl)
+        if spec.qkv_proj:
+            v_lin, v_off = spec.get(layer, spec.qkv_proj), (hl.num_heads + hl.num_kv_heads) * hl.head_dim
+        else:
+            v_lin, v_off = spec.get(layer, spec.v_proj), 0
+        o = lin(spec.o_proj)
+        n_kv = hl.num_kv_heads * hl.head_dim
+        v_fold = _rows_fold(v_lin, torch.arange(n_kv) + v_off)
+
+        def tie(s, kv_rows=kv_rows, n_kv=n_kv):
+            total = torch.zeros(n_kv, dtype=s.dtype).index_add_(0, kv_rows, s)
+            count = torch.zeros(n_kv, dtype=s.dtype).index_add_(0, kv_rows, torch.ones_like(s))
+            return (total / count)[kv_rows]
+
+        def o_fold(s, kv_rows=kv_rows, n_kv=n_kv, v_fold=v_fold):
+            v_fold(torch.zeros(n_kv, dtype=s.dtype).index_copy_(0, kv_rows, s))
+        out.append(Group(p + "o_in", [o], o_fold, o[0], tie))
+        # down_proj input: act(gate) * up is linear in up's rows
+        up = spec.get(layer, spec.gate_up_proj or spec.up_proj)
+        up_rows = torch.arange(inter) + (inter if spec.gate_up_proj else 0)
+        d = lin(spec.down_proj)
+        out.append(Group(p + "down_in", [d], _rows_fold(up, up_rows), d[0]))
+    return out
+
+
+@torch.no_grad()
+def apply_scales_(group: Group, s: torch.Tensor) -> None:
+    """x -> x / s folded into the producer, W[:, j] -> W[:, j] * s_j in every consumer."""
+    s = s.double()
+    if group.tie is not None:
+        s = group.tie(s)
+    group.fold(s)
+    for _, m, _ in group.consumers:
+        m.weight.data = (m.weight.data.double() * s[None, :]).to(m.weight.dtype)
+
+
+def matmul_block(model: nn.Module, largest: int = 128) -> int:
+    """The MatMulNBits block export uses for `model` (export.blockwise_block_size on its graph):
+    the largest power of two <= `largest` dividing the input width of every linear layer."""
+    ks = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
+    block = largest
+    while block > 16 and any(k % block for k in ks):
+        block //= 2
+    return block
+
+
+def _clean(s: torch.Tensor) -> torch.Tensor:
+    """Scales that are finite and positive (a channel that never fired keeps scale 1)."""
+    s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+    return s.clamp(min=1e-5)
+
+
+def smooth_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^a / max|W_j|^(1 - a)."""
+    return _clean(x_max.double().clamp(min=1e-5).pow(alpha)
+                  / w_max.double().clamp(min=1e-5).pow(1 - alpha))
+
+
+def w8a8_error(weights: list[torch.Tensor], x_max: torch.Tensor, x_msq: torch.Tensor,
+               s: torch.Tensor) -> float:
+    """Expected squared output error per token of W8A8 after scaling by s: per-tensor symmetric
+    activation step max_j(|x_j| / s_j) / 127 and per-row weight steps max_j |W_ij s_j| / 127, each
+    rounding adding uniform noise of variance step^2 / 12."""
+    s = s.double()
+    step_x = (x_max.double() / s).max() / 127
+    err = 0.0
+    for w in weights:
+        ws = w.double() * s[None, :]
+        step_w = ws.abs().amax(1) / 127  # [out]
+        err += float(step_x ** 2 / 12 * ws.pow(2).sum())
+        err += float((step_w ** 2 / 12).sum() * (x_msq.double() / s ** 2).sum())
+    return err
+
+
+def _weights(group: Group) -> list[torch.Tensor]:
+    return [m.weight.data for _, m, _ in group.consumers]
+
+
+@torch.no_grad()
+def smoothquant_(model: nn.Module, stats: Stats, alphas=SMOOTH_ALPHAS) -> dict[str, Any]:
+    """SmoothQuant `model` in place (a float copy: the caller keeps the original); returns the
+    strength chosen per group (None: left unscaled) and the expected errors."""
+    chosen = {}
+    for g in groups(model):
+        x_max, x_msq = stats.get(g.stats_key, "abs_max"), stats.mean_sq(g.stats_key)
+        if g.tie is not None:  # the choice is made on the scales that will be applied
+            x_max, x_msq = g.tie(x_max.double()), g.tie(x_msq.double())
+        ws = _weights(g)
+        w_max = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
+        best = (w8a8_error(ws, x_max, x_msq, torch.ones_like(x_max, dtype=torch.float64)), None)
+        for a in alphas:
+            s = smooth_scales(x_max, w_max, a)
+            if g.tie is not None:
+                s = g.tie(s)
+            best = min(best, (w8a8_error(ws, x_max, x_msq, s), a), key=lambda t: t[0])
+        if best[1] is not None:
+            s = smooth_scales(x_max, w_max, best[1])
+            apply_scales_(g, s)
+        chosen[g.name] = best[1]
+    return {"alpha": chosen}
+
+
+def fake_quant_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Asymmetric round-to-nearest in blocks of `block` input channels (MatMulNBits' RTN scheme:
+    one scale and zero point per block, zero point rounded to an integer)."""
+    out_f, in_f = w.shape
+    pad = (-in_f) % block
+    x = torch.nn.functional.pad(w.double(), (0, pad)).view(out_f, -1, block)
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    qmax = 2 ** bits - 1
+    scale = ((hi - lo) / qmax).clamp(min=1e-12)
+    zero = (-lo / scale).round().clamp(0, qmax)
+    q = ((x / scale).round() + zero).clamp(0, qmax)
+    return ((q - zero) * scale).view(out_f, -1)[:, :in_f]
+
+
+def awq_error(weights: list[torch.Tensor], gram: torch.Tensor, s: torch.Tensor, bits: int,
+              block: int) -> float:
+    """tr(dW G dW^T) summed over the group: the squared output error over the calibration tokens
+    of quantizing W diag(s) and undoing s."""
+    err = 0.0
+    g = gram.double()
+    for w in weights:
+        w = w.double()
+        dw = fake_quant_blockwise(w * s[None, :], bits, block) / s[None, :] - w
+        err += float(((dw @ g) * dw).sum())
+    return err
+
+
+@torch.no_grad()
+def awq_(model: nn.Module, stats: Stats, bits: int = 4, block: int = 32,
+         alphas=AWQ_ALPHAS) -> dict[str, Any]:
+    """AWQ-scale `model` in place for `bits`-bit blocks of `block`; needs X^T X in `stats`
+    (calibration.collect(..., gram=True)). Returns the strength chosen per group."""
+    chosen = {}
+    for g in groups(model):
+        if "gram" not in stats.modules.get(g.stats_key, {}):
+            raise MinitronError(f"AWQ needs the Gram matrix X^T X of '{g.stats_key}' "
+                                f"(calibration.collect(..., gram=True))")
+        gram, mean_abs = stats.get(g.stats_key, "gram"), stats.mean_abs(g.stats_key).double()
+        if g.tie is not None:
+            mean_abs = g.tie(mean_abs)
+        ws = _weights(g)
+        best = (float("inf"), 0.0, None)
+        for a in alphas:
+            s = _clean(mean_abs.clamp(min=1e-5).pow(a))
+            s = s / (s.max() * s.min()).sqrt()
+            if g.tie is not None:
+                s = g.tie(s)
+            e = awq_error(ws, gram, s, bits, block)
+            if e < best[0]:
+                best = (e, a, s)
+        apply_scales_(g, best[2])
+        chosen[g.name] = best[1]
+    return {"alpha": chosen}
+
+
+def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> bool:
+    """Write `src` to `dst` with the weights of model `before` replaced by those of `after`
+    (same architecture): each changed parameter is looked up by its exact values (the exporter
+    stores a linear's weight transposed, a norm's as is). False, writing nothing, if any changed
+    parameter is not found exactly once (e.g. constant-folded into another value, or equal to
+    another weight)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    by_key: dict[tuple, list] = {}
+    for t in proto.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) in (1, 2):
+            arr = numpy_helper.to_array(t)
+            by_key.setdefault((arr.shape, hash(arr.tobytes())), []).append((t, arr))
+    new = dict(after.named_parameters())
+    todo = []
+    for name, p in before.named_parameters():
+        if torch.equal(p, new[name]):
+            continue
+        old = p.detach().float().numpy()
+        old = old.T if old.ndim == 2 else old
+        hits = [t for t, arr in by_key.get((old.shape, hash(np.ascontiguousarray(old).tobytes())), [])
+                if np.array_equal(arr, old)]
+        if len(hits) != 1:
+            return False
+        val = new[name].detach().float().numpy()
+        todo.append((hits[0], np.ascontiguousarray(val.T if val.ndim == 2 else val)))
+    if len({id(t) for t, _ in todo}) != len(todo):
+        return False
+    for t, val in todo:
+        t.CopyFrom(numpy_helper.from_array(val, t.name))
+    external = src.with_name(src.name + "_data").exists()  # minitron.export names it so
+    onnx.save(proto, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=dst.name + "_data")
+    return True
+
+
+__all__ = ["AWQ_ALPHAS", "SMOOTH_ALPHAS", "Group", "apply_scales_", "awq_", "awq_error",
+           "fake_quant_blockwise", "groups", "matmul_block", "patch_weights", "smooth_scales", "smoothquant_", "w8a8_error"]

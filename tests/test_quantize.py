@@ -1,0 +1,108 @@
+"""SmoothQuant and AWQ (minitron.quantize) against float64 references of their defining equations:
+on a tiny layer (the scales, the migrated maxima, the rounding and its output error), and on tiny
+models of every layout (the rescaled model computes the same logits before any rounding)."""
+
+import copy
+
+import pytest
+import torch
+
+from minitron import calibration, quantize
+from test_importance import blocks
+from tiny import make_tiny_model
+
+
+def layer(seed=0, n=200, d_in=64, d_out=24):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    x[:, 5] *= 40  # an outlier channel
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / 8
+    return x, w
+
+
+def test_smoothquant_scales_balance_the_maxima_and_keep_the_product():
+    x, w = layer()
+    s = quantize.smooth_scales(x.abs().amax(0), w.abs().amax(0), 0.5)
+    torch.testing.assert_close(s, (x.abs().amax(0) / w.abs().amax(0)).sqrt(), rtol=1e-12, atol=0)
+    # at a = 0.5 the migrated activation and weight maxima are equal per channel
+    torch.testing.assert_close((x / s).abs().amax(0), (w * s).abs().amax(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, rtol=1e-12, atol=1e-12)
+    # the outlier channel no longer sets the activation step: the expected W8A8 error drops
+    one = torch.ones(64, dtype=torch.float64)
+    msq = x.pow(2).mean(0)
+    assert quantize.w8a8_error([w], x.abs().amax(0), msq, s) < \
+        0.5 * quantize.w8a8_error([w], x.abs().amax(0), msq, one)
+
+
+def test_w8a8_error_model_matches_simulated_rounding():
+    """The noise model (uniform rounding, step^2 / 12) against actual W8A8 rounding of the layer."""
+    x, w = layer(1, n=4000)
+    one = torch.ones(64, dtype=torch.float64)
+    step_x = x.abs().max() / 127
+    step_w = w.abs().amax(1, keepdim=True) / 127
+    xq, wq = (x / step_x).round() * step_x, (w / step_w).round() * step_w
+    simulated = (xq @ wq.T - x @ w.T).pow(2).sum(1).mean()
+    model = quantize.w8a8_error([w], x.abs().amax(0), x.pow(2).mean(0), one)
+    assert 0.7 < model / float(simulated) < 1.4
+
+
+def test_blockwise_rounding_and_awq_error_equal_their_definitions():
+    x, w = layer(2, d_in=40)
+    q = quantize.fake_quant_blockwise(w, 4, 16)
+    for r in range(w.shape[0]):  # a plain loop over blocks: asymmetric, integer zero point
+        for b0 in range(0, 40, 16):
+            blk = w[r, b0:b0 + 16]
+            lo, hi = min(blk.min(), 0), max(blk.max(), 0)
+            scale = (hi - lo) / 15
+            zero = torch.clamp(torch.round(-lo / scale), 0, 15)
+            ref = (torch.clamp(torch.round(blk / scale) + zero, 0, 15) - zero) * scale
+            torch.testing.assert_close(q[r, b0:b0 + 16], ref, rtol=0, atol=1e-12)
+    s = x.abs().mean(0).pow(0.5)
+    direct = ((quantize.fake_quant_blockwise(w * s, 4, 16) / s - w) @ x.T).pow(2).sum()
+    torch.testing.assert_close(torch.tensor(quantize.awq_error([w], x.T @ x, s, 4, 16),
+                                            dtype=torch.float64),
+                               direct, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("qwen2", {}), ("phi3", {}),
+                                              ("gemma2", {}), ("llama", {"mlp_bias": True})])
+def test_rescaled_models_compute_the_same_logits(family, overrides):
+    model = make_tiny_model(family, seed=5, **overrides)
+    data = blocks(n=3, t=12)
+    stats = calibration.collect(model, data, gram=True)
+    ids = blocks(n=2, t=10, seed=7)
+    ref_model = copy.deepcopy(model).double()
+    want = ref_model(ids).logits
+    for method in ("smooth", "awq"):
+        m = copy.deepcopy(model).double()
+        if method == "smooth":
+            info = quantize.smoothquant_(m, stats)
+        else:
+            info = quantize.awq_(m, stats, block=16)
+        assert len(info["alpha"]) == 4 * model.config.num_hidden_layers
+        changed = [n for n, p in m.named_parameters()
+                   if not torch.equal(p, dict(ref_model.named_parameters())[n])]
+        assert any("down_proj" in n for n in changed) and any("o_proj" in n for n in changed)
+        # Gemma's norms compute in float32 whatever the model's dtype
+        tol = 1e-5 if family.startswith("gemma") else 1e-9
+        torch.testing.assert_close(m(ids).logits, want, rtol=tol, atol=tol)
+
+
+def test_awq_lowers_the_4bit_output_error_on_calibration_tokens():
+    model = make_tiny_model("llama", seed=6)
+    with torch.no_grad():  # an outlier input channel of the MLP, as in real models
+        model.model.layers[1].post_attention_layernorm.weight[3] = 30.0
+    data = blocks(n=4, t=16)
+    stats = calibration.collect(model, data, gram=True)
+    x = stats.get("model.layers.1.mlp.gate_proj", "gram")
+    m = copy.deepcopy(model).double()
+    info = quantize.awq_(m, stats, block=16)
+    assert info["alpha"]["model.layers.1.mlp_in"] > 0
+    # gate_proj (up_proj's rows also carry down_proj's input scales)
+    w = model.model.layers[1].mlp.gate_proj.weight.detach().double()
+    ws = m.model.layers[1].mlp.gate_proj.weight.detach()
+    s = ws[0] / w[0]  # the scale AWQ folded into the weight's columns
+    err = {key: float(((dw @ x) * dw).sum()) for key, dw in (
+        ("rtn", quantize.fake_quant_blockwise(w, 4, 16) - w),
+        ("awq", quantize.fake_quant_blockwise(ws, 4, 16) / s - w))}
+    assert err["awq"] < 0.9 * err["rtn"]
