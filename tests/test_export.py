@@ -550,8 +550,8 @@ def test_previous_export_is_replaced(exported, source, tmp_path, fast):
     quantized = [r for name, r in rows.items() if name.startswith(("onnx-int8-", "onnx-int4-"))]
     assert sorted(r["variant"] for r in quantized) == sorted(
         ["int8-blockwise-acc0", "int8-blockwise-acc4", "int8-dynamic", "int8-dynamic-per-channel",
-         "int8-static", "int8-static-per-channel", "int4-rtn-acc0", "int4-rtn-acc4", "int4-hqq-acc0",
-         "int4-hqq-acc4"])
+         "int8-static", "int8-static-per-channel", "int8-smoothquant-per-channel", "int4-rtn-acc0",
+         "int4-rtn-acc4", "int4-hqq-acc0", "int4-hqq-acc4", "int4-awq-acc0", "int4-awq-acc4"])
     assert not any(r["deployed"] for r in quantized)
 
 
@@ -570,7 +570,10 @@ def test_external_data_path(source, tmp_path, fast, monkeypatch):
         [ex.DEPLOY_FILE, ex.DEPLOY_FILE + "_data", ex.FP32_FILE, ex.FP32_FILE + "_data"])
     assert ex.uses_external_data(out / ex.DEPLOY_FILE) and ex.uses_external_data(out / ex.FP32_FILE)
     quantized = [r for r in report["rows"] if r["model"].startswith(("onnx-int8", "onnx-int4"))]
-    assert len(quantized) == 7 and all("perplexity" in r for r in quantized)
+    # the seven plain variants, SmoothQuant and AWQ (their scaled weights patched into the
+    # external-data graph)
+    assert len(quantized) == 9 and all("perplexity" in r for r in quantized)
+    assert {r["variant"] for r in quantized} >= {"int8-smoothquant-per-channel", "int4-awq-acc0"}
     prompt = _ids(1, 6, seed=13)
     expected = _ort_greedy(_session(out / ex.DEPLOY_FILE), prompt, 5)
     expected = expected[:expected.index(0) + 1] if 0 in expected else expected  # genai stops at EOS
