@@ -201,7 +201,9 @@ def one_setting(work: Path, tiny: bool, steps: int, gc: bool) -> dict:
     if rc_resume != 0:
         raise RuntimeError(f"resumed run failed:\n{log_resume[-4000:]}")
     recs = train_records(full)
-    tps = [r["tokens_per_s"] for r in recs[1:]] or [recs[0]["tokens_per_s"]]  # step 1 warms up
+    # Step 1 warms up (Triton compiles, allocator grows); the median skips the one step that also
+    # saves the previous step's checkpoint (a checkpoint is written once the next step looks sane).
+    tps = [r["tokens_per_s"] for r in recs[1:]] or [recs[0]["tokens_per_s"]]
     tokens_per_step = recs[0]["tokens"]
     losses = [r["loss"] for r in recs]
     resumed = re.search(r"resuming from step (\d+)/", log_resume)
@@ -280,7 +282,7 @@ def _meta(device: str) -> dict:
     return {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor()
             or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.version.cuda, "git": sha,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device == "cuda" else None}
+            "nccl": str(torch.cuda.nccl.version()) if device == "cuda" else None}
 
 
 def checks(setting: dict, tiny: bool) -> dict:
@@ -359,7 +361,7 @@ def run_all(args: argparse.Namespace, device: str, work: Path) -> dict:
               "launcher": "torchrun --standalone --nproc_per_node=1",
               "backend": "gloo" if args.tiny else "nccl", "strategy": "fsdp (FSDP2)",
               "precision": "fp32" if args.tiny else "bf16", "tokenizer_entries": BPE_VOCAB,
-              "settings": [], "build_s": round(time.monotonic() - t0, 1)}
+              "loss_plot": False, "settings": [], "build_s": round(time.monotonic() - t0, 1)}
     ok = True
     for gc in (v.strip() == "true" for v in args.gc.split(",")):
         s = one_setting(work, args.tiny, args.steps, gc)
