@@ -22,7 +22,12 @@
 # First benchmarks/gpu_env.py: versions, what imports, which wheels it installs (only those built
 # for the running Python and not already on the image, whose requirements are met) and minitron's
 # minimum versions from pyproject.toml; it stops the run if Python, torch, triton or transformers
-# fall short, and says which steps run in a lesser form (no pytest, liger-kernel, matplotlib). Then:
+# fall short, and says which steps run in a lesser form (no pytest, liger-kernel, matplotlib). Then,
+# first of all, benchmarks/distill_8b_step.py: Llama-3.1-8B -> 4.5B width at real width and two
+# layers through `python -m minitron.distill` under torchrun --nproc_per_node=1 (FSDP2, bf16,
+# NCCL, DCP): 6 steps of 8192 tokens, uninterrupted and killed + resumed, with and without
+# activation checkpointing (6 launches; budget ~5 min of the ~12). GPU_CHECK_SKIP_8B=1 skips it
+# (for a rerun once its JSON is in). Then by mode (~5 min for bar):
 # quick = the GPU tests, the benchmark's small shapes, 50 distillation steps, the bf16 loss tests.
 # bar   = the same with the bar shape (bf16 [8192, 128256]) for every provider (eager,
 #         torch.compile, liger, minitron) and the from-hidden-states memory comparison.
@@ -59,6 +64,12 @@ if ((${#WHEELS[@]})); then
     fi
 fi
 env_check installed
+
+if [ "${GPU_CHECK_SKIP_8B:-0}" = 1 ]; then
+    echo "GPU_CHECK_SKIP_8B=1: no real-width 8B -> 4.5B distillation step"
+else
+    "$PY" benchmarks/distill_8b_step.py --out "$OUT" || echo "DISTILL 8B STEP FAILED"
+fi
 
 if "$PY" -c "import pytest" 2>/dev/null; then
     "$PY" -m pytest -p no:cacheprovider -q tests/test_kernels.py -m gpu \

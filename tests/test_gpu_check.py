@@ -179,3 +179,49 @@ def test_installed_falls_back_to_the_modules_version():
     found = gpu_env.installed(["json", "pytest", "surely-not-installed"])
     assert found["json"] == json.__version__ and found["surely-not-installed"] is None
     assert found["pytest"] == pytest.__version__ and found["python"].count(".") == 2
+
+
+def test_distill_8b_step_cpu_stand_in(tmp_path):
+    """benchmarks/distill_8b_step.py --tiny: the real-width GPU benchmark's driver at tiny width
+    (gloo, FSDP2 on one torchrun process, DCP checkpoints): uninterrupted, killed after the
+    step-3 checkpoint, resumed; the JSON's fields and the resumed weights bitwise equal to the
+    uninterrupted run's. One gradient_checkpointing setting (true) keeps it to three launches."""
+    import json
+    import os
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_8b_step.py"),
+                           "--tiny", "--gc", "true", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("distill_8b_step-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert "| True |" in path.with_suffix(".md").read_text()
+    assert result["ok"] and result["tiny"] and result["backend"] == "gloo"
+    assert result["git"] and result["torch"] and result["device"]
+    assert not list(tmp_path.glob("distill_8b_work*"))  # scratch (GBs at real width) removed
+    (s,) = result["settings"]
+    assert s["gradient_checkpointing"] is True and s["steps"] == 6
+    assert s["checks"] == {"loss_finite": True, "loss_falling": True, "killed_then_resumed": True,
+                           "resume_equal": True}
+    assert s["kill"]["at_step"] == 4 and s["kill"]["resumed_from_step"] == 3
+    assert s["kill"]["exit_code"] != 0 and "SIGKILL" in s["kill"]["killed_log_tail"]
+    cmp = s["resume_vs_uninterrupted"]
+    assert cmp["bitwise_equal"] and cmp["max_abs_diff"] == 0.0 and cmp["tensors"] == 21
+    assert len(s["losses"]) == 6 and s["tokens_per_step"] == 64 and s["tokens_per_s"] > 0
+    ext = s["extrapolated"]
+    assert ext["per_layer_s"] > 0 and ext["fixed_s"] > 0
+    assert ext["step_s_32_layers"] == pytest.approx(ext["fixed_s"] + 32 * ext["per_layer_s"])
+    assert ext["days_94B_tokens_one_gpu"] == pytest.approx(
+        94e9 / ext["tokens_per_s_per_gpu_32_layers"] / 86400)
+    plan = s["plan"]
+    assert 0 < plan["2_layers"]["peak_gib"] < plan["32_layers"]["peak_gib"]
+    assert s["memory"] is None  # CUDA peaks only on a GPU
+
+
+def test_gpu_check_runs_the_8b_step_first_and_skippably():
+    text = SCRIPT.read_text()
+    body = text.split("env_check installed", 1)[1]
+    assert body.index("distill_8b_step.py") < body.index("tests/test_kernels.py")
+    assert "GPU_CHECK_SKIP_8B" in body
