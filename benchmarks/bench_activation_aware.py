@@ -30,6 +30,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     variants = [ex.QuantVariant("smoothquant", True),
+                ex.QuantVariant("smoothquant", True, fp32_layers=ex.SMOOTHQUANT_FP32),
                 ex.QuantVariant("awq", bits=4, accuracy_level=0),
                 ex.QuantVariant("awq", bits=4, accuracy_level=4)]
     ex.variants_to_measure = lambda settings: list(variants)  # these, and only these

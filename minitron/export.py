@@ -75,6 +75,7 @@ MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes
 MANIFEST_KIND = "minitron-export"
 MANIFEST = "manifest.json"  # lists every file the export wrote: only those may be replaced
 DEPLOY_FILE = "model.onnx"  # the graph genai_config.json names
+SMOOTHQUANT_FP32 = ("down_proj", "lm_head")  # left in FP32 by int8=smoothquant (see fp32_matmuls)
 FP32_FILE = "model_fp32.onnx"  # kept beside it with export.keep_fp32
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
 _DIFF_MAX_LOGITS = 2**26  # ... but at most 256 MB of them (a 128k vocabulary keeps one 512-token block)
@@ -98,11 +99,13 @@ class QuantVariant:
     per_channel: bool = False
     bits: int = 8
     accuracy_level: int | None = None  # MatMulNBits only
+    fp32_layers: tuple[str, ...] = ()  # static only: MatMuls left in FP32 (see fp32_matmuls)
 
     @property
     def name(self) -> str:
         return (f"int{self.bits}-{self.scheme}" + ("-per-channel" if self.per_channel else "")
-                + (f"-acc{self.accuracy_level}" if self.accuracy_level is not None else ""))
+                + (f"-acc{self.accuracy_level}" if self.accuracy_level is not None else "")
+                + ("-fp32-" + "-".join(self.fp32_layers) if self.fp32_layers else ""))
 
     @property
     def file(self) -> str:
@@ -120,7 +123,7 @@ def deploy_candidates(settings: ExportConfig) -> list[QuantVariant]:
     if settings.int8 == "blockwise":
         return [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
     if settings.int8 == "smoothquant":  # per-channel weights always (the scales migrate into them)
-        return [QuantVariant("smoothquant", True)]
+        return [QuantVariant("smoothquant", True, fp32_layers=SMOOTHQUANT_FP32)]
     if settings.int8 != "none":
         return [QuantVariant(settings.int8, settings.per_channel)]
     return []
@@ -349,6 +352,31 @@ def blockwise_block_size(proto) -> int:
     return block
 
 
+FP32_LAYERS = ("down_proj", "lm_head")
+
+
+def fp32_matmuls(proto, layers: tuple[str, ...]) -> list[str]:
+    """The MatMul nodes of `proto` that play the roles `layers` (FP32_LAYERS), found by structure
+    (the exporter's node names carry no module names): `lm_head` writes a graph output; `down_proj`
+    reads the widest input (the MLP's intermediate width) and writes the hidden width."""
+    unknown = set(layers) - set(FP32_LAYERS)
+    if unknown:
+        raise ValueError(f"fp32_layers: {sorted(unknown)} are not among {FP32_LAYERS}")
+    inits = {t.name: t.dims for t in proto.graph.initializer if len(t.dims) == 2}
+    outputs = {o.name for o in proto.graph.output}
+    mms = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    heads = [n for n in mms if n.output[0] in outputs]
+    if not mms or not layers:
+        return []
+    hidden = inits[heads[0].input[1]][0] if heads else None
+    widest = max(inits[n.input[1]][0] for n in mms)
+    keep = [n for n in heads] if "lm_head" in layers else []
+    if "down_proj" in layers:
+        keep += [n for n in mms if n not in heads and inits[n.input[1]][0] == widest
+                 and inits[n.input[1]][1] == hidden]
+    return [n.name for n in keep]
+
+
 def _save_quantizer(quantizer, dst: Path, external: bool) -> None:
     quantizer.model.save_model_to_file(str(dst), external)  # ORT's ONNXModel wrapper
 
@@ -382,6 +410,8 @@ def _quantize_int8(src: Path, dst: Path, variant: QuantVariant, calib_blocks: to
             raise ValueError("static quantization needs calibration blocks")
         quantize_static(str(src), str(dst), _calibration_reader(src, calib_blocks),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gather"],
+                        nodes_to_exclude=fp32_matmuls(onnx.load(str(src), load_external_data=False),
+                                                      variant.fp32_layers),
                         per_channel=variant.per_channel, activation_type=qtype[cpu.activation_type],
                         weight_type=qtype[cpu.weight_type], reduce_range=cpu.reduce_range,
                         calibrate_method=CalibrationMethod.MinMax,
@@ -795,7 +825,7 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
 
 # A weight transform (minitron.quantize) -> the ORT quantization of the transformed FP32 graph.
 TRANSFORMS: dict[str, Callable[[QuantVariant], QuantVariant]] = {
-    "smoothquant": lambda v: QuantVariant("static", per_channel=True),
+    "smoothquant": lambda v: QuantVariant("static", per_channel=True, fp32_layers=v.fp32_layers),
     "awq": lambda v: QuantVariant("rtn", bits=4, accuracy_level=v.accuracy_level),
 }
 

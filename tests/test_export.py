@@ -358,6 +358,16 @@ def test_activation_aware_variants_beat_their_plain_counterparts(outlier_source,
     assert ("QuantizeLinear" if method == "smoothquant" else "MatMulNBits") in ops
     folded = tmp_path / "folded.onnx"
     ex.fold_initializer_transposes(out / ex.FP32_FILE, folded)
+    if method == "smoothquant":  # down_proj and lm_head stay FP32 (their weights are not dequantized)
+        kept = ex.fp32_matmuls(onnx.load(str(folded)), ex.SMOOTHQUANT_FP32)
+        assert len(kept) == model.config.num_hidden_layers + 1
+        deployed = onnx.load(str(out / ex.DEPLOY_FILE))
+        inits = {t.name for t in deployed.graph.initializer}
+        nodes = {n.name: n for n in deployed.graph.node}
+        assert all(nodes[name].input[1] in inits for name in kept)
+        assert ex.fp32_matmuls(onnx.load(str(folded)), ()) == []
+        with pytest.raises(ValueError, match="o_proj"):
+            ex.fp32_matmuls(onnx.load(str(folded)), ("o_proj",))
     plain = (ex.QuantVariant("static", per_channel=True) if method == "smoothquant" else
              ex.QuantVariant("rtn", bits=4, accuracy_level=0))
     calib = load_blocks(tiny_tokenizer(), "calibration", 2, block_size=32, source=corpus)
