@@ -1,7 +1,7 @@
 """One gloo rank of test_scale_runs' streamed-write memory check (run as a script)."""
 
 import json
-import resource
+import re
 import sys
 
 import torch
@@ -24,15 +24,24 @@ def main(rank: int, world: int, init: str, out: str) -> None:
         for i, p in enumerate(model.parameters()):
             p.to_local().fill_(float(i))  # every rank only ever allocates its shards
 
-    def peak_mb() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def status_mb(key: str) -> float:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) / 1024
 
-    before = peak_mb()
-    distributed.write_streamed_safetensors(f"{out}/streamed.safetensors", model)
-    streamed = peak_mb() - before
-    before = peak_mb()
-    whole = distributed.full_state_dict(model)  # today's final-model path: all of it on rank 0
-    gathered = peak_mb() - before
+    def growth_mb(action):
+        """Peak RSS during `action` above the RSS before it. The lifetime peak (ru_maxrss) cannot
+        be used: an earlier, higher moment (imports, set-up) hides the growth; Linux resets the
+        peak (VmHWM) on writing 5 to clear_refs."""
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status_mb("VmRSS")
+        result = action()
+        return status_mb("VmHWM") - before, result
+
+    streamed, _ = growth_mb(lambda: distributed.write_streamed_safetensors(
+        f"{out}/streamed.safetensors", model))
+    # today's final-model path: all of it on rank 0
+    gathered, whole = growth_mb(lambda: distributed.full_state_dict(model))
     if rank == 0:
         json.dump({"streamed_mb": streamed, "gathered_mb": gathered,
                    "model_mb": sum(v.numel() * 4 for v in whole.values()) / 2**20},
