@@ -445,3 +445,15 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def read_exactly(f, offset: int, out, damaged: str) -> None:
+    """Fill the array `out` with the bytes of open file `f` from `offset` (a read by offset: no
+    memory map); a file that ends early raises MinitronError(`damaged`)."""
+    f.seek(offset)
+    view, got = memoryview(out).cast("B"), 0
+    while got < out.nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise MinitronError(damaged)
+        got += n

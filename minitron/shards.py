@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from minitron.common import MinitronError, write_json_atomic
+from minitron.common import MinitronError, read_exactly, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -504,14 +504,9 @@ class _ChunkReader:
         if f is None:  # a chunk of plain documents in a split with conversations
             return np.ones(hi - lo, dtype=np.uint8)
         out = np.empty(hi - lo, dtype=self.dtype)
-        f.seek(lo * self.dtype.itemsize)
-        view, got = memoryview(out).cast("B"), 0
-        while got < out.nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise MinitronError(f"{f.name}: ends before token {hi}; the preparation's "
-                                    f".work folder is damaged: delete it and prepare again")
-            got += n
+        read_exactly(f, lo * self.dtype.itemsize, out,
+                     f"{f.name}: ends before token {hi}; the preparation's .work folder is "
+                     f"damaged: delete it and prepare again")
         return out
 
     def close(self) -> None:

@@ -58,8 +58,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from minitron.common import (LOCK_SUFFIX, MinitronError, atomic_dir, check_writable, remove_unheld,
-                             run_cli, write_json_atomic)
+from minitron.common import (LOCK_SUFFIX, MinitronError, atomic_dir, check_writable, read_exactly,
+                             remove_unheld, run_cli, write_json_atomic)
 from minitron.config import CacheConfig, DataConfig, ModelConfig
 
 FORMAT = 1
@@ -215,14 +215,8 @@ class TeacherCache:
         """Block row `r` of file `name` into `out`, read by offset (no memory map)."""
         s, local = divmod(r, self.shard_blocks)
         f = self._file(s, name)
-        f.seek(local * out.nbytes)
-        view, got = memoryview(out).cast("B"), 0
-        while got < out.nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise MinitronError(f"{f.name} ends before block {r}: the teacher cache "
-                                    f"{self.folder} is damaged; build it again")
-            got += n
+        read_exactly(f, local * out.nbytes, out, f"{f.name} ends before block {r}: the teacher "
+                     f"cache {self.folder} is damaged; build it again")
 
     def close(self) -> None:
         for f in self._files.values():
