@@ -171,8 +171,10 @@ def test_embedded_teacher_beats_chance_and_its_pruned_self(no_network):
     from minitron.prune import prune
 
     model, tokenizer = load_model("smollm2-135m")
-    teacher = score_torch(model, tokenizer, [TASK])[TASK]
-    assert teacher["items"] == len(shipped_items())
+    # 64 of the shipped items (the demo's limit): the teacher scores ~0.89 on them, so the margin
+    # below is ~8 standard errors, at under half the time of all of them
+    teacher = score_torch(model, tokenizer, [TASK], limit=64)[TASK]
+    assert teacher["items"] == 64
     # chance is 0.25; well above it: more than 5 standard errors
     assert teacher["acc"] > 0.25 + 5 * teacher["acc_stderr"]
     # the demo's shape, from a cheap importance pass
@@ -180,4 +182,4 @@ def test_embedded_teacher_beats_chance_and_its_pruned_self(no_network):
     scores = compute_scores(model, blocks, config=ImportanceConfig(head_score="o_proj_contribution"))
     pruned = prune(model, scores, {"hidden_size": 384, "num_attention_heads": 6,
                                    "intermediate_size": 1024})
-    assert score_torch(pruned, tokenizer, [TASK])[TASK]["acc"] < teacher["acc"]
+    assert score_torch(pruned, tokenizer, [TASK], limit=64)[TASK]["acc"] < teacher["acc"]
