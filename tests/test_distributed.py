@@ -33,7 +33,7 @@ ARGS = ["--tokens", str(STEPS * BATCH * ACCUM * BLOCK), "--batch-size", str(BATC
         "--warmup-fraction", "0.2", "--alpha", "0.2", "--loss-impl", "fused",
         "--intermediate", "[[3, 1]]", "--checkpoint-every", "2", "--eval-every", "100",
         "--eval-blocks", "4", "--no-progress", "--device", "cpu", "--seed", "3"]
-TIMEOUT = 240  # a hang fails the test instead of blocking CI
+TIMEOUT = 480  # a hang fails the test instead of blocking CI (a two-rank run takes ~60 s alone, 2-3 min on a loaded machine)
 
 # Imported by the torchrun workers (`-m dworker`): the real CLI, with the loss recording the ids it
 # receives and, on request, one rank failing (killed, an error, or a NaN loss) at a chosen point.
