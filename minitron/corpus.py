@@ -183,6 +183,9 @@ def open_stream(source: str, text_field: str):
 
 def record_document(record: dict[str, Any], text_field: str) -> Document:
     """A `datasets` record as a document (keyed by its text's hash, as JSONL records are)."""
+    if text_field not in record:  # a stream whose columns were not known in advance
+        raise MinitronError(f"a record has no field '{text_field}' (text_field); its fields: "
+                            f"{sorted(record)}")
     text = str(record[text_field])
     return Document(hashlib.sha1(text.encode()).hexdigest(), text)
 
