@@ -154,32 +154,56 @@ def encode_chat(tokenizer, messages: tuple[dict[str, str], ...]) -> tuple[list[i
     return ids, mask
 
 
-def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
-    """A `datasets` source, record by record: `hf:NAME[:CONFIG]` streams (nothing is downloaded
-    whole or held in memory), a saved dataset folder is memory-mapped Arrow read in batches."""
+def _datasets(source: str):
     try:
         import datasets
     except ImportError:
         raise MinitronError(
             f"data source '{source}' needs the `datasets` package: pip install 'minitron[data]'"
         ) from None
-    if source.startswith("hf:"):
-        name, _, config = source[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        columns = ds.column_names or []
-    else:
-        ds = datasets.load_from_disk(source)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        columns = ds.column_names
+    return datasets
+
+
+def _check_column(ds, source: str, text_field: str) -> None:
+    columns = ds.column_names or []
     if columns and text_field not in columns:
         raise MinitronError(
             f"dataset '{source}' has no column '{text_field}' (text_field); columns: {columns}"
         )
+
+
+def open_stream(source: str, text_field: str):
+    """The train split of an `hf:NAME[:CONFIG]` source as a streaming `datasets.IterableDataset`
+    (nothing is downloaded whole or held in memory), checked to hold `text_field`."""
+    name, _, config = source[3:].partition(":")
+    ds = _datasets(source).load_dataset(name, config or None, split="train", streaming=True)
+    _check_column(ds, source, text_field)
+    return ds
+
+
+def record_document(record: dict[str, Any], text_field: str) -> Document:
+    """A `datasets` record as a document (keyed by its text's hash, as JSONL records are)."""
+    if text_field not in record:  # a stream whose columns were not known in advance
+        raise MinitronError(f"a record has no field '{text_field}' (text_field); its fields: "
+                            f"{sorted(record)}")
+    text = str(record[text_field])
+    return Document(hashlib.sha1(text.encode()).hexdigest(), text)
+
+
+def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
+    """A `datasets` source, record by record: `hf:NAME[:CONFIG]` streams, a saved dataset folder
+    is memory-mapped Arrow read in batches."""
+    if source.startswith("hf:"):
+        ds = open_stream(source, text_field)
+    else:
+        datasets = _datasets(source)
+        ds = datasets.load_from_disk(source)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        _check_column(ds, source, text_field)
     for batch in ds.iter(batch_size=1000):
         for text in batch[text_field]:
-            text = str(text)
-            yield Document(hashlib.sha1(text.encode()).hexdigest(), text)
+            yield record_document({text_field: text}, text_field)
 
 
 def iter_documents(source: str = "stdlib", text_field: str = "text") -> Iterator[Document]:

@@ -283,8 +283,9 @@ def _init_worker(tokenizer_blob: bytes) -> None:
     _WORKER_TOKENIZER = pickle.loads(tokenizer_blob)
 
 
-def _chunk_files(work: Path, index: int, split: str) -> tuple[Path, Path, Path]:
-    stem = work / f"{split}-{index:06d}"
+def _chunk_files(work: Path, cid: str, split: str) -> tuple[Path, Path, Path]:
+    """A chunk's files for one split; `cid` names the chunk (`_cid`, or a producer's `_stream_cid`)."""
+    stem = work / f"{split}-{cid}"
     return stem.with_suffix(".bin"), stem.with_suffix(".len.npy"), stem.with_suffix(".mask")
 
 
@@ -298,9 +299,13 @@ def _save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, Any]],
-                    dtype: str, source_index: int = 0) -> dict[str, Any]:
-    """Tokenize one chunk of (split, Document) into `.work`; the marker goes last."""
+def _cid(index: int) -> str:
+    return f"{index:06d}"
+
+
+def _tokenize_chunk(work: str, cid: str, digest: str, docs: list[tuple[str, Any]],
+                    dtype: str, source_index: int = 0, extra: dict | None = None) -> dict[str, Any]:
+    """Tokenize one chunk of (split, Document) into `.work`; the marker (with `extra`) goes last."""
     from minitron.corpus import encode_documents
 
     work_dir, dt = Path(work), np.dtype(dtype)
@@ -311,9 +316,9 @@ def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, An
         arrays.append(np.asarray(ids, dtype=dt))
         lengths.append(len(ids))
         masks.append(mask)
-    marker = {"digest": digest, "source": source_index, "splits": {}}
+    marker = {"id": cid, "digest": digest, "source": source_index, "splits": {}, **(extra or {})}
     for split, (arrays, lengths, masks) in per_split.items():
-        tok_path, len_path, mask_path = _chunk_files(work_dir, index, split)
+        tok_path, len_path, mask_path = _chunk_files(work_dir, cid, split)
         _save(tok_path, np.concatenate(arrays))
         _save(len_path, np.asarray(lengths, dtype=np.int64))
         has_mask = any(m is not None for m in masks)
@@ -322,31 +327,29 @@ def _tokenize_chunk(work: str, index: int, digest: str, docs: list[tuple[str, An
                                              for m, n in zip(masks, lengths)]))
         marker["splits"][split] = {"documents": len(lengths), "tokens": int(sum(lengths)),
                                    "mask": has_mask}
-    write_json_atomic(work_dir / f"chunk-{index:06d}.json", marker)
+    write_json_atomic(work_dir / f"chunk-{cid}.json", marker)
     return marker
 
 
-def _chunks(settings: PrepareSettings, chunk_chars: int, fingerprint) -> Iterator[tuple[int, list]]:
-    """(source index, [(split, Document)]) chunks of about `chunk_chars` characters, in source
-    order (a chunk holds one source's documents); `fingerprint` (a hashlib object) absorbs every
-    document's key and content on the way."""
+def _source_chunks(source: str, text_field: str, edges, chunk_chars: int,
+                   fingerprint) -> Iterator[list]:
+    """[(split, Document)] chunks of about `chunk_chars` characters of one source, in source
+    order; `fingerprint` (a hashlib object) absorbs every document's key and content on the way."""
     from minitron.corpus import iter_documents, split_of
 
-    for source_index, (source, _) in enumerate(settings.sources):
-        fingerprint.update(f"source {source_index}: {source}\n".encode())
-        chunk, size = [], 0
-        for doc in iter_documents(source, settings.text_field):
-            if not doc.text:
-                continue
-            digest = hashlib.sha1(doc.text.encode()).hexdigest()
-            fingerprint.update(f"{doc.key}\0{digest}\n".encode())
-            chunk.append((split_of(doc.key, settings.edges), doc))
-            size += len(doc.text)
-            if size >= chunk_chars:
-                yield source_index, chunk
-                chunk, size = [], 0
-        if chunk:
-            yield source_index, chunk
+    chunk, size = [], 0
+    for doc in iter_documents(source, text_field):
+        if not doc.text:
+            continue
+        digest = hashlib.sha1(doc.text.encode()).hexdigest()
+        fingerprint.update(f"{doc.key}\0{digest}\n".encode())
+        chunk.append((split_of(doc.key, edges), doc))
+        size += len(doc.text)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _chunk_digest(chunk: list) -> str:
@@ -357,57 +360,163 @@ def _chunk_digest(chunk: list) -> str:
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- streamed sources
+# An `hf:` source streams: reading it again is downloading it again. So it is read by several
+# producers (each a contiguous share of the stream's files, `IterableDataset.shard`, whose
+# concatenation in producer order is the stream's own order), each chunking and tokenizing its
+# share. A chunk's marker holds the stream's state after it (`state_dict`), so a resumed producer
+# continues from its last finished chunk (`load_state_dict`: finished files are not opened again)
+# instead of streaming what was done; each chunk keeps its documents' hashes (`.sha`), from which
+# the source fingerprint is rebuilt in order without the text.
+def _streams(source: str) -> bool:
+    return source.startswith("hf:")
+
+
+def _stream_cid(src: int, producer: int, local: int) -> str:
+    return f"s{src}-p{producer:03d}-{local:06d}"
+
+
+def _producer_count(work: Path, source: str, text_field: str, src: int, workers: int) -> int:
+    """How many producers read source `src`: at most `workers` and the stream's file count;
+    fixed by the first run (a resume finds its producers' chunks under the same names)."""
+    from minitron.corpus import open_stream
+
+    path = work / f"producers-s{src}.json"
+    if path.exists():
+        return int(json.loads(path.read_text())["producers"])
+    n = max(1, min(workers, open_stream(source, text_field).num_shards))
+    write_json_atomic(path, {"producers": n})
+    return n
+
+
+def _finished_chunks(work: Path, src: int, producer: int) -> list[dict]:
+    """A producer's chunks an earlier run finished (markers are written last: a prefix)."""
+    markers = []
+    while (path := work / f"chunk-{_stream_cid(src, producer, len(markers))}.json").exists():
+        markers.append(json.loads(path.read_text()))
+    return markers
+
+
+def _produce(work: str, source: str, text_field: str, edges, src: int, producers: int,
+             producer: int, chunk_chars: int, dtype: str) -> dict[str, Any]:
+    """Producer `producer` of `producers` for streaming source `src`: its share of the stream,
+    chunked and tokenized into `work`, resumed after its last finished chunk. Returns its
+    markers, how many of them were there already, and how many records it read this time."""
+    from minitron.corpus import open_stream, record_document, split_of
+
+    work_dir = Path(work)
+    markers = _finished_chunks(work_dir, src, producer)
+    reused, finished = len(markers), work_dir / f"producer-{_stream_cid(src, producer, 0)}.json"
+    if finished.exists():
+        return {"markers": markers, "reused": reused, "read": 0}
+    ds = open_stream(source, text_field)
+    if producers > 1:
+        ds = ds.shard(num_shards=producers, index=producer)
+    if markers:
+        ds.load_state_dict(markers[-1]["state"])
+    chunk, size, read = [], 0, 0
+
+    def flush() -> None:
+        cid = _stream_cid(src, producer, len(markers))
+        hashes = b"".join(bytes.fromhex(doc.key) for _, doc in chunk)
+        _save(work_dir / f"{cid}.sha", np.frombuffer(hashes, dtype=np.uint8))
+        markers.append(_tokenize_chunk(work, cid, f"{src}:{_chunk_digest(chunk)}", chunk, dtype,
+                                       src, {"state": ds.state_dict()}))
+
+    for record in ds:
+        read += 1
+        doc = record_document(record, text_field)
+        if not doc.text:
+            continue
+        chunk.append((split_of(doc.key, edges), doc))
+        size += len(doc.text)
+        if size >= chunk_chars:
+            flush()
+            chunk, size = [], 0
+    if chunk:
+        flush()
+    write_json_atomic(finished, {"chunks": len(markers), "read": read})
+    return {"markers": markers, "reused": reused, "read": read}
+
+
+def _absorb_hashes(fingerprint, work: Path, marker: dict) -> None:
+    """The fingerprint lines `_source_chunks` writes, from a streamed chunk's stored hashes
+    (a streamed document's key is its text's hash)."""
+    raw = (work / f"{marker['id']}.sha").read_bytes()
+    hexes = (raw[i:i + 20].hex() for i in range(0, len(raw), 20))
+    fingerprint.update(b"".join(f"{h}\0{h}\n".encode() for h in hexes))
+
+
+# ----------------------------------------------------------------------------- pass 1: all sources
 def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dtype, workers: int,
                   chunk_chars: int, progress: bool, part: tuple[int, int] | None = None,
                   merge: bool = False) -> tuple[list[dict], str, dict[str, float]]:
-    """Pass 1: every chunk tokenized into `work` (reusing chunks a previous run finished).
+    """Pass 1: every chunk tokenized into `work` (reusing chunks a previous run finished), in
+    source order.
 
     `part` (i, n): only the chunks whose index is i modulo n (one machine's share); the others
     are streamed past (their text feeds the fingerprint) and left out of the markers. `merge`:
-    tokenize nothing; every chunk must be there (the parts' `.work` files, gathered)."""
+    tokenize nothing; every chunk must be there (the parts' `.work` files, gathered). Without
+    either, an `hf:` source is read by producers (`_produce`)."""
     from tqdm import tqdm
 
     source_fp = hashlib.sha1()
-    markers: dict[int, dict] = {}
+    markers: dict[tuple[int, int, int], dict] = {}  # (source, producer, index) -> marker
     bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    stats = {"tokenized": 0, "reused": 0, "seconds": 0.0}
+    stats = {"tokenized": 0, "reused": 0, "seconds": 0.0, "streamed": 0}
     t0 = time.perf_counter()
 
-    def done(index: int, marker: dict, fresh: bool) -> None:
-        markers[index] = marker
+    def done(key: tuple[int, int, int], marker: dict, fresh: bool) -> None:
+        markers[key] = marker
         n = sum(s["tokens"] for s in marker["splits"].values())
         stats["tokenized" if fresh else "reused"] += n
         bar.update(n)
 
-    pool, pending, missing = None, {}, []
+    pool, pending, missing, index = None, {}, [], 0
     if workers > 1 and not merge:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                    initializer=_init_worker, initargs=(pickle.dumps(tokenizer),))
     else:
         _init_worker(pickle.dumps(tokenizer))
     try:
-        for index, (src, chunk) in enumerate(_chunks(settings, chunk_chars, source_fp)):
-            digest = f"{src}:{_chunk_digest(chunk)}"
-            marker_path = work / f"chunk-{index:06d}.json"
-            if marker_path.exists() and json.loads(marker_path.read_text())["digest"] == digest:
-                done(index, json.loads(marker_path.read_text()), fresh=False)
+        for src, (source, _) in enumerate(settings.sources):
+            source_fp.update(f"source {src}: {source}\n".encode())
+            if _streams(source) and part is None and not merge:
+                n = _producer_count(work, source, settings.text_field, src, workers)
+                args = [(str(work), source, settings.text_field, settings.edges, src, n, p,
+                         chunk_chars, dtype.str) for p in range(n)]
+                results = ([f.result() for f in [pool.submit(_produce, *a) for a in args]]
+                           if pool is not None else [_produce(*a) for a in args])
+                for p, result in enumerate(results):
+                    stats["streamed"] += result["read"]
+                    for k, marker in enumerate(result["markers"]):
+                        done((src, p, k), marker, fresh=k >= result["reused"])
+                        _absorb_hashes(source_fp, work, marker)
                 continue
-            if merge:
-                missing.append(index)
-                continue
-            if part is not None and index % part[1] != part[0]:
-                continue
-            if pool is None:
-                done(index, _tokenize_chunk(str(work), index, digest, chunk, dtype.str, src), True)
-                continue
-            pending[index] = pool.submit(_tokenize_chunk, str(work), index, digest, chunk, dtype.str,
-                                         src)
-            while len(pending) >= 2 * workers:  # bounded: chunks of text wait in memory
-                first = min(pending)
-                done(first, pending.pop(first).result(), True)
-        for index in sorted(pending):
-            done(index, pending.pop(index).result(), True)
+            for chunk in _source_chunks(source, settings.text_field, settings.edges, chunk_chars,
+                                        source_fp):
+                key, cid, index = (src, 0, index), _cid(index), index + 1
+                digest = f"{src}:{_chunk_digest(chunk)}"
+                marker_path = work / f"chunk-{cid}.json"
+                if marker_path.exists() and json.loads(marker_path.read_text())["digest"] == digest:
+                    done(key, {"id": cid, **json.loads(marker_path.read_text())}, fresh=False)
+                    continue
+                if merge:
+                    missing.append(key[2])
+                    continue
+                if part is not None and key[2] % part[1] != part[0]:
+                    continue
+                if pool is None:
+                    done(key, _tokenize_chunk(str(work), cid, digest, chunk, dtype.str, src), True)
+                    continue
+                pending[key] = pool.submit(_tokenize_chunk, str(work), cid, digest, chunk,
+                                           dtype.str, src)
+                while len(pending) >= 2 * workers:  # bounded: chunks of text wait in memory
+                    first = min(pending)
+                    done(first, pending.pop(first).result(), True)
+        for key in sorted(pending):
+            done(key, pending.pop(key).result(), True)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -418,7 +527,7 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
         raise MinitronError(f"merge: {len(missing)} of {len(missing) + len(markers)} chunks are "
                             f"not in {work} (chunks {shown}); run the missing --shard I/N parts, "
                             f"or gather their .work files here")
-    return [markers[i] for i in sorted(markers)], source_fp.hexdigest()[:16], stats
+    return [markers[k] for k in sorted(markers)], source_fp.hexdigest()[:16], stats
 
 
 # ----------------------------------------------------------------------------- pass 2: shards
@@ -429,7 +538,7 @@ def _split_documents(work: Path, markers: list[dict], split: str):
     for index, marker in enumerate(markers):
         if split not in marker["splits"]:
             continue
-        lens = np.load(_chunk_files(work, index, split)[1])
+        lens = np.load(_chunk_files(work, marker["id"], split)[1])
         chunk_ids.append(np.full(len(lens), index, dtype=np.int64))
         offsets.append(np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64))
         lengths.append(lens)
@@ -480,8 +589,9 @@ class _ChunkReader:
     open-file limit and `vm.max_map_count`. So files are read with seek + readinto (no mapping),
     and at most `max_open` stay open, least recently used closed first."""
 
-    def __init__(self, work: Path, split: str, dtype: np.dtype, mask: bool):
+    def __init__(self, work: Path, split: str, dtype: np.dtype, mask: bool, ids: list[str]):
         self.work, self.split, self.mask, self.max_open = work, split, mask, _max_open()
+        self.ids = ids  # chunk position -> its name
         self.dtype = np.dtype(np.uint8) if mask else np.dtype(dtype)
         self.files: OrderedDict[int, Any] = OrderedDict()  # chunk -> open file, or None
 
@@ -489,7 +599,7 @@ class _ChunkReader:
         if chunk in self.files:
             self.files.move_to_end(chunk)
             return self.files[chunk]
-        tok, _, mask = _chunk_files(self.work, chunk, self.split)
+        tok, _, mask = _chunk_files(self.work, self.ids[chunk], self.split)
         path = mask if self.mask else tok
         f = open(path, "rb", buffering=0) if path.exists() else None
         self.files[chunk] = f
@@ -546,7 +656,8 @@ def _write_split(out: Path, work: Path, markers: list[dict], split: str, seed: i
     total = int(ends[-1]) if len(ends) else 0
     with_mask = any(m["splits"].get(split, {}).get("mask") for m in markers)
     kinds = [(".bin", dtype, False)] + ([(".mask", np.dtype(np.uint8), True)] if with_mask else [])
-    readers = {mask: _ChunkReader(work, split, dtype, mask) for _, _, mask in kinds}
+    ids = [m["id"] for m in markers]
+    readers = {mask: _ChunkReader(work, split, dtype, mask, ids) for _, _, mask in kinds}
     try:
         shards = _write_shards(out, split, kinds, readers, total, shard_tokens,
                                (order, ends, lengths, chunk_ids, offsets))
@@ -681,6 +792,7 @@ def prepare(
         "splits": splits,
         "stats": {"workers": workers, "tokenize_s": round(stats["seconds"], 3),
                   "tokens_tokenized": stats["tokenized"], "tokens_reused": stats["reused"],
+                  "documents_streamed": stats["streamed"],
                   "write_s": round(time.perf_counter() - t0, 3)},
     }
     content = json.dumps({k: manifest[k] for k in ("plan", "source", "splits")}, sort_keys=True)

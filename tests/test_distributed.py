@@ -275,33 +275,6 @@ def test_hybrid_sharding_on_a_2x2_mesh_matches_one_process(world, reference, tmp
     assert info["distillation"]["metrics"]["processes"] == {"world_size": 4, "strategy": "hsdp"}
 
 
-def test_two_nodes_through_a_loopback_rendezvous(world, reference, tmp_path):
-    """Two launchers, one process each, as two nodes meeting at a c10d rendezvous on 127.0.0.1
-    (the real CLI: --nnodes 2 --rdzv-endpoint): the run completes with the reference's result."""
-    import socket
-
-    with socket.socket() as sock:  # a free port for the rendezvous store
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = tmp_path / "two-nodes"
-    cmd = [sys.executable, "-m", "minitron.distill", *world["args"], "--output", str(out),
-           "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
-           "--strategy", "ddp", "--process-group-timeout-s", "120"]
-    env = _env(world)
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True) for _ in range(2)]
-    try:
-        logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-    assert [n.returncode for n in nodes] == [0, 0], "\n".join(l[-2000:] for l in logs)
-    _assert_same_model(reference["out"], out)
-    info = json.loads((out / "minitron.json").read_text())
-    assert info["distillation"]["metrics"]["processes"]["world_size"] == 2
-
-
 # ----------------------------------------------------------------------------- the bf16 policy
 # bf16 compute rounds every matmul operand to 8 significant bits. One process (autocast over fp32
 # weights) and FSDP2 (MixedPrecisionPolicy: bf16 parameters, also for the embeddings and norms that

@@ -204,6 +204,182 @@ def test_run_on_several_nodes_refuses_with_commands_that_rebuild_the_recipe(tmp_
     assert lines[1] in capsys.readouterr().out
 
 
+NODES_RECIPE_YAML = """\
+name: nodes
+output_dir: {out}
+model:
+  name: {model}
+data:
+  source: {source}
+  workers: 1
+  block_size: 32
+  calibration_blocks: 8
+  eval_blocks: 4
+prune:
+  hidden_size: 32            # 4 heads x head_dim 8
+  num_attention_heads: 4
+  intermediate_size: 48
+distill:
+  tokens: 256                # 4 steps of 2 x 32 tokens, one block per node each step
+  batch_size: 2
+  block_size: 32
+  eval_every: 4
+  eval_blocks: 2
+  checkpoint_every: 4
+  progress: false
+  nnodes: 2
+  nproc_per_node: 1
+  rdzv_endpoint: 127.0.0.1:{port}
+  process_group_timeout_s: 120
+export:
+  enabled: false             # ~70 s for the tiny model; its command is checked by the test above
+evaluate:
+  speed: false
+"""
+NODE_TIMEOUT = 240  # a hung rendezvous fails the test instead of blocking CI
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _paragraph_corpus(path):
+    """A JSONL corpus of ~200 short documents (stdlib paragraphs): enough for every split."""
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    with open(path, "w") as f:
+        for name in ("textwrap.py", "string.py", "json/decoder.py", "shlex.py", "fnmatch.py"):
+            for para in (stdlib / name).read_text().split("\n\n"):
+                if para.strip():
+                    f.write(json.dumps({"text": para}) + "\n")
+    return path
+
+
+def _printed(line: str) -> tuple[str, list[str]]:
+    import shlex
+
+    words = shlex.split(line)
+    assert words[:2] == ["python", "-m"], line
+    return words[2], words[3:]
+
+
+def _run_here(line: str) -> None:
+    """A printed single-process command, run by its module's `main` in this process (what
+    `python -m module ...` runs, without another interpreter start)."""
+    import importlib
+
+    module, argv = _printed(line)
+    assert importlib.import_module(module).main(argv) == 0
+
+
+def _run_nodes(line: str, n: int) -> list[str]:
+    """The printed every-node command, started `n` times at once: `n` launchers meeting at the
+    recipe's rendezvous, as `n` nodes would. Returns each node's output."""
+    import os
+    import signal
+
+    module, argv = _printed(line)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    nodes = [subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(n)]
+    try:
+        logs = [node.communicate(timeout=NODE_TIMEOUT)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0] * n, "\n".join(g[-2000:] for g in logs)
+    return logs
+
+
+def _assert_same_weights_and_losses(a, b) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:  # sums in another order: float32 rounding, far below one lr-sized update
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+
+    def losses(folder):
+        records = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if r["kind"] == "train"]
+
+    assert losses(b) == pytest.approx(losses(a), rel=1e-4, abs=1e-5)
+
+
+def test_two_node_loopback_run_of_the_printed_commands(tmp_path):
+    # The issue's test: a recipe with distill.nnodes=2 run as `minitron.run` tells us to. The
+    # first node's single-process stages run once; two launchers (the "nodes", one process each)
+    # meet at a c10d rendezvous on 127.0.0.1 and distill; evaluation runs once.
+    import shlex
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from minitron.common import MinitronError
+    from minitron.pipeline import run
+    from minitron.recipe import load_recipe
+    from minitron.shards import Prepared
+    from tiny import make_tiny_model
+
+    make_tiny_model("llama", path=tmp_path / "teacher")
+    recipe_file = tmp_path / "nodes.yaml"
+    recipe_file.write_text(NODES_RECIPE_YAML.format(
+        out=tmp_path / "runs", model=tmp_path / "teacher", port=_free_port(),
+        source=_paragraph_corpus(tmp_path / "corpus.jsonl")))
+    with pytest.raises(MinitronError, match="minitron.run runs on one node") as e:
+        run(load_recipe(str(recipe_file)))
+    lines = [line for line in str(e.value).splitlines() if line.startswith("python -m")]
+    assert [_printed(line)[0] for line in lines] == ["minitron.run", "minitron.distill",
+                                                     "minitron.evaluate"]
+    run_dir = tmp_path / "runs" / "nodes"
+
+    _run_here(lines[0])  # the first node: data and prune
+    stage_files = {name: run_dir / name / "stage.json" for name in ("0-data", "1-prune")}
+    single = {name: f.read_text() for name, f in stage_files.items()}
+    assert all(json.loads(s)["status"] == "done" for s in single.values())
+    assert not (run_dir / "2-distill").exists()
+
+    logs = _run_nodes(lines[1], 2)  # every node: the distillation
+    assert all("starting 1 processes on each of 2 nodes" in log for log in logs)
+    distilled = run_dir / "2-distill" / "model"
+    metrics = json.loads((distilled / "minitron.json").read_text())["distillation"]["metrics"]
+    assert metrics["processes"] == {"world_size": 2, "strategy": "ddp"}  # both nodes took part
+    records = [json.loads(r) for r in (distilled / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]  # once, whole
+    assert sum("wrote " + str(distilled) in log for log in logs) == 1  # rank 0's summary only
+    # The nodes ran none of the single-process stages again.
+    assert {name: f.read_text() for name, f in stage_files.items()} == single
+    # The same command on one process (here) trains the same model: each node took its share of
+    # every batch, and DDP summed the gradients.
+    module, argv = _printed(lines[1])
+    argv[argv.index("--output") + 1] = str(tmp_path / "one-process")
+    _run_here(shlex.join(["python", "-m", module, *argv, "distill.nnodes=1"]))
+    _assert_same_weights_and_losses(distilled, tmp_path / "one-process")
+
+    _run_here(lines[2])  # the first node again: evaluation
+    argv = _printed(lines[2])[1]
+    assert argv[argv.index("--json") + 1] == str(run_dir / "3-evaluate" / "distilled.json")
+    result = json.loads((run_dir / "3-evaluate" / "distilled.json").read_text())
+    # The final model reloads in plain transformers and scores what the evaluate command said.
+    model = AutoModelForCausalLM.from_pretrained(distilled, dtype=torch.float32).eval()
+    blocks = Prepared(Path(run_dir / "0-data" / "shards")).blocks("eval", 32, 4).tensor()
+    with torch.no_grad():
+        logits = model(blocks).logits.double()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             blocks[:, 1:].reshape(-1))
+    assert result["tokens"] == 4 * 31
+    assert result["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- throughput
 def test_plan_chooses_activation_checkpointing_by_what_fits():
     from minitron.config import DistillConfig

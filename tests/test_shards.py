@@ -1,5 +1,6 @@
 """Prepared shards: the same blocks as the in-memory packing, resumable, refused when mismatched."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -69,7 +70,7 @@ def test_interrupted_prepare_resumes(tmp_path, tokenizer, prepared):
         "orig = s._tokenize_chunk\n"
         "def once(*a, **k):\n"
         "    r = orig(*a, **k)\n"
-        "    if a[1] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    if a[1] == '000002': os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return r\n"
         "s._tokenize_chunk = once\n"
         f"s.prepare({SLICE!r}, {str(out)!r}, tiny_tokenizer(), workers=1, shard_tokens=4099,"
@@ -202,3 +203,71 @@ def test_prepare_in_parts_then_merge_gives_the_one_machine_shards(tmp_path, prep
     for info in ref["splits"].values():
         for shard in info["shards"]:
             assert (a / shard["file"]).read_bytes() == (prepared / shard["file"]).read_bytes()
+
+
+def _stdlib_paragraphs():
+    paragraphs = []
+    for name in ("textwrap.py", "string.py", "json/decoder.py", "shlex.py"):
+        paragraphs += [p for p in (stdlib_root() / name).read_text().split("\n\n") if p.strip()]
+    return paragraphs
+
+
+def _write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def test_streamed_source_is_read_by_producers_and_resumed_without_reading_it_again(tmp_path,
+                                                                                  tokenizer):
+    # An `hf:` source (a local folder of 4 JSONL files, streamed through `datasets`, offline):
+    # 2 producers, each reading 2 of the files. A first run breaks on the last file (producer 1
+    # stops mid-way, producer 0 finishes); the resumed run reads only what no finished chunk
+    # holds, and gives the shards of an uninterrupted one-producer run and of the same records
+    # as one JSONL file.
+    pytest.importorskip("datasets")
+    paragraphs = _stdlib_paragraphs()
+    files = [paragraphs[i::4] for i in range(4)]
+    files[1].insert(3, "")  # an empty record: read, and counted, but no document
+    hub, broken = tmp_path / "hub", tmp_path / "broken"
+    hub.mkdir(), broken.mkdir()
+    for i, texts in enumerate(files):
+        _write_jsonl(hub / f"part-{i}.jsonl", texts)
+        _write_jsonl(broken / f"part-{i}.jsonl", texts)
+    (broken / "part-3.jsonl").write_text('{"text": "a record cut off\n')
+    _write_jsonl(tmp_path / "all.jsonl", [t for texts in files for t in texts])
+    kw = dict(shard_tokens=1001, chunk_chars=2000, progress=False)
+
+    ref = prepare(str(tmp_path / "all.jsonl"), tmp_path / "ref", tokenizer, workers=1, **kw)
+    whole = prepare(f"hf:{hub}", tmp_path / "whole", tokenizer, workers=1, **kw)  # 1 producer
+    assert whole["stats"]["documents_streamed"] == sum(map(len, files))
+    with pytest.raises(Exception):  # the stream of part-3 fails
+        prepare(f"hf:{broken}", tmp_path / "resumed", tokenizer, workers=2, **kw)
+    work = tmp_path / "resumed" / ".work"
+    assert json.loads((work / "producers-s0.json").read_text()) == {"producers": 2}
+    assert (work / "producer-s0-p000-000000.json").exists()  # producer 0 finished its files
+    assert not (work / "producer-s0-p001-000000.json").exists()
+    _write_jsonl(broken / "part-3.jsonl", files[3])  # mended: the same records as hub's
+    # The resume reads part-3, and of part-2 only the records after producer 1's last finished
+    # chunk (a chunk is flushed once its documents reach chunk_chars characters).
+    size, unflushed = 0, 0
+    for text in files[2]:
+        size, unflushed = size + len(text), unflushed + 1
+        if size >= kw["chunk_chars"]:
+            size, unflushed = 0, 0
+    resumed = prepare(f"hf:{broken}", tmp_path / "resumed", tokenizer, workers=1, **kw)
+    assert resumed["stats"]["documents_streamed"] == unflushed + len(files[3])
+    assert 0 < resumed["stats"]["tokens_tokenized"] < whole["stats"]["tokens_tokenized"]
+
+    for m, folder in ((whole, "whole"), (resumed, "resumed")):
+        assert m["splits"] == ref["splits"]
+        for info in ref["splits"].values():
+            for shard in info["shards"]:
+                got = (tmp_path / folder / shard["file"]).read_bytes()
+                assert got == (tmp_path / "ref" / shard["file"]).read_bytes(), (folder, shard)
+    # The source fingerprint: every document's key and hash, in stream order (as a one-producer
+    # read feeds it), whatever the producers and the interruption.
+    for m, source in ((whole, hub), (resumed, broken)):
+        h = hashlib.sha1(f"source 0: hf:{source}\n".encode())
+        for text in (t for texts in files for t in texts if t):
+            key = hashlib.sha1(text.encode()).hexdigest()
+            h.update(f"{key}\0{key}\n".encode())
+        assert m["source"]["fingerprint"] == h.hexdigest()[:16]
