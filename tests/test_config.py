@@ -177,7 +177,7 @@ def test_readme_command_table_matches_help():
     rows = re.findall(r"^\| `python -m (minitron\.\w+) ([^`]*)`", table, re.M)
     assert {m for m, _ in rows} == {"minitron.run", "minitron.data", "minitron.prune",
                                     "minitron.distill", "minitron.export", "minitron.evaluate",
-                                    "minitron.teacher_cache"}
+                                    "minitron.teacher_cache", "minitron.sweep"}
     for module, usage in rows:
         first = usage.split()[0]
         sub = [first] if first.islower() and not first.startswith("-") else []  # `data prepare`
