@@ -176,47 +176,47 @@ def test_frontier_on_hand_made_points():
 
 def test_every_artifact_reloads_in_a_fresh_process(interrupted_then_finished):
     """Each ONNX folder in ONNX Runtime GenAI (its deployment runtime) generates the greedy tokens
-    its report recorded; each budget's student checkpoint loads in plain transformers; no
-    minitron import in either process."""
+    its report recorded; each budget's student checkpoint loads in plain transformers. One fresh
+    process per runtime, with no minitron import."""
     folder, *_ = interrupted_then_finished
     record = json.loads((folder / "sweep.json").read_text())
-    code = """if True:
+    genai = """if True:
         import json, sys
         import onnxruntime_genai as og
-        folder = sys.argv[1]
-        report = json.load(open(folder + "/report.json"))
-        row = next(r for r in report["rows"] if r.get("deployed"))
-        model = og.Model(folder)
-        params = og.GeneratorParams(model)
-        n = len(row["greedy_tokens"])
-        params.set_search_options(do_sample=False, max_length=len(report["prompt_tokens"]) + n)
-        gen = og.Generator(model, params)
-        gen.append_tokens(report["prompt_tokens"])
-        out = []
-        while len(out) < n:
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        assert out == row["greedy_tokens"], (out, row["greedy_tokens"])
+        for folder in sys.argv[1:]:
+            report = json.load(open(folder + "/report.json"))
+            row = next(r for r in report["rows"] if r.get("deployed"))
+            model = og.Model(folder)
+            params = og.GeneratorParams(model)
+            n = len(row["greedy_tokens"])
+            params.set_search_options(do_sample=False, max_length=len(report["prompt_tokens"]) + n)
+            gen = og.Generator(model, params)
+            gen.append_tokens(report["prompt_tokens"])
+            out = []
+            while len(out) < n:
+                gen.generate_next_token()
+                out.append(int(gen.get_next_tokens()[0]))
+            assert out == row["greedy_tokens"], (folder, out, row["greedy_tokens"])
+            print("ok", folder)
         assert "minitron" not in sys.modules
-        print("ok")
     """
-    for p in record["points"]:
-        r = subprocess.run([sys.executable, "-c", code, p["artifact"]], capture_output=True,
-                           text=True, timeout=120, cwd=folder)
-        assert r.returncode == 0 and r.stdout.strip() == "ok", (p["point"], r.stderr[-2000:])
-    students = sorted(folder.glob("budget-*/2-distill/model"))
+    artifacts = [p["artifact"] for p in record["points"]]
+    r = subprocess.run([sys.executable, "-c", genai, *artifacts], capture_output=True, text=True,
+                       timeout=300, cwd=folder)
+    assert r.returncode == 0 and r.stdout.count("ok ") == 4, r.stderr[-2000:]
+    students = sorted(str(p) for p in folder.glob("budget-*/2-distill/model"))
     assert len(students) == 2
-    code = """if True:
+    hf = """if True:
         import sys, torch
         from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained(sys.argv[1], use_safetensors=True)
-        assert torch.isfinite(m(torch.tensor([[1, 2, 3]])).logits).all()
+        for folder in sys.argv[1:]:
+            m = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+            assert torch.isfinite(m(torch.tensor([[1, 2, 3]])).logits).all()
         assert "minitron" not in sys.modules
     """
-    for s in students:
-        r = subprocess.run([sys.executable, "-c", code, str(s)], capture_output=True, text=True,
-                           timeout=120, cwd=folder)
-        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", hf, *students], capture_output=True, text=True,
+                       timeout=300, cwd=folder)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("override, words", [
@@ -236,5 +236,5 @@ def test_sweep_refuses_a_fixed_shape_before_any_work(tiny_recipe, tmp_path):
     recipe, _ = tiny_recipe
     r = subprocess.run(sweep_cmd(recipe, "prune.hidden_size=32", f"output_dir={tmp_path}"),
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "sweep.budgets" in r.stderr and "prune.hidden_size" in r.stderr
+    assert r.returncode != 0 and "sweep.budgets" in r.stderr and "prune.hidden_size=32" in r.stderr
     assert not (tmp_path / "tiny-sweep").exists()
