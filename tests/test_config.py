@@ -31,8 +31,10 @@ STAGES = {
 COMPANIONS = {("export", "per_channel"): {"int8": "dynamic"},
               ("distill", "nnodes"): {"rdzv_endpoint": "127.0.0.1:29500"}}
 # data.workers: the data stage of a recipe; `minitron.data prepare` has its own --workers.
+# The sweep section: `minitron.sweep` takes a recipe (and its overrides), like `minitron.run`.
 RECIPE_ONLY = {"model.name", "model.config", "data.workers"} | {
-    f"{s}.enabled" for s, cls in SECTIONS.items() if "enabled" in {f.name for f in dataclasses.fields(cls)}}
+    f"{s}.enabled" for s, cls in SECTIONS.items() if "enabled" in {f.name for f in dataclasses.fields(cls)}} | {
+    f"sweep.{f.name}" for f in dataclasses.fields(SECTIONS["sweep"])}
 
 
 def _stage(name):
