@@ -313,6 +313,26 @@ def run_budget(sw: Sweep, budget: float, upstream: str) -> list[dict[str, Any]]:
     return points
 
 
+def dry_run(recipe: Recipe) -> list[dict[str, Any]]:
+    """Validate and print each budget's shape and parameter count, and the points; no weights."""
+    from minitron.models import param_count_from_config
+
+    check_sweep(recipe)
+    config = source_config(recipe, need_weights=False)
+    before = param_count_from_config(config)
+    rows = []
+    for budget in recipe.sweep.budgets:
+        shape, _ = check_plan(budget_recipe(recipe, budget, None), config)
+        params = param_count_from_config({**config.to_dict(), **shape})
+        rows.append({"budget": budget, **shape, "parameters": params,
+                     "of_source": round(params / before, 3)})
+    print(format_table(rows))
+    print(f"{len(rows)} budgets x {len(recipe.sweep.formats)} formats "
+          f"({', '.join(recipe.sweep.formats)}): {len(rows)} distillations, "
+          f"{len(rows) * len(recipe.sweep.formats)} exports, in {recipe.run_dir}")
+    return rows
+
+
 def sweep(recipe: Recipe) -> dict[str, Any]:
     """Run (or resume) the sweep of `recipe`; returns what sweep.json holds."""
     from minitron.models import resolve_model
@@ -441,8 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", help="a YAML recipe with a sweep section (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
     p.add_argument(DEBUG_FLAG, action="store_true", help="print full tracebacks")
-    args = p.parse_args(argv)
-    record = sweep(load_recipe(args.recipe, args.overrides))
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print each budget's shape and parameter count; touch no weights")
+    args = p.parse_intermixed_args(argv)  # overrides before or after the flags
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        dry_run(recipe)
+        return 0
+    record = sweep(recipe)
     print(format_table(record["table"], COLUMNS))
     for key, names in record["frontier"].items():
         print(f"frontier ({key}): {', '.join(names)}")

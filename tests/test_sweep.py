@@ -238,3 +238,20 @@ def test_sweep_refuses_a_fixed_shape_before_any_work(tiny_recipe, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "sweep.budgets" in r.stderr and "prune.hidden_size=32" in r.stderr
     assert not (tmp_path / "tiny-sweep").exists()
+
+
+def test_dry_run_prints_each_budgets_shape_within_its_budget(tiny_recipe, tmp_path, capsys):
+    from minitron.models import param_count_from_config
+    from minitron.sweep import main
+    from tiny import tiny_config
+
+    recipe, _ = tiny_recipe
+    assert main([str(recipe), f"output_dir={tmp_path}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    source = param_count_from_config(tiny_config("llama"))
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 0.")]
+    assert [float(r[1]) for r in rows] == [0.8, 0.6]
+    header = [c.strip() for c in out.splitlines()[0].split("|")]
+    for r in rows:
+        assert int(r[header.index("parameters")]) <= float(r[1]) * source
+    assert "2 budgets x 2 formats" in out and not (tmp_path / "tiny-sweep").exists()
