@@ -660,7 +660,68 @@ class EvaluateConfig(Section):
         super().__post_init__()
 
 
+
+# ----------------------------------------------------------------------------- sweep
+def _gguf_formats() -> tuple[str, ...]:
+    return tuple(f"gguf-{t}" for t in typing.get_args(GgufChoice) if t not in ("none", "all"))
+
+
+# A sweep's deployment formats: each is one export of a budget's student (the export section's
+# other settings kept), named as the export report names its variant's scheme.
+SWEEP_FORMATS: tuple[str, ...] = ("fp32", *(f"int8-{s}" for s in INT8_SCHEMES[:-1]),
+                                  *(f"int4-{s}" for s in INT4_SCHEMES[:-1]), *_gguf_formats())
+
+
+def export_for_format(export: ExportConfig, fmt: str) -> ExportConfig:
+    """The export settings that deploy format `fmt` (one of SWEEP_FORMATS) and nothing else: no
+    comparison variants, no bitsandbytes rows, the FP32 graph kept only as the fp32 format."""
+    kind, _, scheme = fmt.partition("-")
+    base = dataclasses.replace(export, compare=False, bnb=False, keep_fp32=False, int8="none",
+                               int4="none", gguf="none", per_channel=False)
+    if kind == "int8":
+        return dataclasses.replace(base, int8=scheme, per_channel=export.per_channel and scheme in (
+            "dynamic", "static"))
+    if kind == "int4":
+        return dataclasses.replace(base, int4=scheme)
+    if kind == "gguf":  # written beside the FP32 graph; the GGUF file is the artifact
+        return dataclasses.replace(base, gguf=scheme)
+    return base
+
+
+def _distinct_list(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, (list, tuple)) and len(v) > 0 and len(set(v)) == len(v)
+                      and all(ok(x) for x in v))
+
+
+@dataclass
+class SweepConfig(Section):
+    """The compression sweep (`python -m minitron.sweep RECIPE`, minitron/sweep.py): every
+    parameter budget x every deployment format, each budget's student pruned from one importance
+    pass by the budget rule (prune.target_params's) and distilled with the same tokens, each format
+    exported and measured by the export stage; the report names the Pareto frontier."""
+
+    SECTION: ClassVar[str] = "sweep"
+
+    budgets: tuple[float, ...] = setting(
+        (0.9, 0.75, 0.5), "Parameter budgets: fractions of the source (<= 1) or counts (> 1).",
+        Rule("a non-empty list of distinct numbers > 0",
+             _distinct_list(lambda x: _type_ok(float, x) and math.isfinite(x) and x > 0)))
+    formats: tuple[str, ...] = setting(
+        ("fp32", "int8-blockwise", "int4-rtn"), "Deployment formats, each one export per budget.",
+        Rule("a non-empty list of distinct names from " + ", ".join(SWEEP_FORMATS),
+             _distinct_list(lambda x: x in SWEEP_FORMATS)))
+    teacher_cache: bool = setting(False, "Run the teacher once over the distillation's tokens "
+                                         "into one teacher cache (the teacher_cache section's k "
+                                         "and dtype) that every budget's distillation reads.")
+
+    def __post_init__(self) -> None:
+        for name in ("budgets", "formats"):  # lists from YAML / the command line
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
+        super().__post_init__()
+
+
 SECTIONS: dict[str, type[Section]] = {
     cls.SECTION: cls for cls in (ModelConfig, DataConfig, ImportanceConfig, PruneConfig,
                                  SearchConfig, TeacherCorrectionConfig, DistillConfig,
-                                 CacheConfig, ExportConfig, EvaluateConfig)}
+                                 CacheConfig, ExportConfig, EvaluateConfig, SweepConfig)}

@@ -426,6 +426,35 @@ def refuse_several_nodes(recipe: Recipe) -> None:
 
 
 # ----------------------------------------------------------------------------- running
+def run_stage(name: str, out: Path, fp: str,
+              work: Callable[[Path, StageTimer], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one stage into `out` and record it in out/stage.json: (its result, its timing).
+
+    A stage whose record says it finished with fingerprint `fp` is skipped (its recorded result
+    returned); one recorded as running (interrupted) runs again in its folder, which keeps what it
+    saved (distillation continues from its checkpoint); a changed fingerprint empties the folder."""
+    state_file = out / "stage.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if state.get("fingerprint") == fp and state.get("status") == "done":
+        print(f"[{name}] unchanged since the last run: skipped ({out})")
+        return state["result"], {**state["timing"], "skipped": "yes"}
+    if state.get("fingerprint") != fp and out.exists():
+        shutil.rmtree(out)  # settings changed: nothing in there is valid any more
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state_file, {"fingerprint": fp, "status": "running"})
+    print(f"[{name}] running in {out}")
+    with StageTimer(name) as timer:
+        try:
+            result = work(out, timer)
+        finally:
+            free_accelerator_memory()  # its models are unreferenced now: free their GPU memory
+    timing = timer.as_dict()
+    write_json_atomic(state_file, {"fingerprint": fp, "status": "done", "timing": timing,
+                                   "result": result})
+    print(f"[{name}] done in {timing['wall_s']:.1f}s")
+    return result, timing
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
     refuse_several_nodes(recipe)
     check_plan(recipe, source_config(recipe))
@@ -441,29 +470,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     for index, name in enumerate(names, 0 if names[:1] == ["data"] else 1):
         out = run_dir / f"{index}-{name}"
         fp = fingerprint(upstream, *_settings(recipe, name))
-        state_file = out / "stage.json"
-        state = json.loads(state_file.read_text()) if state_file.exists() else {}
-        if state.get("fingerprint") == fp and state.get("status") == "done":
-            print(f"[{name}] unchanged since the last run: skipped ({out})")
-            ctx.outputs[name] = state["result"]
-            timings.append({**state["timing"], "skipped": "yes"})
-            upstream = fp
-            continue
-        if state.get("fingerprint") != fp and out.exists():
-            shutil.rmtree(out)  # settings changed: nothing in there is valid any more
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(state_file, {"fingerprint": fp, "status": "running"})
-        print(f"[{name}] running in {out}")
-        with StageTimer(name) as timer:
-            try:
-                result = STAGES[name](ctx, out, timer)
-            finally:
-                free_accelerator_memory()  # its models are unreferenced now: free their GPU memory
-        timing = timer.as_dict()
-        write_json_atomic(state_file, {"fingerprint": fp, "status": "done", "timing": timing,
-                                       "result": result})
-        print(f"[{name}] done in {timing['wall_s']:.1f}s")
-        ctx.outputs[name] = result
+        ctx.outputs[name], timing = run_stage(
+            name, out, fp, lambda o, t, stage=STAGES[name]: stage(ctx, o, t))
         timings.append(timing)
         upstream = fp
     from minitron.report import write_report

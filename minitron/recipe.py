@@ -22,7 +22,7 @@ import yaml
 
 from minitron.common import MinitronError
 from minitron.config import (CacheConfig, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
-                             ImportanceConfig, ModelConfig, PruneConfig, SearchConfig,
+                             ImportanceConfig, ModelConfig, PruneConfig, SearchConfig, SweepConfig,
                              TeacherCorrectionConfig, check_correction)
 
 
@@ -41,6 +41,7 @@ class Recipe:
     teacher_cache: CacheConfig = field(default_factory=CacheConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     source_file: str | None = field(default=None, metadata={"internal": True})
 
     def __post_init__(self) -> None:

@@ -31,8 +31,10 @@ STAGES = {
 COMPANIONS = {("export", "per_channel"): {"int8": "dynamic"},
               ("distill", "nnodes"): {"rdzv_endpoint": "127.0.0.1:29500"}}
 # data.workers: the data stage of a recipe; `minitron.data prepare` has its own --workers.
+# The sweep section: `minitron.sweep` takes a recipe (and its overrides), like `minitron.run`.
 RECIPE_ONLY = {"model.name", "model.config", "data.workers"} | {
-    f"{s}.enabled" for s, cls in SECTIONS.items() if "enabled" in {f.name for f in dataclasses.fields(cls)}}
+    f"{s}.enabled" for s, cls in SECTIONS.items() if "enabled" in {f.name for f in dataclasses.fields(cls)}} | {
+    f"sweep.{f.name}" for f in dataclasses.fields(SECTIONS["sweep"])}
 
 
 def _stage(name):
@@ -177,7 +179,7 @@ def test_readme_command_table_matches_help():
     rows = re.findall(r"^\| `python -m (minitron\.\w+) ([^`]*)`", table, re.M)
     assert {m for m, _ in rows} == {"minitron.run", "minitron.data", "minitron.prune",
                                     "minitron.distill", "minitron.export", "minitron.evaluate",
-                                    "minitron.teacher_cache"}
+                                    "minitron.teacher_cache", "minitron.sweep"}
     for module, usage in rows:
         first = usage.split()[0]
         sub = [first] if first.islower() and not first.startswith("-") else []  # `data prepare`

@@ -1,0 +1,480 @@
+"""The compression sweep: one recipe's student at several parameter budgets x deployment formats,
+every point measured the same way, and the Pareto frontier of quality against size and latency.
+
+`python -m minitron.sweep RECIPE [section.key=value ...]`
+
+One importance pass (and, with sweep.teacher_cache, one teacher cache) serves every budget. Each
+budget's student is pruned from those scores by the budget rule (prune.target_params's), distilled
+on the same tokens and evaluated against the teacher (KL, top-1, perplexity, tasks); each format is
+one export of it, whose report measures the artifact in its runtime against PyTorch FP32 (held-out
+perplexity, top-1, size, prefill and decode speed); the teacher is measured once on the same held-
+out blocks. Every stage is recorded as `minitron.run` records its stages (stage.json with a
+fingerprint), so a rerun skips what finished and redoes what was interrupted.
+
+Folder <output_dir>/<name>/: shared/ (data, importance, teacher, teacher cache), one budget-<b>/
+per budget (prune, distill, evaluate, and export-<format>/onnx/ per format, each a deployable
+folder), then sweep.json, sweep.md and the frontier plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from minitron.common import (DEBUG_FLAG, MinitronError, StageTimer, format_table, run_cli,
+                             write_json_atomic, write_text_atomic)
+from minitron.config import export_for_format
+from minitron.pipeline import (Context, _data_stage, _distill_stage, _export_stage, _settings,
+                               check_plan, run_stage, source_config)
+from minitron.recipe import Recipe, dump_recipe, fingerprint, load_recipe
+
+SCORES = "scores.safetensors"
+STATS = "calibration.safetensors"
+QUALITY = "perplexity"  # of each artifact on the export's held-out blocks; lower is better
+# The cost axes of the frontiers (lower is better): the artifact's size, and prefill latency.
+COSTS = {"size": "size_mb", "prefill": "prefill_ms_per_token"}
+COLUMNS = ["point", "parameters", "size_mb", "perplexity", "ppl_x_teacher", "top1_vs_fp32",
+           "kl_to_teacher", "top1_agreement", "prefill_tok_s", "decode_ms_tok", "prefill_x_teacher",
+           "decode_x_teacher", "frontier"]
+
+
+# ----------------------------------------------------------------------------- the Pareto frontier
+def dominates(a: dict[str, Any], b: dict[str, Any], keys: Sequence[str]) -> bool:
+    """`a` is no worse than `b` on every key and better on one (all keys: lower is better)."""
+    return all(a[k] <= b[k] for k in keys) and any(a[k] < b[k] for k in keys)
+
+
+def frontier(points: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The non-dominated points among those measured on every key (a point without a speed, e.g.
+    a GGUF file, is on no latency frontier), in their input order."""
+    measured = [p for p in points if all(isinstance(p.get(k), (int, float)) and math.isfinite(p[k])
+                                         for k in keys)]
+    return [p for p in measured if not any(dominates(q, p, keys) for q in measured)]
+
+
+# ----------------------------------------------------------------------------- checks and plan
+def check_sweep(recipe: Recipe) -> None:
+    """Refuse, before any work, a recipe the sweep cannot run as asked."""
+    r = recipe
+    given = {**r.prune.target(), **({"target_params": r.prune.target_params}
+                                    if r.prune.target_params is not None else {})}
+    problems = [
+        (not r.prune.enabled, "prune.enabled=false: the sweep prunes the model to each of "
+                              "sweep.budgets; set prune.enabled=true"),
+        (bool(r.prune.target()) or r.prune.target_params is not None,
+         f"{', '.join(f'prune.{k}={v}' for k, v in given.items())}: the sweep prunes to each of "
+         f"sweep.budgets={list(r.sweep.budgets)} by the budget rule; remove "
+         f"{'it' if len(given) == 1 else 'them'} from the prune section"),
+        (r.search.candidates > 0, f"search.candidates={r.search.candidates}: the sweep shapes each "
+                                  f"budget by the budget rule; set search.candidates=0"),
+        (not r.export.enabled, "export.enabled=false: each of sweep.formats is an export; set "
+                               "export.enabled=true"),
+        (r.distill.nnodes > 1, f"distill.nnodes={r.distill.nnodes}: the sweep runs on one node"),
+        (r.sweep.teacher_cache and r.distill.teacher_cache is not None,
+         f"sweep.teacher_cache=true builds the cache that distill.teacher_cache="
+         f"{r.distill.teacher_cache!r} already names: drop one of them"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise MinitronError(message)
+
+
+def budget_recipe(recipe: Recipe, budget: float, cache_dir: str | None) -> Recipe:
+    """The recipe of one budget's student (and the shared teacher cache, if there is one)."""
+    prune = dataclasses.replace(recipe.prune, target_params=budget)
+    distill = recipe.distill
+    if cache_dir is not None:
+        distill = dataclasses.replace(distill, teacher_cache=cache_dir)
+    return dataclasses.replace(recipe, prune=prune, distill=distill)
+
+
+def budget_label(budget: float) -> str:
+    return f"budget-{budget:g}"
+
+
+def cache_settings(recipe: Recipe):
+    """The shared teacher cache: the distillation's train tokens, blocks and order."""
+    d = recipe.distill
+    return dataclasses.replace(recipe.teacher_cache, split="train", tokens=d.steps * d.tokens_per_step,
+                               block_size=d.block_size, seed=d.seed)
+
+
+# ----------------------------------------------------------------------------- shared stages
+def _importance_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    """The teacher's importance scores and calibration statistics (minitron.calibration: what
+    the activation-aware export formats read), computed in one pass for every budget."""
+    from minitron import calibration
+    from minitron.importance import compute_scores, save_scores
+    from minitron.models import load_model, resolve_device
+    from minitron.prune import calibration_blocks
+
+    r = ctx.recipe
+    model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype,
+                                  device=resolve_device(r.model.device),
+                                  trust_remote_code=r.model.trust_remote_code)
+    blocks = calibration_blocks(tokenizer, ctx.data, model.config)
+    collector = calibration.Collector()
+    scores = compute_scores(model, blocks, config=r.importance, progress=True, collector=collector)
+    timer.tokens = blocks.numel()
+    save_scores(scores, out / SCORES)
+    calibration.save(collector.stats, out / STATS)
+    return {"scores": str(out / SCORES), "stats": str(out / STATS), "calibration_blocks": len(blocks)}
+
+
+def _teacher_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    """The teacher, measured once: in PyTorch FP32 on the export's held-out blocks as every
+    export measures its student (the reference of the perplexity ratio and the speed-ups), and by
+    evaluate on its blocks and tasks (the students' evaluation is comparable to it)."""
+    from minitron.evaluate import evaluate
+    from minitron.export import check_model, load_job, measure_pytorch
+
+    r = ctx.recipe
+    where, config = check_model(ctx.teacher, r.model.trust_remote_code)
+    job = load_job(ctx.teacher, where, config, r.export, ctx.data, r.model.trust_remote_code)
+    row = measure_pytorch(job)
+    del job
+    result = {"pytorch_fp32": {k: v for k, v in row.items() if k != "greedy_tokens"}}
+    if r.evaluate.enabled:
+        settings = dataclasses.replace(r.evaluate, speed=False)  # the row above has its speed
+        evaluation = evaluate(ctx.teacher, None, settings, ctx.data, r.model)
+        timer.tokens = evaluation["tokens"]
+        result["evaluate"] = {k: v for k, v in evaluation.items() if k != "timing"}
+    return result
+
+
+def _cache_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    from minitron.teacher_cache import build_cache
+
+    settings = cache_settings(ctx.recipe)
+    manifest = build_cache(ctx.teacher, out / "cache", settings, data=ctx.data, model=ctx.recipe.model)
+    timer.tokens = manifest["tokens"]
+    return {"cache_dir": str(out / "cache"), "tokens": manifest["tokens"]}
+
+
+# ----------------------------------------------------------------------------- per-budget stages
+def _prune_stage(ctx: Context, out: Path, timer: StageTimer, shared: dict[str, Any]) -> dict[str, Any]:
+    """The budget's student, pruned from the shared scores by the budget rule (the statistics
+    follow the kept channels into its folder, as minitron.run's prune stage leaves them)."""
+    from minitron import calibration
+    from minitron.importance import load_scores
+    from minitron.models import count_params, load_model, resolve_device
+    from minitron.pipeline import prune_target
+    from minitron.prune import prune, save_pruned
+
+    r = ctx.recipe
+    model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype,
+                                  device=resolve_device(r.model.device),
+                                  trust_remote_code=r.model.trust_remote_code)
+    scores = load_scores(shared["scores"])
+    scores.check_matches(model.config)
+    target, candidates = prune_target(r, model.config)
+    pruned = prune(model, scores, target, depth=r.prune.depth, stats=calibration.load(shared["stats"]))
+    info = {"recipe": r.source_file, "target_params": r.prune.target_params,
+            "scores_from": shared["scores"], "candidates": candidates}
+    save_pruned(pruned, tokenizer, out / "model", info)
+    return {"model_dir": str(out / "model"), "parameters": count_params(pruned),
+            "shape": {k: getattr(pruned.config, k) for k in target}}
+
+
+def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
+    """The budget's student (PyTorch, before any format) against the teacher: KL, top-1,
+    perplexity and tasks on evaluate's blocks; the export measures its speed."""
+    from minitron.evaluate import evaluate
+
+    r = ctx.recipe
+    result = evaluate(ctx.student, ctx.teacher, dataclasses.replace(r.evaluate, speed=False),
+                      ctx.data, r.model)
+    timer.tokens = result["tokens"]
+    return {k: v for k, v in result.items() if k != "timing"}
+
+
+# ----------------------------------------------------------------------------- points
+def format_row(report: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The export report's row of the artifact that format `fmt` deploys."""
+    rows = report["rows"]
+    if fmt == "fp32":
+        name = "onnx-fp32"
+    elif fmt.startswith("gguf-"):
+        name = fmt
+    else:
+        name = next(r["model"] for r in rows if r.get("deployed") and r["model"] != "onnx-fp32")
+    return next(r for r in rows if r["model"] == name)
+
+
+def artifact_path(export_dir: str, fmt: str) -> str:
+    """What a user deploys: the ONNX Runtime GenAI folder, or the GGUF file."""
+    if fmt.startswith("gguf-"):
+        return str(Path(export_dir) / f"model-{fmt[5:]}.gguf")
+    return export_dir
+
+
+def point_record(budget: float, fmt: str, student: dict[str, Any], export: dict[str, Any],
+                 evaluation: dict[str, Any] | None, teacher: dict[str, Any]) -> dict[str, Any]:
+    """One point, from the numbers its stages recorded (nothing is measured here)."""
+    row, ref = format_row(export["report"], fmt), teacher["pytorch_fp32"]
+    point = {"point": f"{budget:g}/{fmt}", "budget": budget, "format": fmt,
+             "parameters": student["parameters"], "artifact": artifact_path(export["onnx_dir"], fmt),
+             "export_row": row["model"], "size_mb": row["size_mb"], "perplexity": row["perplexity"],
+             "ppl_x_teacher": row["perplexity"] / ref["perplexity"],
+             "top1_vs_fp32": row.get("top1_vs_fp32")}
+    if "prefill_tokens_per_s" in row:
+        point.update(prefill_tokens_per_s=row["prefill_tokens_per_s"],
+                     prefill_ms_per_token=1000 / row["prefill_tokens_per_s"],
+                     decode_ms_per_token=row["decode_ms_per_token"])
+        if "prefill_tokens_per_s" in ref:
+            point.update(prefill_x_teacher=row["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"],
+                         decode_x_teacher=ref["decode_ms_per_token"] / row["decode_ms_per_token"])
+    if evaluation is not None:
+        point.update({k: evaluation[k] for k in ("kl_to_teacher", "top1_agreement")
+                      if k in evaluation})
+        point["student_perplexity_evaluate"] = evaluation.get("perplexity")
+        if evaluation.get("tasks"):
+            point["tasks"] = evaluation["tasks"]
+    return point
+
+
+# ----------------------------------------------------------------------------- running
+@dataclasses.dataclass
+class Sweep:
+    """Where the sweep stands: its folder, the shared stages' results, every stage's timing."""
+
+    recipe: Recipe
+    folder: Path
+    teacher: str
+    shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    timings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def stage(self, label: str, out: Path, fp: str,
+              work: Callable[[Path, StageTimer], dict[str, Any]]) -> dict[str, Any]:
+        result, timing = run_stage(label, out, fp, work)
+        self.timings.append({**timing, "stage": label})
+        return result
+
+
+def run_shared(sw: Sweep) -> str:
+    """The stages every budget reads (data, importance, teacher, teacher cache) into shared/;
+    returns the fingerprint the budgets' stages chain on."""
+    from minitron.shards import is_prepared
+
+    r, shared = sw.recipe, sw.folder / "shared"
+    ctx = Context(r, shared, sw.teacher, sw.shared)
+    upstream = fingerprint(r.model)
+    if not is_prepared(r.data.source):
+        upstream = fingerprint(upstream, *_settings(r, "data"))
+        sw.shared["data"] = sw.stage("data", shared / "0-data", upstream,
+                                     lambda o, t: _data_stage(ctx, o, t))
+    # What the importance pass reads: the prune stage's settings but the shape and budget.
+    imp_fp = fingerprint(upstream, *[s for s in _settings(r, "prune") if s is not r.prune])
+    sw.shared["importance"] = sw.stage("importance", shared / "1-importance", imp_fp,
+                                       lambda o, t: _importance_stage(ctx, o, t))
+    teacher_fp = fingerprint(upstream, r.model, *_settings(r, "export"), *_settings(r, "evaluate"))
+    sw.shared["teacher"] = sw.stage("teacher", shared / "2-teacher", teacher_fp,
+                                    lambda o, t: _teacher_stage(ctx, o, t))
+    if r.sweep.teacher_cache and r.distill.enabled:
+        cache_fp = fingerprint(upstream, r.model, cache_settings(r))
+        sw.shared["cache"] = sw.stage("teacher_cache", shared / "3-teacher-cache", cache_fp,
+                                      lambda o, t: _cache_stage(ctx, o, t))
+        imp_fp = fingerprint(imp_fp, cache_fp)
+    return imp_fp
+
+
+def run_budget(sw: Sweep, budget: float, upstream: str) -> list[dict[str, Any]]:
+    """One budget's student (prune, distill, evaluate) and one export per format: its points."""
+    cache = sw.shared.get("cache", {}).get("cache_dir")
+    r = budget_recipe(sw.recipe, budget, cache)
+    folder, label = sw.folder / budget_label(budget), budget_label(budget)
+    ctx = Context(r, folder, sw.teacher, {k: v for k, v in sw.shared.items() if k == "data"})
+    fp = fingerprint(upstream, r.prune)
+    ctx.outputs["prune"] = sw.stage(f"{label}/prune", folder / "1-prune", fp,
+                                    lambda o, t: _prune_stage(ctx, o, t, sw.shared["importance"]))
+    student = ctx.outputs["prune"]
+    if r.distill.enabled:
+        fp = fingerprint(fp, *_settings(r, "distill"))
+        ctx.outputs["distill"] = sw.stage(f"{label}/distill", folder / "2-distill", fp,
+                                          lambda o, t: _distill_stage(ctx, o, t))
+    evaluation = None
+    if r.evaluate.enabled:
+        evaluation = sw.stage(f"{label}/evaluate", folder / "3-evaluate",
+                              fingerprint(fp, *_settings(r, "evaluate")),
+                              lambda o, t: _evaluate_stage(ctx, o, t))
+    points = []
+    for fmt in r.sweep.formats:
+        rf = dataclasses.replace(r, export=export_for_format(r.export, fmt))
+        ctx_f = dataclasses.replace(ctx, recipe=rf)
+        export = sw.stage(f"{label}/export-{fmt}", folder / f"export-{fmt}",
+                          fingerprint(fp, *_settings(rf, "export")),
+                          lambda o, t: _export_stage(ctx_f, o, t))
+        points.append(point_record(budget, fmt, student, export, evaluation, sw.shared["teacher"]))
+    return points
+
+
+def dry_run(recipe: Recipe) -> list[dict[str, Any]]:
+    """Validate and print each budget's shape and parameter count, and the points; no weights."""
+    from minitron.models import param_count_from_config
+
+    check_sweep(recipe)
+    config = source_config(recipe, need_weights=False)
+    before = param_count_from_config(config)
+    rows = []
+    for budget in recipe.sweep.budgets:
+        shape, _ = check_plan(budget_recipe(recipe, budget, None), config)
+        params = param_count_from_config({**config.to_dict(), **shape})
+        rows.append({"budget": budget, **shape, "parameters": params,
+                     "of_source": round(params / before, 3)})
+    print(format_table(rows))
+    print(f"{len(rows)} budgets x {len(recipe.sweep.formats)} formats "
+          f"({', '.join(recipe.sweep.formats)}): {len(rows)} distillations, "
+          f"{len(rows) * len(recipe.sweep.formats)} exports, in {recipe.run_dir}")
+    return rows
+
+
+def sweep(recipe: Recipe) -> dict[str, Any]:
+    """Run (or resume) the sweep of `recipe`; returns what sweep.json holds."""
+    from minitron.models import resolve_model
+
+    check_sweep(recipe)
+    config = source_config(recipe)
+    for budget in recipe.sweep.budgets:  # every budget's shape must exist before any work
+        check_plan(budget_recipe(recipe, budget, None), config)
+    folder = recipe.run_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "recipe.yaml", dump_recipe(recipe))
+    sw = Sweep(recipe, folder, resolve_model(recipe.model.name, recipe.model.trust_remote_code))
+    t0 = time.perf_counter()
+    upstream = run_shared(sw)
+    points = [p for b in recipe.sweep.budgets for p in run_budget(sw, b, upstream)]
+    return write_report(sw, points, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- the report
+def _plot_frontier(points: list[dict[str, Any]], front: list[dict[str, Any]], cost: str,
+                   path: Path, teacher: dict[str, Any]) -> None:
+    """Perplexity (x the teacher's) against one cost, frontier points joined and named; written
+    atomically (an Agg canvas of our own, as minitron.checkpoint's loss plot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    measured = [p for p in points if p.get(cost) is not None]
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for fmt in dict.fromkeys(p["format"] for p in measured):
+        mine = [p for p in measured if p["format"] == fmt]
+        ax.plot([p[cost] for p in mine], [p["ppl_x_teacher"] for p in mine], "o", label=fmt)
+    line = sorted(front, key=lambda p: p[cost])
+    ax.plot([p[cost] for p in line], [p["ppl_x_teacher"] for p in line], "k--", lw=1,
+            label="Pareto frontier")
+    for p in front:
+        ax.annotate(p["point"], (p[cost], p["ppl_x_teacher"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":", label=f"teacher ({teacher['perplexity']:.3g})")
+    ax.set_xlabel({"size_mb": "artifact size (MB)",
+                   "prefill_ms_per_token": "prefill latency (ms per token, batch 1)"}[cost])
+    ax.set_ylabel("held-out perplexity / teacher's")
+    ax.set_title(f"quality against {'size' if cost == 'size_mb' else 'prefill latency'}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def table(points: list[dict[str, Any]], fronts: dict[str, list[str]]) -> list[dict[str, Any]]:
+    def r(x, n):
+        return None if x is None else round(x, n)
+    return [{"point": p["point"], "parameters": p["parameters"], "size_mb": r(p["size_mb"], 2),
+             "perplexity": r(p["perplexity"], 3), "ppl_x_teacher": r(p["ppl_x_teacher"], 3),
+             "top1_vs_fp32": r(p.get("top1_vs_fp32"), 4), "kl_to_teacher": r(p.get("kl_to_teacher"), 4),
+             "top1_agreement": r(p.get("top1_agreement"), 4),
+             "prefill_tok_s": r(p.get("prefill_tokens_per_s"), 1),
+             "decode_ms_tok": r(p.get("decode_ms_per_token"), 2),
+             "prefill_x_teacher": r(p.get("prefill_x_teacher"), 2),
+             "decode_x_teacher": r(p.get("decode_x_teacher"), 2),
+             "frontier": ", ".join(k for k, names in fronts.items() if p["point"] in names) or "-"}
+            for p in points]
+
+
+def render(record: dict[str, Any]) -> str:
+    t = record["teacher"]
+    lines = [f"# Compression sweep: {record['name']}", "",
+             f"Teacher {record['teacher_model']}: {t['parameters']:,} parameters, "
+             f"{t['size_mb']:.1f} MB, perplexity {t['perplexity']:.4g} on the held-out blocks every "
+             "artifact is measured on" + (f", prefill {t['prefill_tokens_per_s']:.1f} tok/s, decode "
+                                          f"{t['decode_ms_per_token']:.2f} ms/token (PyTorch FP32)"
+                                          if "prefill_tokens_per_s" in t else "") + ".", "",
+             "Each point is one budget's student in one format. Perplexity, top-1 against the "
+             "student's PyTorch FP32, size and speed are the export report's row of the artifact "
+             "(ONNX Runtime; a GGUF file through transformers' GGUF loader, without speed); "
+             "kl_to_teacher and top1_agreement are the student's PyTorch FP32 against the teacher "
+             "(minitron.evaluate). x_teacher ratios are against the teacher's PyTorch FP32 row, "
+             "measured in this sweep; speeds are batch 1 (128-token prompt, 32 decoded tokens).", "",
+             format_table(record["table"], COLUMNS), ""]
+    for key, names in record["frontier"].items():
+        what = {"size": "perplexity against size", "prefill": "perplexity against prefill latency"}
+        lines += [f"Pareto frontier, {what[key]}: " + (", ".join(names) or "(no point measured)")
+                  + f" ([plot]({record['plots'][key]}))", ""]
+    lines += [f"![perplexity against size]({record['plots']['size']})", "",
+              f"![perplexity against prefill latency]({record['plots']['prefill']})", "",
+              f"Artifacts: {record['folder']}/budget-<b>/export-<format>/onnx/; stage records in each "
+              f"stage's stage.json. Total {record['total_s']:.0f}s this session.", ""]
+    return "\n".join(lines)
+
+
+def write_report(sw: Sweep, points: list[dict[str, Any]], total_s: float) -> dict[str, Any]:
+    teacher_row = sw.shared["teacher"]["pytorch_fp32"]
+    teacher = {k: teacher_row[k] for k in ("perplexity", "size_mb", "prefill_tokens_per_s",
+                                           "decode_ms_per_token") if k in teacher_row}
+    from minitron.models import param_count_from_config
+
+    teacher["parameters"] = param_count_from_config(source_config(sw.recipe))
+    fronts = {key: [p["point"] for p in frontier(points, (QUALITY, cost))]
+              for key, cost in COSTS.items()}
+    plots = {key: f"frontier_{key}.png" for key in COSTS}
+    record = {"kind": "minitron-sweep", "name": sw.recipe.name, "recipe": sw.recipe.source_file,
+              "folder": str(sw.folder), "teacher_model": sw.recipe.model.name, "teacher": teacher,
+              "budgets": list(sw.recipe.sweep.budgets), "formats": list(sw.recipe.sweep.formats),
+              "quality": QUALITY, "costs": COSTS, "frontier": fronts, "points": points,
+              "table": table(points, fronts), "plots": plots, "stages": sw.timings,
+              "total_s": total_s}
+    for key, cost in COSTS.items():
+        front = [p for p in points if p["point"] in fronts[key]]
+        _plot_frontier(points, front, cost, sw.folder / plots[key], teacher)
+    write_json_atomic(sw.folder / "sweep.json", record)
+    write_text_atomic(sw.folder / "sweep.md", render(record))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minitron.cli import settings_help
+    from minitron.config import SECTIONS, docs
+
+    every_key = {s: tuple(d["key"] for d in docs(cls)) for s, cls in SECTIONS.items()}
+    p = argparse.ArgumentParser(prog="python -m minitron.sweep", description=__doc__.splitlines()[0],
+                                epilog=settings_help(every_key),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="a YAML recipe with a sweep section (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
+    p.add_argument(DEBUG_FLAG, action="store_true", help="print full tracebacks")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print each budget's shape and parameter count; touch no weights")
+    args = p.parse_intermixed_args(argv)  # overrides before or after the flags
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        dry_run(recipe)
+        return 0
+    record = sweep(recipe)
+    print(format_table(record["table"], COLUMNS))
+    for key, names in record["frontier"].items():
+        print(f"frontier ({key}): {', '.join(names)}")
+    print(f"sweep written to {record['folder']} (sweep.md, sweep.json) in {record['total_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
