@@ -166,12 +166,15 @@ def write(model: nn.Module, tokenizer, folder: str | os.PathLike, scheme: str,
     Returns what was done: scheme, format, weight group, transform and size."""
     check_scheme(scheme)
     check_library()
+    if Path(folder).exists() and any(Path(folder).iterdir()):
+        raise MinitronError(f"compressed-tensors output folder {folder} exists and is not empty; "
+                            "choose a new or empty folder")
     work = copy.deepcopy(model).float().eval()
     info: dict[str, Any] = {"scheme": scheme, "transform": None}
     if stats is not None:
         info.update(transform_(work, scheme, stats))
     compressor = quantize_(work, scheme)
-    with atomic_dir(folder, overwrite=True) as tmp:
+    with atomic_dir(folder, overwrite=True) as tmp:  # an empty folder may be replaced
         _save(work, tokenizer, compressor, tmp)
     qc = compressor.quantization_config
     weights = qc.config_groups["group_0"].weights

@@ -195,6 +195,11 @@ def test_bad_scheme_and_setting_are_clear_errors(tmp_path):
     with pytest.raises(MinitronError, match="scheme 'w3a7' is not one minitron writes; valid: w8a8, w4a16"):
         compressed.write(model, tiny_tokenizer(), tmp_path / "x", "w3a7")
     assert not (tmp_path / "x").exists()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(MinitronError, match="exists and is not empty"):
+        compressed.write(model, tiny_tokenizer(), tmp_path / "x", "w8a8")
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
     with pytest.raises(MinitronError, match="export.compressed.*w3a7.*none, w8a8, w4a16, all"):
         ExportConfig(compressed="w3a7")
 
