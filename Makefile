@@ -24,12 +24,17 @@ $(VENV)/.installed-gguf: $(VENV)/.installed
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -c constraints.txt -e '.[gguf]'
 	touch $@
 
+# The tests also write and reload compressed-tensors checkpoints (pure Python, seconds).
+$(VENV)/.installed-compressed: $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints.txt -e '.[compressed]'
+	touch $@
+
 setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/python -m minitron.run $(RECIPE)
 
-test: setup $(VENV)/.installed-gguf
+test: setup $(VENV)/.installed-gguf $(VENV)/.installed-compressed
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:

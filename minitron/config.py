@@ -568,6 +568,7 @@ AccuracyLevel = Literal["auto", 0, 1, 2, 3, 4]
 GgufChoice = Literal["none", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "all"]
 # A Literal (so --help and recipes list the kinds); minitron.cpu's targets are the same names.
 Int8Cpu = Literal["auto", "vnni", "no-vnni", "arm"]
+CompressedChoice = Literal["none", "w8a8", "w4a16", "all"]
 assert typing.get_args(Int8Cpu) == INT8_CPUS, "config.Int8Cpu and cpu.CPU_TARGETS disagree"
 BLOCKWISE_MAX_BLOCK = 128
 
@@ -601,9 +602,15 @@ class ExportConfig(Section):
                                        "transformers' GGUF loader (logits and text tokenization).")
     gguf_imatrix: bool = setting(True, "k-quants weigh rounding errors by the importance matrix "
                                        "(mean squared input activations from the calibration pass).")
+    compressed: CompressedChoice = setting(
+        "none", "Also write compressed-tensors checkpoints for vLLM (extra minitron[compressed]): "
+                "compressed-w8a8/ (INT8 weights per channel, INT8 activations per token, "
+                "SmoothQuant scales folded in) and/or compressed-w4a16/ (4-bit weights in groups "
+                "of 128, or 64/32 where 128 does not divide the widths, AWQ scales folded in); "
+                "each reloaded through transformers and measured.")
     # One default for the recipe and the command (they were 32 and 16): 32 calibration blocks.
-    calib_samples: int = setting(32, "Calibration blocks for int8=static|smoothquant and "
-                                     "int4=awq.", at_least(1))
+    calib_samples: int = setting(32, "Calibration blocks for int8=static|smoothquant, "
+                                     "int4=awq and compressed.", at_least(1))
     max_eval_tokens: int = setting(8192, "Validation reads at most this many tokens (blocks of at "
                                          "most 512, batch 1), whatever the model's context.",
                                    at_least(2))

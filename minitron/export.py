@@ -3,7 +3,7 @@
 `python -m minitron.export --model M --output DIR [export.int8=blockwise|dynamic|static|none]
  [export.per_channel=true] [export.int8_cpu=auto|vnni|no-vnni|arm] [export.int4=rtn|hqq|none]
  [export.accuracy_level=auto|0..4] [export.gguf=none|f16|q8_0|q4_k_m|q5_k_m|q6_k|all] [export.compare=true]
- [export.bnb=true]` (`--help` lists every setting)
+ [export.compressed=none|w8a8|w4a16|all] [export.bnb=true]` (`--help` lists every setting)
 
 The folder is an ONNX Runtime GenAI model folder: `onnxruntime_genai.Model(DIR)` generates and
 streams from `model.onnx` (the quantized model unless `int8=none`) with `genai_config.json` and the
@@ -615,7 +615,8 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("minitron", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
-                "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "bitsandbytes"):
+                "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "bitsandbytes",
+                "compressed-tensors"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
@@ -755,7 +756,8 @@ def load_job(model, where: str, config, settings: ExportConfig, data: DataConfig
     blocks = load_blocks(tokenizer, "eval", n_blocks, **read)
     calib = None
     kquants = settings.gguf_imatrix and any(t in GGUF_KQUANTS for t in gguf_types(settings.gguf))
-    if kquants or any(v.scheme in ("static", *TRANSFORMS) for v in variants_to_measure(settings)):
+    if kquants or settings.compressed != "none" or any(
+            v.scheme in ("static", *TRANSFORMS) for v in variants_to_measure(settings)):
         calib = load_blocks(tokenizer, "calibration", settings.calib_samples, **read)
     return Job(str(model), where, config, settings, data, pt_model, tokenizer, blocks, calib,
                prompt=blocks[:1, :min(16, length - 1)], trust_remote_code=trust_remote_code)
@@ -982,6 +984,33 @@ def export_gguf(job: Job, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def export_compressed(job: Job, tmp: Path) -> list[dict[str, Any]]:
+    """compressed-tensors checkpoints for vLLM (minitron.compressed) in subfolders, each reloaded
+    through plain transformers and measured like the GGUF rows: reported against the gates, not
+    failed by them (4-bit weights are not expected to keep +2%), but a checkpoint that does not
+    reload or yields a non-finite perplexity fails the export."""
+    from minitron import calibration, compressed
+
+    schemes = tuple(compressed.SCHEMES) if job.settings.compressed == "all" else (job.settings.compressed,)
+    stats, source = calibration.for_model(job.pt_model, job.where, job.calib, gram="w4a16" in schemes)
+    rows = []
+    for scheme in schemes:
+        folder = tmp / compressed.folder_name(scheme)
+        with job.timed(f"compressed_{scheme}"):
+            info = compressed.write(job.pt_model, job.tokenizer, folder, scheme, stats)
+            reloaded = compressed.load(folder)
+            row = measure_torch(reloaded, job.blocks, job.ref, job.prompt,
+                                dataclasses.replace(job.settings, speed=False), job.pad_id)
+            del reloaded
+        if not math.isfinite(row["perplexity"]):
+            raise MinitronError(f"the compressed-tensors {scheme} checkpoint reloads with perplexity "
+                                f"{row['perplexity']}")
+        problems = check_quantized(row, job.ref_perplexity, job.settings)
+        rows.append({"model": folder.name, "within_budget": not problems, "problems": problems,
+                     "calibration_stats": source, **info, **row})
+    return rows
+
+
 def _record(job: Job) -> dict[str, Any]:
     """What manifest.json and the report record: the export's settings and the data it measured."""
     return {**job.settings.to_dict(), "data": job.data.to_dict()}
@@ -1051,6 +1080,10 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
             llama_cpp()  # the k-quant encoder is an optional extra: say so before any work
     if settings.bnb:
         _check_bnb()
+    if settings.compressed != "none":
+        from minitron.compressed import check_library
+
+        check_library()  # an optional extra: say so before any work
     cpu = int8_target(settings.int8_cpu)
     candidates = deploy_candidates(settings)
     fp32_file = FP32_FILE if candidates else DEPLOY_FILE
@@ -1070,6 +1103,8 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
             check_genai(job, tmp, next(r for r in rows if r.get("deployed")))
         if settings.gguf != "none":
             rows += export_gguf(job, tmp)
+        if settings.compressed != "none":
+            rows += export_compressed(job, tmp)
         if settings.bnb:
             rows += measure_bnb(job)
         report = write_report(job, tmp, rows, _deployed_name(deploy), cpu,

@@ -202,12 +202,19 @@ def smoothquant_(model: nn.Module, stats: Stats, alphas=SMOOTH_ALPHAS) -> dict[s
     return {"alpha": chosen}
 
 
-def fake_quant_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+def fake_quant_blockwise(w: torch.Tensor, bits: int, block: int,
+                         symmetric: bool = False) -> torch.Tensor:
     """Asymmetric round-to-nearest in blocks of `block` input channels (MatMulNBits' RTN scheme:
-    one scale and zero point per block, zero point rounded to an integer)."""
+    one scale and zero point per block, zero point rounded to an integer). `symmetric`: no zero
+    point, scale max|w| / ((2^bits - 1) / 2), integers clamped to [-2^(bits-1), 2^(bits-1) - 1]
+    (compressed-tensors' symmetric INT scheme)."""
     out_f, in_f = w.shape
     pad = (-in_f) % block
     x = torch.nn.functional.pad(w.double(), (0, pad)).view(out_f, -1, block)
+    if symmetric:
+        scale = (x.abs().amax(-1, keepdim=True) / ((2 ** bits - 1) / 2)).clamp(min=1e-12)
+        q = (x / scale).round().clamp(-2 ** (bits - 1), 2 ** (bits - 1) - 1)
+        return (q * scale).view(out_f, -1)[:, :in_f]
     lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
     qmax = 2 ** bits - 1
     scale = ((hi - lo) / qmax).clamp(min=1e-12)
@@ -217,23 +224,24 @@ def fake_quant_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor
 
 
 def awq_error(weights: list[torch.Tensor], gram: torch.Tensor, s: torch.Tensor, bits: int,
-              block: int) -> float:
+              block: int, symmetric: bool = False) -> float:
     """tr(dW G dW^T) summed over the group: the squared output error over the calibration tokens
     of quantizing W diag(s) and undoing s."""
     err = 0.0
     g = gram.double()
     for w in weights:
         w = w.double()
-        dw = fake_quant_blockwise(w * s[None, :], bits, block) / s[None, :] - w
+        dw = fake_quant_blockwise(w * s[None, :], bits, block, symmetric) / s[None, :] - w
         err += float(((dw @ g) * dw).sum())
     return err
 
 
 @torch.no_grad()
 def awq_(model: nn.Module, stats: Stats, bits: int = 4, block: int = 32,
-         alphas=AWQ_ALPHAS) -> dict[str, Any]:
-    """AWQ-scale `model` in place for `bits`-bit blocks of `block`; needs X^T X in `stats`
-    (calibration.collect(..., gram=True)). Returns the strength chosen per group."""
+         alphas=AWQ_ALPHAS, symmetric: bool = False) -> dict[str, Any]:
+    """AWQ-scale `model` in place for `bits`-bit blocks of `block` (`symmetric`: scored for
+    symmetric rounding); needs X^T X in `stats` (calibration.collect(..., gram=True)). Returns the
+    strength chosen per group."""
     chosen = {}
     for g in groups(model):
         if "gram" not in stats.modules.get(g.stats_key, {}):
@@ -249,7 +257,7 @@ def awq_(model: nn.Module, stats: Stats, bits: int = 4, block: int = 32,
             s = s / (s.max() * s.min()).sqrt()
             if g.tie is not None:
                 s = g.tie(s)
-            e = awq_error(ws, gram, s, bits, block)
+            e = awq_error(ws, gram, s, bits, block, symmetric)
             if e < best[0]:
                 best = (e, a, s)
         apply_scales_(g, best[2])
