@@ -126,6 +126,10 @@ def configs(args: argparse.Namespace) -> dict[str, Section]:
     given += parse_overrides(args.overrides)
     for name, value in given:
         if name not in valid:
+            section, _, key = name.partition(".")
+            renamed = SECTIONS[section].renamed(key) if section in keys else None
+            if renamed:
+                raise RecipeError(f"command line: {name}: {renamed}")
             close = difflib.get_close_matches(name, sorted(valid), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise RecipeError(f"command line: {name}: unknown key; {hint}valid keys: "

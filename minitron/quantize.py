@@ -270,37 +270,62 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> 
     (same architecture): each changed parameter is looked up by its exact values (the exporter
     stores a linear's weight transposed, a norm's as is). False, writing nothing, if any changed
     parameter is not found exactly once (e.g. constant-folded into another value, or equal to
-    another weight)."""
+    another weight).
+
+    Only the graph's structure is loaded, and only the float tensors of a changed parameter's
+    shape are read, one at a time. External data is copied as bytes and each changed tensor is
+    written over its own bytes (same shape and type), so a graph of many GB is never held whole."""
+    import contextlib
+    import shutil
+
     import numpy as np
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    proto = onnx.load(str(src))
+    proto = onnx.load(str(src), load_external_data=False)
+    new = dict(after.named_parameters())
+    changed = []  # (parameter name, its old values as the graph stores them)
+    for name, p in before.named_parameters():
+        if not torch.equal(p, new[name]):
+            old = p.detach().float().numpy()
+            changed.append((name, np.ascontiguousarray(old.T if old.ndim == 2 else old)))
+    shapes = {old.shape for _, old in changed}
+
+    def read(t):
+        return numpy_helper.to_array(t, str(src.parent))
+
     by_key: dict[tuple, list] = {}
     for t in proto.graph.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) in (1, 2):
-            arr = numpy_helper.to_array(t)
-            by_key.setdefault((arr.shape, hash(arr.tobytes())), []).append((t, arr))
-    new = dict(after.named_parameters())
+        if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in shapes:
+            by_key.setdefault((tuple(t.dims), hash(read(t).tobytes())), []).append(t)
     todo = []
-    for name, p in before.named_parameters():
-        if torch.equal(p, new[name]):
-            continue
-        old = p.detach().float().numpy()
-        old = old.T if old.ndim == 2 else old
-        hits = [t for t, arr in by_key.get((old.shape, hash(np.ascontiguousarray(old).tobytes())), [])
-                if np.array_equal(arr, old)]
+    for name, old in changed:
+        hits = [t for t in by_key.get((old.shape, hash(old.tobytes())), [])
+                if np.array_equal(read(t), old)]
         if len(hits) != 1:
             return False
         val = new[name].detach().float().numpy()
         todo.append((hits[0], np.ascontiguousarray(val.T if val.ndim == 2 else val)))
-    if len({id(t) for t, _ in todo}) != len(todo):
+    locations = {ExternalDataInfo(t).location for t in proto.graph.initializer
+                 if uses_external_data(t)}
+    if len({id(t) for t, _ in todo}) != len(todo) or len(locations) > 1:
         return False
-    for t, val in todo:
-        t.CopyFrom(numpy_helper.from_array(val, t.name))
-    external = src.with_name(src.name + "_data").exists()  # minitron.export names it so
-    onnx.save(proto, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
-              location=dst.name + "_data")
+    data = dst.with_name(dst.name + "_data")
+    if locations:
+        shutil.copyfile(src.parent / next(iter(locations)), data)
+    with open(data, "r+b") if locations else contextlib.nullcontext() as f:
+        for t, val in todo:
+            if uses_external_data(t):
+                f.seek(ExternalDataInfo(t).offset or 0)
+                f.write(val.tobytes())
+            else:
+                t.CopyFrom(numpy_helper.from_array(val, t.name))
+    for t in proto.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    onnx.save(proto, str(dst))
     return True
 
 

@@ -22,7 +22,8 @@ import yaml
 
 from minitron.common import MinitronError
 from minitron.config import (CacheConfig, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
-                             ImportanceConfig, ModelConfig, PruneConfig, SearchConfig, SweepConfig,
+                             ImportanceConfig, ModelConfig, PruneConfig, SearchConfig, Section,
+                             SweepConfig,
                              TeacherCorrectionConfig, check_correction)
 
 
@@ -134,6 +135,9 @@ def build_section(cls: type, raw: Any, key: str, where: str) -> Any:
     for name, value in raw.items():
         path = f"{key}.{name}" if key else str(name)
         if name not in names:
+            renamed = cls.renamed(str(name)) if issubclass(cls, Section) else None
+            if renamed:
+                _fail(where, path, renamed)
             close = difflib.get_close_matches(str(name), names, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             _fail(where, path, f"unknown key; {hint}valid keys: {', '.join(names)}")

@@ -575,19 +575,129 @@ def test_external_data_path(source, tmp_path, fast, monkeypatch):
 
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / "out"
-    report = fast(source, out, keep_fp32=True, accuracy_level=0, compare=True)
+    report = fast(source, out, keep_fp32=True, compare=True)
     assert sorted(p.name for p in out.glob("*.onnx*")) == sorted(
         [ex.DEPLOY_FILE, ex.DEPLOY_FILE + "_data", ex.FP32_FILE, ex.FP32_FILE + "_data"])
     assert ex.uses_external_data(out / ex.DEPLOY_FILE) and ex.uses_external_data(out / ex.FP32_FILE)
     quantized = [r for r in report["rows"] if r["model"].startswith(("onnx-int8", "onnx-int4"))]
-    # the seven plain variants, SmoothQuant and AWQ (their scaled weights patched into the
-    # external-data graph)
-    assert len(quantized) == 9 and all("perplexity" in r for r in quantized)
-    assert {r["variant"] for r in quantized} >= {"int8-smoothquant-per-channel", "int4-awq-acc0"}
+    # the eleven plain variants (each MatMulNBits scheme's level 4 re-levelled from its level 0),
+    # SmoothQuant and AWQ at both levels
+    assert len(quantized) == 13 and all("perplexity" in r for r in quantized)
+    assert {r["variant"] for r in quantized if "graph" in r} == {
+        "int8-smoothquant-per-channel", "int4-awq-acc0", "int4-awq-acc4"}
     prompt = _ids(1, 6, seed=13)
     expected = _ort_greedy(_session(out / ex.DEPLOY_FILE), prompt, 5)
     expected = expected[:expected.index(0) + 1] if 0 in expected else expected  # genai stops at EOS
     assert genai_generate(out, prompt[0].tolist(), 5) == expected
+
+
+def _node_key(node) -> tuple:
+    """A node as its op, wiring and attributes (in any order)."""
+    return (node.op_type, node.domain, node.name, tuple(node.input), tuple(node.output),
+            sorted((a.name, a.SerializeToString()) for a in node.attribute))
+
+
+def test_second_accuracy_level_relevels_the_first_quantization(exported, tmp_path):
+    """A MatMulNBits scheme is quantized once; its other accuracy level is the same graph with the
+    node attribute changed (`relevel_onnx`), its external data copied as bytes. It must equal
+    what ORT's quantizer writes when asked for that level directly."""
+    import dataclasses
+
+    import onnx
+    from onnx import numpy_helper
+
+    out, _ = exported
+    src = tmp_path / "fp32.onnx"
+    _save_external(out / ex.FP32_FILE, src)
+    assert ex.quantizable_graph(src, tmp_path / "folded.onnx") == src  # torch folds its transposes
+    for first in (ex.QuantVariant("blockwise", accuracy_level=0),
+                  ex.QuantVariant("rtn", bits=4, accuracy_level=4)):
+        second = dataclasses.replace(first, accuracy_level=4 - first.accuracy_level)
+        ex.quantize(src, tmp_path / first.file, first)
+        ex.quantize(src, tmp_path / "direct.onnx", second)
+        ex.relevel_onnx(tmp_path / first.file, tmp_path / second.file, second.accuracy_level)
+        assert ex.uses_external_data(tmp_path / second.file)
+        got, want = (onnx.load(str(tmp_path / f)) for f in (second.file, "direct.onnx"))
+        assert [_node_key(n) for n in got.graph.node] == [_node_key(n) for n in want.graph.node]
+        assert {"accuracy_level"} & {a.name for n in got.graph.node for a in n.attribute} == (
+            {"accuracy_level"} if second.accuracy_level else set())
+        assert [t.name for t in got.graph.initializer] == [t.name for t in want.graph.initializer]
+        for a, b in zip(got.graph.initializer, want.graph.initializer):
+            assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)), a.name
+        ex.remove_onnx(tmp_path / "direct.onnx")
+
+
+def _save_external(src: Path, dst: Path) -> None:
+    """`src` in the layout minitron.onnx_graph writes past 2 GB: tensors over 1 KB in `<dst>_data`."""
+    import onnx
+
+    onnx.save(onnx.load(str(src)), str(dst), save_as_external_data=True,
+              all_tensors_to_one_file=True, location=dst.name + "_data", size_threshold=1024)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_patched_weights_give_the_changed_models_logits(exported, torch_model, tmp_path, external):
+    """`quantize.patch_weights` (how SmoothQuant / AWQ graphs are made from the validated one)
+    finds each changed weight by its values and rewrites it, in the file itself or in place in
+    the external data, and the patched graph computes what the changed PyTorch model computes."""
+    import copy
+
+    from minitron.quantize import patch_weights
+
+    out, _ = exported
+    src = tmp_path / "fp32.onnx"
+    if external:
+        _save_external(out / ex.FP32_FILE, src)
+    else:
+        src.write_bytes((out / ex.FP32_FILE).read_bytes())
+    changed = copy.deepcopy(torch_model)
+    with torch.no_grad():
+        changed.model.layers[1].self_attn.q_proj.weight.mul_(0.5)
+        changed.model.layers[2].mlp.down_proj.weight.mul_(1.5)
+    assert patch_weights(src, tmp_path / "patched.onnx", torch_model, changed)
+    assert ex.uses_external_data(tmp_path / "patched.onnx") == external
+    ids = _ids(2, 16, seed=5)
+    got = _ort_logits(_session(tmp_path / "patched.onnx"), ids)
+    with torch.no_grad():
+        want, before = changed(ids).logits, torch_model(ids).logits
+    assert (got - want).abs().max().item() < 1e-4 < (got - before).abs().max().item()
+    assert _ort_logits(_session(src), ids).sub(before).abs().max().item() < 1e-4  # src untouched
+
+
+def test_fp32_gate_passes_the_export_and_fails_one_layer_off_by_one_percent(exported, torch_model,
+                                                                           tmp_path, corpus):
+    """The FP32 gate (max |logit difference| relative to the largest |logit|, default
+    export.fp32_rtol) passes the real graph of the 4-layer model and fails the same graph with one
+    layer's down_proj weight scaled by 1.01, found in the graph by its values."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from minitron.onnx_lm import OnnxLM
+
+    out, _ = exported
+    settings = ExportConfig()
+    blocks = load_blocks(tiny_tokenizer(), "eval", 2, block_size=32, source=corpus)
+    _, ref = ex.score(lambda b: torch_model(b).logits, blocks)
+
+    def gate(folder: Path, file_name: str) -> tuple[dict, list[str]]:
+        row, _ = ex.score(OnnxLM(folder, file_name).logits, blocks, ref)
+        return row, ex.check_fp32({**row, "greedy_match": 0}, settings, 0)
+
+    row, problems = gate(out, ex.FP32_FILE)
+    assert problems == [] and row["top1_vs_fp32"] == 1.0
+    proto = onnx.load(str(out / ex.FP32_FILE))
+    weight = torch_model.model.layers[2].mlp.down_proj.weight.detach().numpy().T
+    hits = [t for t in proto.graph.initializer if tuple(t.dims) == weight.shape
+            and np.array_equal(numpy_helper.to_array(t), weight)]
+    assert len(hits) == 1
+    hits[0].CopyFrom(numpy_helper.from_array(weight * np.float32(1.01), hits[0].name))
+    shutil.copy(out / "genai_config.json", tmp_path)
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    row, problems = gate(tmp_path, "bad.onnx")
+    assert row["rel_logit_diff"] > settings.fp32_rtol
+    assert problems and "of the largest |logit|, > export.fp32_rtol" in problems[0]
 
 
 # ----------------------------------------------------------------------------- failures
@@ -604,8 +714,9 @@ def test_interrupted_export_leaves_no_folder(source, tmp_path, monkeypatch, fast
 
 def test_fp32_mismatch_fails_with_numbers(source, tmp_path, fast):
     with pytest.raises(MinitronError,
-                       match=r"does not match PyTorch: max \|logit difference\| [0-9.e-]+ > atol 0"):
-        fast(source, tmp_path / "out", atol=0.0)
+                       match=r"does not match PyTorch: max \|logit difference\| [0-9.e-]+ is "
+                             r"[0-9.e-]+ of the largest \|logit\|, > export.fp32_rtol 0"):
+        fast(source, tmp_path / "out", fp32_rtol=0.0)
     assert not (tmp_path / "out").exists()
 
 

@@ -63,6 +63,16 @@ def test_typo_gets_a_suggestion(tmp_path):
         load_recipe(path)
 
 
+def test_renamed_key_is_refused_with_its_new_name(tmp_path):
+    from minitron import cli, export
+
+    with pytest.raises(RecipeError, match=r"r.yaml: export.atol: renamed to 'export.fp32_rtol' "
+                                          r"\(the FP32 graph's logit bound is now relative"):
+        load_recipe(write(tmp_path, "export:\n  atol: 0.001\n"))
+    with pytest.raises(RecipeError, match=r"command line: export.atol: renamed to 'export.fp32_rtol'"):
+        cli.configs(cli.parse(export.build_parser(), ["--output", "o", "export.atol=0.001"]))
+
+
 def test_unknown_section(tmp_path):
     with pytest.raises(RecipeError, match=r"r.yaml: distil: unknown key; did you mean 'distill'\?"):
         load_recipe(write(tmp_path, "distil:\n  lr: 1\n"))
