@@ -34,8 +34,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python -m minitron.run $(RECIPE)
 
+# --durations: the slowest tests at the end of every run (CI logs included), to keep the suite short
 test: setup $(VENV)/.installed-gguf $(VENV)/.installed-compressed
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
