@@ -257,12 +257,15 @@ def awq_(model: nn.Module, stats: Stats, bits: int = 4, block: int = 32,
     return {"alpha": chosen}
 
 
-def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> bool:
+def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module,
+                  found: dict[str, str] | None = None) -> bool:
     """Write `src` to `dst` with the weights of model `before` replaced by those of `after`
     (same architecture): each changed parameter is looked up by its exact values (the exporter
-    stores a linear's weight transposed, a norm's as is). False, writing nothing, if any changed
-    parameter is not found exactly once (e.g. constant-folded into another value, or equal to
-    another weight)."""
+    stores a linear's weight transposed, a norm's as is). Tied parameters are compared under
+    each of their names, so a head untied in `after` is found as the graph's head weight. False,
+    writing nothing, if any changed parameter is not found exactly once (e.g. constant-folded
+    into another value, or equal to another weight). `found` receives {parameter name:
+    initializer name} of the replaced ones."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -273,9 +276,9 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> 
         if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) in (1, 2):
             arr = numpy_helper.to_array(t)
             by_key.setdefault((arr.shape, hash(arr.tobytes())), []).append((t, arr))
-    new = dict(after.named_parameters())
+    new = dict(after.named_parameters(remove_duplicate=False))
     todo = []
-    for name, p in before.named_parameters():
+    for name, p in before.named_parameters(remove_duplicate=False):
         if torch.equal(p, new[name]):
             continue
         old = p.detach().float().numpy()
@@ -286,6 +289,8 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> 
             return False
         val = new[name].detach().float().numpy()
         todo.append((hits[0], np.ascontiguousarray(val.T if val.ndim == 2 else val)))
+        if found is not None:
+            found[name] = hits[0].name
     if len({id(t) for t, _ in todo}) != len(todo):
         return False
     for t, val in todo:
