@@ -1,10 +1,13 @@
 """SmolLM2-135M through minitron.export with the activation-aware candidates side by side.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py   # ~12 min on a 2-core box
+    OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py [--int4-only]
 
 One export (the export's own validation data, 8192 tokens; one thread) measuring int8=smoothquant
-and int4=awq at accuracy levels 0 and 4 against PyTorch FP32, with the perplexity gates relaxed so
-that the report is written whatever the numbers. Copies the export's report to
+and the INT4 variants side by side (RTN, AWQ, GPTQ and AWQ + GPTQ at accuracy level 0, the GPTQ
+ones with the LM head at 4 and at 8 bits, and AWQ + GPTQ with an 8-bit head at level 4) against
+PyTorch FP32, with the perplexity gates relaxed so that the report is written whatever the
+numbers. `--int4-only` leaves the SmoothQuant rows out (about 30 min on a loaded 2-core box
+instead of 40). Copies the export's report to
 benchmarks/results/activation_aware-cpu-<time>.json / .md (device, versions, git sha).
 """
 
@@ -29,10 +32,13 @@ def main() -> None:
     from minitron.config import DataConfig, ExportConfig
 
     torch.set_num_threads(1)
-    variants = [ex.QuantVariant("smoothquant", True),
-                ex.QuantVariant("smoothquant", True, fp32_layers=ex.SMOOTHQUANT_FP32),
-                ex.QuantVariant("awq", bits=4, accuracy_level=0),
-                ex.QuantVariant("awq", bits=4, accuracy_level=4)]
+    int4 = [ex.QuantVariant(scheme, bits=4, accuracy_level=0) for scheme in ("rtn", "awq")]
+    int4 += [ex.QuantVariant(scheme, bits=4, accuracy_level=0, head_bits=head)
+             for scheme in ex.GPTQ_SCHEMES for head in (4, 8)]
+    int4 += [ex.QuantVariant("awq_gptq", bits=4, accuracy_level=4, head_bits=8)]
+    int8 = [ex.QuantVariant("smoothquant", True),
+            ex.QuantVariant("smoothquant", True, fp32_layers=ex.SMOOTHQUANT_FP32)]
+    variants = int4 if "--int4-only" in sys.argv[1:] else int8 + int4
     ex.variants_to_measure = lambda settings: list(variants)  # these, and only these
     ex.deploy_candidates = lambda settings: list(variants)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +54,10 @@ def main() -> None:
           f"{d['cpu']} ({d['cpu_count']} cores, load {d['load_average_1m']}); git {report['git']}; "
           f"{report['eval']}; ratios against PyTorch FP32 in the same run.\n",
           ex.format_table(report["table"], ex.REPORT_COLUMNS), "",
-          "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py`"]
+          "Precision of the GPTQ variants' tensors:", ""]
+    md += [f"- {r['model']}: {r['precision']}" for r in report["rows"] if r.get("precision")]
+    md += ["", "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py "
+           + " ".join(sys.argv[1:]) + "`"]
     (RESULTS / f"activation_aware-cpu-{stamp}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
