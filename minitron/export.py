@@ -736,6 +736,7 @@ class Job:
     ref_perplexity: float = math.nan
     stats: Any = None  # minitron.calibration.Stats, once a transform needs them
     stats_from: str = ""
+    gptq_cache: dict[str, dict] = field(default_factory=dict)  # transform -> minitron.gptq's cache
     timings: list[dict[str, Any]] = field(default_factory=list)
     trust_remote_code: bool = False
 
@@ -866,7 +867,7 @@ def transformed_graph(job: Job, tmp: Path, transform: str, base: Path,
         info = aq.awq_(model, job.stats, bits=4, block=aq.matmul_block(model))
     else:
         info = {"alpha": {}}
-    grids = _gptq_(job, model, head_bits) if transform in GPTQ_SCHEMES else {}
+    grids = _gptq_(job, model, transform, head_bits) if transform in GPTQ_SCHEMES else {}
     folded = tmp / f"model_fp32_{transform}{'' if head_bits == 4 else f'_head{head_bits}'}.onnx"
     found: dict[str, str] = {}
     patched = aq.patch_weights(base, folded, job.pt_model, model, found)
@@ -893,15 +894,15 @@ def transformed_graph(job: Job, tmp: Path, transform: str, base: Path,
     return folded, summary
 
 
-def _gptq_(job: Job, model, head_bits: int) -> dict:
+def _gptq_(job: Job, model, transform: str, head_bits: int) -> dict:
     """GPTQ every linear of `model` in place (one calibration pass of its own, on the model as
-    transformed so far), the LM head at `head_bits`."""
+    transformed so far, shared by the transform's head widths), the LM head at `head_bits`."""
     from minitron import gptq, quantize as aq
 
     if job.calib is None:
         raise MinitronError("export.int4=gptq|awq_gptq needs calibration blocks")
     return gptq.gptq_model_(model, job.calib, bits=4, block=aq.matmul_block(model),
-                            head_bits=head_bits)
+                            head_bits=head_bits, cache=job.gptq_cache.setdefault(transform, {}))
 
 
 def _grid_precision(grids: dict, model) -> str:

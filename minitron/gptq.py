@@ -180,18 +180,27 @@ def unpack_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarr
 # ----------------------------------------------------------------------------- a whole model
 @torch.no_grad()
 def gptq_model_(model: torch.nn.Module, blocks: torch.Tensor, bits: int = 4, block: int = 32,
-                head_bits: int = 4, damp: float = 0.01, act_order: bool = True) -> dict[str, Grid]:
+                head_bits: int = 4, damp: float = 0.01, act_order: bool = True,
+                cache: dict | None = None) -> dict[str, Grid]:
     """GPTQ every linear layer of `model` (a float copy; the LM head at `head_bits`) over X^T X of
     one calibration pass on `blocks`, and put the dequantized weights in place (a tied LM head is
-    untied: the embedding keeps its float weight). Returns {HF module name: Grid}."""
+    untied: the embedding keeps its float weight). Returns {HF module name: Grid}. `cache` (a dict
+    kept by the caller for copies of one model and the same `blocks`) keeps the statistics and
+    grids for another call, e.g. the same layers with another head width."""
     from minitron import calibration
     from minitron.models import arch_of
 
     head = arch_of(model).lm_head
-    stats = calibration.collect(model, blocks, gram=True, include_head=True)
-    grids = {name: gptq(m.weight.data, stats.get(name, "gram"), head_bits if name == head else bits,
-                        block, damp, act_order)
-             for name, m in calibration.linear_modules(model, include_head=True)}
+    cache = {} if cache is None else cache
+    if "stats" not in cache:
+        cache["stats"] = calibration.collect(model, blocks, gram=True, include_head=True)
+    grids = {}
+    for name, m in calibration.linear_modules(model, include_head=True):
+        key = (name, head_bits if name == head else bits, block, damp, act_order)
+        if key not in cache:
+            cache[key] = gptq(m.weight.data, cache["stats"].get(name, "gram"), key[1], block, damp,
+                              act_order)
+        grids[name] = cache[key]
     for name, m in calibration.linear_modules(model, include_head=True):
         m.weight = torch.nn.Parameter(grids[name].dequantize().to(m.weight.dtype), requires_grad=False)
     return grids
