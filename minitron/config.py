@@ -572,7 +572,7 @@ class CacheConfig(Section):
 # ----------------------------------------------------------------------------- export and evaluate
 Int8Scheme = Literal["blockwise", "dynamic", "static", "smoothquant", "none"]
 INT8_SCHEMES: tuple[str, ...] = typing.get_args(Int8Scheme)
-Int4Scheme = Literal["rtn", "hqq", "awq", "none"]
+Int4Scheme = Literal["rtn", "hqq", "awq", "gptq", "awq_gptq", "none"]
 INT4_SCHEMES: tuple[str, ...] = typing.get_args(Int4Scheme)
 # 'auto' measures levels 0 and 4; YAML and `key=value` read a bare 4 as a number.
 AccuracyLevel = Literal["auto", 0, 1, 2, 3, 4]
@@ -603,9 +603,14 @@ class ExportConfig(Section):
     int8_cpu: Int8Cpu = setting("auto", "The CPU kind the dynamic/static INT8 models are made "
                                         "for: 'auto' (this one) or a kind (minitron.cpu); it picks "
                                         "ONNX Runtime's activation/weight types and weight range.")
-    int4: Int4Scheme = setting("none", "'rtn', 'hqq' or 'awq' (activation-aware scales from "
-                                       "the calibration statistics) deploys 4-bit MatMulNBits "
-                                       "weights (embedding too) instead of INT8.")
+    int4: Int4Scheme = setting("none", "'rtn', 'hqq', 'awq' (activation-aware scales from "
+                                       "the calibration statistics), 'gptq' (second-order "
+                                       "rounding over the calibration X^T X) or 'awq_gptq' (both) "
+                                       "deploys 4-bit MatMulNBits weights (embedding too) "
+                                       "instead of INT8.")
+    int4_head_bits: Literal[4, 8] = setting(4, "MatMulNBits bits of the LM head under "
+                                               "int4=gptq|awq_gptq (8 keeps the tied "
+                                               "head/embedding's output side finer).")
     accuracy_level: AccuracyLevel = setting(
         "auto", "MatMulNBits accuracy_level (blockwise INT8, INT4): 'auto' measures 0 (float "
                 "activations) and 4 (int8 activations) and deploys the faster one that passes the "

@@ -1,7 +1,7 @@
 """Export a causal LM to a deployable ONNX folder: KV-cache graph, INT8/INT4, GGUF, validated.
 
 `python -m minitron.export --model M --output DIR [export.int8=blockwise|dynamic|static|none]
- [export.per_channel=true] [export.int8_cpu=auto|vnni|no-vnni|arm] [export.int4=rtn|hqq|none]
+ [export.per_channel=true] [export.int8_cpu=auto|vnni|no-vnni|arm] [export.int4=rtn|hqq|awq|gptq|awq_gptq|none]
  [export.accuracy_level=auto|0..4] [export.gguf=none|f16|q8_0|q4_k_m|q5_k_m|q6_k|all] [export.compare=true]
  [export.compressed=none|w8a8|w4a16|all] [export.bnb=true]` (`--help` lists every setting)
 
@@ -21,6 +21,8 @@ Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and t
 - `static`: `quantize_static` in QDQ format, activation ranges calibrated (min/max) on blocks of
   the calibration split; per tensor or per channel.
 - `int4=rtn|hqq`: MatMulNBits with 4-bit weights (and a 4-bit GatherBlockQuantized embedding).
+  `awq` folds activation-aware scales in first; `gptq` (and `awq_gptq`, after AWQ's scales) writes
+  GPTQ's integers (minitron.gptq) into the MatMulNBits nodes, the LM head at `int4_head_bits`.
 `dynamic` and `static` take their types and weight range from the CPU they are made for
 (`minitron.cpu`: reduced-range weights without VNNI, per ONNX Runtime's guidance). MatMulNBits
 models run at `accuracy_level` 0 (float activations) or 4 (int8 activations per block, faster, but
@@ -103,12 +105,14 @@ class QuantVariant:
     bits: int = 8
     accuracy_level: int | None = None  # MatMulNBits only
     fp32_layers: tuple[str, ...] = ()  # static only: MatMuls left in FP32 (see fp32_matmuls)
+    head_bits: int = 4  # int4 gptq / awq_gptq only: the LM head's MatMulNBits bits (4 or 8)
 
     @property
     def name(self) -> str:
         return (f"int{self.bits}-{self.scheme}" + ("-per-channel" if self.per_channel else "")
                 + (f"-acc{self.accuracy_level}" if self.accuracy_level is not None else "")
-                + ("-fp32-" + "-".join(self.fp32_layers) if self.fp32_layers else ""))
+                + ("-fp32-" + "-".join(self.fp32_layers) if self.fp32_layers else "")
+                + (f"-head{self.head_bits}" if self.head_bits != 4 else ""))
 
     @property
     def file(self) -> str:
@@ -122,7 +126,9 @@ class QuantVariant:
 def deploy_candidates(settings: ExportConfig) -> list[QuantVariant]:
     """The variants the deployed model.onnx is chosen from (one per accuracy level measured)."""
     if settings.int4 != "none":
-        return [QuantVariant(settings.int4, bits=4, accuracy_level=lv) for lv in settings.levels]
+        head = settings.int4_head_bits if settings.int4 in GPTQ_SCHEMES else 4
+        return [QuantVariant(settings.int4, bits=4, accuracy_level=lv, head_bits=head)
+                for lv in settings.levels]
     if settings.int8 == "blockwise":
         return [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
     if settings.int8 == "smoothquant":  # per-channel weights always (the scales migrate into them)
@@ -140,7 +146,7 @@ def variants_to_measure(settings: ExportConfig) -> list[QuantVariant]:
         others += [QuantVariant("dynamic"), QuantVariant("dynamic", True), QuantVariant("static"),
                    QuantVariant("static", True), QuantVariant("smoothquant", True)]
         others += [QuantVariant(s, bits=4, accuracy_level=lv) for s in INT4_SCHEMES[:-1]
-                   for lv in settings.levels]
+                   if s not in GPTQ_SCHEMES for lv in settings.levels]  # GPTQ: minutes, on demand
         out += [v for v in others if v not in out]
     return out
 
@@ -478,7 +484,8 @@ def _quantize_int4(src: Path, dst: Path, variant: QuantVariant) -> None:
     `rtn` rounds to nearest; `hqq` (ORT's half-quadratic quantizer) optimizes each block's scale and
     zero point against the weights' rounding error, with no calibration data. ORT 1.32's other
     4-bit algorithm, its bundled GPTQ, left a larger logit error than plain RTN on a model with
-    outlier channels (MSE 0.016 vs 0.010), so it is not offered."""
+    outlier channels (MSE 0.016 vs 0.010), so it is not offered; `grid` (minitron.gptq's GPTQ) is
+    RTN whose MatMulNBits nodes are then given the integers saved beside `src`."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  HQQWeightOnlyQuantConfig)
@@ -488,7 +495,7 @@ def _quantize_int4(src: Path, dst: Path, variant: QuantVariant) -> None:
     block = blockwise_block_size(proto)
     level = variant.accuracy_level
     quantizer_cls = _matmul_nbits_quantizer()
-    if variant.scheme == "rtn":
+    if variant.scheme in ("rtn", "grid"):
         ops = ("MatMul", "Gather")
     elif variant.scheme == "hqq":
         hqq = HQQWeightOnlyQuantConfig(block_size=block, bits=4, op_types_to_quantize=("MatMul",))
@@ -503,6 +510,10 @@ def _quantize_int4(src: Path, dst: Path, variant: QuantVariant) -> None:
                                           op_types_to_quantize=ops, bits=4)
     quantizer = quantizer_cls(proto, bits=4, block_size=block, algo_config=config)
     quantizer.process()
+    if variant.scheme == "grid":
+        from minitron import gptq
+
+        gptq.write_grids_(quantizer.model.model, gptq.load_grids(gptq.grids_file(src)))
     _save_quantizer(quantizer, dst, external)
 
 
@@ -786,6 +797,7 @@ class Job:
     ref_perplexity: float = math.nan
     stats: Any = None  # minitron.calibration.Stats, once a transform needs them
     stats_from: str = ""
+    gptq_cache: dict[str, dict] = field(default_factory=dict)  # transform -> minitron.gptq's cache
     timings: list[dict[str, Any]] = field(default_factory=list)
     trust_remote_code: bool = False
 
@@ -865,15 +877,16 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
     if not variants:
         return []
     base = quantizable_graph(tmp / fp32_file, tmp / "model_fp32_folded.onnx")
-    sources = {None: (base, {})}  # transform -> (its FP32 graph, what it did)
+    sources = {(None, 4): (base, {})}  # (transform, head bits) -> (its FP32 graph, what it did)
     quantized: dict[QuantVariant, QuantVariant] = {}  # variant at no level -> the one quantized
     rows = []
     for v in variants:
         transform = v.scheme if v.scheme in TRANSFORMS else None
-        if transform not in sources:
+        key = (transform, v.head_bits)
+        if key not in sources:
             with job.timed(f"{transform}_transform"):
-                sources[transform] = transformed_graph(job, tmp, transform, base)
-        src, info = sources[transform]
+                sources[key] = transformed_graph(job, tmp, transform, base, v.head_bits)
+        src, info = sources[key]
         twin = quantized.get(dataclasses.replace(v, accuracy_level=None)) if v.matmul_nbits else None
         with job.timed(v.name.replace("-", "_")):
             if twin is None:
@@ -886,6 +899,7 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
         rows.append({"model": f"onnx-{v.name}", "variant": v, "within_budget": not problems,
                      "problems": problems, **info, **row})
     for src, _ in sources.values():
+        src.with_suffix(".grids.safetensors").unlink(missing_ok=True)  # minitron.gptq.grids_file
         if src != tmp / fp32_file:
             remove_onnx(src)
     return rows
@@ -895,10 +909,14 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
 TRANSFORMS: dict[str, Callable[[QuantVariant], QuantVariant]] = {
     "smoothquant": lambda v: QuantVariant("static", per_channel=True, fp32_layers=v.fp32_layers),
     "awq": lambda v: QuantVariant("rtn", bits=4, accuracy_level=v.accuracy_level),
+    "gptq": lambda v: QuantVariant("grid", bits=4, accuracy_level=v.accuracy_level),
+    "awq_gptq": lambda v: QuantVariant("grid", bits=4, accuracy_level=v.accuracy_level),
 }
+GPTQ_SCHEMES = ("gptq", "awq_gptq")
 
 
-def transformed_graph(job: Job, tmp: Path, transform: str, base: Path) -> tuple[Path, dict[str, Any]]:
+def transformed_graph(job: Job, tmp: Path, transform: str, base: Path,
+                      head_bits: int = 4) -> tuple[Path, dict[str, Any]]:
     """The FP32 graph of a rescaled copy of the model (SmoothQuant or AWQ scales folded in; the
     same function, so the FP32 gates need not be rerun), transposes folded, and a summary: the
     validated graph `base` with its weights replaced where each changed parameter is found there
@@ -907,16 +925,29 @@ def transformed_graph(job: Job, tmp: Path, transform: str, base: Path) -> tuple[
 
     from minitron import calibration, quantize as aq
 
-    if job.stats is None:  # one pass (or the pruned folder's saved statistics) for every transform
-        gram = any(v.scheme == "awq" for v in variants_to_measure(job.settings))
+    if job.stats is None and transform != "gptq":  # one pass (or the pruned folder's saved
+        gram = any(v.scheme in ("awq", "awq_gptq") for v in variants_to_measure(job.settings))
         job.stats, job.stats_from = calibration.for_model(job.pt_model, job.where, job.calib, gram)
     model = copy.deepcopy(job.pt_model)
     if transform == "smoothquant":
         info = aq.smoothquant_(model, job.stats)
-    else:
+    elif transform != "gptq":
         info = aq.awq_(model, job.stats, bits=4, block=aq.matmul_block(model))
-    folded = tmp / f"model_fp32_{transform}.onnx"
-    patched = aq.patch_weights(base, folded, job.pt_model, model)
+    else:
+        info = {"alpha": {}}
+    grids = _gptq_(job, model, transform, head_bits) if transform in GPTQ_SCHEMES else {}
+    folded = tmp / f"model_fp32_{transform}{'' if head_bits == 4 else f'_head{head_bits}'}.onnx"
+    found: dict[str, str] = {}
+    patched = aq.patch_weights(base, folded, job.pt_model, model, found)
+    if grids:
+        from minitron import gptq
+
+        if not patched:
+            raise MinitronError(f"export.int4={transform}: a GPTQ weight is not found in the "
+                                "FP32 graph, so its integers cannot be written into it")
+        gptq.save_grids({found[f"{name}.weight"]: g for name, g in grids.items()},
+                        gptq.grids_file(folded))
+        info["precision"] = _grid_precision(grids, model)
     if not patched:  # a weight the graph hides (folded into another constant): trace anew
         raw = tmp / f"model_fp32_{transform}_raw.onnx"
         export_graph(model, raw)
@@ -926,7 +957,32 @@ def transformed_graph(job: Job, tmp: Path, transform: str, base: Path) -> tuple[
     summary = {"calibration_stats": job.stats_from, "alpha_mean": round(sum(alphas) / len(alphas), 3)
                if alphas else None, "groups_scaled": f"{len(alphas)}/{len(info['alpha'])}",
                "graph": "weights patched" if patched else "traced anew"}
+    if "precision" in info:
+        summary["precision"] = info["precision"]
     return folded, summary
+
+
+def _gptq_(job: Job, model, transform: str, head_bits: int) -> dict:
+    """GPTQ every linear of `model` in place (one calibration pass of its own, on the model as
+    transformed so far, shared by the transform's head widths), the LM head at `head_bits`."""
+    from minitron import gptq, quantize as aq
+
+    if job.calib is None:
+        raise MinitronError("export.int4=gptq|awq_gptq needs calibration blocks")
+    return gptq.gptq_model_(model, job.calib, bits=4, block=aq.matmul_block(model),
+                            head_bits=head_bits, cache=job.gptq_cache.setdefault(transform, {}))
+
+
+def _grid_precision(grids: dict, model) -> str:
+    """Which tensors got which precision, for the report row."""
+    from minitron.models import arch_of
+
+    head = arch_of(model).lm_head
+    body = [g for n, g in grids.items() if n != head]
+    parts = [f"{len(body)} linears GPTQ {body[0].bits}-bit block {body[0].block}"] if body else []
+    if head in grids:
+        parts.append(f"lm_head GPTQ {grids[head].bits}-bit block {grids[head].block}")
+    return "; ".join(parts + ["embedding RTN 4-bit (GatherBlockQuantized)"])
 
 
 def choose_deployed(rows: list[dict[str, Any]], candidates: list[QuantVariant]) -> QuantVariant | None:

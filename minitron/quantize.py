@@ -265,12 +265,15 @@ def awq_(model: nn.Module, stats: Stats, bits: int = 4, block: int = 32,
     return {"alpha": chosen}
 
 
-def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> bool:
+def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module,
+                  found: dict[str, str] | None = None) -> bool:
     """Write `src` to `dst` with the weights of model `before` replaced by those of `after`
     (same architecture): each changed parameter is looked up by its exact values (the exporter
-    stores a linear's weight transposed, a norm's as is). False, writing nothing, if any changed
-    parameter is not found exactly once (e.g. constant-folded into another value, or equal to
-    another weight).
+    stores a linear's weight transposed, a norm's as is). Tied parameters are compared under
+    each of their names, so a head untied in `after` is found as the graph's head weight. False,
+    writing nothing, if any changed parameter is not found exactly once (e.g. constant-folded
+    into another value, or equal to another weight). `found` receives {parameter name:
+    initializer name} of the replaced ones.
 
     Only the graph's structure is loaded, and only the float tensors of a changed parameter's
     shape are read, one at a time. External data is copied as bytes and each changed tensor is
@@ -284,9 +287,9 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> 
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     proto = onnx.load(str(src), load_external_data=False)
-    new = dict(after.named_parameters())
+    new = dict(after.named_parameters(remove_duplicate=False))
     changed = []  # (parameter name, its old values as the graph stores them)
-    for name, p in before.named_parameters():
+    for name, p in before.named_parameters(remove_duplicate=False):
         if not torch.equal(p, new[name]):
             old = p.detach().float().numpy()
             changed.append((name, np.ascontiguousarray(old.T if old.ndim == 2 else old)))
@@ -307,6 +310,8 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> 
             return False
         val = new[name].detach().float().numpy()
         todo.append((hits[0], np.ascontiguousarray(val.T if val.ndim == 2 else val)))
+        if found is not None:
+            found[name] = hits[0].name
     locations = {ExternalDataInfo(t).location for t in proto.graph.initializer
                  if uses_external_data(t)}
     if len({id(t) for t, _ in todo}) != len(todo) or len(locations) > 1:

@@ -378,6 +378,53 @@ def test_activation_aware_variants_beat_their_plain_counterparts(outlier_source,
     assert mse_ours < mse_plain, (mse_ours, mse_plain)
 
 
+def test_gptq_export_writes_its_integers_into_matmul_nbits(outlier_source, tmp_path, fast, corpus):
+    """int4=gptq with an 8-bit head: the deployed graph's MatMulNBits nodes hold exactly the GPTQ
+    grids of the model's linears (recomputed here on the export's calibration blocks), the head's
+    at 8 bits, and its logit error is below plain RTN's on the same graph."""
+    import copy
+
+    import onnx
+    from onnx import numpy_helper
+
+    from minitron import gptq, quantize
+
+    src, model = outlier_source
+    out = tmp_path / "out"
+    report = fast(src, out, keep_fp32=True, ppl_budget=1.0, int8_min_top1=0.3, int4="gptq",
+                  int4_head_bits=8, accuracy_level=0)
+    row = next(r for r in report["rows"] if r.get("deployed"))
+    assert row["model"] == "onnx-int4-gptq-acc0-head8"
+    block = quantize.matmul_block(model)  # 128: every width of the tiny model is a multiple
+    assert row["precision"] == (f"14 linears GPTQ 4-bit block {block}; lm_head GPTQ 8-bit block "
+                                f"{block}; embedding RTN 4-bit (GatherBlockQuantized)")
+    assert not list(out.glob("*.grids.safetensors"))
+    deployed = onnx.load(str(out / ex.DEPLOY_FILE))
+    inits = {t.name: numpy_helper.to_array(t) for t in deployed.graph.initializer}
+    written = []
+    for n in deployed.graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in n.attribute}
+            written.append(gptq.unpack_matmul_nbits(*(inits[i] for i in n.input[1:4]), a["K"],
+                                                    a["bits"], a["block_size"]))
+    calib = load_blocks(tiny_tokenizer(), "calibration", SMALL["calib_samples"],
+                        block_size=SMALL_DATA["block_size"], source=corpus)
+    grids = gptq.gptq_model_(copy.deepcopy(model), calib, bits=4, block=block, head_bits=8)
+    assert len(written) == len(grids) == 15
+    for name, g in grids.items():
+        same = [w for w in written if w.bits == g.bits and w.codes.shape == g.codes.shape
+                and torch.equal(w.codes, g.codes) and torch.equal(w.zeros, g.zeros)
+                and torch.equal(w.scales, g.scales)]
+        assert len(same) == 1, name
+    folded = tmp_path / "folded.onnx"
+    ex.fold_initializer_transposes(out / ex.FP32_FILE, folded)
+    ex.quantize(folded, tmp_path / "rtn.onnx", ex.QuantVariant("rtn", bits=4, accuracy_level=0))
+    blocks = load_blocks(tiny_tokenizer(), "eval", 4, block_size=64, source=corpus)
+    mse_rtn = _logit_mse(tmp_path / "rtn.onnx", model, blocks)
+    mse_gptq = _logit_mse(out / ex.DEPLOY_FILE, model, blocks)
+    assert mse_gptq < mse_rtn, (mse_gptq, mse_rtn)
+
+
 # ----------------------------------------------------------------------------- GGUF
 def test_gguf_round_trip_through_transformers_loader(tmp_path, fast):
     """F16 and Q8_0 GGUF of a width-pruned shape load back with transformers' GGUF loader and match
