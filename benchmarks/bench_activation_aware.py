@@ -1,10 +1,12 @@
 """SmolLM2-135M through minitron.export with the activation-aware candidates side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py   # ~12 min on a 2-core box
+    OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py --int8-only   # the W8A8 rows
 
 One export (the export's own validation data, 8192 tokens; one thread) measuring int8=smoothquant
-and int4=awq at accuracy levels 0 and 4 against PyTorch FP32, with the perplexity gates relaxed so
-that the report is written whatever the numbers. Copies the export's report to
+(FP32 down_proj and lm_head, FP32 down_proj only and, without --int8-only, all INT8) and int4=awq
+at accuracy levels 0 and 4 against PyTorch FP32, with the perplexity gates relaxed so that the
+report is written whatever the numbers. Copies the export's report to
 benchmarks/results/activation_aware-cpu-<time>.json / .md (device, versions, git sha).
 """
 
@@ -29,10 +31,12 @@ def main() -> None:
     from minitron.config import DataConfig, ExportConfig
 
     torch.set_num_threads(1)
-    variants = [ex.QuantVariant("smoothquant", True),
-                ex.QuantVariant("smoothquant", True, fp32_layers=ex.SMOOTHQUANT_FP32),
-                ex.QuantVariant("awq", bits=4, accuracy_level=0),
-                ex.QuantVariant("awq", bits=4, accuracy_level=4)]
+    variants = [ex.QuantVariant("smoothquant", True, fp32_layers=ex.SMOOTHQUANT_FP32),
+                ex.QuantVariant("smoothquant", True, fp32_layers=("down_proj",))]
+    if "--int8-only" not in sys.argv[1:]:
+        variants += [ex.QuantVariant("smoothquant", True),
+                     ex.QuantVariant("awq", bits=4, accuracy_level=0),
+                     ex.QuantVariant("awq", bits=4, accuracy_level=4)]
     ex.variants_to_measure = lambda settings: list(variants)  # these, and only these
     ex.deploy_candidates = lambda settings: list(variants)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +52,8 @@ def main() -> None:
           f"{d['cpu']} ({d['cpu_count']} cores, load {d['load_average_1m']}); git {report['git']}; "
           f"{report['eval']}; ratios against PyTorch FP32 in the same run.\n",
           ex.format_table(report["table"], ex.REPORT_COLUMNS), "",
-          "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py`"]
+          "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py"
+          + "".join(" " + a for a in sys.argv[1:]) + "`"]
     (RESULTS / f"activation_aware-cpu-{stamp}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -37,10 +37,13 @@ from minitron.calibration import Stats
 from minitron.common import MinitronError
 from minitron.models import ArchSpec, arch_of, decoder_layers, head_layout
 
-# Capped at 0.5: the error model below prefers the strongest migration (0.8-0.9 on SmolLM2-135M),
-# but measured through ORT's static W8A8 that cost +25% perplexity against +6% at 0.5 (the
-# model's uniform-noise estimate misses how outlier-scaled weight columns coarsen each row).
+# For the error model (smoothquant_ without measured inputs), capped at 0.5: it prefers the
+# strongest migration (0.8-0.9 on SmolLM2-135M), but measured through ORT's static W8A8 that cost
+# +25% perplexity against +6% at 0.5 (its uniform-noise estimate misses how outlier-scaled weight
+# columns coarsen each row). The measured choice (export's) searches the whole range.
 SMOOTH_ALPHAS = (0.3, 0.4, 0.5)
+MEASURED_ALPHAS = tuple(i / 10 for i in range(1, 10))
+MEASURE_BLOCKS = 4  # calibration blocks whose activations the strengths are measured on
 AWQ_ALPHAS = tuple(i / 10 for i in range(11))
 
 
@@ -355,5 +358,7 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module) -> 
     return True
 
 
-__all__ = ["AWQ_ALPHAS", "SMOOTH_ALPHAS", "Group", "apply_scales_", "awq_", "awq_error",
-           "fake_quant_blockwise", "groups", "matmul_block", "patch_weights", "smooth_scales", "smoothquant_", "w8a8_error"]
+__all__ = ["AWQ_ALPHAS", "MEASURED_ALPHAS", "MEASURE_BLOCKS", "SMOOTH_ALPHAS", "Group", "apply_scales_",
+           "awq_", "awq_error", "fake_quant_activations", "fake_quant_blockwise", "fake_quant_rows",
+           "group_inputs", "groups", "matmul_block", "patch_weights", "smooth_scales", "smoothquant_",
+           "w8a8_error", "w8a8_measured_error"]
