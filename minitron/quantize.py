@@ -43,7 +43,7 @@ from minitron.models import ArchSpec, arch_of, decoder_layers, head_layout
 # columns coarsen each row). The measured choice (export's) searches the whole range.
 SMOOTH_ALPHAS = (0.3, 0.4, 0.5)
 MEASURED_ALPHAS = tuple(i / 10 for i in range(1, 10))
-MEASURE_BLOCKS = 4  # calibration blocks whose activations the strengths are measured on
+MEASURE_BLOCKS = 1  # calibration blocks whose activations the strengths are measured on
 AWQ_ALPHAS = tuple(i / 10 for i in range(11))
 
 
@@ -194,13 +194,15 @@ def fake_quant_rows(w: torch.Tensor) -> torch.Tensor:
 
 def w8a8_measured_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch.Tensor) -> float:
     """Squared output error, summed over the tokens of `x` [T, K] and the group's `weights`, of
-    static W8A8 after scaling by s: Q_a(x / s) Q_w(W diag(s))^T against x W^T (fake_quant_*)."""
-    s = s.double()
-    xs = x.double() / s
+    static W8A8 after scaling by s: Q_a(x / s) Q_w(W diag(s))^T against x W^T (fake_quant_*).
+    Computed in x's dtype (export passes float32 activations: a float64 pass over every group and
+    strength is several times slower)."""
+    s = s.to(x.dtype)
+    xs = x / s
     xq = fake_quant_activations(xs)
     err = 0.0
     for w in weights:
-        ws = w.double() * s[None, :]
+        ws = w.to(x.dtype) * s[None, :]
         err += float((xq @ fake_quant_rows(ws).T - xs @ ws.T).pow(2).sum())
     return err
 
