@@ -4,9 +4,9 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py --int8-only   # the deployed W8A8 row
 
 One export (the export's own validation data, 8192 tokens; one thread) measuring int8=smoothquant
-(FP32 down_proj and lm_head; without --int8-only also FP32 down_proj only, and all INT8) and int4=awq
-at accuracy levels 0 and 4 against PyTorch FP32, with the perplexity gates relaxed so that the
-report is written whatever the numbers. Copies the export's report to
+(FP32 down_proj and lm_head; without --int8-only also FP32 down_proj only, and all INT8) and
+int4=awq at accuracy levels 0 and 4 against PyTorch FP32, with the perplexity gates relaxed so
+that the report is written whatever the numbers. Copies the export's report to
 benchmarks/results/activation_aware-cpu-<time>.json / .md (device, versions, git sha).
 """
 
