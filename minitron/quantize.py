@@ -37,10 +37,13 @@ from minitron.calibration import Stats
 from minitron.common import MinitronError
 from minitron.models import ArchSpec, arch_of, decoder_layers, head_layout
 
-# Capped at 0.5: the error model below prefers the strongest migration (0.8-0.9 on SmolLM2-135M),
-# but measured through ORT's static W8A8 that cost +25% perplexity against +6% at 0.5 (the
-# model's uniform-noise estimate misses how outlier-scaled weight columns coarsen each row).
+# For the error model (smoothquant_ without measured inputs), capped at 0.5: it prefers the
+# strongest migration (0.8-0.9 on SmolLM2-135M), but measured through ORT's static W8A8 that cost
+# +25% perplexity against +6% at 0.5 (its uniform-noise estimate misses how outlier-scaled weight
+# columns coarsen each row). The measured choice (export's) searches the whole range.
 SMOOTH_ALPHAS = (0.3, 0.4, 0.5)
+MEASURED_ALPHAS = tuple(i / 10 for i in range(1, 10))
+MEASURE_BLOCKS = 1  # calibration blocks whose activations the strengths are measured on
 AWQ_ALPHAS = tuple(i / 10 for i in range(11))
 
 
@@ -174,32 +177,93 @@ def w8a8_error(weights: list[torch.Tensor], x_max: torch.Tensor, x_msq: torch.Te
     return err
 
 
+def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
+    """ORT's static uint8 activations over `x` [T, K]: one asymmetric step over the range
+    [min(0, min x), max(0, max x)] (MinMax calibration), zero point rounded to an integer."""
+    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    step = max(hi - lo, 1e-12) / 255
+    zero = round(-lo / step)
+    return ((x / step).round() + zero).clamp(0, 255).sub(zero) * step
+
+
+def fake_quant_rows(w: torch.Tensor) -> torch.Tensor:
+    """ORT's per-channel int8 weights: each output row symmetric, step max|row| / 127."""
+    step = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    return (w / step).round().clamp(-127, 127) * step
+
+
+def w8a8_measured_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch.Tensor) -> float:
+    """Squared output error, summed over the tokens of `x` [T, K] and the group's `weights`, of
+    static W8A8 after scaling by s: Q_a(x / s) Q_w(W diag(s))^T against x W^T (fake_quant_*).
+    Computed in x's dtype (export passes float32 activations: a float64 pass over every group and
+    strength is several times slower)."""
+    s = s.to(x.dtype)
+    xs = x / s
+    xq = fake_quant_activations(xs)
+    err = 0.0
+    for w in weights:
+        ws = w.to(x.dtype) * s[None, :]
+        err += float((xq @ fake_quant_rows(ws).T - xs @ ws.T).pow(2).sum())
+    return err
+
+
+@torch.no_grad()
+def group_inputs(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """The input activations [T, K] (float32) of every group's first consumer over `blocks`
+    (the calibration tokens that `smoothquant_` measures its candidate strengths on)."""
+    keys = {g.stats_key for g in groups(model)}
+    mods = dict(model.named_modules())
+    got: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    handles = [mods[k].register_forward_pre_hook(
+        lambda m, a, k=k: got[k].append(a[0].detach().reshape(-1, a[0].shape[-1]).float().cpu()))
+        for k in keys]
+    try:
+        for i in range(0, len(blocks), batch_size):
+            model.base_model(input_ids=blocks[i:i + batch_size].to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in got.items()}
+
+
 def _weights(group: Group) -> list[torch.Tensor]:
     return [m.weight.data for _, m, _ in group.consumers]
 
 
 @torch.no_grad()
-def smoothquant_(model: nn.Module, stats: Stats, alphas=SMOOTH_ALPHAS) -> dict[str, Any]:
+def smoothquant_(model: nn.Module, stats: Stats, alphas=SMOOTH_ALPHAS,
+                 inputs: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """SmoothQuant `model` in place (a float copy: the caller keeps the original); returns the
-    strength chosen per group (None: left unscaled) and the expected errors."""
-    chosen = {}
+    strength chosen per group (None: left unscaled) and its error relative to the unscaled one.
+
+    With `inputs` (group_inputs on calibration blocks) each group's strength is the one whose
+    W8A8 output error, measured on those activations, is least; without, the error model
+    `w8a8_error` on the statistics chooses (from SMOOTH_ALPHAS, which it overrates)."""
+    chosen, gain = {}, {}
     for g in groups(model):
         x_max, x_msq = stats.get(g.stats_key, "abs_max"), stats.mean_sq(g.stats_key)
         if g.tie is not None:  # the choice is made on the scales that will be applied
             x_max, x_msq = g.tie(x_max.double()), g.tie(x_msq.double())
         ws = _weights(g)
         w_max = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
-        best = (w8a8_error(ws, x_max, x_msq, torch.ones_like(x_max, dtype=torch.float64)), None)
+        if inputs is None:
+            def error(s, ws=ws, x_max=x_max, x_msq=x_msq):
+                return w8a8_error(ws, x_max, x_msq, s)
+        else:
+            def error(s, ws=ws, x=inputs[g.stats_key]):
+                return w8a8_measured_error(ws, x, s)
+        best = none = (error(torch.ones_like(x_max, dtype=torch.float64)), None)
         for a in alphas:
             s = smooth_scales(x_max, w_max, a)
             if g.tie is not None:
                 s = g.tie(s)
-            best = min(best, (w8a8_error(ws, x_max, x_msq, s), a), key=lambda t: t[0])
+            best = min(best, (error(s), a), key=lambda t: t[0])
         if best[1] is not None:
             s = smooth_scales(x_max, w_max, best[1])
             apply_scales_(g, s)
         chosen[g.name] = best[1]
-    return {"alpha": chosen}
+        gain[g.name] = best[0] / none[0] if none[0] > 0 else 1.0
+    return {"alpha": chosen, "error_ratio": gain}
 
 
 def fake_quant_blockwise(w: torch.Tensor, bits: int, block: int,
@@ -334,5 +398,7 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module,
     return True
 
 
-__all__ = ["AWQ_ALPHAS", "SMOOTH_ALPHAS", "Group", "apply_scales_", "awq_", "awq_error",
-           "fake_quant_blockwise", "groups", "matmul_block", "patch_weights", "smooth_scales", "smoothquant_", "w8a8_error"]
+__all__ = ["AWQ_ALPHAS", "MEASURED_ALPHAS", "MEASURE_BLOCKS", "SMOOTH_ALPHAS", "Group", "apply_scales_",
+           "awq_", "awq_error", "fake_quant_activations", "fake_quant_blockwise", "fake_quant_rows",
+           "group_inputs", "groups", "matmul_block", "patch_weights", "smooth_scales", "smoothquant_",
+           "w8a8_error", "w8a8_measured_error"]

@@ -372,6 +372,13 @@ def test_activation_aware_variants_beat_their_plain_counterparts(outlier_source,
              ex.QuantVariant("rtn", bits=4, accuracy_level=0))
     calib = load_blocks(tiny_tokenizer(), "calibration", 2, block_size=32, source=corpus)
     ex.quantize(folded, tmp_path / "plain.onnx", plain, calib)
+    if method == "smoothquant":  # its MatMul outputs stay float; plain static quantizes them
+        def quantized_matmul_outputs(path):
+            graph = onnx.load(str(path)).graph
+            q_inputs = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+            return sum(n.output[0] in q_inputs for n in graph.node if n.op_type == "MatMul")
+        assert quantized_matmul_outputs(out / ex.DEPLOY_FILE) == 0
+        assert quantized_matmul_outputs(tmp_path / "plain.onnx") > 0
     blocks = load_blocks(tiny_tokenizer(), "eval", 4, block_size=64, source=corpus)
     mse_plain = _logit_mse(tmp_path / "plain.onnx", model, blocks)
     mse_ours = _logit_mse(out / ex.DEPLOY_FILE, model, blocks)

@@ -46,6 +46,48 @@ def test_w8a8_error_model_matches_simulated_rounding():
     assert 0.7 < model / float(simulated) < 1.4
 
 
+def test_measured_w8a8_error_equals_a_plain_rounding_loop():
+    """Static uint8 activations (one asymmetric step over the calibration range) and per-row
+    int8 weights, rounded element by element in float64, against the vectorised measurement."""
+    x, w = layer(3, n=30, d_in=8, d_out=5)
+    x[:, 2] += 3.0  # an asymmetric range
+    s = x.abs().amax(0).pow(0.5)
+    xs, ws = x / s, w * s
+    lo, hi = min(0.0, xs.min().item()), max(0.0, xs.max().item())
+    step = (hi - lo) / 255
+    zero = round(-lo / step)
+    xq = torch.tensor([[(min(max(round(v / step) + zero, 0), 255) - zero) * step for v in row]
+                       for row in xs.tolist()], dtype=torch.float64)
+    wq = torch.tensor([[round(v / (max(map(abs, row)) / 127)) * (max(map(abs, row)) / 127)
+                        for v in row] for row in ws.tolist()], dtype=torch.float64)
+    want = (xq @ wq.T - x @ w.T).pow(2).sum()
+    got = torch.tensor(quantize.w8a8_measured_error([w], x, s), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+def test_measured_strength_is_the_least_measured_error():
+    model = make_tiny_model("llama", seed=8)
+    with torch.no_grad():  # an outlier input channel of the MLP
+        model.model.layers[0].post_attention_layernorm.weight[3] = 30.0
+    data = blocks(n=3, t=12)
+    stats = calibration.collect(model, data)
+    inputs = quantize.group_inputs(model, data)
+    key = "model.layers.0.mlp.gate_proj"
+    assert inputs[key].shape == (3 * 12, model.config.hidden_size)
+    m = copy.deepcopy(model)
+    info = quantize.smoothquant_(m, stats, alphas=(0.2, 0.5, 0.8), inputs=inputs)
+    g = next(g for g in quantize.groups(model) if g.name == "model.layers.0.mlp_in")
+    ws = [w.double() for w in quantize._weights(g)]
+    w_max = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
+    x_max = stats.get(key, "abs_max")
+    errors = {a: quantize.w8a8_measured_error(ws, inputs[key], quantize.smooth_scales(x_max, w_max, a))
+              for a in (0.2, 0.5, 0.8)}
+    errors[None] = quantize.w8a8_measured_error(ws, inputs[key], torch.ones_like(x_max))
+    assert info["alpha"]["model.layers.0.mlp_in"] == min(errors, key=errors.get) is not None
+    assert info["error_ratio"]["model.layers.0.mlp_in"] == pytest.approx(
+        min(errors.values()) / errors[None], rel=1e-6)
+
+
 def test_blockwise_rounding_and_awq_error_equal_their_definitions():
     x, w = layer(2, d_in=40)
     q = quantize.fake_quant_blockwise(w, 4, 16)
@@ -76,7 +118,7 @@ def test_rescaled_models_compute_the_same_logits(family, overrides):
     for method in ("smooth", "awq"):
         m = copy.deepcopy(model).double()
         if method == "smooth":
-            info = quantize.smoothquant_(m, stats)
+            info = quantize.smoothquant_(m, stats, inputs=quantize.group_inputs(m, data))
         else:
             info = quantize.awq_(m, stats, block=16)
         assert len(info["alpha"]) == 4 * model.config.num_hidden_layers
