@@ -56,6 +56,20 @@ def _show(value: Any) -> str:
                       if isinstance(value, tuple) else value)
 
 
+def recipe_parser(prog: str, description: str, recipe_help: str, debug_help: str,
+                  dry_run_help: str) -> argparse.ArgumentParser:
+    """The command line of a recipe-driven command (`minitron.run`, `minitron.sweep`): the recipe,
+    `section.key=value` overrides, the debug flag and `--dry-run`; every recipe key in `--help`."""
+    every_key = {s: tuple(d["key"] for d in docs(cls)) for s, cls in SECTIONS.items()}
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(every_key),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help=recipe_help)
+    p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
+    p.add_argument(DEBUG_FLAG, action="store_true", help=debug_help)
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    return p
+
+
 def settings_help(keys: Keys, aliases: dict[str, str] | None = None) -> str:
     """The settings part of `--help`: every key, its alias, default, valid range and doc."""
     aliases = aliases or {}

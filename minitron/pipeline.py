@@ -10,7 +10,6 @@ reruns that stage and everything after it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minitron.config import TARGET_KEYS, DataConfig
-from minitron.common import (DEBUG_FLAG, MinitronError, StageTimer, check_writable, format_table,
+from minitron.common import (MinitronError, StageTimer, check_writable, format_table,
                              free_accelerator_memory, run_cli, write_json_atomic,
                              write_text_atomic)
 from minitron.models import load_config, param_count_from_config, resolve_model
@@ -481,19 +480,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minitron.cli import settings_help
-    from minitron.config import SECTIONS, docs
+    from minitron.cli import recipe_parser
 
-    every_key = {s: tuple(d["key"] for d in docs(cls)) for s, cls in SECTIONS.items()}
-    p = argparse.ArgumentParser(prog="python -m minitron.run", description=__doc__.splitlines()[0],
-                                epilog=settings_help(every_key),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="a YAML recipe (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
-    p.add_argument(DEBUG_FLAG, action="store_true",
-                   help="print full tracebacks (of errors, and of failing torchrun ranks)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate, print the plan, shapes and parameter counts; touch no weights")
+    p = recipe_parser("python -m minitron.run", __doc__.splitlines()[0], "a YAML recipe (see recipes/)",
+                      "print full tracebacks (of errors, and of failing torchrun ranks)",
+                      "validate, print the plan, shapes and parameter counts; touch no weights")
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:

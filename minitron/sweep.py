@@ -18,7 +18,6 @@ folder), then sweep.json, sweep.md and the frontier plots.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from minitron.common import (DEBUG_FLAG, MinitronError, StageTimer, format_table, run_cli,
+from minitron.common import (MinitronError, StageTimer, format_table, run_cli,
                              write_json_atomic, write_text_atomic)
 from minitron.config import export_for_format
 from minitron.pipeline import (Context, _data_stage, _distill_stage, _export_stage, _settings,
@@ -451,18 +450,11 @@ def write_report(sw: Sweep, points: list[dict[str, Any]], total_s: float) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minitron.cli import settings_help
-    from minitron.config import SECTIONS, docs
+    from minitron.cli import recipe_parser
 
-    every_key = {s: tuple(d["key"] for d in docs(cls)) for s, cls in SECTIONS.items()}
-    p = argparse.ArgumentParser(prog="python -m minitron.sweep", description=__doc__.splitlines()[0],
-                                epilog=settings_help(every_key),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="a YAML recipe with a sweep section (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, typed like the recipe")
-    p.add_argument(DEBUG_FLAG, action="store_true", help="print full tracebacks")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate, print each budget's shape and parameter count; touch no weights")
+    p = recipe_parser("python -m minitron.sweep", __doc__.splitlines()[0],
+                      "a YAML recipe with a sweep section (see recipes/)", "print full tracebacks",
+                      "validate, print each budget's shape and parameter count; touch no weights")
     args = p.parse_intermixed_args(argv)  # overrides before or after the flags
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
