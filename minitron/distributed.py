@@ -221,11 +221,24 @@ def failure_message(rank: int, failure: Any, cause: int | None = None) -> str:
 
 
 def record_for_torchrun(error: Exception) -> None:
-    """Put the message into torchrun's failure summary (its error file), not only into the log."""
-    with contextlib.suppress(Exception):
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    """Put the message into torchrun's failure summary (its error file), not only into the log.
 
-        ErrorHandler().record_exception(error)
+    The record torch's `ErrorHandler.record_exception` writes, but atomically: it opens the file
+    and then writes it, and the launcher, stopping this rank meanwhile (its peer died), read it
+    empty once and crashed on the JSON instead of reporting the failure (a loaded 2-core run)."""
+    import time
+    import traceback
+
+    from minitron.common import write_json_atomic
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": f"{type(error).__name__}: {error}",
+                          "extraInfo": {"py_callstack": traceback.format_exc(),
+                                        "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        write_json_atomic(path, record)
 
 
 # ----------------------------------------------------------------------------- DDP and FSDP2

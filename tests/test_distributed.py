@@ -354,6 +354,34 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_path):
     assert not (out / "checkpoint").exists() and not (out / "minitron.json").exists()
 
 
+def test_recorded_failure_is_written_whole_and_read_by_the_launcher(tmp_path, monkeypatch):
+    """A rank's error record reaches torch's launcher as written (atomically: an empty file,
+    seen while the launcher stopped a rank mid-write, crashed the launcher on the JSON)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from minitron.distributed import _recorded, record_for_torchrun
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    renames, replace = [], os.replace
+
+    def watched_replace(src, dst):  # the file appears by a rename of a complete record
+        renames.append((json.loads(Path(src).read_text()), Path(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watched_replace)
+    try:
+        raise MinitronError("the disk of rank 1 is full (test)")
+    except MinitronError as e:
+        record_for_torchrun(e)
+    assert [dst for _, dst in renames] == [path]
+    assert renames[0][0] == json.loads(path.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["error.json"]  # no temporary file left
+    failure = ProcessFailure(local_rank=1, pid=123, exitcode=1, error_file=str(path))
+    assert _recorded(failure) == "MinitronError: the disk of rank 1 is full (test)"
+    assert "raise MinitronError" in failure.error_file_data["message"]["extraInfo"]["py_callstack"]
+
+
 # ----------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "3", "--nproc-per-node", "2", "--tokens", "3000"],
