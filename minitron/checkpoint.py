@@ -5,10 +5,12 @@ process count), `metrics.jsonl` and its plot."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -58,38 +60,122 @@ def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, sta
     states to store (taken earlier, `rng_state()`), else the current ones.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    tmp = run_dir / f".tmp-{CKPT}-{state['step']}"
+    tmp, lock = _open_tmp(run_dir, state["step"])
+    tensors, groups = _tensor_state(trainee, optimizer, aliases)
+    with _one_process_quiet():
+        dcp.save(tensors, storage_writer=_writer(tmp))
+    _write_trainer_files(tmp, scheduler, groups, state, rng)
+    _barrier()  # every shard is on disk before the folder becomes the checkpoint
+    _commit(run_dir, tmp, lock)
+    _barrier()  # nobody goes on (or is killed) before the checkpoint is complete
+    return run_dir / CKPT
+
+
+class PendingCheckpoint:
+    """A checkpoint that `save_checkpoint_async` is writing in the background. It becomes the
+    run's checkpoint (the rename) only once every rank's shards are on disk: `wait()` (collective)
+    blocks until then (and raises a failed write's error); `commit_if_written()` (no collective,
+    never raises) commits it early when it is."""
+
+    def __init__(self, run_dir: Path, tmp: Path, lock: int | None, step: int, future: Future):
+        self.run_dir, self.tmp, self.lock, self.step = run_dir, tmp, lock, step
+        self.future = future
+        self.committed = False
+
+    def commit_if_written(self) -> None:
+        if self.future.done() and self.future.exception() is None:
+            self._commit()
+
+    def wait(self) -> Path:
+        """Collective: every rank calls it, in the main thread, at the same point of the loop."""
+        self._commit()
+        _barrier()  # as in save_checkpoint: nobody goes on before the checkpoint is complete
+        return self.run_dir / CKPT
+
+    def _commit(self) -> None:
+        if self.committed:
+            return
+        # DCP's last step gathers every rank's write results on rank 0 and runs the writer's
+        # `finish` there before any rank's future completes: when rank 0's future is done, every
+        # shard is written (and fsynced: the writer's sync_files). It raises a rank's write error.
+        self.future.result()
+        _commit(self.run_dir, self.tmp, self.lock)
+        self.committed = True
+
+
+def save_checkpoint_async(run_dir: Path, trainee: nn.Module, optimizer, scheduler,
+                          state: dict[str, Any], aliases: dict[str, str], rng: dict[str, Any],
+                          group: dist.ProcessGroup | None) -> PendingCheckpoint:
+    """`save_checkpoint`'s checkpoint, written in a background thread (`dcp.async_save`); training
+    goes on once each rank's tensors are copied to host memory, so the next optimizer step cannot
+    change what is written. Rank 0 writes the small files at once; the folder is renamed into place
+    by the returned handle's `wait()` (or earlier, `commit_if_written()`), only when every rank's
+    shards are written, so a run killed meanwhile resumes from the previous checkpoint.
+
+    Collective: every rank calls it. `group`: a gloo process group of all ranks used by nothing
+    else (None in one process): the background thread's collectives (DCP's plan and result
+    exchanges) must not interleave with the training's on the default group.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    tmp, lock = _open_tmp(run_dir, state["step"])
+    tensors, groups = _tensor_state(trainee, optimizer, aliases)
+    _write_trainer_files(tmp, scheduler, groups, state, rng)
+    if group is None:
+        _ignore_one_process_warning()
+    # The safetensors writer is a BlockingAsyncStager: async_save copies the state into fresh
+    # host tensors (also tensors already on the CPU) before it returns, and returns the write's
+    # future.
+    future = dcp.async_save(tensors, storage_writer=_writer(tmp), process_group=group)
+    return PendingCheckpoint(run_dir, tmp, lock, state["step"], future)
+
+
+def _open_tmp(run_dir: Path, step: int) -> tuple[Path, int | None]:
+    """The checkpoint's temporary folder, made by rank 0 under its lock (the lock first: a later
+    start removes the folder if this process dies); returns it and rank 0's lock."""
+    tmp = run_dir / f".tmp-{CKPT}-{step}"
     lock = None
     if distributed.rank() == 0:
         clean_stale(run_dir / CKPT)  # left by a run killed while saving
         for stale in run_dir.glob(f".tmp-{CKPT}-*"):  # ... by an older version (no lock file)
             if stale.is_dir() and not stale.with_name(stale.name + LOCK_SUFFIX).exists():
                 shutil.rmtree(stale, ignore_errors=True)
-        lock = claim(tmp, run_dir / CKPT)  # first: a later start removes it if this process dies
+        lock = claim(tmp, run_dir / CKPT)
         tmp.mkdir(parents=True)
     _barrier()
-    tensors, groups = _tensor_state(trainee, optimizer, aliases)
-    with _one_process_quiet():
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
-    if distributed.rank() == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
-                   tmp / "trainer.pt")
-        write_json_atomic(tmp / "param_groups.json", groups)
-        write_json_atomic(tmp / "state.json", {**state, "world_size": distributed.world()})
-    _barrier()  # every shard is on disk before the folder becomes the checkpoint
-    if distributed.rank() == 0:
-        final = run_dir / CKPT
-        if final.exists():
-            old = run_dir / f".old-{CKPT}-{os.getpid()}"
-            final.rename(old)
-        tmp.rename(final)
-        release(tmp, lock)
-        for old in run_dir.glob(f".old-{CKPT}-*"):
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()  # nobody goes on (or is killed) before the checkpoint is complete
-    return run_dir / CKPT
+    return tmp, lock
+
+
+def _writer(tmp: Path):
+    """The shards' storage: every rank writes its own safetensors file."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    return HuggingFaceStorageWriter(str(tmp), save_distributed=True)
+
+
+def _write_trainer_files(tmp: Path, scheduler, groups: list[dict], state: dict[str, Any],
+                         rng: dict[str, Any] | None) -> None:
+    """Rank 0: the scheduler and RNG states, the param groups and the data position."""
+    if distributed.rank() != 0:
+        return
+    torch.save({"scheduler": scheduler.state_dict(), "rng": rng or rng_state()}, tmp / "trainer.pt")
+    write_json_atomic(tmp / "param_groups.json", groups)
+    write_json_atomic(tmp / "state.json", {**state, "world_size": distributed.world()})
+
+
+def _commit(run_dir: Path, tmp: Path, lock: int | None) -> None:
+    """Rank 0: the complete folder becomes `checkpoint/`; the previous one is removed only after
+    (`find_checkpoint` takes `.old-checkpoint-*` if a kill comes between the renames)."""
+    if distributed.rank() != 0:
+        return
+    final = run_dir / CKPT
+    if final.exists():
+        final.rename(run_dir / f".old-{CKPT}-{os.getpid()}")
+    tmp.rename(final)
+    release(tmp, lock)
+    for old in run_dir.glob(f".old-{CKPT}-*"):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(ckpt: Path, trainee: nn.Module, optimizer, scheduler,
@@ -127,6 +213,15 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
+
+
+@functools.cache
+def _ignore_one_process_warning() -> None:
+    """`_one_process_quiet` for a save in a background thread, which a `catch_warnings` around
+    the call does not cover (the warning comes later): this one message, for the process."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 @contextlib.contextmanager

@@ -387,6 +387,13 @@ class DistillConfig(Section):
                                          "A checkpoint is written once the next step's loss and "
                                          "gradient norm show its weights healthy (see spike_*).",
                                     at_least(1))
+    async_checkpoint: bool = setting(False, "Write checkpoints in the background "
+                                            "(torch.distributed.checkpoint.async_save on a gloo "
+                                            "group of their own): training waits only while the "
+                                            "state is copied to host memory (a second host copy "
+                                            "of each rank's shard while it is written); the "
+                                            "checkpoint takes its place once every rank's write "
+                                            "is done.")
     # Divergence guard: a non-finite loss or gradient norm always stops the run; these catch a
     # run that is blowing up while its numbers are still finite (a too-high learning rate).
     spike_grad_factor: float = setting(

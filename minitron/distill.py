@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minitron import distributed, precision
-from minitron.checkpoint import (CKPT, MetricsLog, NullLog, find_checkpoint, load_checkpoint,
-                                 plot_losses, rng_state, save_checkpoint)
+from minitron.checkpoint import (CKPT, MetricsLog, NullLog, PendingCheckpoint, find_checkpoint,
+                                 load_checkpoint, plot_losses, rng_state, save_checkpoint,
+                                 save_checkpoint_async)
 from minitron.common import (MinitronError, StageTimer, atomic_dir, check_writable, clean_stale,
                              format_table, run_cli, write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
@@ -60,8 +61,8 @@ FUSED_MIN_VOCAB = 32_768
 IGNORE_INDEX = -100
 # Settings that may change between a run and its resumption (they do not change the weights).
 # Checkpoints are resharded on load, so the process count and the strategy may change too.
-RESUMABLE_SETTINGS = {"checkpoint_every", "eval_every", "log_every", "progress", "keep_checkpoint",
-                      "strategy", "nproc_per_node", "teacher_device", "enabled",
+RESUMABLE_SETTINGS = {"checkpoint_every", "async_checkpoint", "eval_every", "log_every", "progress",
+                      "keep_checkpoint", "strategy", "nproc_per_node", "teacher_device", "enabled",
                       "gpu_memory_gib", "micro_batch_size", "nnodes", "rdzv_endpoint",
                       "hsdp_shard_size", "process_group_timeout_s", "spike_grad_factor",
                       "spike_loss_factor", "spike_window", "max_restarts"}
@@ -501,6 +502,8 @@ class _Loop:
     log: Any = None
     last_ckpt_step: int | None = None
     pending: tuple[dict[str, Any], dict[str, Any]] | None = None  # (state, RNG) not yet confirmed
+    saving: PendingCheckpoint | None = None  # a confirmed checkpoint being written (async)
+    checkpoint_group: Any = None  # async_checkpoint under torch.distributed: its gloo group
     start_step: int = 0
     bar: Any = None
 
@@ -712,6 +715,7 @@ def _stop(loop: _Loop, step: int, reason: str, what: str) -> None:
     """Stop the phase at `step`, before its update, naming the checkpoint that is kept: one whose
     weights the following step found healthy (`_confirm_checkpoint`), so from before the trouble."""
     config = loop.config
+    _await_checkpoint(loop)  # the message names a checkpoint that is on disk
     loop.log.write({"kind": "stopped", "step": step + 1, "reason": reason})
     kept = (f"the last good checkpoint (step {loop.last_ckpt_step}) in {loop.run_dir / CKPT} "
             f"is intact" if loop.last_ckpt_step is not None
@@ -730,10 +734,24 @@ def _confirm_checkpoint(loop: _Loop) -> None:
     if loop.pending is None:
         return
     state, rng = loop.pending
+    loop.pending = None
+    if loop.config.async_checkpoint:
+        _await_checkpoint(loop)  # one write at a time; the previous one is committed first
+        loop.saving = save_checkpoint_async(loop.run_dir, loop.trainee, loop.optimizer,
+                                            loop.scheduler, state, loop.aliases, rng,
+                                            loop.checkpoint_group)
+        return
     save_checkpoint(loop.run_dir, loop.trainee, loop.optimizer, loop.scheduler, state,
                     loop.aliases, rng=rng)
     loop.last_ckpt_step = state["step"]
-    loop.pending = None
+
+
+def _await_checkpoint(loop: _Loop) -> None:
+    """Collective: wait for the checkpoint being written in the background, and commit it."""
+    if loop.saving is not None:
+        loop.saving.wait()
+        loop.last_ckpt_step = loop.saving.step
+        loop.saving = None
 
 
 def _after_step(loop: _Loop, done: int, dt: float, loss_value: float, grad_norm: torch.Tensor,
@@ -776,12 +794,15 @@ def _run_steps(loop: _Loop, captures: list[_Capture], on_step: Callable[[int], N
         loop.optimizer.step()
         loop.scheduler.step()
         loop.optimizer.zero_grad(set_to_none=True)
+        if loop.saving is not None:
+            loop.saving.commit_if_written()  # no collective: each rank when its write is done
         last_eval = _after_step(loop, step + 1, time.perf_counter() - t0, loss_value, grad_norm,
                                 inter_total, last_eval)
         if on_step is not None:
             on_step(step + 1)
     if last_eval is None or last_eval["step"] != loop.steps:
         last_eval = _evaluate(loop, loop.steps)
+    _await_checkpoint(loop)  # before the final model is written (and the checkpoint removed)
     return last_eval
 
 
@@ -834,7 +855,7 @@ def _train(
                  trainee=trainee, model=model, aliases=aliases, optimizer=optimizer,
                  scheduler=scheduler, train_blocks=train_blocks, eval_blocks=eval_blocks,
                  eval_teacher=eval_teacher, kd=kd, fused=fused, projections=projections,
-                 cache=cache if kd else None)
+                 cache=cache if kd else None, checkpoint_group=_checkpoint_group(config))
     _resume(loop)
     captures = _set_loss(loop, teacher).captures
     if config.progress and distributed.rank() == 0:
@@ -847,6 +868,8 @@ def _train(
         t_train = time.perf_counter()  # the step-0 evaluation is not training time
         last_eval = _run_steps(loop, captures, on_step, last_eval)
     finally:
+        if loop.saving is not None:  # failing: keep a finished write, wait for no other rank
+            loop.saving.commit_if_written()
         if loop.bar is not None:
             loop.bar.close()
         for c in captures:
@@ -855,6 +878,17 @@ def _train(
             student.gradient_checkpointing_disable()
     student.eval()
     return _final_metrics(loop, last_eval, time.perf_counter() - t_train)
+
+
+def _checkpoint_group(config: DistillConfig) -> dist.ProcessGroup | None:
+    """With `async_checkpoint` under torch.distributed, a gloo group of all ranks for the
+    background writes alone (collective: every rank creates it): async_save's thread runs DCP's
+    plan and result exchanges, which on the training's default group could interleave with the
+    training's own collectives (gloo on the CPU also when training runs on NCCL: async_save
+    needs a CPU backend). None otherwise."""
+    if not (config.async_checkpoint and distributed.dist_on()):
+        return None
+    return dist.new_group(backend="gloo")
 
 
 # ----------------------------------------------------------------------------- public entry points

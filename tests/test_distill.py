@@ -5,6 +5,7 @@ folder against a plain `transformers` reload in a subprocess that never imports 
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -297,6 +298,40 @@ def test_resume_after_interruption_gives_identical_weights(world, tmp_path):
     calls = []
     _run(world, tmp_path / "resumed", cfg, on_step=calls.append)
     assert calls == []
+
+
+def _checkpoint_files(ckpt: Path) -> dict[str, object]:
+    """What a checkpoint folder holds: every shard's tensors, the JSON files, trainer.pt."""
+    tensors = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
+    return {"tensors": tensors, "trainer": trainer,
+            **{name: json.loads((ckpt / name).read_text())
+               for name in ("state.json", "param_groups.json")}}
+
+
+def test_async_checkpoint_writes_what_the_synchronous_save_writes(world, tmp_path):
+    """distill.async_checkpoint: the checkpoints are written in the background, each one committed
+    before the next starts; the last one holds tensor for tensor what the synchronous save wrote at
+    that step, and the run's losses and weights are the synchronous run's."""
+    cfg = _cfg(tokens=6 * 8 * BLOCK, checkpoint_every=2)
+    _run(world, tmp_path / "sync", cfg)
+    _run(world, tmp_path / "async", dataclasses.replace(cfg, async_checkpoint=True))
+    a, b = (_checkpoint_files(tmp_path / run / "checkpoint") for run in ("sync", "async"))
+    assert a["state.json"]["step"] == 6 and len(a["tensors"]) > 10
+    timeless = lambda state: {k: v for k, v in state.items() if k != "train_time_s"}
+    assert timeless(b["state.json"]) == timeless(a["state.json"])
+    assert b["param_groups.json"] == a["param_groups.json"]
+    assert b["tensors"].keys() == a["tensors"].keys()
+    for k in a["tensors"]:
+        assert torch.equal(a["tensors"][k], b["tensors"][k]), k
+    assert b["trainer"]["scheduler"] == a["trainer"]["scheduler"]
+    assert torch.equal(b["trainer"]["rng"]["torch"], a["trainer"]["rng"]["torch"])
+    wa, wb = (load_file(tmp_path / run / "model.safetensors") for run in ("sync", "async"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    losses = [[json.loads(l)["loss"] for l in (tmp_path / run / "metrics.jsonl").read_text()
+               .splitlines() if json.loads(l)["kind"] == "train"] for run in ("sync", "async")]
+    assert len(losses[0]) == 6 and losses[1] == losses[0]
+    assert not list((tmp_path / "async").glob(".tmp-*"))  # committed, lock released
 
 
 def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch):
