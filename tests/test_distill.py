@@ -422,6 +422,8 @@ def _cli(world, out, *extra):
     (["--intermediate-loss", "l1"], r"distill.intermediate_loss: 'l1' is not one of 'cosine', 'mse'"),
     (["--batch-size", "0"], r"distill.batch_size=0 is invalid; valid: an integer >= 1"),
     (["distill.checkpoint_every=0"], r"distill.checkpoint_every=0 is invalid; valid: an integer >= 1"),
+    (["distill.async_checkpoint=sometimes"],
+     r"distill.async_checkpoint: expected true or false, got 'sometimes'"),
     (["--intermediate", "3-1"], r"distill.intermediate: expected a list, got '3-1'"),
     (["--intermediate", "[[3, -1]]"], r"distill.intermediate=\(\(3, -1\),\) is invalid; valid: "
                                       r"pairs of non-negative layer indices"),
@@ -524,3 +526,58 @@ def test_cli_killed_at_any_moment_resumes_to_the_same_weights(world, tmp_path):
     info = json.loads((out / "minitron.json").read_text())
     assert info["distillation"]["metrics"]["steps"] == 16
     assert info["pruning"]["shape"]["hidden_size"] == 32  # the pruner's record is carried over
+
+
+# The real command whose background write of step 4's checkpoint never ends: the real safetensors
+# writer, held (not a mock of torch.distributed.checkpoint); it says when it holds.
+HELD_WRITE = """
+import os, sys, time
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
+from minitron import checkpoint
+from minitron.common import run_cli
+from minitron.distill import main
+
+class HeldWriter(HuggingFaceStorageWriter):
+    def write_data(self, plan, planner):
+        if str(self.path).endswith("-checkpoint-4"):
+            open(os.environ["HELD_MARKER"], "w").close()
+            time.sleep(600)
+        return super().write_data(plan, planner)
+
+checkpoint._writer = lambda tmp: HeldWriter(str(tmp), save_distributed=True)
+run_cli(main)
+"""
+
+
+def test_run_killed_during_a_background_checkpoint_write_resumes_from_the_previous_one(world,
+                                                                                       tmp_path):
+    """distill.async_checkpoint: a run SIGKILLed while step 4's checkpoint is being written keeps
+    step 2's (committed before step 4's write began); the rerun removes the half-written folder,
+    resumes from step 2 and ends with the weights of an uninterrupted synchronous run."""
+    args = ["--teacher", str(world["teacher_dir"]), "--student", str(world["student_dir"]),
+            "--source", str(world["data"]), "--block-size", str(BLOCK), "--batch-size", "4",
+            "distill.eval_blocks=4", "--no-progress", "--tokens", str(8 * 4 * BLOCK),
+            "--checkpoint-every", "2", "--eval-every", "5", "--alpha", "0.1"]
+    out, marker = tmp_path / "killed", tmp_path / "held"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HELD_MARKER": str(marker)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-c", HELD_WRITE, *args, "--async-checkpoint",
+                             "--output", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert marker.exists(), err[-3000:]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (out / ".tmp-checkpoint-4").is_dir()  # the write in flight when the run was killed
+
+    main(args + ["--async-checkpoint", "--output", str(out)])
+    assert not list(out.glob(".tmp-*"))
+    main(args + ["--output", str(tmp_path / "straight")])
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))

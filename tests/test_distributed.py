@@ -334,6 +334,37 @@ def test_teacher_correction_on_two_fsdp_ranks_matches_one_process(world, tmp_pat
 
 
 # ----------------------------------------------------------------------------- failures
+def test_background_checkpoint_on_two_fsdp_ranks_holds_the_state_of_its_step(tmp_path):
+    """distill.async_checkpoint's save on 2 gloo ranks (FSDP2 shards), its write held open while
+    three optimizer steps and an all-reduce run on the default group: no hang (the write's
+    collectives are on a group of their own), and the committed checkpoint holds, tensor for
+    tensor, what the synchronous save wrote before those steps (the state was copied first)."""
+    script = Path(__file__).with_name("_async_ckpt_rank.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, str(script), str(r), "2", f"file://{tmp_path / 'store'}",
+                               str(tmp_path)], env=env, start_new_session=True) for r in range(2)]
+    try:
+        assert [p.wait(timeout=TIMEOUT) for p in ranks] == [0, 0]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for r in range(2):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {
+            "in_flight": True, "all_reduce": 2.0, "committed": True}
+    sync, done = tmp_path / "sync" / "checkpoint", tmp_path / "async" / "checkpoint"
+    shards = sorted(p.name for p in sync.glob("*.safetensors"))
+    assert len(shards) == 2 and shards == sorted(p.name for p in done.glob("*.safetensors"))
+    for name in shards:
+        a, b = load_file(sync / name), load_file(done / name)
+        assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    for name in ("state.json", "param_groups.json"):
+        assert (sync / name).read_text() == (done / name).read_text()
+    assert not list((tmp_path / "async").glob(".tmp-*"))
+
+
 def test_error_on_one_rank_ends_all_ranks_with_its_message(world, tmp_path):
     rc, log, wall = _two_ranks(world, tmp_path / "fail", fail_at=2)
     assert rc == 2, log[-3000:]

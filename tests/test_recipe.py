@@ -81,6 +81,9 @@ def test_unknown_section(tmp_path):
 def test_wrong_type_names_key_and_value(tmp_path):
     with pytest.raises(RecipeError, match=r"r.yaml: data.block_size: expected an integer, got 'long'"):
         load_recipe(write(tmp_path, "data:\n  block_size: long\n"))
+    with pytest.raises(RecipeError, match=r"r.yaml: distill.async_checkpoint: expected true or "
+                                          r"false, got 'yes please'"):
+        load_recipe(write(tmp_path, "distill:\n  async_checkpoint: yes please\n"))
 
 
 def test_bad_choice_lists_the_choices(tmp_path):
