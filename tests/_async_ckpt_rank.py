@@ -1,5 +1,6 @@
-"""One gloo rank of test_distributed's background-checkpoint check (run as a script): the write of
-an FSDP2 model's checkpoint is held open while the training's optimizer steps and collectives run."""
+"""One gloo rank of test_distributed's background-checkpoint check (run as a script): the write
+of an FSDP2 model's checkpoint is held open while the training's optimizer steps and collectives
+run."""
 
 import json
 import sys

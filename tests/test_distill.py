@@ -334,7 +334,10 @@ def test_async_checkpoint_writes_what_the_synchronous_save_writes(world, tmp_pat
     assert not list((tmp_path / "async").glob(".tmp-*"))  # committed, lock released
 
 
-def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async_checkpoint"])
+def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch, background):
+    """With async_checkpoint, step 4's checkpoint (started at step 5) may still be being written
+    when step 6 stops: the stop waits for it, so the message names it and it is on disk."""
     import minitron.distill as d
 
     real, calls = d._kd_loss, []
@@ -348,7 +351,7 @@ def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(MinitronError, match=r"the loss became nan at step 6/12; the weights were "
                                             r"not updated and the last good checkpoint \(step 4\)"):
-        _run(world, out, _cfg())
+        _run(world, out, _cfg(async_checkpoint=background))
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4
     shards = sorted((out / "checkpoint").glob("*.safetensors"))  # torch.distributed.checkpoint's
@@ -357,7 +360,8 @@ def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch):
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "minitron.json").exists()
     monkeypatch.setattr(d, "_kd_loss", real)
-    metrics, _, _ = _run(world, out, _cfg())  # rerunning resumes and finishes
+    # rerunning resumes and finishes
+    metrics, _, _ = _run(world, out, _cfg(async_checkpoint=background))
     assert metrics["steps"] == 12 and math.isfinite(metrics["eval_loss"])
 
 

@@ -341,8 +341,9 @@ def test_background_checkpoint_on_two_fsdp_ranks_holds_the_state_of_its_step(tmp
     tensor, what the synchronous save wrote before those steps (the state was copied first)."""
     script = Path(__file__).with_name("_async_ckpt_rank.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, str(script), str(r), "2", f"file://{tmp_path / 'store'}",
-                               str(tmp_path)], env=env, start_new_session=True) for r in range(2)]
+    init = f"file://{tmp_path / 'store'}"
+    ranks = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path)],
+                              env=env, start_new_session=True) for r in range(2)]
     try:
         assert [p.wait(timeout=TIMEOUT) for p in ranks] == [0, 0]
     finally:
