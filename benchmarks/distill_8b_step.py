@@ -4,7 +4,11 @@ NCCL and DCP checkpoints on a GPU. The first thing `gpu_check.sh` runs on a lent
 
 Per activation-checkpointing setting (true, false): an uninterrupted run of STEPS optimizer steps,
 then the same run killed (SIGKILL from the step hook) after its checkpoint at step STEPS/2 is
-confirmed, then resumed to the end; the final model.safetensors of both must agree.
+confirmed, then resumed to the end; the final model.safetensors of both must agree. Without
+activation checkpointing (where a save is the largest share of a step) also the uninterrupted run
+with `--async-checkpoint` (dcp.async_save on a gloo group beside NCCL, FSDP2 shards staged from
+the GPU): its weights must agree with the synchronous run's, and the per-step times of both show
+how long the step that saves is blocked.
 
 Models are built from recipes/configs/llama-3.1-8b.json (random weights, no download) with 2
 layers: teacher hidden 4096 / MLP 14336 / 32 heads / 8 KV heads / vocab 128256 / llama3 rope;
@@ -220,8 +224,25 @@ def one_setting(work: Path, tiny: bool, steps: int, gc: bool) -> dict:
         "resume_vs_uninterrupted": compare_weights(full, killed),
         "memory": json.loads(mem.read_text()) if mem.exists() else None,
     }
+    if not gc:
+        result["async_checkpoint"] = async_run(args, full, work / f"async-{tag}")
     for out in (full, killed):  # a real-width run leaves GBs: keep only the records
         shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def async_run(args: list[str], sync: Path, out: Path) -> dict:
+    """The uninterrupted run again with distill.async_checkpoint, against the synchronous one."""
+    rc, log, wall = torchrun(args + ["--async-checkpoint"], out)
+    if rc != 0:
+        raise RuntimeError(f"run with --async-checkpoint failed:\n{log[-4000:]}")
+    step_s = lambda run: [round(r["tokens"] / r["step"] / r["tokens_per_s"], 3)
+                          for r in train_records(run)]
+    result = {"wall_s": round(wall, 1), "step_s": step_s(out), "sync_step_s": step_s(sync),
+              "losses_equal": [r["loss"] for r in train_records(out)]
+              == [r["loss"] for r in train_records(sync)],
+              "vs_sync": compare_weights(sync, out)}
+    shutil.rmtree(out, ignore_errors=True)
     return result
 
 
@@ -298,6 +319,10 @@ def checks(setting: dict, tiny: bool) -> dict:
            # reorder sums between processes: within one bf16 rounding of an fp32 master weight.
            "resume_equal": cmp["bitwise_equal"] if tiny else (cmp["same_keys"]
                                                               and cmp["max_abs_diff"] <= 1e-4)}
+    if "async_checkpoint" in setting:
+        cmp = setting["async_checkpoint"]["vs_sync"]
+        out["async_checkpoint_equal"] = cmp["bitwise_equal"] if tiny else (
+            cmp["same_keys"] and cmp["max_abs_diff"] <= 1e-4)
     return out
 
 
@@ -319,6 +344,13 @@ def table(result: dict) -> str:
             f"| {s['losses'][0]:.4g} -> {s['losses'][-1]:.4g} "
             f"| {s['resume_vs_uninterrupted']['max_abs_diff']:.3g} "
             f"| {'ok' if all(s['checks'].values()) else s['checks']} |")
+    for s in result["settings"]:
+        if "async_checkpoint" in s:
+            a = s["async_checkpoint"]
+            rows.append(f"\nWith --async-checkpoint (grad. ckpt {s['gradient_checkpointing']}): "
+                        f"step s {a['step_s']} against {a['sync_step_s']} synchronous (a "
+                        f"checkpoint is saved during steps {result['steps'] // 2 + 1} and "
+                        f"{result['steps']}); weights max diff {a['vs_sync']['max_abs_diff']:.3g}.")
     return head + "\n".join(rows) + "\n"
 
 

@@ -26,7 +26,8 @@
 # first of all, benchmarks/distill_8b_step.py: Llama-3.1-8B -> 4.5B width at real width and two
 # layers through `python -m minitron.distill` under torchrun --nproc_per_node=1 (FSDP2, bf16,
 # NCCL, DCP): 6 steps of 8192 tokens, uninterrupted and killed + resumed, with and without
-# activation checkpointing (6 launches; budget ~5 min of the ~12). GPU_CHECK_SKIP_8B=1 skips it
+# activation checkpointing, and without it once more with --async-checkpoint (7 launches; budget
+# ~6 min of the ~12). GPU_CHECK_SKIP_8B=1 skips it
 # (for a rerun once its JSON is in). Then by mode (~5 min for bar):
 # quick = the GPU tests, the benchmark's small shapes, 50 distillation steps, the bf16 loss tests.
 # bar   = the same with the bar shape (bf16 [8192, 128256]) for every provider (eager,
