@@ -503,7 +503,7 @@ class _Loop:
     last_ckpt_step: int | None = None
     pending: tuple[dict[str, Any], dict[str, Any]] | None = None  # (state, RNG) not yet confirmed
     saving: PendingCheckpoint | None = None  # a confirmed checkpoint being written (async)
-    checkpoint_group: Any = None  # async_checkpoint under torch.distributed: its gloo group
+    checkpoint_group: dist.ProcessGroup | None = None  # async_checkpoint's, with several ranks
     start_step: int = 0
     bar: Any = None
 
