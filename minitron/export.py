@@ -436,6 +436,14 @@ def fp32_matmuls(proto, layers: tuple[str, ...]) -> list[str]:
     return [n.name for n in keep]
 
 
+def activation_matmuls(proto) -> list[str]:
+    """The MatMul nodes of `proto` whose second input is not a weight (attention's q.k^T and p.v).
+    Static INT8 leaves them float: ORT's `MatMulConstBOnly` counts a B input as constant when any
+    initializer lies upstream of it (here the k/v projections' weights), so it would quantize them."""
+    inits = {t.name for t in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+
+
 def _save_quantizer(quantizer, dst: Path, external: bool) -> None:
     quantizer.model.save_model_to_file(str(dst), external)  # ORT's ONNXModel wrapper
 
@@ -467,10 +475,11 @@ def _quantize_int8(src: Path, dst: Path, variant: QuantVariant, calib_blocks: to
     elif variant.scheme == "static":
         if calib_blocks is None:
             raise ValueError("static quantization needs calibration blocks")
+        graph = onnx.load(str(src), load_external_data=False)
         quantize_static(str(src), str(dst), _calibration_reader(src, calib_blocks),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gather"],
-                        nodes_to_exclude=fp32_matmuls(onnx.load(str(src), load_external_data=False),
-                                                      variant.fp32_layers),
+                        nodes_to_exclude=(fp32_matmuls(graph, variant.fp32_layers)
+                                          + activation_matmuls(graph)),
                         per_channel=variant.per_channel, activation_type=qtype[cpu.activation_type],
                         weight_type=qtype[cpu.weight_type], reduce_range=cpu.reduce_range,
                         calibrate_method=CalibrationMethod.MinMax,
