@@ -80,7 +80,11 @@ MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes
 MANIFEST_KIND = "minitron-export"
 MANIFEST = "manifest.json"  # lists every file the export wrote: only those may be replaced
 DEPLOY_FILE = "model.onnx"  # the graph genai_config.json names
-SMOOTHQUANT_FP32 = ("down_proj", "lm_head")  # left in FP32 by int8=smoothquant (see fp32_matmuls)
+SMOOTHQUANT_FP32 = ("down_proj", "lm_head")  # left in FP32 by int8=smoothquant's first candidate
+# int8=smoothquant's candidates (FP32 layers, see fp32_matmuls), most FP32 first: each step makes the
+# next INT8 MatMul (prefill time is mostly the FP32 MatMuls left) at a perplexity cost; the export
+# deploys the fastest within the gates (with export.ppl_budget, the user picks the trade-off)
+SMOOTHQUANT_CANDIDATES = (SMOOTHQUANT_FP32, ("down_proj",), ())
 FP32_FILE = "model_fp32.onnx"  # kept beside it with export.keep_fp32
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
 _DIFF_MAX_LOGITS = 2**26  # ... but at most 256 MB of them (a 128k vocabulary keeps one 512-token block)
@@ -133,7 +137,7 @@ def deploy_candidates(settings: ExportConfig) -> list[QuantVariant]:
     if settings.int8 == "blockwise":
         return [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
     if settings.int8 == "smoothquant":  # per-channel weights always (the scales migrate into them)
-        return [QuantVariant("smoothquant", True, fp32_layers=SMOOTHQUANT_FP32)]
+        return [QuantVariant("smoothquant", True, fp32_layers=fp32) for fp32 in SMOOTHQUANT_CANDIDATES]
     if settings.int8 != "none":
         return [QuantVariant(settings.int8, settings.per_channel)]
     return []
@@ -919,8 +923,8 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
 
 # A weight transform (minitron.quantize) -> the ORT quantization of the transformed FP32 graph.
 TRANSFORMS: dict[str, Callable[[QuantVariant], QuantVariant]] = {
-    # MatMul outputs float: a Q/DQ pair after each output (q/k/v, gate/up, o_proj into the residual)
-    # cost SmolLM2-135M +6.0% perplexity where float outputs cost +3.4% (same scales and layers)
+    # MatMul outputs float (a Q/DQ pair after q/k/v, gate/up and o_proj, into the residual, costs
+    # several times the perplexity); ORT still runs them on integers (MatMulIntegerToFloat)
     "smoothquant": lambda v: QuantVariant("static", per_channel=True, fp32_layers=v.fp32_layers,
                                           float_outputs=True),
     "awq": lambda v: QuantVariant("rtn", bits=4, accuracy_level=v.accuracy_level),
