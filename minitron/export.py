@@ -137,7 +137,9 @@ def deploy_candidates(settings: ExportConfig) -> list[QuantVariant]:
     if settings.int8 == "blockwise":
         return [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
     if settings.int8 == "smoothquant":  # per-channel weights always (the scales migrate into them)
-        return [QuantVariant("smoothquant", True, fp32_layers=fp32) for fp32 in SMOOTHQUANT_CANDIDATES]
+        # without speed numbers the first (most FP32) passing candidate is deployed: only it is made
+        ladder = SMOOTHQUANT_CANDIDATES if settings.speed else SMOOTHQUANT_CANDIDATES[:1]
+        return [QuantVariant("smoothquant", True, fp32_layers=fp32) for fp32 in ladder]
     if settings.int8 != "none":
         return [QuantVariant(settings.int8, settings.per_channel)]
     return []

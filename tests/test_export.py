@@ -402,6 +402,18 @@ def test_activation_aware_variants_beat_their_plain_counterparts(outlier_source,
     assert mse_ours < mse_plain, (mse_ours, mse_plain)
 
 
+def test_smoothquant_candidates_go_from_most_fp32_to_all_int8():
+    """int8=smoothquant measures its candidates when speed is measured (the fastest within the
+    gates is deployed), each with fewer FP32 MatMuls than the one before and its own file; without
+    speed numbers only the most FP32 one, the one that would be deployed, is made."""
+    timed = ex.deploy_candidates(ExportConfig(int8="smoothquant"))
+    kept = [set(v.fp32_layers) for v in timed]
+    assert kept[0] == {"down_proj", "lm_head"} and kept[-1] == set()
+    assert all(later < earlier for earlier, later in zip(kept, kept[1:]))
+    assert len({v.file for v in timed}) == len(timed)
+    assert ex.deploy_candidates(ExportConfig(int8="smoothquant", speed=False)) == timed[:1]
+
+
 def test_gptq_export_writes_its_integers_into_matmul_nbits(outlier_source, tmp_path, fast, corpus):
     """int4=gptq with an 8-bit head: the deployed graph's MatMulNBits nodes hold exactly the GPTQ
     grids of the model's linears (recomputed here on the export's calibration blocks), the head's
