@@ -19,7 +19,10 @@ Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and t
 - `dynamic`: `quantize_dynamic`, MatMulInteger; weights per tensor (or per output channel with
   `per_channel`), activations uint8 with one scale per tensor computed at run time.
 - `static`: `quantize_static` in QDQ format, activation ranges calibrated (min/max) on blocks of
-  the calibration split; per tensor or per channel.
+  the calibration split; per tensor or per channel; attention's MatMuls of two activations stay float.
+- `smoothquant`: SmoothQuant's scales folded into the weights, then `static` per channel with float
+  MatMul outputs (ORT runs those MatMuls as MatMulIntegerToFloat); its candidates keep fewer and
+  fewer MatMuls FP32 (SMOOTHQUANT_CANDIDATES) and the fastest within the gates is deployed.
 - `int4=rtn|hqq`: MatMulNBits with 4-bit weights (and a 4-bit GatherBlockQuantized embedding).
   `awq` folds activation-aware scales in first; `gptq` (and `awq_gptq`, after AWQ's scales) writes
   GPTQ's integers (minitron.gptq) into the MatMulNBits nodes, the LM head at `int4_head_bits`.
