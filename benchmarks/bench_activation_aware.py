@@ -142,9 +142,9 @@ def main() -> None:
           f"{report['eval']}; speeds timed back to back with PyTorch FP32, median of {rounds} "
           f"rounds (1-minute load average per round: {report['rows'][0]['load_1m_rounds']}); "
           "speed-ups are medians of the per-round ratios.\n",
-          ex.format_table(report["table"], ex.REPORT_COLUMNS), "",
-          "Precision of the GPTQ variants' tensors:", ""]
-    md += [f"- {r['model']}: {r['precision']}" for r in report["rows"] if r.get("precision")]
+          ex.format_table(report["table"], ex.REPORT_COLUMNS), ""]
+    precision = [f"- {r['model']}: {r['precision']}" for r in report["rows"] if r.get("precision")]
+    md += ["Precision of the GPTQ variants' tensors:", "", *precision] if precision else []
     md += ["", "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py"
            + "".join(" " + a for a in sys.argv[1:]) + "`"]
     (RESULTS / f"activation_aware-cpu-{stamp}.md").write_text("\n".join(md) + "\n")
