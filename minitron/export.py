@@ -447,8 +447,8 @@ def fp32_matmuls(proto, layers: tuple[str, ...]) -> list[str]:
 
 def activation_matmuls(proto) -> list[str]:
     """The MatMul nodes of `proto` whose second input is not a weight (attention's q.k^T and p.v).
-    Static INT8 leaves them float: ORT's `MatMulConstBOnly` counts a B input as constant when any
-    initializer lies upstream of it (here the k/v projections' weights), so it would quantize them."""
+    Static INT8 leaves them float: ORT's `MatMulConstBOnly` is read by its QOperator MatMul only
+    (onnxruntime/quantization/operators/matmul.py, 1.32); its QDQ MatMul quantizes every MatMul."""
     inits = {t.name for t in proto.graph.initializer}
     return [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
 
