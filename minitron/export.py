@@ -19,7 +19,10 @@ Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and t
 - `dynamic`: `quantize_dynamic`, MatMulInteger; weights per tensor (or per output channel with
   `per_channel`), activations uint8 with one scale per tensor computed at run time.
 - `static`: `quantize_static` in QDQ format, activation ranges calibrated (min/max) on blocks of
-  the calibration split; per tensor or per channel.
+  the calibration split; per tensor or per channel; attention's MatMuls of two activations stay float.
+- `smoothquant`: SmoothQuant's scales folded into the weights, then `static` per channel with float
+  MatMul outputs (ORT runs those MatMuls as MatMulIntegerToFloat); its candidates keep fewer and
+  fewer MatMuls FP32 (SMOOTHQUANT_CANDIDATES) and the fastest within the gates is deployed.
 - `int4=rtn|hqq`: MatMulNBits with 4-bit weights (and a 4-bit GatherBlockQuantized embedding).
   `awq` folds activation-aware scales in first; `gptq` (and `awq_gptq`, after AWQ's scales) writes
   GPTQ's integers (minitron.gptq) into the MatMulNBits nodes, the LM head at `int4_head_bits`.
@@ -80,7 +83,11 @@ MAX_EVAL_BLOCK = 512  # validation block length cap (tokens): 8k-context recipes
 MANIFEST_KIND = "minitron-export"
 MANIFEST = "manifest.json"  # lists every file the export wrote: only those may be replaced
 DEPLOY_FILE = "model.onnx"  # the graph genai_config.json names
-SMOOTHQUANT_FP32 = ("down_proj", "lm_head")  # left in FP32 by int8=smoothquant (see fp32_matmuls)
+SMOOTHQUANT_FP32 = ("down_proj", "lm_head")  # left in FP32 by int8=smoothquant's first candidate
+# int8=smoothquant's candidates (FP32 layers, see fp32_matmuls), most FP32 first: each step makes the
+# next INT8 MatMul (prefill time is mostly the FP32 MatMuls left) at a perplexity cost; the export
+# deploys the fastest within the gates (with export.ppl_budget, the user picks the trade-off)
+SMOOTHQUANT_CANDIDATES = (SMOOTHQUANT_FP32, ("down_proj",), ())
 FP32_FILE = "model_fp32.onnx"  # kept beside it with export.keep_fp32
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
 _DIFF_MAX_LOGITS = 2**26  # ... but at most 256 MB of them (a 128k vocabulary keeps one 512-token block)
@@ -133,7 +140,9 @@ def deploy_candidates(settings: ExportConfig) -> list[QuantVariant]:
     if settings.int8 == "blockwise":
         return [QuantVariant("blockwise", accuracy_level=lv) for lv in settings.levels]
     if settings.int8 == "smoothquant":  # per-channel weights always (the scales migrate into them)
-        return [QuantVariant("smoothquant", True, fp32_layers=SMOOTHQUANT_FP32)]
+        # without speed numbers the first (most FP32) passing candidate is deployed: only it is made
+        ladder = SMOOTHQUANT_CANDIDATES if settings.speed else SMOOTHQUANT_CANDIDATES[:1]
+        return [QuantVariant("smoothquant", True, fp32_layers=fp32) for fp32 in ladder]
     if settings.int8 != "none":
         return [QuantVariant(settings.int8, settings.per_channel)]
     return []
@@ -436,6 +445,14 @@ def fp32_matmuls(proto, layers: tuple[str, ...]) -> list[str]:
     return [n.name for n in keep]
 
 
+def activation_matmuls(proto) -> list[str]:
+    """The MatMul nodes of `proto` whose second input is not a weight (attention's q.k^T and p.v).
+    Static INT8 leaves them float: ORT's `MatMulConstBOnly` is read by its QOperator MatMul only
+    (onnxruntime/quantization/operators/matmul.py, 1.32); its QDQ MatMul quantizes every MatMul."""
+    inits = {t.name for t in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+
+
 def _save_quantizer(quantizer, dst: Path, external: bool) -> None:
     quantizer.model.save_model_to_file(str(dst), external)  # ORT's ONNXModel wrapper
 
@@ -467,10 +484,11 @@ def _quantize_int8(src: Path, dst: Path, variant: QuantVariant, calib_blocks: to
     elif variant.scheme == "static":
         if calib_blocks is None:
             raise ValueError("static quantization needs calibration blocks")
+        graph = onnx.load(str(src), load_external_data=False)
         quantize_static(str(src), str(dst), _calibration_reader(src, calib_blocks),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gather"],
-                        nodes_to_exclude=fp32_matmuls(onnx.load(str(src), load_external_data=False),
-                                                      variant.fp32_layers),
+                        nodes_to_exclude=(fp32_matmuls(graph, variant.fp32_layers)
+                                          + activation_matmuls(graph)),
                         per_channel=variant.per_channel, activation_type=qtype[cpu.activation_type],
                         weight_type=qtype[cpu.weight_type], reduce_range=cpu.reduce_range,
                         calibrate_method=CalibrationMethod.MinMax,
@@ -910,8 +928,8 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
 
 # A weight transform (minitron.quantize) -> the ORT quantization of the transformed FP32 graph.
 TRANSFORMS: dict[str, Callable[[QuantVariant], QuantVariant]] = {
-    # MatMul outputs float: a Q/DQ pair after each output (q/k/v, gate/up, o_proj into the residual)
-    # cost SmolLM2-135M +6.0% perplexity where float outputs cost +3.4% (same scales and layers)
+    # MatMul outputs float (a Q/DQ pair after q/k/v, gate/up and o_proj, into the residual, costs
+    # several times the perplexity); ORT still runs them on integers (MatMulIntegerToFloat)
     "smoothquant": lambda v: QuantVariant("static", per_channel=True, fp32_layers=v.fp32_layers,
                                           float_outputs=True),
     "awq": lambda v: QuantVariant("rtn", bits=4, accuracy_level=v.accuracy_level),

@@ -368,6 +368,23 @@ def test_activation_aware_variants_beat_their_plain_counterparts(outlier_source,
         assert ex.fp32_matmuls(onnx.load(str(folded)), ()) == []
         with pytest.raises(ValueError, match="o_proj"):
             ex.fp32_matmuls(onnx.load(str(folded)), ("o_proj",))
+        # attention's two MatMuls of activations per layer stay float (no DequantizeLinear feeds them)
+        layers = model.config.num_hidden_layers
+        attention = ex.activation_matmuls(onnx.load(str(folded)))
+        assert len(attention) == 2 * layers
+        dq = {n.output[0] for n in deployed.graph.node if n.op_type == "DequantizeLinear"}
+        assert not any(set(nodes[name].input) & dq for name in attention)
+        # ORT's own graph optimizer runs each INT8 weight MatMul (float output) as an integer
+        # kernel: q, k, v, o, gate and up of every layer become MatMulIntegerToFloat
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+        ort.InferenceSession(str(out / ex.DEPLOY_FILE), options, providers=["CPUExecutionProvider"])
+        optimized = [n.op_type for n in onnx.load(str(tmp_path / "ort_optimized.onnx")).graph.node]
+        assert optimized.count("MatMulIntegerToFloat") == 6 * layers
+        assert optimized.count("QLinearMatMul") == 0
     plain = (ex.QuantVariant("static", per_channel=True) if method == "smoothquant" else
              ex.QuantVariant("rtn", bits=4, accuracy_level=0))
     calib = load_blocks(tiny_tokenizer(), "calibration", 2, block_size=32, source=corpus)
@@ -383,6 +400,18 @@ def test_activation_aware_variants_beat_their_plain_counterparts(outlier_source,
     mse_plain = _logit_mse(tmp_path / "plain.onnx", model, blocks)
     mse_ours = _logit_mse(out / ex.DEPLOY_FILE, model, blocks)
     assert mse_ours < mse_plain, (mse_ours, mse_plain)
+
+
+def test_smoothquant_candidates_go_from_most_fp32_to_all_int8():
+    """int8=smoothquant measures its candidates when speed is measured (the fastest within the
+    gates is deployed), each with fewer FP32 MatMuls than the one before and its own file; without
+    speed numbers only the most FP32 one, the one that would be deployed, is made."""
+    timed = ex.deploy_candidates(ExportConfig(int8="smoothquant"))
+    kept = [set(v.fp32_layers) for v in timed]
+    assert kept[0] == {"down_proj", "lm_head"} and kept[-1] == set()
+    assert all(later < earlier for earlier, later in zip(kept, kept[1:]))
+    assert len({v.file for v in timed}) == len(timed)
+    assert ex.deploy_candidates(ExportConfig(int8="smoothquant", speed=False)) == timed[:1]
 
 
 def test_gptq_export_writes_its_integers_into_matmul_nbits(outlier_source, tmp_path, fast, corpus):
