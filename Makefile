@@ -34,9 +34,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python -m minitron.run $(RECIPE)
 
-# --durations: the slowest tests at the end of every run (CI logs included), to keep the suite short
+# --durations: the slowest tests at the end of every run (CI logs included), to keep the suite short.
+# -n: one pytest-xdist worker per core, at most 2 (each worker holds models and ONNX sessions, and
+# some tests start 2-rank process groups); loadscope keeps a module's tests, and its module
+# fixtures, on one worker.
 test: setup $(VENV)/.installed-gguf $(VENV)/.installed-compressed
-	$(BIN)/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=20 -n auto --maxprocesses 2 --dist loadscope $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
