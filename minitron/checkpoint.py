@@ -75,8 +75,8 @@ def save_checkpoint(run_dir: Path, trainee: nn.Module, optimizer, scheduler, sta
 class PendingCheckpoint:
     """A checkpoint that `save_checkpoint_async` is writing in the background. It becomes the
     run's checkpoint (the rename) only once every rank's shards are on disk: `wait()` (collective)
-    blocks until then (and raises a failed write's error); `commit_if_written()` (no collective,
-    never raises) commits it early when it is."""
+    blocks until then (and raises a failed write's error); `commit_if_written()` (no collective;
+    a failed write is left for `wait()` to raise) commits it early when it is."""
 
     def __init__(self, run_dir: Path, tmp: Path, lock: int | None, step: int, future: Future):
         self.run_dir, self.tmp, self.lock, self.step = run_dir, tmp, lock, step
@@ -215,22 +215,26 @@ def rng_state() -> dict[str, Any]:
     return rng
 
 
+# DCP warns that it assumes one process when there is no process group: that is the K=1 case.
+ONE_PROCESS_WARNING = "torch.distributed is disabled"
+
+
 @functools.cache
 def _ignore_one_process_warning() -> None:
     """`_one_process_quiet` for a save in a background thread, which a `catch_warnings` around
     the call does not cover (the warning comes later): this one message, for the process."""
     import warnings
 
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    warnings.filterwarnings("ignore", message=ONE_PROCESS_WARNING)
 
 
 @contextlib.contextmanager
 def _one_process_quiet():
-    """DCP warns that it assumes one process when there is no process group: that is the K=1 case."""
+    """No ONE_PROCESS_WARNING from the DCP call inside."""
     import warnings
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=ONE_PROCESS_WARNING)
         yield
 
 
