@@ -5,7 +5,6 @@ process count), `metrics.jsonl` and its plot."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import random
@@ -219,10 +218,11 @@ def rng_state() -> dict[str, Any]:
 ONE_PROCESS_WARNING = "torch.distributed is disabled"
 
 
-@functools.cache
 def _ignore_one_process_warning() -> None:
     """`_one_process_quiet` for a save in a background thread, which a `catch_warnings` around
-    the call does not cover (the warning comes later): this one message, for the process."""
+    the call does not cover (the warning comes later): this one message, for the process. Set at
+    every save: a caller's `catch_warnings` may have restored the filters since the last one
+    (`filterwarnings` replaces an identical filter, so the list does not grow)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=ONE_PROCESS_WARNING)
