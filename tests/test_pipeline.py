@@ -84,7 +84,7 @@ def test_every_stage_runs_and_is_reported(finished_run):
 
 
 def test_task_accuracy_of_all_four_models_is_reported(finished_run):
-    _, run_dir, _ = finished_run
+    recipe, run_dir, _ = finished_run
     report = json.loads((run_dir / "report.json").read_text())
     for m in report["models"]:
         task = m["tasks"]["minitron_words_and_code"]
@@ -94,9 +94,10 @@ def test_task_accuracy_of_all_four_models_is_reported(finished_run):
     from minitron.models import load_model
     from minitron.tasks import score_torch
 
-    recipe, _, _ = finished_run
-    for label, folder in (("teacher", recipe.parent / "teacher"), ("distilled", run_dir / "2-distill" / "model")):
-        task = next(m for m in report["models"] if m["model"] == label)["tasks"]["minitron_words_and_code"]
+    for label, folder in (("teacher", recipe.parent / "teacher"),
+                          ("distilled", run_dir / "2-distill" / "model")):
+        row = next(m for m in report["models"] if m["model"] == label)
+        task = row["tasks"]["minitron_words_and_code"]
         model, tokenizer = load_model(str(folder))
         expected = score_torch(model, tokenizer, ["minitron_words_and_code"], limit=8,
                                num_fewshot=task["num_fewshot"])["minitron_words_and_code"]
