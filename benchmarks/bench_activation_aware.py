@@ -5,7 +5,8 @@
 One export (the export's own validation data, 8192 tokens; one thread) measuring int8=smoothquant
 and the INT4 variants side by side against PyTorch FP32, with the perplexity gates relaxed so that
 the report is written whatever the numbers. SmoothQuant: the export's candidates (FP32 down_proj
-and lm_head, FP32 down_proj only, all INT8; export.SMOOTHQUANT_CANDIDATES). INT4: RTN and GPTQ with the LM head at 4 and at 8 bits
+and lm_head, FP32 down_proj only, FP32 down_proj of the most sensitive quarter of the layers, all
+INT8; export.SMOOTHQUANT_CANDIDATES). INT4: RTN and GPTQ with the LM head at 4 and at 8 bits
 (one GPTQ pass for both), at accuracy level 0; `--with-awq` adds AWQ and AWQ + GPTQ (each head
 width). `--int8-only` runs the SmoothQuant rows alone, `--int4-only` the INT4 rows alone:
 on a shared, loaded 2-core box each GPTQ or AWQ pass and each measured variant costs minutes.

@@ -20,9 +20,11 @@ Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and t
   `per_channel`), activations uint8 with one scale per tensor computed at run time.
 - `static`: `quantize_static` in QDQ format, activation ranges calibrated (min/max) on blocks of
   the calibration split; per tensor or per channel; attention's MatMuls of two activations stay float.
-- `smoothquant`: SmoothQuant's scales folded into the weights, then `static` per channel with float
-  MatMul outputs (ORT runs those MatMuls as MatMulIntegerToFloat); its candidates keep fewer and
-  fewer MatMuls FP32 (SMOOTHQUANT_CANDIDATES) and the fastest within the gates is deployed.
+- `smoothquant`: SmoothQuant's scales folded into the weights (the LM head's input included), then
+  `static` per channel with float MatMul outputs (ORT runs those MatMuls as MatMulIntegerToFloat);
+  its candidates keep fewer and fewer MatMuls FP32 (SMOOTHQUANT_CANDIDATES: down_proj and lm_head,
+  down_proj, the down_proj of the layers whose INT8 costs most, none) and the fastest within the
+  gates is deployed.
 - `int4=rtn|hqq`: MatMulNBits with 4-bit weights (and a 4-bit GatherBlockQuantized embedding).
   `awq` folds activation-aware scales in first; `gptq` (and `awq_gptq`, after AWQ's scales) writes
   GPTQ's integers (minitron.gptq) into the MatMulNBits nodes, the LM head at `int4_head_bits`.
@@ -87,7 +89,10 @@ SMOOTHQUANT_FP32 = ("down_proj", "lm_head")  # left in FP32 by int8=smoothquant'
 # int8=smoothquant's candidates (FP32 layers, see fp32_matmuls), most FP32 first: each step makes the
 # next INT8 MatMul (prefill time is mostly the FP32 MatMuls left) at a perplexity cost; the export
 # deploys the fastest within the gates (with export.ppl_budget, the user picks the trade-off)
-SMOOTHQUANT_CANDIDATES = (SMOOTHQUANT_FP32, ("down_proj",), ())
+SENSITIVE_DOWN = "sensitive_down_proj"  # the down_proj MatMuls of SENSITIVE_FRACTION of the layers
+SENSITIVE_FRACTION = 1 / 4  # whose lone INT8 changes the calibration logits most (int8_sensitivity)
+SENSITIVE_BLOCKS = 2  # calibration blocks that ranking is measured on
+SMOOTHQUANT_CANDIDATES = (SMOOTHQUANT_FP32, ("down_proj",), (SENSITIVE_DOWN,), ())
 FP32_FILE = "model_fp32.onnx"  # kept beside it with export.keep_fp32
 _DIFF_BLOCKS = 4  # blocks whose full reference logits are kept for the max-difference check
 _DIFF_MAX_LOGITS = 2**26  # ... but at most 256 MB of them (a 128k vocabulary keeps one 512-token block)
@@ -420,16 +425,21 @@ def blockwise_block_size(proto) -> int:
     return block
 
 
-FP32_LAYERS = ("down_proj", "lm_head")
+FP32_LAYERS = ("down_proj", "lm_head")  # and down_proj.N: layer N's down_proj alone
 
 
 def fp32_matmuls(proto, layers: tuple[str, ...]) -> list[str]:
-    """The MatMul nodes of `proto` that play the roles `layers` (FP32_LAYERS), found by structure
-    (the exporter's node names carry no module names): `lm_head` writes a graph output; `down_proj`
-    reads the widest input (the MLP's intermediate width) and writes the hidden width."""
-    unknown = set(layers) - set(FP32_LAYERS)
+    """The MatMul nodes of `proto` that play the roles `layers` (FP32_LAYERS, or `down_proj.N`
+    for layer N's), found by structure (the exporter's node names carry no module names):
+    `lm_head` writes a graph output; `down_proj` reads the widest input (the MLP's intermediate
+    width) and writes the hidden width, one per layer in graph order (layer N's is the Nth: each
+    layer reads the one before)."""
+    indexed = {name for name in layers if name.startswith("down_proj.")
+               and name.removeprefix("down_proj.").isdigit()}
+    unknown = set(layers) - set(FP32_LAYERS) - indexed
     if unknown:
-        raise ValueError(f"fp32_layers: {sorted(unknown)} are not among {FP32_LAYERS}")
+        raise ValueError(f"fp32_layers: {sorted(unknown)} are not among {FP32_LAYERS} "
+                         "or down_proj.N")
     inits = {t.name: t.dims for t in proto.graph.initializer if len(t.dims) == 2}
     outputs = {o.name for o in proto.graph.output}
     mms = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
@@ -438,10 +448,16 @@ def fp32_matmuls(proto, layers: tuple[str, ...]) -> list[str]:
         return []
     hidden = inits[heads[0].input[1]][0] if heads else None
     widest = max(inits[n.input[1]][0] for n in mms)
+    downs = [n for n in mms if n not in heads and inits[n.input[1]][0] == widest
+             and inits[n.input[1]][1] == hidden]
     keep = [n for n in heads] if "lm_head" in layers else []
     if "down_proj" in layers:
-        keep += [n for n in mms if n not in heads and inits[n.input[1]][0] == widest
-                 and inits[n.input[1]][1] == hidden]
+        keep += downs
+    for name in sorted(indexed):
+        i = int(name.removeprefix("down_proj."))
+        if i >= len(downs):
+            raise ValueError(f"fp32_layers: {name}, but the graph has {len(downs)} down_proj MatMuls")
+        keep.append(downs[i])
     return [n.name for n in keep]
 
 
@@ -911,14 +927,17 @@ def quantize_variants(job: Job, tmp: Path, fp32_file: str, fp32_ppl: float,
         twin = quantized.get(dataclasses.replace(v, accuracy_level=None)) if v.matmul_nbits else None
         with job.timed(v.name.replace("-", "_")):
             if twin is None:
-                quantize(src, tmp / v.file, TRANSFORMS.get(v.scheme, lambda v: v)(v), job.calib, cpu)
+                quantize(src, tmp / v.file, TRANSFORMS.get(v.scheme, lambda v: v)(
+                    resolve_fp32_layers(v, info)), job.calib, cpu)
                 quantized[dataclasses.replace(v, accuracy_level=None)] = v
             else:  # the same weights at another accuracy level
                 relevel_onnx(tmp / twin.file, tmp / v.file, v.accuracy_level)
             row = measure_onnx(tmp, v.file, job.blocks, job.ref, job.prompt, job.settings)
         problems = check_quantized(row, fp32_ppl, job.settings)
+        measured = {k: x for k, x in info.items()  # the ranking where this variant used it
+                    if k != "fp32_down_proj" or SENSITIVE_DOWN in v.fp32_layers}
         rows.append({"model": f"onnx-{v.name}", "variant": v, "within_budget": not problems,
-                     "problems": problems, **info, **row})
+                     "problems": problems, **measured, **row})
     for src, _ in sources.values():
         src.with_suffix(".grids.safetensors").unlink(missing_ok=True)  # minitron.gptq.grids_file
         if src != tmp / fp32_file:
@@ -939,6 +958,33 @@ TRANSFORMS: dict[str, Callable[[QuantVariant], QuantVariant]] = {
 GPTQ_SCHEMES = ("gptq", "awq_gptq")
 
 
+def sensitive_down_proj(model, calib: torch.Tensor) -> list[int]:
+    """The layers (ascending) whose down_proj, alone in static W8A8 with its input's range over
+    the calibration blocks `calib` (as ORT calibrates it), changes the next-token distributions
+    over the first SENSITIVE_BLOCKS of them most (quantize.int8_sensitivity's KL):
+    SENSITIVE_FRACTION of them, at least one. On SmolLM2-135M after SmoothQuant the cost is
+    uneven (KL 4.9e-3 for layer 11's alone, at most 0.37e-3 for 22 of the 30): keeping the
+    quarter FP32 takes the all-INT8 perplexity change from +5.5% to +2.9%."""
+    from minitron import quantize as aq
+    from minitron.models import arch_of, decoder_layers
+
+    spec = arch_of(model)
+    names = [f"{spec.layers}.{i}.{spec.down_proj}" for i in range(len(decoder_layers(model)))]
+    kl = aq.int8_sensitivity(model, calib[:SENSITIVE_BLOCKS], names,
+                             aq.input_ranges(model, calib, names))
+    k = max(1, math.ceil(len(names) * SENSITIVE_FRACTION))
+    return sorted(sorted(range(len(names)), key=lambda i: -kl[names[i]])[:k])
+
+
+def resolve_fp32_layers(v: QuantVariant, info: dict[str, Any]) -> QuantVariant:
+    """`v` with SENSITIVE_DOWN replaced by the down_proj.N its transform measured."""
+    if SENSITIVE_DOWN not in v.fp32_layers:
+        return v
+    rest = tuple(name for name in v.fp32_layers if name != SENSITIVE_DOWN)
+    return dataclasses.replace(v, fp32_layers=rest + tuple(f"down_proj.{i}"
+                                                           for i in info["fp32_down_proj"]))
+
+
 def transformed_graph(job: Job, tmp: Path, transform: str, base: Path,
                       head_bits: int = 4) -> tuple[Path, dict[str, Any]]:
     """The FP32 graph of a rescaled copy of the model (SmoothQuant or AWQ scales folded in; the
@@ -955,7 +1001,9 @@ def transformed_graph(job: Job, tmp: Path, transform: str, base: Path,
     model = copy.deepcopy(job.pt_model)
     if transform == "smoothquant":  # strengths measured on the first calibration blocks' activations
         inputs = aq.group_inputs(model, job.calib[:aq.MEASURE_BLOCKS])
-        info = aq.smoothquant_(model, job.stats, aq.MEASURED_ALPHAS, inputs)
+        info = aq.smoothquant_(model, job.stats, aq.MEASURED_ALPHAS, inputs, head=True)
+        if any(SENSITIVE_DOWN in v.fp32_layers for v in variants_to_measure(job.settings)):
+            info["fp32_down_proj"] = sensitive_down_proj(model, job.calib)
     elif transform != "gptq":
         info = aq.awq_(model, job.stats, bits=4, block=aq.matmul_block(model))
     else:
@@ -982,8 +1030,11 @@ def transformed_graph(job: Job, tmp: Path, transform: str, base: Path,
     summary = {"calibration_stats": job.stats_from, "alpha_mean": round(sum(alphas) / len(alphas), 3)
                if alphas else None, "groups_scaled": f"{len(alphas)}/{len(info['alpha'])}",
                "graph": "weights patched" if patched else "traced anew"}
-    if "precision" in info:
-        summary["precision"] = info["precision"]
+    if aq.HEAD_GROUP in info["alpha"]:
+        summary["head_alpha"] = info["alpha"][aq.HEAD_GROUP]
+    for key in ("precision", "fp32_down_proj"):
+        if key in info:
+            summary[key] = info[key]
     return folded, summary
 
 

@@ -366,6 +366,18 @@ def test_activation_aware_variants_beat_their_plain_counterparts(outlier_source,
         nodes = {n.name: n for n in deployed.graph.node}
         assert all(nodes[name].input[1] in inits for name in kept)
         assert ex.fp32_matmuls(onnx.load(str(folded)), ()) == []
+        # down_proj.N is layer N's: its weight is that layer's
+        graph = onnx.load(str(folded))
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+        mm = {n.name: n for n in graph.graph.node}
+        for i in range(model.config.num_hidden_layers):
+            (name,) = ex.fp32_matmuls(graph, (f"down_proj.{i}",))
+            assert name == ex.fp32_matmuls(graph, ("down_proj",))[i]
+            np.testing.assert_array_equal(weights[mm[name].input[1]],
+                                          model.model.layers[i].mlp.down_proj.weight.detach().T.numpy())
+        with pytest.raises(ValueError, match="2 down_proj"):
+            ex.fp32_matmuls(graph, ("down_proj.2",))
+        assert row["head_alpha"] is not None  # the LM head's input was rescaled too
         with pytest.raises(ValueError, match="o_proj"):
             ex.fp32_matmuls(onnx.load(str(folded)), ("o_proj",))
         # attention's two MatMuls of activations per layer stay float (no DequantizeLinear feeds them)
@@ -407,11 +419,33 @@ def test_smoothquant_candidates_go_from_most_fp32_to_all_int8():
     gates is deployed), each with fewer FP32 MatMuls than the one before and its own file; without
     speed numbers only the most FP32 one, the one that would be deployed, is made."""
     timed = ex.deploy_candidates(ExportConfig(int8="smoothquant"))
-    kept = [set(v.fp32_layers) for v in timed]
-    assert kept[0] == {"down_proj", "lm_head"} and kept[-1] == set()
+    layers = 16  # the MatMuls each candidate leaves FP32 in a 16-layer model, 2 of them sensitive
+    info = {"fp32_down_proj": [0, 11]}
+    names = {"lm_head": {"lm_head"}, "down_proj": {f"down_proj.{i}" for i in range(layers)}}
+    kept = [set().union(*(names.get(n, {n}) for n in ex.resolve_fp32_layers(v, info).fp32_layers))
+            for v in timed]
+    assert kept[0] == names["down_proj"] | {"lm_head"} and kept[-1] == set()
+    assert {"down_proj.0", "down_proj.11"} in kept
     assert all(later < earlier for earlier, later in zip(kept, kept[1:]))
     assert len({v.file for v in timed}) == len(timed)
     assert ex.deploy_candidates(ExportConfig(int8="smoothquant", speed=False)) == timed[:1]
+
+
+@torch.no_grad()
+def test_sensitive_down_proj_are_the_layers_whose_int8_costs_most():
+    """An 8-layer model whose layer 5 down_proj reads an outlier channel: the sensitive quarter
+    of the down projections (two layers) are the two int8_sensitivity ranks first, layer 5 first."""
+    from minitron import quantize
+
+    model = make_tiny_model("llama", seed=6, num_hidden_layers=8)
+    model.model.layers[5].mlp.up_proj.weight[3] *= 60
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    calib = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(2))
+    calib[:2] = ids  # the first blocks are the ones the KL is measured on
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(8)]
+    kl = quantize.int8_sensitivity(model, ids, names, quantize.input_ranges(model, calib, names))
+    top = sorted(range(8), key=lambda i: -kl[names[i]])[:2]
+    assert top[0] == 5 and ex.sensitive_down_proj(model, calib) == sorted(top)
 
 
 def test_gptq_export_writes_its_integers_into_matmul_nbits(outlier_source, tmp_path, fast, corpus):

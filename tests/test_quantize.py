@@ -117,8 +117,11 @@ def test_rescaled_models_compute_the_same_logits(family, overrides):
     want = ref_model(ids).logits
     for method in ("smooth", "awq"):
         m = copy.deepcopy(model).double()
-        if method == "smooth":
-            info = quantize.smoothquant_(m, stats, inputs=quantize.group_inputs(m, data))
+        if method == "smooth":  # the LM head's input too (untied from the embedding if tied)
+            info = quantize.smoothquant_(m, stats, inputs=quantize.group_inputs(m, data), head=True)
+            assert info["alpha"].pop(quantize.HEAD_GROUP, "absent") != "absent"
+            torch.testing.assert_close(m.model.embed_tokens.weight, ref_model.model.embed_tokens.weight,
+                                       rtol=0, atol=0)
         else:
             info = quantize.awq_(m, stats, block=16)
         assert len(info["alpha"]) == 4 * model.config.num_hidden_layers
@@ -148,3 +151,70 @@ def test_awq_lowers_the_4bit_output_error_on_calibration_tokens():
         ("rtn", quantize.fake_quant_blockwise(w, 4, 16) - w),
         ("awq", quantize.fake_quant_blockwise(ws, 4, 16) / s - w))}
     assert err["awq"] < 0.9 * err["rtn"]
+
+
+def test_head_smoothing_unties_a_tied_head_and_keeps_the_logits():
+    """A head tied to the embedding, its input given an outlier channel: smoothquant_(head=True)
+    scales the head's columns (untied: the embedding keeps its values, config says untied), folds
+    1/s into the final norm, and the logits are those of the original model."""
+    model = make_tiny_model("llama", seed=3, tie_word_embeddings=True).double()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.model.norm.weight[2] = 40.0
+    data = blocks(n=3, t=12)
+    stats = calibration.collect(model, data)
+    m = copy.deepcopy(model)
+    inputs = quantize.group_inputs(m, data)
+    assert inputs["lm_head"].shape == (3 * 12, model.config.hidden_size)
+    info = quantize.smoothquant_(m, stats, alphas=(0.5,), inputs=inputs, head=True)
+    assert info["alpha"][quantize.HEAD_GROUP] == 0.5
+    assert m.lm_head.weight is not m.model.embed_tokens.weight and not m.config.tie_word_embeddings
+    torch.testing.assert_close(m.model.embed_tokens.weight, model.model.embed_tokens.weight,
+                               rtol=0, atol=0)
+    x_max, w_max = inputs["lm_head"].double().abs().amax(0), model.lm_head.weight.abs().amax(0)
+    s = quantize.smooth_scales(x_max, w_max, 0.5)
+    torch.testing.assert_close(m.lm_head.weight, model.lm_head.weight * s[None, :])
+    torch.testing.assert_close(m.model.norm.weight, model.model.norm.weight / s)
+    ids = blocks(n=2, t=10, seed=7)
+    torch.testing.assert_close(m(ids).logits, model(ids).logits, rtol=1e-9, atol=1e-9)
+
+
+@torch.no_grad()
+def test_int8_sensitivity_is_the_kl_of_that_layer_alone_in_w8a8():
+    """int8_sensitivity against a float64 reference written out here: the layer's weight rounded
+    per row to 127 steps of its max, its input to 255 asymmetric steps of [min(0, lo), max(0, hi)]
+    (lo, hi: the input's range over the blocks themselves, or over other blocks given by
+    input_ranges), KL(float || that model) per token, averaged."""
+    model = make_tiny_model("llama", seed=4).double()
+    with torch.no_grad():  # layer 1's down_proj input gets an outlier channel: it costs most
+        model.model.layers[1].mlp.up_proj.weight[7] *= 50
+    ids, calib = blocks(n=2, t=16, seed=2), blocks(n=5, t=16, seed=3)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(model.config.num_hidden_layers)]
+    ranges = quantize.input_ranges(model, calib, names)
+    ref = torch.log_softmax(model(ids).logits, -1)
+
+    def reference(name, over):
+        m = copy.deepcopy(model)
+        lin = m.get_submodule(name)
+        seen = []
+        hook = lin.register_forward_pre_hook(lambda mod, a: seen.append(a[0]))
+        m(over)
+        hook.remove()
+        lo = min(0.0, min(float(x.min()) for x in seen))
+        hi = max(0.0, max(float(x.max()) for x in seen))
+        w = lin.weight.data
+        step_w = w.abs().amax(1, keepdim=True) / 127
+        lin.weight.data = torch.round(w / step_w) * step_w
+        step = (hi - lo) / 255
+        zero = round(-lo / step)
+        lin.register_forward_pre_hook(
+            lambda mod, a: ((torch.clamp(torch.round(a[0] / step) + zero, 0, 255) - zero) * step,))
+        logq = torch.log_softmax(m(ids).logits, -1)
+        return float((ref.exp() * (ref - logq)).sum(-1).mean())
+
+    own, calibrated = (quantize.int8_sensitivity(model, ids, names),
+                       quantize.int8_sensitivity(model, ids, names, ranges))
+    for name in names:
+        assert own[name] == pytest.approx(reference(name, ids), rel=1e-6, abs=1e-12)
+        assert calibrated[name] == pytest.approx(reference(name, calib), rel=1e-6, abs=1e-12)
+    assert max(own, key=own.get) == names[1] and own[names[0]] > 0
