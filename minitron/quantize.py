@@ -133,10 +133,15 @@ def groups(model: nn.Module, head: bool = False) -> list[Group]:
         d = lin(spec.down_proj)
         out.append(Group(p + "down_in", [d], _rows_fold(up, up_rows), d[0]))
     if head:
-        lm_head = spec.get(model, spec.lm_head)
-        out.append(Group(HEAD_GROUP, [(spec.lm_head, lm_head, None)],
-                         _norm_fold(spec, spec.get(model, spec.final_norm)), spec.lm_head))
+        out.append(head_group(model))
     return out
+
+
+def head_group(model: nn.Module) -> Group:
+    """The LM head's input (HEAD_GROUP): the final norm's output."""
+    spec = arch_of(model)
+    return Group(HEAD_GROUP, [(spec.lm_head, spec.get(model, spec.lm_head), None)],
+                 _norm_fold(spec, spec.get(model, spec.final_norm)), spec.lm_head)
 
 
 def untie_head_(model: nn.Module) -> None:
@@ -360,7 +365,7 @@ def smoothquant_(model: nn.Module, stats: Stats, alphas=SMOOTH_ALPHAS,
             s = smooth_scales(x_max, w_max, best[1])
             if g.name == HEAD_GROUP:
                 untie_head_(model)
-                g = groups(model, head=True)[-1]  # the untied weight
+                g = head_group(model)  # the untied weight
             apply_scales_(g, s)
         chosen[g.name] = best[1]
         gain[g.name] = best[0] / none[0] if none[0] > 0 else 1.0
@@ -501,6 +506,6 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module,
 
 __all__ = ["AWQ_ALPHAS", "HEAD_GROUP", "MEASURED_ALPHAS", "MEASURE_BLOCKS", "SMOOTH_ALPHAS", "Group",
            "apply_scales_", "awq_", "awq_error", "fake_quant_activations", "fake_quant_blockwise",
-           "fake_quant_rows", "group_inputs", "groups", "input_ranges", "int8_sensitivity", "matmul_block",
+           "fake_quant_rows", "group_inputs", "groups", "head_group", "input_ranges", "int8_sensitivity", "matmul_block",
            "patch_weights", "smooth_scales", "smoothquant_", "untie_head_", "w8a8_error",
            "w8a8_measured_error"]
