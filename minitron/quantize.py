@@ -504,8 +504,8 @@ def patch_weights(src: Path, dst: Path, before: nn.Module, after: nn.Module,
     return True
 
 
-__all__ = ["AWQ_ALPHAS", "HEAD_GROUP", "MEASURED_ALPHAS", "MEASURE_BLOCKS", "SMOOTH_ALPHAS", "Group",
-           "apply_scales_", "awq_", "awq_error", "fake_quant_activations", "fake_quant_blockwise",
-           "fake_quant_rows", "group_inputs", "groups", "head_group", "input_ranges", "int8_sensitivity", "matmul_block",
-           "patch_weights", "smooth_scales", "smoothquant_", "untie_head_", "w8a8_error",
-           "w8a8_measured_error"]
+__all__ = ["AWQ_ALPHAS", "HEAD_GROUP", "MEASURED_ALPHAS", "MEASURE_BLOCKS", "SMOOTH_ALPHAS",
+           "Group", "apply_scales_", "awq_", "awq_error", "fake_quant_activations",
+           "fake_quant_blockwise", "fake_quant_rows", "group_inputs", "groups", "head_group",
+           "input_ranges", "int8_sensitivity", "matmul_block", "patch_weights", "smooth_scales",
+           "smoothquant_", "untie_head_", "w8a8_error", "w8a8_measured_error"]
