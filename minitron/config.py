@@ -50,9 +50,22 @@ OFF_OR_ABOVE_1 = Rule("0 (off) or > 1", lambda v: math.isfinite(v) and (v == 0 o
 SEED = Rule("0 <= x < 2**32", lambda v: 0 <= v < 2**32)
 
 
-def setting(default: Any, doc: str, valid: Rule | None = None) -> Any:
-    """A dataclass field carrying its documentation and valid range (read by `--help`)."""
-    return field(default=default, metadata={"doc": doc, "valid": valid})
+def setting(default: Any, doc: str, valid: Rule | None = None, resumable: bool = False) -> Any:
+    """A dataclass field carrying its documentation and valid range (read by `--help`).
+
+    `resumable`: the setting may change between a run and its resumption (it does not change what
+    the run computes: how often it logs or saves, how many processes share the work)."""
+    return field(default=default, metadata={"doc": doc, "valid": valid, "resumable": resumable})
+
+
+def resumable(default: Any, doc: str, valid: Rule | None = None) -> Any:
+    """A setting that a resumed run may change (see `setting`)."""
+    return setting(default, doc, valid, resumable=True)
+
+
+def resumable_keys(section: type) -> frozenset[str]:
+    """The names of `section`'s settings declared with `resumable`."""
+    return frozenset(f.name for f in dataclasses.fields(section) if f.metadata.get("resumable"))
 
 
 def literal_choices(tp: Any) -> tuple[Any, ...]:
@@ -338,14 +351,14 @@ class DistillConfig(Section):
 
     SECTION: ClassVar[str] = "distill"
 
-    enabled: bool = setting(True, "Run this stage in a recipe.")
+    enabled: bool = resumable(True, "Run this stage in a recipe.")
     tokens: int = setting(1_000_000, "Student training tokens (the budget).", at_least(1))
     batch_size: int = setting(8, "Sequences per micro-batch (global: split over processes).",
                               at_least(1))
     block_size: int = setting(256, "Tokens per training sequence (BOS-led when the tokenizer "
                                    "prepends BOS, as data.block_size).", at_least(2))
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", at_least(1))
-    micro_batch_size: int | None = setting(
+    micro_batch_size: int | None = resumable(
         None, "Sequences per process per forward. null: each micro-batch of batch_size is split "
               "over the processes. Set: the global batch stays batch_size x grad_accum and each "
               "process runs global / (micro_batch_size x processes) micro-steps per optimizer "
@@ -383,64 +396,64 @@ class DistillConfig(Section):
     fsdp_unsynced_accum: bool = setting(False, "Under FSDP, reduce-scatter gradients on the last "
                                                "micro-batch only (less communication; unsharded "
                                                "fp32 gradients held between micro-batches).")
-    checkpoint_every: int = setting(100, "Optimizer steps between checkpoints (also at the end). "
-                                         "A checkpoint is written once the next step's loss and "
-                                         "gradient norm show its weights healthy (see spike_*).",
-                                    at_least(1))
-    async_checkpoint: bool = setting(False, "Write checkpoints in the background "
-                                            "(torch.distributed.checkpoint.async_save on a gloo "
-                                            "group of their own): training waits only while the "
-                                            "state is copied to host memory (a second host copy "
-                                            "of each rank's shard while it is written); the "
-                                            "checkpoint takes its place once every rank's write "
-                                            "is done.")
+    checkpoint_every: int = resumable(100, "Optimizer steps between checkpoints (also at the end). "
+                                           "A checkpoint is written once the next step's loss and "
+                                           "gradient norm show its weights healthy (see spike_*).",
+                                      at_least(1))
+    async_checkpoint: bool = resumable(False, "Write checkpoints in the background "
+                                              "(torch.distributed.checkpoint.async_save on a gloo "
+                                              "group of their own): training waits only while the "
+                                              "state is copied to host memory (a second host copy "
+                                              "of each rank's shard while it is written); the "
+                                              "checkpoint takes its place once every rank's write "
+                                              "is done.")
     # Divergence guard: a non-finite loss or gradient norm always stops the run; these catch a
     # run that is blowing up while its numbers are still finite (a too-high learning rate).
-    spike_grad_factor: float = setting(
+    spike_grad_factor: float = resumable(
         0.0, "Stop when the gradient norm (before clipping) exceeds this many times its median "
              "over the last spike_window healthy steps; 0 (the default) turns the check off: "
              "healthy runs have single-step gradient spikes far above the median that clipping "
              "absorbs (README: the divergence guard).", OFF_OR_ABOVE_1)
-    spike_loss_factor: float = setting(
+    spike_loss_factor: float = resumable(
         3.0, "Stop when the training loss exceeds this many times its median over the last "
              "spike_window healthy steps (a median below 0.5 counts as 0.5, so that near-zero "
              "losses do not stop on noise); 0 turns the check off.", OFF_OR_ABOVE_1)
-    spike_window: int = setting(50, "Healthy steps the running medians of the spike checks are "
-                                    "taken over (the first step's values included).", at_least(1))
-    eval_every: int = setting(50, "Optimizer steps between evaluations (also at 0 and the end).",
-                              at_least(1))
+    spike_window: int = resumable(50, "Healthy steps the running medians of the spike checks are "
+                                      "taken over (the first step's values included).", at_least(1))
+    eval_every: int = resumable(50, "Optimizer steps between evaluations (also at 0 and the end).",
+                                at_least(1))
     eval_blocks: int = setting(16, "Held-out blocks per evaluation.", at_least(1))
     eval_batch_size: int = setting(8, "Sequences per evaluation forward.", at_least(1))
-    log_every: int = setting(1, "Optimizer steps between metrics.jsonl records.", at_least(1))
+    log_every: int = resumable(1, "Optimizer steps between metrics.jsonl records.", at_least(1))
     seed: int = setting(0, "Seed of the batch order and initializations.", SEED)
-    progress: bool = setting(True, "Show a progress bar.")
-    keep_checkpoint: bool = setting(True, "Keep checkpoint/ after the final model is written.")
-    strategy: Strategy = setting("auto", "With several processes: fsdp (sharded student), ddp "
-                                         "(replicated), hsdp (sharded inside a node, replicated "
-                                         "across nodes: a 2-D mesh), auto (fsdp on the GPUs of "
-                                         "one node, hsdp across nodes, ddp on CPU).")
-    nproc_per_node: int = setting(1, "> 1 outside torchrun: start torchrun with that many "
-                                     "processes on this node.", at_least(1))
-    nnodes: int = setting(1, "> 1: this node joins the others through a c10d rendezvous at "
-                             "rdzv_endpoint (every node runs the same command).", at_least(1))
-    rdzv_endpoint: str | None = setting(None, "host:port of the rendezvous store (on the first "
-                                              "node), the same on every node.")
-    hsdp_shard_size: int | None = setting(None, "strategy hsdp: ranks per shard group (null: the "
-                                                "ranks of one node).", at_least(1))
-    max_restarts: int = setting(0, "Times the launcher restarts every rank after one fails "
-                                   "(torchrun's --max-restarts); each restart resumes from the "
-                                   "last checkpoint.", at_least(0))
-    process_group_timeout_s: float = setting(1800.0, "Seconds a collective waits for a missing "
-                                                     "rank before failing.", POSITIVE)
-    teacher_device: str | None = setting(None, "The teacher's device (null: the student's).")
+    progress: bool = resumable(True, "Show a progress bar.")
+    keep_checkpoint: bool = resumable(True, "Keep checkpoint/ after the final model is written.")
+    strategy: Strategy = resumable("auto", "With several processes: fsdp (sharded student), ddp "
+                                           "(replicated), hsdp (sharded inside a node, replicated "
+                                           "across nodes: a 2-D mesh), auto (fsdp on the GPUs of "
+                                           "one node, hsdp across nodes, ddp on CPU).")
+    nproc_per_node: int = resumable(1, "> 1 outside torchrun: start torchrun with that many "
+                                       "processes on this node.", at_least(1))
+    nnodes: int = resumable(1, "> 1: this node joins the others through a c10d rendezvous at "
+                               "rdzv_endpoint (every node runs the same command).", at_least(1))
+    rdzv_endpoint: str | None = resumable(None, "host:port of the rendezvous store (on the first "
+                                                "node), the same on every node.")
+    hsdp_shard_size: int | None = resumable(None, "strategy hsdp: ranks per shard group (null: the "
+                                                  "ranks of one node).", at_least(1))
+    max_restarts: int = resumable(0, "Times the launcher restarts every rank after one fails "
+                                     "(torchrun's --max-restarts); each restart resumes from the "
+                                     "last checkpoint.", at_least(0))
+    process_group_timeout_s: float = resumable(1800.0, "Seconds a collective waits for a missing "
+                                                       "rank before failing.", POSITIVE)
+    teacher_device: str | None = resumable(None, "The teacher's device (null: the student's).")
     teacher_cache: str | None = setting(
         None, "A teacher cache folder (python -m minitron.teacher_cache build): the KD loss reads "
               "the teacher's stored top-k log-probabilities instead of running the teacher, which "
               "is then not loaded (--teacher, if given, is only checked against the cache). "
               "Forward KL at temperature 1 only; see minitron/teacher_cache.py.")
-    gpu_memory_gib: float | None = setting(None, "Per-GPU memory the memory plan must fit (null: "
-                                                 "the detected GPU's; no check without a GPU).",
-                                           POSITIVE)
+    gpu_memory_gib: float | None = resumable(None, "Per-GPU memory the memory plan must fit (null: "
+                                                   "the detected GPU's; no check without a GPU).",
+                                             POSITIVE)
 
     def __post_init__(self) -> None:
         if isinstance(self.intermediate, (list, tuple)):  # lists from YAML / JSON

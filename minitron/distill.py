@@ -53,19 +53,15 @@ from minitron.checkpoint import (CKPT, MetricsLog, NullLog, PendingCheckpoint, f
 from minitron.common import (MinitronError, StageTimer, atomic_dir, check_writable, clean_stale,
                              format_table, run_cli, write_json_atomic)
 from minitron.config import (DataConfig, DistillConfig, ModelConfig, TeacherCorrectionConfig,
-                             check_correction, check_world)
+                             check_correction, check_world, resumable_keys)
 from minitron.models import logit_softcap, parse_dtype
 
 # Above this vocabulary size `loss_impl="auto"` takes the fused linear+KL form.
 FUSED_MIN_VOCAB = 32_768
 IGNORE_INDEX = -100
-# Settings that may change between a run and its resumption (they do not change the weights).
-# Checkpoints are resharded on load, so the process count and the strategy may change too.
-RESUMABLE_SETTINGS = {"checkpoint_every", "async_checkpoint", "eval_every", "log_every", "progress",
-                      "keep_checkpoint", "strategy", "nproc_per_node", "teacher_device", "enabled",
-                      "gpu_memory_gib", "micro_batch_size", "nnodes", "rdzv_endpoint",
-                      "hsdp_shard_size", "process_group_timeout_s", "spike_grad_factor",
-                      "spike_loss_factor", "spike_window", "max_restarts"}
+# Settings that may change between a run and its resumption (config.resumable: they do not change
+# the weights). Checkpoints are resharded on load, so the process count and the strategy may change.
+RESUMABLE_SETTINGS = resumable_keys(DistillConfig)
 # A loss median below this counts as this much in the loss-spike check (distill.spike_loss_factor):
 # a KL near zero would otherwise "spike" on batch noise.
 SPIKE_LOSS_FLOOR = 0.5

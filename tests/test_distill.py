@@ -488,6 +488,15 @@ def test_cli_refuses_resume_with_other_settings(world, tmp_path, monkeypatch):
     with pytest.raises(MinitronError, match=r"holds a run started with other settings \(lr: 0.0001 "
                                             r"-> 0.001\); rerun with the same settings"):
         _cli(world, out, "--lr", "1e-3")
+    # The settings declared resumable (config.resumable) may change; every other one may not.
+    started = json.loads((out / "distill_run.json").read_text())
+    for key in d.RESUMABLE_SETTINGS:
+        d._check_run_dir(out, {**started, "config": {**started["config"], key: "changed"}})
+    for key in set(started["config"]) - d.RESUMABLE_SETTINGS:
+        with pytest.raises(MinitronError, match=f"other settings \\({key}: "):
+            d._check_run_dir(out, {**started, "config": {**started["config"], key: "changed"}})
+    assert {"checkpoint_every", "nproc_per_node", "strategy"} <= d.RESUMABLE_SETTINGS
+    assert not {"lr", "tokens", "seed", "block_size"} & d.RESUMABLE_SETTINGS
 
 
 def test_cli_killed_at_any_moment_resumes_to_the_same_weights(world, tmp_path):
