@@ -196,8 +196,10 @@ class DataConfig(Section):
 
     SECTION: ClassVar[str] = "data"
 
-    source: str = setting("stdlib", "stdlib, a text file, a folder, a glob, a .jsonl file or "
-                                    "hf:NAME / a saved datasets folder.")
+    source: str = setting("stdlib", "stdlib (Python source), python-docs (English prose), a text "
+                                    "file, a folder, a glob, a .jsonl file, hf:NAME / a saved "
+                                    "datasets folder, a prepared folder, or a mixture 'A + B' "
+                                    "('A@3 + B@1': 3:1 shares of the training tokens).")
     text_field: str = setting("text", "The field holding the text in .jsonl and datasets sources.")
     block_size: int = setting(256, "Tokens per block for importance, export and evaluation. "
                                    "When the model's tokenizer prepends BOS (Gemma, Llama 3, "

@@ -28,10 +28,17 @@ _SPLIT_EDGES = {"eval": (0.0, 0.05), "calibration": (0.05, 0.15), "train": (0.15
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".c", ".h", ".cpp",
                   ".js", ".ts", ".java", ".go", ".rs", ".html", ".tex", ".csv", ".toml"}
 _SINGLE_FILE_CHUNK = 16_384  # characters: one big text file is split at paragraphs into documents
+# characters: the Python documentation's sections are cut finer, so that its ~470k characters
+# spread over the three splits (~120 documents rather than 79 sections)
+_DOCS_CHUNK = 4_096
+STDLIB, PYTHON_DOCS = "stdlib", "python-docs"
+MIXTURE_SEP, WEIGHT_SEP = "+", "@"
 
-SOURCES_HELP = ("'stdlib' (the Python standard library source, embedded), a text file, a folder, a "
-                "glob, a .jsonl file (with text_field), 'hf:NAME' / a saved `datasets` folder, or a folder "
-                "made by `python -m minitron.data prepare`")
+SOURCES_HELP = ("'stdlib' (the Python standard library source, embedded), 'python-docs' (English: "
+                "the Python language reference's prose, embedded), a text file, a folder, a glob, "
+                "a .jsonl file (with text_field), 'hf:NAME' / a saved `datasets` folder, a folder "
+                "made by `python -m minitron.data prepare`, or a mixture 'A + B' ('A@3 + B@1': "
+                "shares 3:1 of the training tokens; equal without @)")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,41 @@ def _stdlib_documents() -> Iterator[Document]:
         yield Document(rel, path.read_bytes().decode("utf-8", errors="replace"))
 
 
+def _python_docs_documents() -> Iterator[Document]:
+    """The Python language reference's sections as plain English text: `pydoc_data.topics`, which
+    CPython ships for `help()` (PSF license), cut at paragraphs into ~4k-character documents."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a Python built without its documentation data
+        raise MinitronError(f"data source '{PYTHON_DOCS}' needs the `pydoc_data` module of the "
+                            f"standard library, which this Python lacks; valid sources: "
+                            f"{SOURCES_HELP}") from None
+    for name in sorted(topics):
+        yield from _chunk_paragraphs(Document(f"{PYTHON_DOCS}/{name}", topics[name]), _DOCS_CHUNK)
+
+
+def parse_mixture(source: str) -> list[tuple[str, float]] | None:
+    """The (source, weight) parts of a mixture spec 'A + B' / 'A@3 + B@1' (weights: shares of the
+    training tokens, 1 where not given); None for a single source (an existing path is one source
+    even when its name holds a '+')."""
+    if MIXTURE_SEP not in source or Path(source).expanduser().exists():
+        return None
+    parts = []
+    for part in source.split(MIXTURE_SEP):
+        name, at, weight = part.strip().rpartition(WEIGHT_SEP) if WEIGHT_SEP in part else (
+            part.strip(), "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = float("nan")
+        if not name or not (w > 0 and w != float("inf")):
+            raise MinitronError(f"data source '{source}': part '{part.strip()}' is invalid; valid: "
+                                f"SOURCE or SOURCE@WEIGHT with a weight > 0, parts joined by "
+                                f"'{MIXTURE_SEP}'")
+        parts.append((name, w))
+    return parts
+
+
 def _file_documents(paths: list[Path], base: Path) -> Iterator[Document]:
     for path in sorted(paths):
         raw = path.read_bytes()
@@ -76,12 +118,12 @@ def _file_documents(paths: list[Path], base: Path) -> Iterator[Document]:
         yield Document(rel, raw.decode("utf-8", errors="replace"))
 
 
-def _chunk_paragraphs(doc: Document) -> Iterator[Document]:
+def _chunk_paragraphs(doc: Document, chunk: int = _SINGLE_FILE_CHUNK) -> Iterator[Document]:
     pieces, size, index = [], 0, 0
     for para in doc.text.split("\n\n"):
         pieces.append(para)
         size += len(para) + 2
-        if size >= _SINGLE_FILE_CHUNK:
+        if size >= chunk:
             yield Document(f"{doc.key}#{index}", "\n\n".join(pieces))
             pieces, size, index = [], 0, index + 1
     if pieces:
@@ -207,9 +249,18 @@ def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
 
 
 def iter_documents(source: str = "stdlib", text_field: str = "text") -> Iterator[Document]:
-    """All documents of a source, in a fixed order, before splitting."""
-    if source == "stdlib":
+    """All documents of a source, in a fixed order, before splitting; a mixture's parts one after
+    the other (their weights apply when `minitron.data prepare` orders the training split)."""
+    parts = parse_mixture(source)
+    if parts is not None:
+        for part, _ in parts:
+            yield from iter_documents(part, text_field)
+        return
+    if source == STDLIB:
         yield from _stdlib_documents()
+        return
+    if source == PYTHON_DOCS:
+        yield from _python_docs_documents()
         return
     if source.startswith("hf:"):
         yield from _hf_documents(source, text_field)

@@ -21,8 +21,8 @@ from minitron.common import DEBUG_FLAG, MinitronError, check_writable, run_cli
 # The documents layer lives in minitron.corpus (shards.py builds on it too); its names are
 # re-exported here, where the stages have always found them.
 from minitron.corpus import (Document, SOURCES_HELP, SPLITS, batches, block_bos, describe_bos,  # noqa: F401
-                             encode_chat, encode_documents, iter_documents, pack, split_documents,
-                             split_of, stdlib_root, token_stream, _SPLIT_EDGES)
+                             encode_chat, encode_documents, iter_documents, pack, parse_mixture,
+                             split_documents, split_of, stdlib_root, token_stream, _SPLIT_EDGES)
 from minitron.shards import Prepared, is_prepared, prepare
 
 def load_blocks(
@@ -55,6 +55,11 @@ def load_blocks(
         raise MinitronError(f"num_blocks={num_blocks} must be at least 1")
     if is_prepared(source):
         return _prepared_blocks(tokenizer, split, num_blocks, source, block_size)
+    if parse_mixture(source) is not None:  # its weights order the shards' training split
+        raise MinitronError(
+            f"data source '{source}' is a mixture, which is read from prepared shards: run "
+            f"`python -m minitron.data prepare '{source}' --output DIR` and give DIR as the source "
+            f"(a recipe's data stage does this itself)")
     docs = split_documents(source, split, text_field)
     if not docs:
         raise MinitronError(
@@ -203,6 +208,11 @@ def check_source(source: str, text_field: str = "text", tokenizer=None,
         if tokenizer is not None:
             prepared.check_bos(block_bos(tokenizer))
             prepared.check_tokenizer(tokenizer)
+        return
+    parts = parse_mixture(source)
+    if parts is not None:
+        for part, _ in parts:
+            check_source(part, text_field, tokenizer, where=f"{where} part")
         return
     if source.startswith("hf:"):
         return

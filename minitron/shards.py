@@ -741,6 +741,10 @@ def prepare(
     one `output/.work` (a shared folder, or copied: the file names are the chunks' global
     indices), writes the shards and the manifest, the same as one machine's preparation.
     """
+    from minitron.corpus import parse_mixture
+
+    if isinstance(source, str):  # one source, or a mixture spec 'A@3 + B@1'
+        source = parse_mixture(source) or source
     sources = ((source, 1.0),) if isinstance(source, str) else tuple(
         (str(s), float(w)) for s, w in source)
     if not sources:

@@ -94,6 +94,45 @@ def test_folder_glob_and_single_file_sources(tmp_path, tokenizer):
     assert len(pieces) > 10 and "".join(p.text for p in pieces).count("paragraph") == 400 * 50
 
 
+def test_python_docs_are_the_language_reference_in_english_documents():
+    from pydoc_data.topics import topics
+
+    docs = list(iter_documents("python-docs"))
+    # Each section is cut at paragraphs into ~4k-character documents, nothing lost or reordered.
+    by_topic: dict[str, list[str]] = {}
+    for d in docs:
+        by_topic.setdefault(d.key.split("#")[0], []).append(d.text)
+    assert {k.removeprefix("python-docs/") for k in by_topic} == set(topics)
+    assert all("\n\n".join(by_topic[f"python-docs/{k}"]) == v for k, v in topics.items())
+    assert max(len(d.text) for d in docs) < 4096 + max(len(p) for v in topics.values()
+                                                       for p in v.split("\n\n")) + 2
+    assert {split_of(d.key) for d in docs} == {"train", "calibration", "eval"}
+    assert "The \"if\" statement is used for conditional execution" in topics["if"]
+
+
+def test_mixture_spec_parses_and_refuses_by_part(tmp_path, tokenizer):
+    from minitron.data import check_source, parse_mixture
+
+    assert parse_mixture("stdlib + python-docs") == [("stdlib", 1.0), ("python-docs", 1.0)]
+    assert parse_mixture("stdlib@3+python-docs@0.5") == [("stdlib", 3.0), ("python-docs", 0.5)]
+    assert parse_mixture("stdlib") is None
+    plus = tmp_path / "c++"  # an existing path is one source, '+' or not
+    plus.mkdir()
+    assert parse_mixture(str(plus)) is None
+    for bad, part in (("stdlib@0 + python-docs", "stdlib@0"), ("stdlib@x+python-docs", "stdlib@x"),
+                      ("stdlib + ", ""), ("stdlib@inf + python-docs", "stdlib@inf")):
+        with pytest.raises(MinitronError, match=f"part '{part}' is invalid; valid: SOURCE or "
+                                                f"SOURCE@WEIGHT"):
+            parse_mixture(bad)
+    with pytest.raises(MinitronError, match="data source '/no/such' not found; valid sources"):
+        check_source("stdlib + /no/such", where="data.source")
+    check_source("stdlib@2 + python-docs")
+    # Read raw, a mixture would ignore its weights: it is refused with the way to prepare it.
+    with pytest.raises(MinitronError, match=r"is a mixture, which is read from prepared shards: "
+                                            r"run `python -m minitron.data prepare"):
+        load_blocks(tokenizer, "train", 1, source="stdlib + python-docs")
+
+
 def test_missing_source_lists_valid_sources(tokenizer):
     with pytest.raises(MinitronError, match="data source '/no/such/file.txt' not found; valid sources: 'stdlib'"):
         load_blocks(tokenizer, "train", 1, source="/no/such/file.txt")

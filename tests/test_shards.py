@@ -146,6 +146,11 @@ def test_weighted_mixture_gives_each_source_its_share_of_train_tokens(tmp_path, 
     share = tokens["omega"] / sum(tokens.values())
     assert abs(share - 0.5) < 0.05, (tokens, m["splits"]["train"]["mixture"])
     assert sum(tokens.values()) == pytest.approx(stream.tokens, rel=0) and not doc
+    # A recipe's data.source names the same mixture in one string: the same shards.
+    spec = prepare(f"{big}@1 + {small}", tmp_path / "spec", tokenizer, workers=1, seed=0,
+                   eval_fraction=0.0, calibration_fraction=0.0, progress=False)
+    assert spec["fingerprint"] == m["fingerprint"]
+    assert (Prepared(tmp_path / "spec").stream("train").read(0, stream.tokens).tolist() == ids)
     with pytest.raises(MinitronError, match="weight -1.0 of source"):
         prepare([(str(big), -1.0), (str(small), 1.0)], tmp_path / "bad", tokenizer, workers=1)
 
