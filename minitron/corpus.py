@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,13 +96,14 @@ def parse_mixture(source: str) -> list[tuple[str, float]] | None:
         return None
     parts = []
     for part in source.split(MIXTURE_SEP):
-        name, at, weight = part.strip().rpartition(WEIGHT_SEP) if WEIGHT_SEP in part else (
-            part.strip(), "", "1")
+        name, at, weight = part.strip().rpartition(WEIGHT_SEP)
+        if not at:  # no weight given
+            name, weight = weight, "1"
         try:
             w = float(weight)
         except ValueError:
             w = float("nan")
-        if not name or not (w > 0 and w != float("inf")):
+        if not name or not (math.isfinite(w) and w > 0):  # the rule PrepareSettings keeps
             raise MinitronError(f"data source '{source}': part '{part.strip()}' is invalid; valid: "
                                 f"SOURCE or SOURCE@WEIGHT with a weight > 0, parts joined by "
                                 f"'{MIXTURE_SEP}'")
@@ -249,13 +251,14 @@ def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
 
 
 def iter_documents(source: str = "stdlib", text_field: str = "text") -> Iterator[Document]:
-    """All documents of a source, in a fixed order, before splitting; a mixture's parts one after
-    the other (their weights apply when `minitron.data prepare` orders the training split)."""
-    parts = parse_mixture(source)
-    if parts is not None:
-        for part, _ in parts:
-            yield from iter_documents(part, text_field)
-        return
+    """All documents of a source, in a fixed order, before splitting. A mixture is refused: read
+    as one stream its weights would be lost; `minitron.shards.prepare` reads its parts one by one
+    and orders the training split by the weights."""
+    if parse_mixture(source) is not None:
+        raise MinitronError(
+            f"data source '{source}' is a mixture, which is read from prepared shards: run "
+            f"`python -m minitron.data prepare '{source}' --output DIR` and give DIR as the source "
+            f"(a recipe's data stage does this itself)")
     if source == STDLIB:
         yield from _stdlib_documents()
         return

@@ -55,11 +55,6 @@ def load_blocks(
         raise MinitronError(f"num_blocks={num_blocks} must be at least 1")
     if is_prepared(source):
         return _prepared_blocks(tokenizer, split, num_blocks, source, block_size)
-    if parse_mixture(source) is not None:  # its weights order the shards' training split
-        raise MinitronError(
-            f"data source '{source}' is a mixture, which is read from prepared shards: run "
-            f"`python -m minitron.data prepare '{source}' --output DIR` and give DIR as the source "
-            f"(a recipe's data stage does this itself)")
     docs = split_documents(source, split, text_field)
     if not docs:
         raise MinitronError(
