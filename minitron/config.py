@@ -355,6 +355,10 @@ class DistillConfig(Section):
 
     enabled: bool = resumable(True, "Run this stage in a recipe.")
     tokens: int = setting(1_000_000, "Student training tokens (the budget).", at_least(1))
+    skip_tokens: int = setting(
+        0, "Training tokens an earlier stage already read (the sweep's iterative pruning): the run "
+           "trains on the train split's blocks after the first skip_tokens // block_size, so a "
+           "staged schedule reads fresh tokens at every stage.", at_least(0))
     batch_size: int = setting(8, "Sequences per micro-batch (global: split over processes).",
                               at_least(1))
     block_size: int = setting(256, "Tokens per training sequence (BOS-led when the tokenizer "
@@ -513,6 +517,15 @@ class DistillConfig(Section):
     @property
     def steps(self) -> int:
         return self.tokens // self.tokens_per_step
+
+    @property
+    def skip_blocks(self) -> int:
+        return self.skip_tokens // self.block_size
+
+    @property
+    def blocks_read(self) -> int:
+        """Train blocks the run opens: the skipped ones, then its own (one per sample)."""
+        return self.skip_blocks + self.steps * self.batch_size * self.grad_accum
 
     @property
     def uses_teacher(self) -> bool:
@@ -771,6 +784,12 @@ class SweepConfig(Section):
     teacher_cache: bool = setting(False, "Run the teacher once over the distillation's tokens "
                                          "into one teacher cache (the teacher_cache section's k "
                                          "and dtype) that every budget's distillation reads.")
+    iterative: bool = setting(
+        False, "Prune in steps (Model-Optimizer's advice for cuts beyond 50%): the budgets in turn, "
+               "largest first, each student pruned from the previous budget's distilled student "
+               "(its importance scored again) and distilled on the next distill.tokens of the "
+               "train split, so the smallest has read len(budgets) x distill.tokens. The smallest "
+               "budget's shape is the one-shot one; each larger one keeps at least the next's.")
 
     def __post_init__(self) -> None:
         for name in ("budgets", "formats"):  # lists from YAML / the command line

@@ -100,6 +100,9 @@ def batch_indices(step: int, micro: int, n_blocks: int, config: DistillConfig,
     read disjoint shares and the global order does not depend on the process count. With a
     per-process `micro_batch_size` m, the step's samples are cut into runs of m and run
     micro * world + r goes to rank r: the same samples per step, whatever the process count.
+
+    With `config.skip_blocks` = s (blocks an earlier stage read), the run's own blocks are rows
+    [s, n_blocks) and the permutation walks those only, so a later stage never repeats one.
     """
     if config.micro_batch_size is not None:
         m = config.micro_batch_size
@@ -108,10 +111,12 @@ def batch_indices(step: int, micro: int, n_blocks: int, config: DistillConfig,
     else:
         start = (step * config.grad_accum + micro) * config.batch_size
         samples = range(start + rank, start + config.batch_size, world)
+    skip = config.skip_blocks
+    own = n_blocks - skip
     out = []
     for g in samples:
-        epoch, pos = divmod(g, n_blocks)
-        out.append(int(_permutation(n_blocks, config.seed, epoch)[pos]))
+        epoch, pos = divmod(g, own)
+        out.append(skip + int(_permutation(own, config.seed, epoch)[pos]))
     return torch.tensor(out, dtype=torch.long)
 
 
@@ -1092,6 +1097,11 @@ def _check_inputs(teacher: nn.Module | None, student: nn.Module, train_blocks: t
     if train_blocks.ndim != 2 or train_blocks.size(1) != config.block_size:
         raise MinitronError(f"train blocks have shape {tuple(train_blocks.shape)}; expected "
                             f"[n, block_size={config.block_size}]")
+    if config.skip_blocks >= len(train_blocks):
+        raise MinitronError(
+            f"distill.skip_tokens={config.skip_tokens} skips {config.skip_blocks} blocks of "
+            f"{config.block_size} tokens, but the train split has {len(train_blocks)}: no fresh "
+            f"block is left to train on; lower distill.skip_tokens or train on a larger source")
     if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
         raise MinitronError(
             f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
@@ -1330,9 +1340,8 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     student, tokenizer = load_model(student_path, dtype="float32",
                                     device="cpu" if correction.tokens else device,
                                     trust_remote_code=model.trust_remote_code)
-    n_train = config.steps * config.batch_size * config.grad_accum
     # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
-    train_blocks = open_blocks(tokenizer, "train", n_train, source=data.source,
+    train_blocks = open_blocks(tokenizer, "train", config.blocks_read, source=data.source,
                                block_size=config.block_size, seed=config.seed,
                                text_field=data.text_field, max_positions=max_pos)
     eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,

@@ -206,8 +206,8 @@ def shape_grid(config: Any, limit: int, layer_ratios=(1.0,),
     return out
 
 
-def target_for_budget(config: Any, budget: float | int,
-                      multiple: int = 1) -> tuple[dict[str, int], list[dict]]:
+def target_for_budget(config: Any, budget: float | int, multiple: int = 1,
+                      floor: Mapping[str, int] | None = None) -> tuple[dict[str, int], list[dict]]:
     """Choose a target shape for a parameter budget: a fraction (<= 1) of the source's parameters
     or an absolute count (> 1).
 
@@ -217,14 +217,25 @@ def target_for_budget(config: Any, budget: float | int,
     keeps the largest fraction ("least_kept"), then the larger. Only if no width candidate fits is
     depth added (DEPTH_RATIOS of the layers, same grid, same rule). Returns (target, candidates)
     with every candidate considered. (`minitron.search` ranks such shapes by distillation instead.)
+    A `floor` (a smaller shape planned first: the sweep's iterative pruning) leaves out every
+    candidate below it in any dimension, so that shape can be pruned from the chosen one.
     """
+    def grid(layer_ratios=(1.0,)):
+        shapes = shape_grid(config, limit, layer_ratios, multiple=multiple)
+        return [c for c in shapes if all(c[k] >= v for k, v in (floor or {}).items())]
+
     source = param_count_from_config(config)
     limit = budget_limit(config, budget)
-    candidates = shape_grid(config, limit, multiple=multiple)
+    candidates = grid()
     fitting = [c for c in candidates if c["fits"]]
     if not fitting:
-        candidates += shape_grid(config, limit, DEPTH_RATIOS, multiple=multiple)
+        candidates += grid(DEPTH_RATIOS)
         fitting = [c for c in candidates if c["fits"]]
+    if not fitting and floor:
+        raise MinitronError(f"prune.target_params {budget} ({limit:,} parameters): no shape of the "
+                            f"grid fits it and keeps at least "
+                            f"{', '.join(f'{k}={v}' for k, v in floor.items())} (the next "
+                            f"budget's shape, which is pruned from it)")
     if not fitting:
         smallest = min(c["params"] for c in candidates)
         raise MinitronError(f"prune.target_params {budget} ({limit:,} parameters) is below every "
@@ -704,7 +715,7 @@ def _cache_builder(teacher_name: str, sections: Mapping[str, Any]):
         from minitron.teacher_cache import build_cache
 
         settings = dataclasses.replace(
-            sections["teacher_cache"], split="train", tokens=config.steps * config.tokens_per_step,
+            sections["teacher_cache"], split="train", tokens=config.blocks_read * config.block_size,
             block_size=config.block_size, seed=config.seed)
         build_cache(teacher_name, folder, settings, data=sections["data"], model=sections["model"])
     return build

@@ -306,8 +306,7 @@ def short_run_blocks(tokenizer, data, distill: DistillConfig, settings: SearchCo
     from minitron.data import load_blocks, open_blocks
 
     config = short_config(distill, settings)
-    n_train = config.steps * config.batch_size * config.grad_accum
-    train = open_blocks(tokenizer, "train", n_train, source=data.source,
+    train = open_blocks(tokenizer, "train", config.blocks_read, source=data.source,
                         block_size=config.block_size, seed=config.seed,
                         text_field=data.text_field, max_positions=max_positions)
     evals = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,

@@ -5,15 +5,17 @@ every point measured the same way, and the Pareto frontier of quality against si
 
 One importance pass (and, with sweep.teacher_cache, one teacher cache) serves every budget. Each
 budget's student is pruned from those scores by the budget rule (prune.target_params's), distilled
-on the same tokens and evaluated against the teacher (KL, top-1, perplexity, tasks); each format is
+on the same tokens and evaluated against the teacher (KL, top-1, perplexity, tasks). With
+sweep.iterative the budgets run in turn instead, largest first: each student is pruned from the one
+before it once distilled (scored again), on the next tokens of the stream (`schedule`). Each format is
 one export of it, whose report measures the artifact in its runtime against PyTorch FP32 (held-out
 perplexity, top-1, size, prefill and decode speed); the teacher is measured once on the same held-
 out blocks. Every stage is recorded as `minitron.run` records its stages (stage.json with a
 fingerprint), so a rerun skips what finished and redoes what was interrupted.
 
 Folder <output_dir>/<name>/: shared/ (data, importance, teacher, teacher cache), one budget-<b>/
-per budget (prune, distill, evaluate, and export-<format>/onnx/ per format, each a deployable
-folder), then sweep.json, sweep.md and the frontier plots.
+per budget (iterative: its importance, then prune, distill, evaluate, and export-<format>/onnx/ per
+format, each a deployable folder), then sweep.json, sweep.md and the frontier plots.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ STATS = "calibration.safetensors"
 QUALITY = "perplexity"  # of each artifact on the export's held-out blocks; lower is better
 # The cost axes of the frontiers (lower is better): the artifact's size, and prefill latency.
 COSTS = {"size": "size_mb", "prefill": "prefill_ms_per_token"}
-COLUMNS = ["point", "parameters", "size_mb", "perplexity", "ppl_x_teacher", "top1_vs_fp32",
+COLUMNS = ["point", "parameters", "distill_tokens", "size_mb", "perplexity", "ppl_x_teacher", "top1_vs_fp32",
            "kl_to_teacher", "top1_agreement", "prefill_tok_s", "decode_ms_tok", "prefill_x_teacher",
            "decode_x_teacher", "frontier"]
 
@@ -77,16 +79,57 @@ def check_sweep(recipe: Recipe) -> None:
         (r.sweep.teacher_cache and r.distill.teacher_cache is not None,
          f"sweep.teacher_cache=true builds the cache that distill.teacher_cache="
          f"{r.distill.teacher_cache!r} already names: drop one of them"),
+        (r.sweep.iterative and len(r.sweep.budgets) < 2,
+         f"sweep.iterative=true prunes from one budget to the next, but sweep.budgets="
+         f"{list(r.sweep.budgets)} has one: give two or more, or set sweep.iterative=false"),
+        (r.sweep.iterative and not r.distill.enabled,
+         "sweep.iterative=true distills each student before pruning it again; set "
+         "distill.enabled=true"),
     ]
     for bad, message in problems:
         if bad:
             raise MinitronError(message)
 
 
-def budget_recipe(recipe: Recipe, budget: float, cache_dir: str | None) -> Recipe:
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One budget of the sweep: its pruning target, and what its student is pruned from."""
+
+    budget: float
+    target: dict[str, int]  # the pruner's target (HF config names)
+    candidates: list[dict[str, Any]]  # what the budget rule considered
+    parent: float | None = None  # iterative: the budget whose distilled student it is cut from
+    skip_tokens: int = 0  # distill.skip_tokens: the tokens the steps before it trained on
+
+
+def schedule(recipe: Recipe, config) -> list[Step]:
+    """The budgets in the order the sweep runs them, each with its target.
+
+    One shot: each budget is pruned from the source by the budget rule. Iterative: largest first,
+    each from the previous one's distilled student, on the next distill.tokens. The shapes are
+    planned smallest first, each larger one with the next smaller as its floor, so every step only
+    removes and the last one lands on the one-shot shape of its budget (a fair comparison).
+    """
+    from minitron.prune import budget_limit, target_for_budget
+
+    s, d, multiple = recipe.sweep, recipe.distill, recipe.prune.width_multiple
+    if not s.iterative:
+        return [Step(b, *target_for_budget(config, b, multiple), skip_tokens=d.skip_tokens)
+                for b in s.budgets]
+    planned, floor = [], None
+    for b in sorted(s.budgets, key=lambda b: budget_limit(config, b)):
+        target, candidates = target_for_budget(config, b, multiple, floor)
+        planned.insert(0, (b, target, candidates))
+        floor = target
+    stage_tokens = d.steps * d.tokens_per_step
+    return [Step(b, t, c, planned[i - 1][0] if i else None, d.skip_tokens + i * stage_tokens)
+            for i, (b, t, c) in enumerate(planned)]
+
+
+def budget_recipe(recipe: Recipe, step: Step, cache_dir: str | None) -> Recipe:
     """The recipe of one budget's student (and the shared teacher cache, if there is one)."""
-    prune = dataclasses.replace(recipe.prune, target_params=budget)
-    distill = recipe.distill
+    prune = dataclasses.replace(recipe.prune, target_params=step.budget)
+    distill = dataclasses.replace(recipe.distill, skip_tokens=step.skip_tokens)
     if cache_dir is not None:
         distill = dataclasses.replace(distill, teacher_cache=cache_dir)
     return dataclasses.replace(recipe, prune=prune, distill=distill)
@@ -97,16 +140,21 @@ def budget_label(budget: float) -> str:
 
 
 def cache_settings(recipe: Recipe):
-    """The shared teacher cache: the distillation's train tokens, blocks and order."""
+    """The shared teacher cache: the distillation's train tokens (every step's, iterative), blocks
+    and order."""
     d = recipe.distill
-    return dataclasses.replace(recipe.teacher_cache, split="train", tokens=d.steps * d.tokens_per_step,
-                               block_size=d.block_size, seed=d.seed)
+    steps = len(recipe.sweep.budgets) if recipe.sweep.iterative else 1
+    last = dataclasses.replace(d, skip_tokens=d.skip_tokens + (steps - 1) * d.steps * d.tokens_per_step)
+    return dataclasses.replace(recipe.teacher_cache, split="train",
+                               tokens=last.blocks_read * d.block_size, block_size=d.block_size,
+                               seed=d.seed)
 
 
 # ----------------------------------------------------------------------------- shared stages
 def _importance_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
-    """The teacher's importance scores and calibration statistics (minitron.calibration: what
-    the activation-aware export formats read), computed in one pass for every budget."""
+    """The importance scores and calibration statistics (minitron.calibration: what the
+    activation-aware export formats read) of `ctx.teacher`: the source, in one pass for every
+    budget (iterative: also each distilled student that the next budget is cut from)."""
     from minitron import calibration
     from minitron.importance import compute_scores, save_scores
     from minitron.models import load_model, resolve_device
@@ -156,28 +204,30 @@ def _cache_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- per-budget stages
-def _prune_stage(ctx: Context, out: Path, timer: StageTimer, shared: dict[str, Any]) -> dict[str, Any]:
-    """The budget's student, pruned from the shared scores by the budget rule (the statistics
-    follow the kept channels into its folder, as minitron.run's prune stage leaves them)."""
+def _prune_stage(ctx: Context, out: Path, timer: StageTimer, step: Step, source: str,
+                 importance: dict[str, Any]) -> dict[str, Any]:
+    """The budget's student: `source` (the teacher, or iterative the previous budget's distilled
+    student) pruned to the step's target by its scores (the statistics follow the kept channels
+    into its folder, as minitron.run's prune stage leaves them)."""
     from minitron import calibration
     from minitron.importance import load_scores
     from minitron.models import count_params, load_model, resolve_device
-    from minitron.pipeline import prune_target
     from minitron.prune import prune, save_pruned
 
     r = ctx.recipe
-    model, tokenizer = load_model(ctx.teacher, dtype=r.model.dtype,
+    model, tokenizer = load_model(source, dtype=r.model.dtype,
                                   device=resolve_device(r.model.device),
                                   trust_remote_code=r.model.trust_remote_code)
-    scores = load_scores(shared["scores"])
+    scores = load_scores(importance["scores"])
     scores.check_matches(model.config)
-    target, candidates = prune_target(r, model.config)
-    pruned = prune(model, scores, target, depth=r.prune.depth, stats=calibration.load(shared["stats"]))
+    pruned = prune(model, scores, step.target, depth=r.prune.depth,
+                   stats=calibration.load(importance["stats"]))
     info = {"recipe": r.source_file, "target_params": r.prune.target_params,
-            "scores_from": shared["scores"], "candidates": candidates}
+            "pruned_from": source, "scores_from": importance["scores"],
+            "candidates": step.candidates}
     save_pruned(pruned, tokenizer, out / "model", info)
     return {"model_dir": str(out / "model"), "parameters": count_params(pruned),
-            "shape": {k: getattr(pruned.config, k) for k in target}}
+            "shape": {k: getattr(pruned.config, k) for k in step.target}}
 
 
 def _evaluate_stage(ctx: Context, out: Path, timer: StageTimer) -> dict[str, Any]:
@@ -212,12 +262,15 @@ def artifact_path(export_dir: str, fmt: str) -> str:
     return export_dir
 
 
-def point_record(budget: float, fmt: str, student: dict[str, Any], export: dict[str, Any],
-                 evaluation: dict[str, Any] | None, teacher: dict[str, Any]) -> dict[str, Any]:
+def point_record(step: Step, fmt: str, student: dict[str, Any], distill_tokens: int,
+                 export: dict[str, Any], evaluation: dict[str, Any] | None,
+                 teacher: dict[str, Any]) -> dict[str, Any]:
     """One point, from the numbers its stages recorded (nothing is measured here)."""
     row, ref = format_row(export["report"], fmt), teacher["pytorch_fp32"]
-    point = {"point": f"{budget:g}/{fmt}", "budget": budget, "format": fmt,
-             "parameters": student["parameters"], "artifact": artifact_path(export["onnx_dir"], fmt),
+    point = {"point": f"{step.budget:g}/{fmt}", "budget": step.budget, "format": fmt,
+             "parameters": student["parameters"], "shape": student["shape"],
+             "pruned_from": "source" if step.parent is None else budget_label(step.parent),
+             "distill_tokens": distill_tokens, "artifact": artifact_path(export["onnx_dir"], fmt),
              "export_row": row["model"], "size_mb": row["size_mb"], "perplexity": row["perplexity"],
              "ppl_x_teacher": row["perplexity"] / ref["perplexity"],
              "top1_vs_fp32": row.get("top1_vs_fp32")}
@@ -247,6 +300,8 @@ class Sweep:
     teacher: str
     shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     timings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Iterative: each budget's distilled student (fingerprint, folder, tokens it has trained on).
+    students: dict[float, tuple[str, str, int]] = dataclasses.field(default_factory=dict)
 
     def stage(self, label: str, out: Path, fp: str,
               work: Callable[[Path, StageTimer], dict[str, Any]]) -> dict[str, Any]:
@@ -282,20 +337,32 @@ def run_shared(sw: Sweep) -> str:
     return imp_fp
 
 
-def run_budget(sw: Sweep, budget: float, upstream: str) -> list[dict[str, Any]]:
-    """One budget's student (prune, distill, evaluate) and one export per format: its points."""
+def run_budget(sw: Sweep, step: Step, upstream: str) -> list[dict[str, Any]]:
+    """One budget's student (iterative: scored again, from the previous budget's; then prune,
+    distill, evaluate) and one export per format: its points."""
     cache = sw.shared.get("cache", {}).get("cache_dir")
-    r = budget_recipe(sw.recipe, budget, cache)
-    folder, label = sw.folder / budget_label(budget), budget_label(budget)
+    r = budget_recipe(sw.recipe, step, cache)
+    folder, label = sw.folder / budget_label(step.budget), budget_label(step.budget)
     ctx = Context(r, folder, sw.teacher, {k: v for k, v in sw.shared.items() if k == "data"})
+    source, importance, tokens_before = sw.teacher, sw.shared["importance"], 0
     fp = fingerprint(upstream, r.prune)
-    ctx.outputs["prune"] = sw.stage(f"{label}/prune", folder / "1-prune", fp,
-                                    lambda o, t: _prune_stage(ctx, o, t, sw.shared["importance"]))
-    student = ctx.outputs["prune"]
+    if step.parent is not None:  # the previous budget's distilled student, scored again
+        parent_fp, source, tokens_before = sw.students[step.parent]
+        scored = dataclasses.replace(ctx, teacher=source)
+        imp_fp = fingerprint(parent_fp, *[s for s in _settings(r, "prune") if s is not r.prune])
+        importance = sw.stage(f"{label}/importance", folder / "0-importance", imp_fp,
+                              lambda o, t: _importance_stage(scored, o, t))
+        fp = fingerprint(imp_fp, r.prune, step.target)
+    ctx.outputs["prune"] = sw.stage(
+        f"{label}/prune", folder / "1-prune", fp,
+        lambda o, t: _prune_stage(ctx, o, t, step, source, importance))
+    student, tokens = ctx.outputs["prune"], tokens_before
     if r.distill.enabled:
         fp = fingerprint(fp, *_settings(r, "distill"))
         ctx.outputs["distill"] = sw.stage(f"{label}/distill", folder / "2-distill", fp,
                                           lambda o, t: _distill_stage(ctx, o, t))
+        tokens += ctx.outputs["distill"].get("train_tokens", 0)
+    sw.students[step.budget] = (fp, ctx.student, tokens)
     evaluation = None
     if r.evaluate.enabled:
         evaluation = sw.stage(f"{label}/evaluate", folder / "3-evaluate",
@@ -308,23 +375,41 @@ def run_budget(sw: Sweep, budget: float, upstream: str) -> list[dict[str, Any]]:
         export = sw.stage(f"{label}/export-{fmt}", folder / f"export-{fmt}",
                           fingerprint(fp, *_settings(rf, "export")),
                           lambda o, t: _export_stage(ctx_f, o, t))
-        points.append(point_record(budget, fmt, student, export, evaluation, sw.shared["teacher"]))
+        points.append(point_record(step, fmt, student, tokens, export, evaluation,
+                                   sw.shared["teacher"]))
     return points
+
+
+def check(recipe: Recipe, config) -> list[Step]:
+    """Refuse a sweep that cannot run, before any work; returns its schedule."""
+    from minitron.prune import plan
+
+    check_sweep(recipe)
+    steps = schedule(recipe, config)
+    for step in steps:  # every budget's shape must exist before any work
+        check_plan(budget_recipe(recipe, step, None), config)
+        plan(config, step.target)
+    return steps
 
 
 def dry_run(recipe: Recipe) -> list[dict[str, Any]]:
     """Validate and print each budget's shape and parameter count, and the points; no weights."""
     from minitron.models import param_count_from_config
 
-    check_sweep(recipe)
+    from minitron.prune import plan
+
     config = source_config(recipe, need_weights=False)
+    steps = check(recipe, config)
     before = param_count_from_config(config)
-    rows = []
-    for budget in recipe.sweep.budgets:
-        shape, _ = check_plan(budget_recipe(recipe, budget, None), config)
+    d, rows = recipe.distill, []
+    for step in steps:
+        shape = plan(config, step.target)
         params = param_count_from_config({**config.to_dict(), **shape})
-        rows.append({"budget": budget, **shape, "parameters": params,
-                     "of_source": round(params / before, 3)})
+        rows.append({"budget": step.budget, **shape, "parameters": params,
+                     "of_source": round(params / before, 3),
+                     "pruned_from": "source" if step.parent is None else f"{step.parent:g}",
+                     "distill_tokens": (step.skip_tokens - d.skip_tokens + d.steps * d.tokens_per_step
+                                        if d.enabled else 0)})
     print(format_table(rows))
     print(f"{len(rows)} budgets x {len(recipe.sweep.formats)} formats "
           f"({', '.join(recipe.sweep.formats)}): {len(rows)} distillations, "
@@ -336,17 +421,14 @@ def sweep(recipe: Recipe) -> dict[str, Any]:
     """Run (or resume) the sweep of `recipe`; returns what sweep.json holds."""
     from minitron.models import resolve_model
 
-    check_sweep(recipe)
-    config = source_config(recipe)
-    for budget in recipe.sweep.budgets:  # every budget's shape must exist before any work
-        check_plan(budget_recipe(recipe, budget, None), config)
+    steps = check(recipe, source_config(recipe))
     folder = recipe.run_dir
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "recipe.yaml", dump_recipe(recipe))
     sw = Sweep(recipe, folder, resolve_model(recipe.model.name, recipe.model.trust_remote_code))
     t0 = time.perf_counter()
     upstream = run_shared(sw)
-    points = [p for b in recipe.sweep.budgets for p in run_budget(sw, b, upstream)]
+    points = [p for step in steps for p in run_budget(sw, step, upstream)]
     return write_report(sw, points, time.perf_counter() - t0)
 
 
@@ -387,7 +469,8 @@ def _plot_frontier(points: list[dict[str, Any]], front: list[dict[str, Any]], co
 def table(points: list[dict[str, Any]], fronts: dict[str, list[str]]) -> list[dict[str, Any]]:
     def r(x, n):
         return None if x is None else round(x, n)
-    return [{"point": p["point"], "parameters": p["parameters"], "size_mb": r(p["size_mb"], 2),
+    return [{"point": p["point"], "parameters": p["parameters"],
+             "distill_tokens": p.get("distill_tokens"), "size_mb": r(p["size_mb"], 2),
              "perplexity": r(p["perplexity"], 3), "ppl_x_teacher": r(p["ppl_x_teacher"], 3),
              "top1_vs_fp32": r(p.get("top1_vs_fp32"), 4), "kl_to_teacher": r(p.get("kl_to_teacher"), 4),
              "top1_agreement": r(p.get("top1_agreement"), 4),

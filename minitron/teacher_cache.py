@@ -270,7 +270,8 @@ class TeacherCache:
         if theirs["blocks"] > self.num_blocks:
             raise MinitronError(f"{where} holds {self.num_blocks} blocks of training data; this "
                                 f"run reads {theirs['blocks']}: build it with teacher_cache.tokens "
-                                f">= {theirs['blocks'] * self.block_size} (distill.tokens)")
+                                f">= {theirs['blocks'] * self.block_size} (distill.skip_tokens + "
+                                f"distill.tokens)")
         if theirs["kind"] == "prepared" or mine["kind"] == "prepared":
             same = (theirs["kind"], theirs["fingerprint"], theirs["split"]) == (
                 mine["kind"], mine["fingerprint"], mine["split"])

@@ -377,6 +377,26 @@ def test_data_order_is_a_permutation_per_epoch_and_sharded_disjointly():
         assert sorted(torch.cat(shards).tolist()) == sorted(whole.tolist())
 
 
+def test_a_later_stage_reads_only_the_blocks_after_the_skipped_ones():
+    """skip_tokens (the sweep's iterative pruning): a second stage that skips the first stage's
+    tokens reads rows [n, 2n) of the train blocks it opens, each once per epoch, on any process
+    count; without a skip the order is the plain one."""
+    first = DistillConfig(tokens=6 * 2 * 8, batch_size=2, block_size=8, seed=3)
+    n = first.blocks_read
+    second = dataclasses.replace(first, skip_tokens=first.tokens)
+    assert (n, second.skip_blocks, second.blocks_read) == (12, 12, 24)
+    a = torch.cat([batch_indices(s, 0, n, first) for s in range(first.steps)])
+    b = torch.cat([batch_indices(s, 0, 2 * n, second) for s in range(2 * second.steps)])
+    assert sorted(a.tolist()) == list(range(n))
+    assert sorted(b[:n].tolist()) == sorted(b[n:].tolist()) == list(range(n, 2 * n))
+    assert b[:n].tolist() != b[n:].tolist()  # its own epochs, each in a new order
+    unskipped = dataclasses.replace(first, skip_tokens=0)
+    assert torch.equal(batch_indices(4, 0, 2 * n, unskipped), batch_indices(4, 0, 2 * n, first))
+    for step in (0, 5, 9):
+        shards = [batch_indices(step, 0, 2 * n, second, rank=r, world=2) for r in range(2)]
+        assert sorted(torch.cat(shards).tolist()) == sorted(batch_indices(step, 0, 2 * n, second).tolist())
+
+
 def test_per_process_micro_batches_cover_each_step_on_any_process_count():
     """micro_batch_size: every process count that divides the global batch reads, per optimizer
     step, exactly the samples one process reads (disjointly); one that does not is refused."""
@@ -442,6 +462,8 @@ def _cli(world, out, *extra):
      r"distill.block_size=512 is longer than the models' context \(256 positions\)"),
     (["distill.temprature=2"], r"distill.temprature: unknown key; did you mean 'distill.temperature'"),
     (["data.block_size=8"], r"data.block_size: unknown key"),  # distillation's own block_size counts
+    (["distill.skip_tokens=100000000"], r"distill.skip_tokens=100000000 skips 3125000 blocks of 32 "
+                                        r"tokens, but the train split has \d+: no fresh block"),
 ])
 def test_cli_refusals(world, tmp_path, extra, message):
     with pytest.raises(MinitronError, match=message):

@@ -30,8 +30,11 @@ def test_recipes_are_shipped():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_starts_with_the_command_that_runs_it(path):
-    head = path.read_text().splitlines()[:8]
-    assert any(f"minitron.run recipes/{path.name}" in line or "make demo" in line for line in head)
+    text = path.read_text()
+    runner = "sweep" if "\nsweep:" in text else "run"  # a sweep section is minitron.sweep's
+    head = text.splitlines()[:8]
+    assert any(f"minitron.{runner} recipes/{path.name}" in line or "make demo" in line
+               for line in head)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -255,3 +255,80 @@ def test_dry_run_prints_each_budgets_shape_within_its_budget(tiny_recipe, tmp_pa
     for r in rows:
         assert int(r[header.index("parameters")]) <= float(r[1]) * source
     assert "2 budgets x 2 formats" in out and not (tmp_path / "tiny-sweep").exists()
+
+
+def test_iterative_schedule_nests_its_shapes_and_ends_on_the_one_shot_shape(tiny_recipe):
+    """sweep.iterative: the budgets largest first, each shape within its budget and at least the
+    next one's in every dimension (so it can be pruned from it), the smallest the one-shot shape,
+    and each step's distillation on the tokens after the ones before it."""
+    from minitron.models import param_count_from_config
+    from minitron.prune import target_for_budget
+    from minitron.sweep import schedule
+    from tiny import tiny_config
+
+    recipe, _ = tiny_recipe
+    config = tiny_config("llama")
+    source = param_count_from_config(config)
+    r = load_recipe(recipe, ["sweep.iterative=true", "sweep.budgets=[0.6,0.9,0.75]"])
+    steps = schedule(r, config)
+    assert [s.budget for s in steps] == [0.9, 0.75, 0.6]
+    assert [s.parent for s in steps] == [None, 0.9, 0.75]
+    assert [s.skip_tokens for s in steps] == [0, 256, 512]
+    for big, small in zip(steps, steps[1:]):
+        assert all(big.target[k] >= v for k, v in small.target.items()), (big, small)
+    for s in steps:
+        shape = {**config.to_dict(), **s.target}
+        assert param_count_from_config(shape) <= s.budget * source
+    assert steps[-1].target == target_for_budget(config, 0.6, r.prune.width_multiple)[0]
+    whole = {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
+    with pytest.raises(MinitronError, match=r"prune.target_params 0.9 .* no shape of the grid fits "
+                                            r"it and keeps at least hidden_size="):
+        target_for_budget(config, 0.9, r.prune.width_multiple, floor=whole)
+    one_shot = schedule(load_recipe(recipe), config)
+    assert [(s.budget, s.parent, s.skip_tokens) for s in one_shot] == [(0.8, None, 0), (0.6, None, 0)]
+
+
+def test_iterative_sweep_prunes_each_student_from_the_last_on_fresh_tokens(tiny_recipe, tmp_path):
+    """Two budgets pruned in turn, with one teacher cache over both steps' tokens: the second
+    student is cut from the first one's distilled student by scores taken on it, and trained on the
+    train blocks after the first step's (the cache checks each batch's tokens at its rows)."""
+    from safetensors.torch import load_file
+
+    recipe, _ = tiny_recipe
+    r = subprocess.run(sweep_cmd(recipe, f"output_dir={tmp_path}", "sweep.iterative=true",
+                                 "sweep.teacher_cache=true", "sweep.formats=[fp32]",
+                                 "evaluate.enabled=false"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    folder = tmp_path / "tiny-sweep"
+    record = json.loads((folder / "sweep.json").read_text())
+    first, second = record["points"]
+    assert (first["point"], second["point"]) == ("0.8/fp32", "0.6/fp32")
+    assert (first["pruned_from"], second["pruned_from"]) == ("source", "budget-0.8")
+    assert (first["distill_tokens"], second["distill_tokens"]) == (256, 512)
+    assert all(first["shape"][k] >= v for k, v in second["shape"].items())
+    prune_out = json.loads((folder / "budget-0.6" / "1-prune" / "stage.json").read_text())
+    parent = folder / "budget-0.8" / "2-distill" / "model"
+    assert Path(prune_out["result"]["model_dir"]).is_dir()
+    info = json.loads((folder / "budget-0.6" / "1-prune" / "model" / "minitron.json").read_text())
+    assert Path(info["pruned_from"]) == parent
+    # The second step's scores were taken on the first step's distilled student (its shape).
+    scores = load_file(str(folder / "budget-0.6" / "0-importance" / "scores.safetensors"))
+    parent_config = json.loads((parent / "config.json").read_text())
+    assert tuple(scores["neurons"].shape) == (parent_config["num_hidden_layers"],
+                                              parent_config["intermediate_size"])
+    cache = json.loads((folder / "shared" / "3-teacher-cache" / "cache" / "manifest.json").read_text())
+    assert cache["tokens"] == 512
+    run = json.loads((folder / "budget-0.6" / "2-distill" / "model" / "minitron.json").read_text())
+    assert run["distillation"]["config"]["skip_tokens"] == 256
+    assert run["data"]["train_blocks"] == 16  # the 8 blocks the first step read, then its own 8
+
+
+def test_iterative_sweep_refuses_one_budget(tiny_recipe, tmp_path):
+    from minitron.sweep import main
+
+    recipe, _ = tiny_recipe
+    with pytest.raises(MinitronError, match=r"sweep.iterative=true prunes from one budget to the "
+                                            r"next, but sweep.budgets=\[0.6\] has one"):
+        main([str(recipe), f"output_dir={tmp_path}", "sweep.iterative=true", "sweep.budgets=[0.6]",
+              "--dry-run"])
