@@ -672,6 +672,10 @@ class ExportConfig(Section):
     bnb: bool = setting(False, "Also measure bitsandbytes INT8 / NF4 loading (PyTorch side).")
     ppl_budget: float = setting(0.02, "Largest relative perplexity increase of the deployed INT8 "
                                       "model (0.02 = 2%).", NON_NEGATIVE)
+    require_budget: bool = setting(
+        True, "Refuse a quantized model that no variant keeps within export.ppl_budget and "
+              "int8_min_top1. false: write the most accurate variant anyway, its report row marked "
+              "outside the budget (the sweep measures every format so: its cost is the answer).")
     # Measured as the export measures it (its first 1024 validation tokens, ORT CPU vs PyTorch CPU):
     # 3.6e-7 on a 2-layer tiny Llama, 4.7e-7 on the 4-layer one; SmolLM2-135M cut to its first 2
     # layers 6.8e-7, to 10 layers 8.7e-7, whole (30 layers) 2.9e-6 (max |d| 1.3e-4 against a
@@ -745,10 +749,11 @@ SWEEP_FORMATS: tuple[str, ...] = ("fp32", *(f"int8-{s}" for s in INT8_SCHEMES[:-
 
 def export_for_format(export: ExportConfig, fmt: str) -> ExportConfig:
     """The export settings that deploy format `fmt` (one of SWEEP_FORMATS) and nothing else: no
-    comparison variants, no bitsandbytes rows, the FP32 graph kept only as the fp32 format."""
+    comparison variants, no bitsandbytes rows, the FP32 graph kept only as the fp32 format, and
+    written even outside the perplexity budget (the point records the verdict)."""
     kind, _, scheme = fmt.partition("-")
     base = dataclasses.replace(export, compare=False, bnb=False, keep_fp32=False, int8="none",
-                               int4="none", gguf="none", per_channel=False)
+                               int4="none", gguf="none", per_channel=False, require_budget=False)
     if kind == "int8":
         return dataclasses.replace(base, int8=scheme, per_channel=export.per_channel and scheme in (
             "dynamic", "static"))

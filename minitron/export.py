@@ -1061,13 +1061,17 @@ def _grid_precision(grids: dict, model) -> str:
     return "; ".join(parts + ["embedding RTN 4-bit (GatherBlockQuantized)"])
 
 
-def choose_deployed(rows: list[dict[str, Any]], candidates: list[QuantVariant]) -> QuantVariant | None:
+def choose_deployed(rows: list[dict[str, Any]], candidates: list[QuantVariant],
+                    require_budget: bool = True) -> QuantVariant | None:
     """The fastest candidate (decode, then prefill) that passes the gates; without speed numbers the
-    lowest accuracy level (exact float activations). Raises with every candidate's problems."""
+    lowest accuracy level (exact float activations). When none passes: raises with every
+    candidate's problems, or (`require_budget` false) takes the one with the lowest perplexity."""
     measured = [r for r in rows if r["variant"] in candidates]
     if not measured:
         return None
     passing = [r for r in measured if r["within_budget"]]
+    if not passing and not require_budget:
+        return min(measured, key=lambda r: r["perplexity"])["variant"]
     if not passing:
         detail = "; ".join(f"{r['variant'].name}: " + "; ".join(r["problems"]) for r in measured)
         raise MinitronError(f"the quantized model fails validation: {detail}; try another export.int8 / "
@@ -1294,7 +1298,7 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike,
                     kind=MANIFEST_KIND) as tmp:
         rows.append({**export_fp32(job, tmp, fp32_file), "deployed": not candidates})
         quantized = quantize_variants(job, tmp, fp32_file, rows[0]["perplexity"], cpu)
-        deploy = choose_deployed(quantized, candidates)
+        deploy = choose_deployed(quantized, candidates, settings.require_budget)
         keep_deployed(tmp, quantized, deploy, fp32_file, settings.keep_fp32)
         rows += quantized
         with job.timed("genai_check"):

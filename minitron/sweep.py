@@ -273,7 +273,10 @@ def point_record(step: Step, fmt: str, student: dict[str, Any], distill_tokens: 
              "distill_tokens": distill_tokens, "artifact": artifact_path(export["onnx_dir"], fmt),
              "export_row": row["model"], "size_mb": row["size_mb"], "perplexity": row["perplexity"],
              "ppl_x_teacher": row["perplexity"] / ref["perplexity"],
-             "top1_vs_fp32": row.get("top1_vs_fp32")}
+             "top1_vs_fp32": row.get("top1_vs_fp32"),
+             # The export's gates (export.ppl_budget, int8_min_top1) against the student's FP32:
+             # the sweep writes every format (export_for_format) and records the verdict.
+             "within_budget": row.get("within_budget")}
     if "prefill_tokens_per_s" in row:
         point.update(prefill_tokens_per_s=row["prefill_tokens_per_s"],
                      prefill_ms_per_token=1000 / row["prefill_tokens_per_s"],
@@ -497,6 +500,11 @@ def render(record: dict[str, Any]) -> str:
              "(minitron.evaluate). x_teacher ratios are against the teacher's PyTorch FP32 row, "
              "measured in this sweep; speeds are batch 1 (128-token prompt, 32 decoded tokens).", "",
              format_table(record["table"], COLUMNS), ""]
+    over = [p["point"] for p in record["points"] if p.get("within_budget") is False]
+    if over:
+        lines += ["Outside the export's gates (export.ppl_budget, export.int8_min_top1, against the "
+                  "student's FP32; written anyway, since the sweep measures every format): "
+                  + ", ".join(over) + ".", ""]
     for key, names in record["frontier"].items():
         what = {"size": "perplexity against size", "prefill": "perplexity against prefill latency"}
         lines += [f"Pareto frontier, {what[key]}: " + (", ".join(names) or "(no point measured)")

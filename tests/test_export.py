@@ -842,6 +842,15 @@ def test_int8_outside_budget_fails_with_numbers(source, tmp_path, fast):
                                             r"agreement with FP32 0\.\d+ < 0\.9999"):
         fast(source, tmp_path / "out", int8="dynamic", int8_min_top1=0.9999)
     assert not (tmp_path / "out").exists()
+    # require_budget=false (what the sweep sets): written anyway, the verdict in the report.
+    report = fast(source, tmp_path / "out", int8="dynamic", int8_min_top1=0.9999,
+                  require_budget=False)
+    deployed = next(r for r in report["rows"] if r.get("deployed"))
+    assert deployed["model"].startswith("onnx-int8-dynamic") and deployed["within_budget"] is False
+    assert "top-1 agreement with FP32" in deployed["problems"][0]
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert f"Outside the perplexity budget (+2.0%): {deployed['model']}" in \
+        (tmp_path / "out" / "report.md").read_text()
 
 
 def test_bad_inputs_are_clear_errors(source, tmp_path):

@@ -123,6 +123,8 @@ def test_sweep_runs_end_to_end(interrupted_then_finished):
     report = json.loads(Path(by["0.6/int8-blockwise"]["artifact"], "report.json").read_text())
     row = next(r for r in report["rows"] if r.get("deployed"))
     assert row["perplexity"] == by["0.6/int8-blockwise"]["perplexity"]
+    assert by["0.6/int8-blockwise"]["within_budget"] is row["within_budget"] is (not row["problems"])
+    assert by["0.6/fp32"]["within_budget"] is None  # the reference: no gate
     for name in ("sweep.md", "frontier_size.png", "frontier_prefill.png", "recipe.yaml"):
         assert (folder / name).stat().st_size > 0
     md = (folder / "sweep.md").read_text()
