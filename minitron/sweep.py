@@ -398,7 +398,6 @@ def check(recipe: Recipe, config) -> list[Step]:
 def dry_run(recipe: Recipe) -> list[dict[str, Any]]:
     """Validate and print each budget's shape and parameter count, and the points; no weights."""
     from minitron.models import param_count_from_config
-
     from minitron.prune import plan
 
     config = source_config(recipe, need_weights=False)
