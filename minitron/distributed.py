@@ -5,6 +5,7 @@ group and no wrapper."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -109,6 +110,11 @@ def process_group(device: str | None, timeout_s: float = 1800.0):
     try:
         yield device
     finally:
+        # FSDP's modules and states hold the group in reference cycles: free them while the
+        # group and the interpreter are whole. Left to interpreter shutdown, a gloo group dying
+        # with them has aborted the process after a finished run ("terminate called without an
+        # active exception", SIGABRT).
+        gc.collect()
         dist.destroy_process_group()
 
 
