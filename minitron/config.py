@@ -419,7 +419,7 @@ class DistillConfig(Section):
         0.0, "Stop when the gradient norm (before clipping) exceeds this many times its median "
              "over the last spike_window healthy steps; 0 (the default) turns the check off: "
              "healthy runs have single-step gradient spikes far above the median that clipping "
-             "absorbs (README: the divergence guard).", OFF_OR_ABOVE_1)
+             "absorbs (docs/commands.md: the divergence guard).", OFF_OR_ABOVE_1)
     spike_loss_factor: float = resumable(
         3.0, "Stop when the training loss exceeds this many times its median over the last "
              "spike_window healthy steps (a median below 0.5 counts as 0.5, so that near-zero "

@@ -33,7 +33,7 @@ Weight schemes (all ONNX Runtime quantizers; MatMuls with constant weights and t
 models run at `accuracy_level` 0 (float activations) or 4 (int8 activations per block, faster, but
 onnxruntime issue #29849 reports flipped greedy tokens on outlier-heavy LLMs): `auto` measures both
 and deploys the faster one that passes the gates. The measured comparison of the schemes on
-SmolLM2-135M is in the README; `compare=true` puts every variant's numbers in the report.
+SmolLM2-135M is in docs/results.md; `compare=true` puts every variant's numbers in the report.
 
 Validation reads a bounded number of tokens at batch 1 (`max_eval_tokens`, blocks of at most 512)
 whatever the model's context. It fails the export (nothing is written) when the FP32 graph's

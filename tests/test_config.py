@@ -175,7 +175,8 @@ def test_readme_command_table_matches_help():
     import re
 
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Commands"):readme.index("## Recipes")]
+    start = readme.index("## Commands")
+    table = readme[start:readme.index("\n## ", start)]
     rows = re.findall(r"^\| `python -m (minitron\.\w+) ([^`]*)`", table, re.M)
     assert {m for m, _ in rows} == {"minitron.run", "minitron.data", "minitron.prune",
                                     "minitron.distill", "minitron.export", "minitron.evaluate",
@@ -187,6 +188,47 @@ def test_readme_command_table_matches_help():
                                   text=True, cwd=ROOT, timeout=120).stdout
         for word in re.findall(r"--[a-z][\w-]*|\b[a-z_]+\.[a-z_]+(?==)", usage):
             assert word in helptext, (module, word)
+
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FILE_SUFFIXES = {"md", "json", "jsonl", "png", "onnx", "yaml", "safetensors", "gguf", "bin"}
+
+
+def test_every_setting_the_docs_name_exists():
+    """A `section.key` named in the README or docs/ is a field of that section's dataclass (a
+    renamed or removed setting fails here, not in a reader's first run)."""
+    import re
+
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+    key = re.compile(rf"(?<![\w./-])({'|'.join(SECTIONS)})\.([a-z_][a-z0-9_]*)(?![\w(/])")
+    unknown = [(page.name, f"{section}.{name}") for page in DOCS
+               for span in re.findall(r"`([^`]+)`", page.read_text())
+               for section, name in key.findall(span)
+               if name not in fields[section] and name not in FILE_SUFFIXES]
+    assert not unknown
+
+
+def test_docs_links_reach_their_files_and_headings():
+    """Every relative link in the README and docs/ names a file that exists, and its #anchor a
+    heading of that file (GitHub's slugs: lower case, punctuation dropped, spaces to dashes)."""
+    import re
+
+    def slugs(page: Path) -> set[str]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+    broken = []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists() or (anchor and anchor not in slugs(dest)):
+                broken.append((page.name, target))
+    assert not broken
 
 
 # ----------------------------------------------------------------------------- reaching the stages
