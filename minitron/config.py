@@ -519,13 +519,18 @@ class DistillConfig(Section):
         return self.tokens // self.tokens_per_step
 
     @property
+    def train_tokens(self) -> int:
+        """The tokens the run trains on: whole optimizer steps of `tokens` (the rest is dropped)."""
+        return self.steps * self.tokens_per_step
+
+    @property
     def skip_blocks(self) -> int:
         return self.skip_tokens // self.block_size
 
     @property
     def blocks_read(self) -> int:
         """Train blocks the run opens: the skipped ones, then its own (one per sample)."""
-        return self.skip_blocks + self.steps * self.batch_size * self.grad_accum
+        return self.skip_blocks + self.train_tokens // self.block_size
 
     @property
     def uses_teacher(self) -> bool:

@@ -812,10 +812,10 @@ def _final_metrics(loop: _Loop, last_eval: dict[str, Any], run_time: float) -> d
     train_time = loop.state["train_time_s"]
     metrics = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "tokens")}
     metrics.update({
-        "steps": steps, "train_tokens": steps * config.tokens_per_step,
+        "steps": steps, "train_tokens": config.train_tokens,
         "train_time_s": round(train_time, 2),
         # Student tokens per second of training steps, teacher forward included (eval excluded).
-        "train_tokens_per_s": round(steps * config.tokens_per_step / max(train_time, 1e-9), 1),
+        "train_tokens_per_s": round(config.train_tokens / max(train_time, 1e-9), 1),
         "this_session_tokens": (steps - loop.start_step) * config.tokens_per_step,
         "this_session_wall_s": round(run_time, 2),
         "loss_impl": ("fused" if loop.fused else "logits") if loop.kd else "cross_entropy",

@@ -113,8 +113,7 @@ def _cache_size(recipe: Recipe) -> dict[str, Any] | None:
         from minitron.search import short_config
 
         short = short_config(r.distill, r.search)
-        tokens, k, dtype = (short.steps * short.tokens_per_step, r.teacher_cache.k,
-                            r.teacher_cache.dtype)
+        tokens, k, dtype = short.train_tokens, r.teacher_cache.k, r.teacher_cache.dtype
         where = "the search builds"
     elif (r.distill.enabled and r.distill.teacher_cache
           and Path(r.distill.teacher_cache, tc.MANIFEST).is_file()):

@@ -121,8 +121,7 @@ def schedule(recipe: Recipe, config) -> list[Step]:
         target, candidates = target_for_budget(config, b, multiple, floor)
         planned.insert(0, (b, target, candidates))
         floor = target
-    stage_tokens = d.steps * d.tokens_per_step
-    return [Step(b, t, c, planned[i - 1][0] if i else None, d.skip_tokens + i * stage_tokens)
+    return [Step(b, t, c, planned[i - 1][0] if i else None, d.skip_tokens + i * d.train_tokens)
             for i, (b, t, c) in enumerate(planned)]
 
 
@@ -144,7 +143,7 @@ def cache_settings(recipe: Recipe):
     and order."""
     d = recipe.distill
     steps = len(recipe.sweep.budgets) if recipe.sweep.iterative else 1
-    last = dataclasses.replace(d, skip_tokens=d.skip_tokens + (steps - 1) * d.steps * d.tokens_per_step)
+    last = dataclasses.replace(d, skip_tokens=d.skip_tokens + (steps - 1) * d.train_tokens)
     return dataclasses.replace(recipe.teacher_cache, split="train",
                                tokens=last.blocks_read * d.block_size, block_size=d.block_size,
                                seed=d.seed)
@@ -410,7 +409,7 @@ def dry_run(recipe: Recipe) -> list[dict[str, Any]]:
         rows.append({"budget": step.budget, **shape, "parameters": params,
                      "of_source": round(params / before, 3),
                      "pruned_from": "source" if step.parent is None else f"{step.parent:g}",
-                     "distill_tokens": (step.skip_tokens - d.skip_tokens + d.steps * d.tokens_per_step
+                     "distill_tokens": (step.skip_tokens - d.skip_tokens + d.train_tokens
                                         if d.enabled else 0)})
     print(format_table(rows))
     print(f"{len(rows)} budgets x {len(recipe.sweep.formats)} formats "

@@ -349,8 +349,19 @@ def test_an_eval_split_cache_scores_but_does_not_train(world, tmp_path):
     cache = tmp_path / "eval_cache"
     m = _build(world, cache, k=8, split="eval", tokens=8 * BLOCK)
     assert m["data"]["split"] == "eval" and m["num_blocks"] == 8
-    got = tc.evaluate_from_cache(world["student"], tc.open_cache(cache))
-    assert 0 < got["kl_to_teacher_topk"] and 0 <= got["top1_agreement"] <= 1
+    opened = tc.open_cache(cache)
+    got = tc.evaluate_from_cache(world["student"], opened)
+    ids = world["eval"]  # the cache holds the eval split's blocks, and the metrics are theirs
+    assert torch.equal(opened.targets(range(8)).ids, ids)
+    with torch.no_grad():
+        s = world["student"](ids).logits.double()
+        t = world["teacher"](ids).logits.double()
+    assert got["top1_agreement"] == (s.argmax(-1) == t.argmax(-1)).double().mean().item()
+    ce = -s.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).mean().item()
+    assert got["eval_loss"] == pytest.approx(ce, abs=1e-5)
+    t, s = t.log_softmax(-1), s.log_softmax(-1)
+    full_kl = (t.exp() * (t - s)).sum(-1).mean().item()  # the top-8 bucketed KL never exceeds it
+    assert 0.5 * full_kl < got["kl_to_teacher_topk"] <= full_kl + 1e-3
     with pytest.raises(MinitronError, match=r"holds the 'eval' split; distillation trains on the "
                                             r"train split"):
         distill(None, copy.deepcopy(world["student"]), world["train"], world["eval"],
