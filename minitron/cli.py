@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from minitron.common import DEBUG_FLAG, run_cli
-from minitron.config import SECTIONS, Section, docs
+from minitron.config import COMMAND_SECTIONS, SECTIONS, Section, docs
 from minitron.recipe import RecipeError, build_section, parse_overrides
 
 # Which keys of which sections a command exposes: None means every key but `enabled` (which only
@@ -32,7 +32,7 @@ def exposed(keys: Keys) -> list[tuple[str, dict[str, Any]]]:
     """(section, field doc) for every key a command exposes, in declaration order."""
     out = []
     for section, names in keys.items():
-        for d in docs(SECTIONS[section]):
+        for d in docs(COMMAND_SECTIONS[section]):
             if (names is None and d["key"] != "enabled") or (names is not None and d["key"] in names):
                 out.append((section, d))
     return out
@@ -78,7 +78,8 @@ def settings_help(keys: Keys, aliases: dict[str, str] | None = None) -> str:
         items = [d for s, d in exposed({section: keys[section]})]
         if not items:
             continue
-        summary = " ".join((SECTIONS[section].__doc__ or "").strip().split("\n\n")[0].split())
+        doc = (COMMAND_SECTIONS[section].__doc__ or "").strip()
+        summary = " ".join(doc.split("\n\n")[0].split())
         lines.append("")
         lines += textwrap.wrap(f"{section}: {summary}", 98)
         for d in items:
@@ -141,7 +142,7 @@ def configs(args: argparse.Namespace) -> dict[str, Section]:
     for name, value in given:
         if name not in valid:
             section, _, key = name.partition(".")
-            renamed = SECTIONS[section].renamed(key) if section in keys else None
+            renamed = COMMAND_SECTIONS[section].renamed(key) if section in keys else None
             if renamed:
                 raise RecipeError(f"command line: {name}: {renamed}")
             close = difflib.get_close_matches(name, sorted(valid), n=1)
@@ -150,7 +151,7 @@ def configs(args: argparse.Namespace) -> dict[str, Section]:
                               f"{', '.join(sorted(valid))} (see --help)")
         section, key = name.split(".", 1)
         raw[section][key] = value
-    return {section: build_section(SECTIONS[section], raw[section], section, "command line")
+    return {section: build_section(COMMAND_SECTIONS[section], raw[section], section, "command line")
             for section in keys}
 
 

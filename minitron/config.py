@@ -216,6 +216,49 @@ class DataConfig(Section):
                                   at_least(1))
 
 
+
+SHARD_TOKENS = 1 << 27  # tokens per shard file of a prepared folder (256 MiB of uint16)
+
+
+@dataclass
+class PrepareConfig(Section):
+    """How `python -m minitron.data prepare` tokenizes a corpus into shards. The prepared folder's
+    content depends on text_field, seed, block_size and the two fractions (and on its sources and
+    tokenizer); the other keys only change how it is made. Not a recipe section: a recipe's data
+    stage prepares with the data section's text_field, seed, block_size and workers."""
+
+    SECTION: ClassVar[str] = "prepare"
+
+    text_field: str = setting("text", "The field holding the text in .jsonl and datasets sources.")
+    block_size: int = setting(256, "Default block size of readers (any size reads the same "
+                                   "shards).", at_least(2))
+    seed: int = setting(0, "Seed of the documents' order within each split.", SEED)
+    eval_fraction: float = setting(0.05, "Share of the documents (by a stable hash of each one's "
+                                         "key) in the eval split.", between(0, 1, hi_open=True))
+    calibration_fraction: float = setting(0.10, "Share of the documents in the calibration split "
+                                                "(the rest is train).",
+                                          between(0, 1, hi_open=True))
+    workers: int | None = setting(None, "Tokenizing processes (null: the CPU count, at most 8).",
+                                  at_least(1))
+    shard_tokens: int = setting(SHARD_TOKENS, "Tokens per shard file.", at_least(1))
+    progress: bool = setting(True, "Show a progress bar with tokens/s.")
+
+    CONTENT: ClassVar[tuple[str, ...]] = ("text_field", "seed", "block_size", "eval_fraction",
+                                          "calibration_fraction")
+
+    def check(self) -> None:
+        if self.eval_fraction + self.calibration_fraction >= 1:
+            raise MinitronError(
+                f"prepare.eval_fraction + prepare.calibration_fraction = "
+                f"{self.eval_fraction + self.calibration_fraction:g} leaves no training data; "
+                f"valid: a sum < 1")
+
+    @property
+    def split_edges(self) -> dict[str, tuple[float, float]]:
+        """split -> [lo, hi) of a document's hash bucket (`corpus.split_of`)."""
+        e, c = self.eval_fraction, self.calibration_fraction
+        return {"eval": (0.0, e), "calibration": (e, e + c), "train": (e + c, 1.0)}
+
 # ----------------------------------------------------------------------------- importance and prune
 Aggregation = Literal["mean", "l2", "var"]
 DepthMethod = Literal["block_importance", "lm_loss"]
@@ -812,3 +855,5 @@ SECTIONS: dict[str, type[Section]] = {
     cls.SECTION: cls for cls in (ModelConfig, DataConfig, ImportanceConfig, PruneConfig,
                                  SearchConfig, TeacherCorrectionConfig, DistillConfig,
                                  CacheConfig, ExportConfig, EvaluateConfig, SweepConfig)}
+# What the stage commands take: the recipe's sections, and the data command's own.
+COMMAND_SECTIONS: dict[str, type[Section]] = {**SECTIONS, PrepareConfig.SECTION: PrepareConfig}

@@ -20,12 +20,14 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 
 from minitron.common import MinitronError
+from minitron.config import PrepareConfig
 
 Split = Literal["train", "calibration", "eval"]
 SPLITS: tuple[str, ...] = ("train", "calibration", "eval")
-# Fractions of documents per split, by hash bucket. Calibration gets enough of the stdlib corpus
-# (~10% of ~8M tokens) for the papers' 1024 blocks at 256 tokens.
-_SPLIT_EDGES = {"eval": (0.0, 0.05), "calibration": (0.05, 0.15), "train": (0.15, 1.0)}
+# Fractions of documents per split, by hash bucket: the prepare defaults (5% eval, 10%
+# calibration: enough of the stdlib corpus, ~10% of ~8M tokens, for the papers' 1024 blocks at
+# 256 tokens).
+_SPLIT_EDGES = PrepareConfig().split_edges
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".c", ".h", ".cpp",
                   ".js", ".ts", ".java", ".go", ".rs", ".html", ".tex", ".csv", ".toml"}
 _SINGLE_FILE_CHUNK = 16_384  # characters: one big text file is split at paragraphs into documents
@@ -103,7 +105,7 @@ def parse_mixture(source: str) -> list[tuple[str, float]] | None:
             w = float(weight)
         except ValueError:
             w = float("nan")
-        if not name or not (math.isfinite(w) and w > 0):  # the rule PrepareSettings keeps
+        if not name or not (math.isfinite(w) and w > 0):  # the rule shards.prepare keeps
             raise MinitronError(f"data source '{source}': part '{part.strip()}' is invalid; valid: "
                                 f"SOURCE or SOURCE@WEIGHT with a weight > 0, parts joined by "
                                 f"'{MIXTURE_SEP}'")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minitron.common import DEBUG_FLAG, MinitronError, check_writable, run_cli
+from minitron.common import MinitronError, check_writable, run_cli
 # The documents layer lives in minitron.corpus (shards.py builds on it too); its names are
 # re-exported here, where the stages have always found them.
 from minitron.corpus import (Document, SOURCES_HELP, SPLITS, batches, block_bos, describe_bos,  # noqa: F401
@@ -111,55 +111,40 @@ def open_blocks(tokenizer, split: str, num_blocks: int | None, *, source: str, b
 
 
 # ----------------------------------------------------------------------------- CLI
-def build_parser():
-    import argparse
+# The command's settings: the prepare section, and whether a tokenizer folder's own code may run.
+CLI_KEYS = {"prepare": None, "model": ("trust_remote_code",)}
+USAGE = ("python -m minitron.data prepare SOURCE [SOURCE ...] --output DIR [--weights W ...] "
+         "[--tokenizer M] [--shard I/N] [--merge] [prepare.key=value ...]")
 
-    p = argparse.ArgumentParser(prog="python -m minitron.data",
-                                description="Prepare a corpus: tokenize it once into shards.")
-    sub = p.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize SOURCE into memory-mapped shards + manifest")
-    prep.add_argument("source", nargs="+", help=f"data source(s): {SOURCES_HELP}; several with "
-                                                "--weights make a weighted mixture")
-    prep.add_argument("--weights", type=float, nargs="+", default=None,
-                      help="one per source: its share of the train split's tokens")
-    prep.add_argument("--output", required=True, help="folder for the shards and manifest.json")
-    prep.add_argument("--tokenizer", default="smollm2-135m",
-                      help="model folder, hub id or 'smollm2-135m' whose tokenizer to use")
-    prep.add_argument("--text-field", default="text")
-    prep.add_argument("--block-size", type=int, default=256,
-                      help="default block size of readers (any size reads the same shards)")
-    prep.add_argument("--seed", type=int, default=0, help="document order within each split")
-    prep.add_argument("--eval-fraction", type=float, default=0.05)
-    prep.add_argument("--calibration-fraction", type=float, default=0.10)
-    prep.add_argument("--workers", type=int, default=None,
-                      help="tokenizing processes (default: CPU count, at most 8)")
-    prep.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file")
-    prep.add_argument("--shard", default=None, metavar="I/N",
-                      help="one machine's part: tokenize chunks I, I+N, ... into DIR/.work only")
-    prep.add_argument("--merge", action="store_true",
-                      help="after the N parts (their .work files in DIR/.work): write the shards "
-                           "and manifest")
-    prep.add_argument("--no-progress", action="store_true")
-    prep.add_argument("--trust-remote-code", action="store_true",
-                      help="run code that the tokenizer's model folder ships (off: refused)")
-    prep.add_argument(DEBUG_FLAG, action="store_true", help="print full tracebacks of errors")
+
+def build_parser():
+    from minitron import cli
+
+    p = cli.stage_parser("python -m minitron.data prepare",
+                         f"Tokenize a corpus once into memory-mapped shards + manifest.json. "
+                         f"SOURCE: {SOURCES_HELP}; several with --weights make a weighted "
+                         f"mixture.", CLI_KEYS)
+    p.usage = USAGE  # the positional arguments are the sources, then the settings
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one per source: its share of the train split's tokens")
+    p.add_argument("--output", required=True, help="folder for the shards and manifest.json")
+    p.add_argument("--tokenizer", default="smollm2-135m",
+                   help="model folder, hub id or 'smollm2-135m' whose tokenizer to use")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="one machine's part: tokenize chunks I, I+N, ... into DIR/.work only")
+    p.add_argument("--merge", action="store_true",
+                   help="after the N parts (their .work files in DIR/.work): write the shards "
+                        "and manifest")
     return p
 
 
-def _check_numbers(args) -> None:
-    """Every number of the prepare command in its range, before any work."""
-    from minitron.config import POSITIVE, SEED, at_least, between, describe_valid
+def _sources_and_settings(positional: list[str]) -> tuple[list[str], list[str]]:
+    """The command's positional arguments: `section.key=value` settings, the rest sources."""
+    import re
 
-    checks = [("--block-size", args.block_size, at_least(2)), ("--seed", args.seed, SEED),
-              ("--eval-fraction", args.eval_fraction, between(0, 1, hi_open=True)),
-              ("--calibration-fraction", args.calibration_fraction, between(0, 1, hi_open=True)),
-              ("--workers", args.workers, at_least(1)),
-              ("--shard-tokens", args.shard_tokens, at_least(1))]
-    checks += [("--weights", w, POSITIVE) for w in args.weights or []]
-    for flag, value, rule in checks:
-        if value is not None and not (math.isfinite(value) and rule.ok(value)):
-            raise MinitronError(f"{flag} {value} is invalid; valid: "
-                                f"{describe_valid(type(value), rule)}")
+    setting = re.compile(r"^[a-z_]+\.[a-z_0-9]+=")
+    return ([a for a in positional if not setting.match(a)],
+            [a for a in positional if setting.match(a)])
 
 
 def _part(text: str | None) -> tuple[int, int] | None:
@@ -219,27 +204,35 @@ def check_source(source: str, text_field: str = "text", tokenizer=None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minitron.common import format_table
-    from minitron.shards import DEFAULT_SHARD_TOKENS
+    import sys
 
-    args = build_parser().parse_args(argv)
-    _check_numbers(args)
+    from minitron import cli
+    from minitron.common import format_table
+
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if not argv or argv[0] != "prepare":
+        raise MinitronError(f"usage: {USAGE} (see prepare --help)")
+    args = cli.parse(build_parser(), argv[1:])
+    sources, args.overrides = _sources_and_settings(args.overrides)
+    c = cli.configs(args)
+    if not sources:
+        raise MinitronError(f"no data source given; usage: {USAGE}")
+    if args.weights is not None:
+        bad = [w for w in args.weights if not (math.isfinite(w) and w > 0)]
+        if bad:
+            raise MinitronError(f"--weights {bad[0]} is invalid; valid: a number > 0")
+    part = _part(args.shard)
     check_writable(args.output, "--output")
-    source = args.source[0] if len(args.source) == 1 and not args.weights else None
+    source = sources[0] if len(sources) == 1 and not args.weights else None
     if source is None:
         weights = args.weights or []
-        if len(weights) != len(args.source):
+        if len(weights) != len(sources):
             raise MinitronError(f"--weights {' '.join(map(str, weights)) or '(none)'}: give one "
-                                f"weight per source ({len(args.source)} sources)")
-        source = list(zip(args.source, weights))
-    manifest = prepare(
-        source, args.output, load_tokenizer(args.tokenizer, args.trust_remote_code),
-        tokenizer_name=args.tokenizer,
-        text_field=args.text_field, seed=args.seed, block_size=args.block_size,
-        eval_fraction=args.eval_fraction, calibration_fraction=args.calibration_fraction,
-        workers=args.workers,
-        shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
-        progress=not args.no_progress, part=_part(args.shard), merge=args.merge)
+                                f"weight per source ({len(sources)} sources)")
+        source = list(zip(sources, weights))
+    trust = c["model"].trust_remote_code
+    manifest = prepare(source, args.output, load_tokenizer(args.tokenizer, trust), c["prepare"],
+                       tokenizer_name=args.tokenizer, part=part, merge=args.merge)
     if "part" in manifest:
         i, n = manifest["part"]
         print(f"part {i}/{n} of {args.output}: {manifest['chunks']} chunks in .work "

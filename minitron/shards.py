@@ -21,6 +21,7 @@ rename), then the manifest (the commit), then removes `.work/`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,7 +33,6 @@ import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,10 +40,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from minitron.common import MinitronError, read_exactly, write_json_atomic
+from minitron.config import PrepareConfig
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-DEFAULT_SHARD_TOKENS = 1 << 27     # 256 MiB of uint16 per shard
 DEFAULT_CHUNK_CHARS = 4_000_000    # characters of text per tokenizing task
 _TOKENIZE_BATCH = 64               # documents per tokenizer call (as data.token_stream)
 
@@ -235,44 +235,6 @@ def is_prepared(source: str | os.PathLike) -> bool:
     return (Path(str(source)).expanduser() / MANIFEST).is_file()
 
 
-# ----------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class PrepareSettings:
-    """What a prepared folder's content depends on (besides the sources' documents).
-
-    `sources`: (source, weight) pairs; one source, or a weighted mixture whose weights are the
-    shares of the train split's tokens (eval and calibration keep every document once)."""
-
-    sources: tuple[tuple[str, float], ...]
-    text_field: str = "text"
-    seed: int = 0
-    block_size: int = 256
-    eval_fraction: float = 0.05
-    calibration_fraction: float = 0.10
-
-    def __post_init__(self):
-        for name in ("eval_fraction", "calibration_fraction"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise MinitronError(f"{name}={v!r} is invalid; valid: 0 <= {name} < 1")
-        if self.eval_fraction + self.calibration_fraction >= 1:
-            raise MinitronError(
-                f"eval_fraction + calibration_fraction = "
-                f"{self.eval_fraction + self.calibration_fraction} leaves no training data; "
-                f"valid: a sum < 1")
-        if self.block_size < 2:
-            raise MinitronError(f"block_size={self.block_size} is invalid; valid: an integer >= 2")
-        for source, weight in self.sources:
-            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-                raise MinitronError(f"weight {weight!r} of source '{source}' is invalid; valid: "
-                                    f"a number > 0")
-
-    @property
-    def edges(self) -> dict[str, tuple[float, float]]:
-        e, c = self.eval_fraction, self.calibration_fraction
-        return {"eval": (0.0, e), "calibration": (e, e + c), "train": (e + c, 1.0)}
-
-
 # ----------------------------------------------------------------------------- pass 1: tokenize
 _WORKER_TOKENIZER = None
 
@@ -448,8 +410,9 @@ def _absorb_hashes(fingerprint, work: Path, marker: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- pass 1: all sources
-def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dtype, workers: int,
-                  chunk_chars: int, progress: bool, part: tuple[int, int] | None = None,
+def _tokenize_all(sources: tuple[tuple[str, float], ...], config: PrepareConfig, work: Path,
+                  tokenizer, dtype: np.dtype, workers: int, chunk_chars: int,
+                  part: tuple[int, int] | None = None,
                   merge: bool = False) -> tuple[list[dict], str, dict[str, float]]:
     """Pass 1: every chunk tokenized into `work` (reusing chunks a previous run finished), in
     source order.
@@ -462,7 +425,7 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
 
     source_fp = hashlib.sha1()
     markers: dict[tuple[int, int, int], dict] = {}  # (source, producer, index) -> marker
-    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress,
+    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not config.progress,
                file=sys.stderr, dynamic_ncols=True)
     stats = {"tokenized": 0, "reused": 0, "seconds": 0.0, "streamed": 0}
     t0 = time.perf_counter()
@@ -480,11 +443,11 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
     else:
         _init_worker(pickle.dumps(tokenizer))
     try:
-        for src, (source, _) in enumerate(settings.sources):
+        for src, (source, _) in enumerate(sources):
             source_fp.update(f"source {src}: {source}\n".encode())
             if _streams(source) and part is None and not merge:
-                n = _producer_count(work, source, settings.text_field, src, workers)
-                args = [(str(work), source, settings.text_field, settings.edges, src, n, p,
+                n = _producer_count(work, source, config.text_field, src, workers)
+                args = [(str(work), source, config.text_field, config.split_edges, src, n, p,
                          chunk_chars, dtype.str) for p in range(n)]
                 results = ([f.result() for f in [pool.submit(_produce, *a) for a in args]]
                            if pool is not None else [_produce(*a) for a in args])
@@ -494,7 +457,7 @@ def _tokenize_all(settings: PrepareSettings, work: Path, tokenizer, dtype: np.dt
                         done((src, p, k), marker, fresh=k >= result["reused"])
                         _absorb_hashes(source_fp, work, marker)
                 continue
-            for chunk in _source_chunks(source, settings.text_field, settings.edges, chunk_chars,
+            for chunk in _source_chunks(source, config.text_field, config.split_edges, chunk_chars,
                                         source_fp):
                 key, cid, index = (src, 0, index), _cid(index), index + 1
                 digest = f"{src}:{_chunk_digest(chunk)}"
@@ -717,19 +680,13 @@ def prepare(
     source: str | list[tuple[str, float]],
     output: str | os.PathLike,
     tokenizer,
+    config: PrepareConfig | None = None,
     *,
     tokenizer_name: str | None = None,
-    text_field: str = "text",
-    seed: int = 0,
-    block_size: int = 256,
-    eval_fraction: float = 0.05,
-    calibration_fraction: float = 0.10,
-    workers: int | None = None,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
-    progress: bool = True,
     part: tuple[int, int] | None = None,
     merge: bool = False,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Tokenize `source` once into shards + manifest in `output`; returns the manifest.
 
@@ -740,47 +697,51 @@ def prepare(
     {"part": ...} (no shards, no manifest); `merge=True`, once the n parts' `.work` files are in
     one `output/.work` (a shared folder, or copied: the file names are the chunks' global
     indices), writes the shards and the manifest, the same as one machine's preparation.
-    """
-    from minitron.corpus import parse_mixture
 
+    `config` holds the settings (`PrepareConfig`: text field, seed, block size, split fractions,
+    workers, shard size, progress); keyword `settings` replace its keys.
+    """
+    from minitron.corpus import block_bos, parse_mixture
+
+    config = dataclasses.replace(config or PrepareConfig(), **settings)
     if isinstance(source, str):  # one source, or a mixture spec 'A@3 + B@1'
         source = parse_mixture(source) or source
     sources = ((source, 1.0),) if isinstance(source, str) else tuple(
         (str(s), float(w)) for s, w in source)
     if not sources:
         raise MinitronError("no data source given")
-    settings = PrepareSettings(sources, text_field, seed, block_size, eval_fraction,
-                               calibration_fraction)
+    for name, weight in sources:
+        if not (math.isfinite(weight) and weight > 0):
+            raise MinitronError(f"weight {weight!r} of source '{name}' is invalid; valid: a "
+                                f"number > 0")
     if tokenizer.eos_token_id is None:
         raise MinitronError("the tokenizer has no EOS token; documents cannot be separated")
-    from minitron.corpus import block_bos
-
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = config.workers or min(os.cpu_count() or 1, 8)
     if part is not None and (merge or not 0 <= part[0] < part[1]):
         raise MinitronError(f"--shard {part[0]}/{part[1]} is invalid; valid: I/N with 0 <= I < N, "
                             f"without --merge")
-    if workers < 1 or shard_tokens < 1 or chunk_chars < 1:
-        raise MinitronError(f"workers={workers}, shard_tokens={shard_tokens}, chunk_chars="
-                            f"{chunk_chars}: each must be >= 1")
+    if chunk_chars < 1:
+        raise MinitronError(f"chunk_chars={chunk_chars} is invalid; valid: an integer >= 1")
     out = Path(output).expanduser()
     vocab = len(tokenizer)
     dtype = token_dtype(vocab)
-    plan = {"format": FORMAT, "settings": settings.__dict__, "tokenizer_hash":
-            tokenizer_hash(tokenizer), "dtype": dtype.str, "shard_tokens": shard_tokens,
-            "chunk_chars": chunk_chars}
+    content = {"sources": sources, **{k: getattr(config, k) for k in PrepareConfig.CONTENT}}
+    plan = {"format": FORMAT, "settings": content, "tokenizer_hash": tokenizer_hash(tokenizer),
+            "dtype": dtype.str, "shard_tokens": config.shard_tokens, "chunk_chars": chunk_chars}
     plan = json.loads(json.dumps(plan))  # as it reads back from JSON (tuples become lists)
     done = _begin(out, plan)
     if done is not None:
         return done
     work = out / ".work"
-    markers, source_fp, stats = _tokenize_all(settings, work, tokenizer, dtype, workers,
-                                              chunk_chars, progress, part, merge)
+    markers, source_fp, stats = _tokenize_all(sources, config, work, tokenizer, dtype, workers,
+                                              chunk_chars, part, merge)
     if part is not None:
         return {"part": list(part), "chunks": len(markers), "tokens_tokenized": stats["tokenized"],
                 "tokens_reused": stats["reused"], "tokenize_s": round(stats["seconds"], 3)}
     t0 = time.perf_counter()
     weights = [w for _, w in sources]
-    splits = {s: _write_split(out, work, markers, s, seed, dtype, shard_tokens, weights)
+    splits = {s: _write_split(out, work, markers, s, config.seed, dtype, config.shard_tokens,
+                              weights)
               for s in ("train", "calibration", "eval")}
     if not any(s["tokens"] for s in splits.values()):
         raise MinitronError(f"data source '{source}' holds no non-empty documents")
@@ -792,7 +753,8 @@ def prepare(
                       "hash": plan["tokenizer_hash"], "vocab_size": vocab,
                       "eos_token_id": tokenizer.eos_token_id,
                       "block_bos": block_bos(tokenizer)},
-        "dtype": dtype.str, "seed": seed, "block_size": block_size, "split_edges": settings.edges,
+        "dtype": dtype.str, "seed": config.seed, "block_size": config.block_size,
+        "split_edges": config.split_edges,
         "splits": splits,
         "stats": {"workers": workers, "tokenize_s": round(stats["seconds"], 3),
                   "tokens_tokenized": stats["tokenized"], "tokens_reused": stats["reused"],

@@ -13,7 +13,7 @@ import pytest
 
 from minitron import cli
 from minitron.common import MinitronError
-from minitron.config import SECTIONS, Section, docs, literal_choices
+from minitron.config import COMMAND_SECTIONS, SECTIONS, Section, docs, literal_choices
 from minitron.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,8 @@ def test_readme_command_table_matches_help():
 
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FILE_SUFFIXES = {"md", "json", "jsonl", "png", "onnx", "yaml", "safetensors", "gguf", "bin"}
+# What `name.suffix` also is in the pages: files, and the placeholder of `prepare.key=value`.
+NOT_KEYS = {"md", "json", "jsonl", "png", "onnx", "yaml", "safetensors", "gguf", "bin", "key"}
 
 
 def test_every_setting_the_docs_name_exists():
@@ -200,12 +201,13 @@ def test_every_setting_the_docs_name_exists():
     renamed or removed setting fails here, not in a reader's first run)."""
     import re
 
-    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
-    key = re.compile(rf"(?<![\w./-])({'|'.join(SECTIONS)})\.([a-z_][a-z0-9_]*)(?![\w(/])")
+    fields = {name: {f.name for f in dataclasses.fields(cls)}
+              for name, cls in COMMAND_SECTIONS.items()}
+    key = re.compile(rf"(?<![\w./-])({'|'.join(COMMAND_SECTIONS)})\.([a-z_][a-z0-9_]*)(?![\w(/])")
     unknown = [(page.name, f"{section}.{name}") for page in DOCS
                for span in re.findall(r"`([^`]+)`", page.read_text())
                for section, name in key.findall(span)
-               if name not in fields[section] and name not in FILE_SUFFIXES]
+               if name not in fields[section] and name not in NOT_KEYS]
     assert not unknown
 
 

@@ -98,7 +98,8 @@ def test_prepared_folder_refuses_another_tokenizer_and_settings(prepared, tmp_pa
         load_blocks(variant, "eval", 1, source=str(prepared), block_size=16)
     with pytest.raises(MinitronError, match="holds another preparation"):
         prepare(SLICE, prepared, tokenizer, seed=1, workers=1, progress=False)
-    with pytest.raises(MinitronError, match="eval_fraction \\+ calibration_fraction"):
+    with pytest.raises(MinitronError,
+                       match=r"prepare.eval_fraction \+ prepare.calibration_fraction = 1 "):
         prepare(SLICE, tmp_path / "x", tokenizer, eval_fraction=0.5, calibration_fraction=0.5)
 
 
@@ -118,7 +119,7 @@ def test_prepare_cli(tmp_path):
     assert "tokens/s" in ok.stdout and (tmp_path / "out" / MANIFEST).exists()
     bad = subprocess.run(run + ["--output", str(tmp_path / "o2"), "--eval-fraction", "1.5"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "--eval-fraction 1.5 is invalid" in bad.stderr
+    assert bad.returncode == 2 and "prepare.eval_fraction=1.5 is invalid" in bad.stderr
     assert "Traceback" not in bad.stderr
     part = subprocess.run(run + ["--output", str(tmp_path / "o3"), "--shard", "2/2"],
                           capture_output=True, text=True)
