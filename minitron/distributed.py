@@ -111,9 +111,8 @@ def process_group(device: str | None, timeout_s: float = 1800.0):
         yield device
     finally:
         # FSDP's modules and states hold the group in reference cycles: free them while the
-        # group and the interpreter are whole. Left to interpreter shutdown, a gloo group dying
-        # with them has aborted the process after a finished run ("terminate called without an
-        # active exception", SIGABRT).
+        # group and the interpreter are whole, not during interpreter shutdown (a finished
+        # two-rank gloo run once aborted there: "terminate called without an active exception").
         gc.collect()
         dist.destroy_process_group()
 
