@@ -60,8 +60,9 @@ CHARS_PER_TOKEN = 3.6  # SmolLM2's tokenizer on stdlib source, measured by the f
 PROBE = r'''
 import json, os, resource, sys, time
 t0 = time.perf_counter()
-import minitron.distill as d
-from minitron.distill import DistillConfig, run_distill
+import minitron.distill.command as d  # run_distill calls the distill it imported
+from minitron.config import DistillConfig
+from minitron.distill import run_distill
 teacher, student, data, out, tokens = sys.argv[1:6]
 class Stop(Exception):
     pass

@@ -62,7 +62,8 @@ def worker(argv: list[str]) -> None:
     """One torchrun rank: the real CLI, a SIGKILL after step GC_KILL_AT, peak memory to GC_MEM."""
     import torch
 
-    import minitron.distill as d
+    import minitron.distill.command as d  # the command calls the distill it imported
+    import minitron.distill.stage
     from minitron.common import run_cli
 
     kill_at = int(os.environ.get("GC_KILL_AT", 0))
@@ -75,7 +76,7 @@ def worker(argv: list[str]) -> None:
     d.distill = lambda *a, **k: real(*a, on_step=on_step, **k)
     # distill() ends with a matplotlib plot of its losses: the GPU image has no matplotlib (see
     # distill_smoke.py), and the plot is not what is measured, so no run here draws one.
-    d.plot_losses = lambda *a, **k: None
+    minitron.distill.stage.plot_losses = lambda *a, **k: None
     cuda = torch.cuda.is_available()
     try:
         run_cli(d.main, argv)

@@ -42,14 +42,15 @@ def _without_matplotlib() -> bool:
     it goes without one, and its JSON says so."""
     if importlib.util.find_spec("matplotlib") is not None:
         return False
-    import minitron.distill
+    import minitron.distill.stage
 
-    minitron.distill.plot_losses = lambda *args, **kwargs: None
+    minitron.distill.stage.plot_losses = lambda *args, **kwargs: None
     return True
 
 
 def main(argv=None) -> int:
-    from minitron.distill import DistillConfig, distill
+    from minitron.config import DistillConfig
+    from minitron.distill import distill
     from minitron.precision import resolve
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -65,7 +65,7 @@ SMALL = dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_at
 
 
 def _small(layers: int):
-    from minitron.distill import DistillConfig
+    from minitron.config import DistillConfig
 
     teacher = {**SMALL, "num_hidden_layers": layers}
     student = {**teacher, "hidden_size": 192, "intermediate_size": 768}

@@ -3,7 +3,7 @@ memory plan (`minitron.memory_plan`) is checked against (tests/test_memory_plan.
 full depth with (benchmarks/memory_plan_check.py).
 
 One rank of `world` under a fake process group, every tensor a fake tensor, so real 8B-12B shapes
-cost no memory. The step is minitron's own: `distill._Trainee` with its `LossSetup` (teacher forward
+cost no memory. The step is minitron's own: `distill.losses._Trainee` with its `LossSetup` (teacher forward
 under no_grad, the fused linear+KL loss), wrapped by `distributed.wrap_model` (fully_shard per
 decoder layer, then the root, bf16 MixedPrecisionPolicy), under `precision.autocast`, then backward
 and AdamW. Two steps run; the second is measured, with the optimizer state in place.
@@ -87,7 +87,8 @@ def tracked_step_peak(teacher_cfg: dict, student_cfg: dict, config, world: int,
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from minitron import distill, distributed, precision
+    from minitron import distributed, precision
+    from minitron.distill.losses import LossSetup, _Trainee
 
     micro = getattr(config, "micro_batch_size", None) or max(config.batch_size // world, 1)
     group = _fake_process_group(world) if fake else contextlib.nullcontext()
@@ -97,12 +98,12 @@ def tracked_step_peak(teacher_cfg: dict, student_cfg: dict, config, world: int,
         if config.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train()
-        trainee = distributed.wrap_model(distill._Trainee(student, None), strategy, "bf16",
+        trainee = distributed.wrap_model(_Trainee(student, None), strategy, "bf16",
                                          hsdp_shard_size)
         with fake:
             trainee.to_empty(device="cpu")
             head = teacher.get_output_embeddings().weight.detach()
-            trainee.setup = distill.LossSetup(teacher, config, head, fused=True)
+            trainee.setup = LossSetup(teacher, config, head, fused=True)
             opt = torch.optim.AdamW(trainee.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
             ids = torch.zeros(micro, config.block_size, dtype=torch.long)
             tracker = FSDPMemTracker(trainee, opt)

@@ -91,7 +91,9 @@ def test_masked_kd_loss_counts_reply_positions_only(chat_tokenizer, alpha, monke
     """The KD (+CE) loss equals a float64 reference over the positions that predict reply tokens;
     a batch of prompts only contributes a zero loss and zero gradients."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the kernel's torch reference on CPU
-    from minitron.distill import DistillConfig, _kd_loss, _micro_loss, position_mask
+    from minitron.config import DistillConfig
+    from minitron.distill import position_mask
+    from minitron.distill.losses import _kd_loss, _micro_loss
     from tiny import make_tiny_model
 
     teacher = make_tiny_model(seed=0, vocab_size=len(chat_tokenizer))

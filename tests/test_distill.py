@@ -338,7 +338,7 @@ def test_async_checkpoint_writes_what_the_synchronous_save_writes(world, tmp_pat
 def test_nan_loss_stops_with_checkpoint_intact(world, tmp_path, monkeypatch, background):
     """With async_checkpoint, step 4's checkpoint (started at step 5) may still be being written
     when step 6 stops: the stop waits for it, so the message names it and it is on disk."""
-    import minitron.distill as d
+    import minitron.distill.losses as d  # where _micro_loss finds _kd_loss
 
     real, calls = d._kd_loss, []
 
@@ -400,7 +400,8 @@ def test_a_later_stage_reads_only_the_blocks_after_the_skipped_ones():
 def test_per_process_micro_batches_cover_each_step_on_any_process_count():
     """micro_batch_size: every process count that divides the global batch reads, per optimizer
     step, exactly the samples one process reads (disjointly); one that does not is refused."""
-    from minitron.distill import check_world, micro_steps
+    from minitron.config import check_world
+    from minitron.distill import micro_steps
 
     cfg = DistillConfig(tokens=10_000, batch_size=6, block_size=8, grad_accum=2, micro_batch_size=2)
     plain = DistillConfig(tokens=10_000, batch_size=6, block_size=8, grad_accum=2)
@@ -498,7 +499,7 @@ def test_cli_refuses_output_that_is_not_a_run(world, tmp_path):
 
 
 def test_cli_refuses_resume_with_other_settings(world, tmp_path, monkeypatch):
-    import minitron.distill as d
+    import minitron.distill.stage as d
 
     def stop(*a, **k):
         raise _Killed

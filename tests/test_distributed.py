@@ -39,13 +39,14 @@ TIMEOUT = 480  # a hang fails the test instead of blocking CI (a two-rank run ta
 # receives and, on request, one rank failing (killed, an error, or a NaN loss) at a chosen point.
 WORKER = '''
 import json, math, os, signal
-import minitron.distill as d
+import minitron.distill.command as d  # the command calls the distill it imported
+import minitron.distill.losses as losses  # where _micro_loss finds _kd_loss
 from minitron.common import MinitronError, run_cli
 
 rank = int(os.environ.get("RANK", 0))
 env = lambda k: int(os.environ.get(k, 0))
 calls = [0]
-real_loss, real_distill = d._kd_loss, d.distill
+real_loss, real_distill = losses._kd_loss, d.distill
 
 def kd_loss(student, teacher, ids, *a, **k):
     calls[0] += 1
@@ -62,7 +63,7 @@ def on_step(step):
     if rank == 1 and step == env("DW_FAIL_AT"):
         raise MinitronError("the disk of rank 1 is full (test)")
 
-d._kd_loss = kd_loss
+losses._kd_loss = kd_loss
 d.distill = lambda *a, **k: real_distill(*a, on_step=on_step, **k)
 if __name__ == "__main__":
     run_cli(d.main)

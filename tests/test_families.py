@@ -414,7 +414,8 @@ def test_a_short_distillation_lowers_the_kl_of_a_pruned_model(family, tmp_path, 
     """24 steps of 8 x 24 tokens. The teacher's weights are drawn wider (std 0.1) than the default
     0.02 so that its next-token distributions are far from uniform and there is something to learn;
     measured KL ratios after/before: 0.51 (Qwen3) to 0.73 (Gemma 3)."""
-    from minitron.distill import DistillConfig, distill
+    from minitron.config import DistillConfig
+    from minitron.distill import distill
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU: the kernel's torch reference
     teacher = make_tiny_model(family, tie_word_embeddings=TIED[family], initializer_range=0.1)
@@ -433,7 +434,8 @@ def test_a_short_distillation_lowers_the_kl_of_a_pruned_model(family, tmp_path, 
 
 
 def test_fused_kd_refuses_final_logit_softcapping():
-    from minitron.distill import DistillConfig, _use_fused
+    from minitron.config import DistillConfig
+    from minitron.distill.losses import _use_fused
 
     gemma2 = tiny_config("gemma2")
     assert not _use_fused(DistillConfig(loss_impl="auto"), 300_000, gemma2)  # logits path

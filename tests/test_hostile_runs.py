@@ -29,12 +29,13 @@ TIMEOUT = 240  # a hang fails the test instead of blocking CI
 # KILL_RANK=r, KILL_AT=s: rank r kills itself with SIGKILL after optimizer step s.
 WORKER = '''
 import os, signal, sys
-import minitron.distill as d
+import minitron.distill.command as d  # the command calls the distill it imported
+import minitron.distill.loop as loop
 from minitron.common import run_cli
 
 at = os.environ.get("DIVERGE_AT")
 if at is not None:
-    d.lr_factor = lambda step, *a: 1e-5 if at == "never" or step < int(at) else 1.0
+    loop.lr_factor = lambda step, *a: 1e-5 if at == "never" or step < int(at) else 1.0
 
 real_distill = d.distill
 

@@ -408,8 +408,8 @@ def test_plan_chooses_activation_checkpointing_by_what_fits():
 def test_selective_checkpointing_recomputes_the_first_layers_with_the_same_gradients():
     from tiny import make_tiny_model
 
-    from minitron import distill
     from minitron.config import DistillConfig
+    from minitron.distill import loop
 
     ids = torch.randint(0, 100, (2, 16))
 
@@ -417,8 +417,8 @@ def test_selective_checkpointing_recomputes_the_first_layers_with_the_same_gradi
         model = make_tiny_model("llama", num_hidden_layers=3)
         config = DistillConfig(gradient_checkpointing=None, gpu_memory_gib=1.0)
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(distill, "_checkpointed_layers", lambda *a: checkpointed)
-            distill._setup_model(model, None, config, kd=False)
+            m.setattr(loop, "_checkpointed_layers", lambda *a: checkpointed)
+            loop._setup_model(model, None, config, kd=False)
         flags = [layer.gradient_checkpointing for layer in model.model.layers]
         model(ids, labels=ids).loss.backward()
         return flags, [p.grad for p in model.parameters()]
@@ -433,16 +433,16 @@ def test_selective_checkpointing_recomputes_the_first_layers_with_the_same_gradi
 def test_null_checkpointing_asks_the_plan_with_the_gpu_given():
     from tiny import make_tiny_model
 
-    from minitron import distill
     from minitron.config import DistillConfig
+    from minitron.distill import loop
 
     model = make_tiny_model("llama", num_hidden_layers=3)
-    assert distill._checkpointed_layers(model, None, DistillConfig()) == 0  # no GPU: off
-    assert distill._checkpointed_layers(model, None, DistillConfig(gradient_checkpointing=True)) == 3
+    assert loop._checkpointed_layers(model, None, DistillConfig()) == 0  # no GPU: off
+    assert loop._checkpointed_layers(model, None, DistillConfig(gradient_checkpointing=True)) == 3
     roomy = DistillConfig(gpu_memory_gib=80.0)
-    assert distill._checkpointed_layers(model, None, roomy) == 0
+    assert loop._checkpointed_layers(model, None, roomy) == 0
     tight = DistillConfig(gpu_memory_gib=1e-6)  # nothing fits: every layer (the plan refuses)
-    assert distill._checkpointed_layers(model, None, tight) == 3
+    assert loop._checkpointed_layers(model, None, tight) == 3
 
 
 def test_micro_batches_go_to_the_cpu_without_pinning():
@@ -504,7 +504,7 @@ def test_a_rerun_loads_the_corrected_teacher_tensor_by_tensor(tmp_path):
     from tiny import make_tiny_model
 
     from minitron.common import MinitronError
-    from minitron.distill import _load_corrected
+    from minitron.distill.stage import _load_corrected
 
     corrected = make_tiny_model("llama", seed=1)
     distributed.write_streamed_safetensors(tmp_path / "teacher.safetensors", corrected)
