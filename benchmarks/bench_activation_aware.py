@@ -112,6 +112,7 @@ def retime_(report: dict, folder: Path, files: dict[str, str], rounds: int) -> N
 
 def main() -> None:
     from minitron import export as ex
+    from minitron.common import format_table
     from minitron.config import DataConfig, ExportConfig
 
     torch.set_num_threads(1)
@@ -143,7 +144,7 @@ def main() -> None:
           f"{report['eval']}; speeds timed back to back with PyTorch FP32, median of {rounds} "
           f"rounds (1-minute load average per round: {report['rows'][0]['load_1m_rounds']}); "
           "speed-ups are medians of the per-round ratios.\n",
-          ex.format_table(report["table"], ex.REPORT_COLUMNS), ""]
+          format_table(report["table"], ex.REPORT_COLUMNS), ""]
     precision = [f"- {r['model']}: {r['precision']}" for r in report["rows"] if r.get("precision")]
     md += ["Precision of the GPTQ variants' tensors:", "", *precision] if precision else []
     md += ["", "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_activation_aware.py"

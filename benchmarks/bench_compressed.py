@@ -30,6 +30,8 @@ COLUMNS = ["scheme", "scales", "size_mb", "x_smaller", "perplexity", "ppl_change
 def main() -> None:
     from minitron import calibration, compressed
     from minitron import export as ex
+    from minitron.common import format_table
+    from minitron.export.report import _device, _versions
     from minitron.config import DataConfig, ExportConfig
     from minitron.data import load_blocks
     from minitron.measure import weights_size_mb
@@ -67,7 +69,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"model": "smollm2-135m", "eval": f"{n}x{length} tokens of the '{data.source}' eval split",
-              "calibration": source, "rows": rows, "versions": ex._versions(), "device": ex._device(),
+              "calibration": source, "rows": rows, "versions": _versions(), "device": _device(),
               "git": commit()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"compressed-cpu-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
@@ -76,7 +78,7 @@ def main() -> None:
           f"{d['cpu']} ({d['cpu_count']} cores); git {result['git']}; {result['eval']}; "
           f"calibration statistics {source}. Sizes: the safetensors files (bfloat16 embeddings, "
           "norms and scales) against the FP32 source weights.\n",
-          ex.format_table(rows, COLUMNS), "",
+          format_table(rows, COLUMNS), "",
           "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_compressed.py`"]
     (RESULTS / f"compressed-cpu-{stamp}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

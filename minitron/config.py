@@ -671,7 +671,7 @@ BLOCKWISE_MAX_BLOCK = 128
 class ExportConfig(Section):
     """Everything that shapes an export; stored in its manifest.json with the data settings.
 
-    See minitron/export.py for the INT8 schemes and the validation rules."""
+    See minitron/export/ (its __init__) for the INT8 schemes and the validation rules."""
 
     SECTION: ClassVar[str] = "export"
     RENAMED: ClassVar[dict[str, tuple[str, str]]] = {

@@ -138,7 +138,7 @@ def _layers_parent(model: nn.Module) -> tuple[nn.Module, str]:
 @torch.no_grad()
 def _mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
     """Mean next-token loss from the final hidden states, in logit chunks (never [B, T, V])."""
-    from minitron.evaluate import batch_metric_sums
+    from minitron.scoring import batch_metric_sums
 
     device = next(model.parameters()).device
     total, count = 0.0, 0

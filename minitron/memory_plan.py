@@ -35,7 +35,7 @@ from minitron.common import MinitronError
 
 GIB = 2**30
 FUSED_CHUNK = 1024  # kernels.fused_linear.DEFAULT_CHUNK_SIZE
-EVAL_CHUNK = 512  # evaluate.EVAL_CHUNK_TOKENS
+EVAL_CHUNK = 512  # scoring.EVAL_CHUNK_TOKENS
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, None: 4}
 
 

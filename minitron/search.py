@@ -63,7 +63,7 @@ def zero_shot_kl(teacher: nn.Module, prune: Prune, shapes: list[dict], blocks: t
                  batch_size: int = 8) -> list[float]:
     """Mean per-token KL(teacher || pruned) over `blocks` for each shape, without training. The
     teacher's hidden states are computed once; each shape is pruned in memory and dropped."""
-    from minitron.evaluate import final_hidden, metric_sums
+    from minitron.scoring import final_hidden, metric_sums
     from minitron.models import logit_softcap
 
     device = next(teacher.parameters()).device

@@ -10,7 +10,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from minitron.data import load_blocks
 from minitron.distill import evaluate_student
-from minitron.evaluate import metric_sums, perplexity, teacher_agreement
+from minitron.scoring import metric_sums, perplexity, teacher_agreement
 from tiny import make_tiny_model
 
 
@@ -22,7 +22,7 @@ def _torch_loss_on_cpu(monkeypatch):
 @pytest.mark.parametrize("family,chunk", [("llama", 7), ("llama", 512), ("gemma2", 7)])
 def test_hidden_state_eval_equals_full_logits_eval(tokenizer, monkeypatch, family, chunk):
     # gemma2: its final-logit soft-cap is applied to each chunk, as its own head does.
-    monkeypatch.setattr("minitron.evaluate.EVAL_CHUNK_TOKENS", chunk)
+    monkeypatch.setattr("minitron.scoring.EVAL_CHUNK_TOKENS", chunk)
     teacher = make_tiny_model(family, seed=0)
     student = (make_tiny_model("llama", seed=1, hidden_size=32, num_attention_heads=4,
                                intermediate_size=48, tie_word_embeddings=True)
@@ -134,7 +134,7 @@ def fake_llama3():
 def test_evaluate_at_llama3_vocab_stays_within_the_memory_plan(fake_llama3, monkeypatch):
     """The evaluate stage's batch (2 x 2048 tokens, V = 128256): its peak, weights included, is
     within the plan (and the plan within 15% of it); the full-logits form it replaced is not."""
-    from minitron.evaluate import batch_metric_sums
+    from minitron.scoring import batch_metric_sums
     from minitron.kernels import reference
     from minitron.memory_plan import plan_evaluate
 
@@ -145,7 +145,7 @@ def test_evaluate_at_llama3_vocab_stays_within_the_memory_plan(fake_llama3, monk
         alone = _tracked(lambda s, i: batch_metric_sums(s, None, i), student, ids)
         both = _tracked(lambda s, t, i: batch_metric_sums(s, t, i), student, teacher, ids)
 
-        def full_logits(model, ids):  # what minitron.evaluate.perplexity did before
+        def full_logits(model, ids):  # what the perplexity evaluation did before
             logits = model(ids).logits[:, :-1].float()
             torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
                                               ids[:, 1:].reshape(-1), reduction="sum")

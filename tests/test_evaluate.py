@@ -8,7 +8,8 @@ import torch
 
 from minitron.data import load_blocks
 from minitron.evaluate import main as evaluate_main
-from minitron.evaluate import perplexity, speed, teacher_agreement
+from minitron.measure import speed
+from minitron.scoring import perplexity, teacher_agreement
 from minitron.models import load_model
 from tiny import make_tiny_model
 

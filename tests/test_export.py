@@ -27,6 +27,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime_genai")
 
 from minitron import export as ex  # noqa: E402
+from minitron.export import stage as export_stage  # noqa: E402
 from minitron.config import DataConfig, ExportConfig  # noqa: E402
 
 SMALL = dict(calib_samples=2, gen_tokens=8, compare=False, speed=False)
@@ -822,7 +823,7 @@ def test_interrupted_export_leaves_no_folder(source, tmp_path, monkeypatch, fast
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ex, "quantize", interrupt)
+    monkeypatch.setattr(export_stage, "quantize", interrupt)  # where the stage finds it
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         fast(source, out)

@@ -102,7 +102,7 @@ def test_rtn_grid_is_the_one_ort_quantizer_writes():
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from minitron.export import _matmul_nbits_quantizer
+    from minitron.export.quantizers import _matmul_nbits_quantizer
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
     _, w = layer(2, n=10, d_in=96, d_out=40)

@@ -56,7 +56,7 @@ class _Trainee(nn.Module):
     def forward(self, ids: torch.Tensor, loss: bool = False, eval_sums: bool = False,
                 mask: torch.Tensor | None = None, rows: torch.Tensor | None = None):
         if eval_sums:  # inside the wrapper's forward: FSDP has the root's weights gathered
-            from minitron.evaluate import batch_metric_sums
+            from minitron.scoring import batch_metric_sums
 
             return batch_metric_sums(self.student, self.setup.eval_teacher, ids)
         if not loss:
@@ -276,13 +276,13 @@ def evaluate_student(student: nn.Module, teacher: nn.Module | None, blocks: torc
                      batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """Held-out loss and perplexity, and (with a teacher) KL to it and top-1 agreement.
 
-    From hidden states through chunked logits (`minitron.evaluate.metric_sums`): no [B, T, V]
+    From hidden states through chunked logits (`minitron.scoring.metric_sums`): no [B, T, V]
     tensor. `student` is a plain model or the loop's (wrapped) trainee, whose forward computes the
     sums, so that FSDP gathers its weights. `shard=(rank, world)`: this rank evaluates blocks
     rank, rank + world, ... and the sums are added over ranks (every rank must call it then, and
     runs the same number of forwards: an FSDP forward is collective).
     """
-    from minitron.evaluate import batch_metric_sums, metrics_from_sums
+    from minitron.scoring import batch_metric_sums, metrics_from_sums
 
     rank, world = shard
     trainee = isinstance(getattr(student, "module", student), _Trainee)
