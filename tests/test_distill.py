@@ -499,13 +499,13 @@ def test_cli_refuses_output_that_is_not_a_run(world, tmp_path):
 
 
 def test_cli_refuses_resume_with_other_settings(world, tmp_path, monkeypatch):
-    import minitron.distill.stage as d
+    import minitron.distill as d
 
     def stop(*a, **k):
         raise _Killed
 
     out = tmp_path / "run"
-    monkeypatch.setattr(d, "_write_final", stop)
+    monkeypatch.setattr(d.stage, "_write_final", stop)  # where distill() finds it
     with pytest.raises(_Killed):
         _cli(world, out)
     with pytest.raises(MinitronError, match=r"holds a run started with other settings \(lr: 0.0001 "
@@ -514,10 +514,10 @@ def test_cli_refuses_resume_with_other_settings(world, tmp_path, monkeypatch):
     # The settings declared resumable (config.resumable) may change; every other one may not.
     started = json.loads((out / "distill_run.json").read_text())
     for key in d.RESUMABLE_SETTINGS:
-        d._check_run_dir(out, {**started, "config": {**started["config"], key: "changed"}})
+        d.loop._check_run_dir(out, {**started, "config": {**started["config"], key: "changed"}})
     for key in set(started["config"]) - d.RESUMABLE_SETTINGS:
         with pytest.raises(MinitronError, match=f"other settings \\({key}: "):
-            d._check_run_dir(out, {**started, "config": {**started["config"], key: "changed"}})
+            d.loop._check_run_dir(out, {**started, "config": {**started["config"], key: "changed"}})
     assert {"checkpoint_every", "nproc_per_node", "strategy"} <= d.RESUMABLE_SETTINGS
     assert not {"lr", "tokens", "seed", "block_size"} & d.RESUMABLE_SETTINGS
 
