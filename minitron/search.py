@@ -303,16 +303,9 @@ def short_run_blocks(tokenizer, data, distill: DistillConfig, settings: SearchCo
                      max_positions: int | None):
     """The short runs' train blocks (the first ones of the train split, exactly what
     `minitron.distill` reads for this many tokens) and held-out eval blocks."""
-    from minitron.data import load_blocks, open_blocks
+    from minitron.distill.schedule import run_blocks
 
-    config = short_config(distill, settings)
-    train = open_blocks(tokenizer, "train", config.blocks_read, source=data.source,
-                        block_size=config.block_size, seed=config.seed,
-                        text_field=data.text_field, max_positions=max_positions)
-    evals = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
-                        block_size=config.block_size, seed=0, text_field=data.text_field,
-                        max_positions=max_positions)
-    return train, evals
+    return run_blocks(tokenizer, data, short_config(distill, settings), max_positions)
 
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -149,7 +149,8 @@ def _launch(teacher_path, student_path, out: Path, sections: dict[str, Any]) -> 
 def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], device: str,
               max_pos: int) -> dict[str, Any]:
     """One process's part of `run_distill` (all of it when there is one process)."""
-    from minitron.data import block_rule, load_blocks, open_blocks
+    from minitron.data import block_rule
+    from minitron.distill.schedule import run_blocks
     from minitron.models import load_model, resolve_model
 
     config, data, model = sections["distill"], sections["data"], sections["model"]
@@ -169,13 +170,7 @@ def _run_rank(teacher_path, student_path, out: Path, sections: dict[str, Any], d
     student, tokenizer = load_model(student_path, dtype="float32",
                                     device="cpu" if correction.tokens else device,
                                     trust_remote_code=model.trust_remote_code)
-    # From a prepared folder the train blocks stay on disk and are read by index per micro-batch.
-    train_blocks = open_blocks(tokenizer, "train", config.blocks_read, source=data.source,
-                               block_size=config.block_size, seed=config.seed,
-                               text_field=data.text_field, max_positions=max_pos)
-    eval_blocks = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
-                              block_size=config.block_size, seed=0, text_field=data.text_field,
-                              max_positions=max_pos)
+    train_blocks, eval_blocks = run_blocks(tokenizer, data, config, max_pos)
     info = _read_info(resolve_model(student_path, model.trust_remote_code))
     info = {"student_source": str(student_path),
             "student_dtype": _source_dtype(resolve_model(student_path, model.trust_remote_code)),

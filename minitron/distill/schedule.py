@@ -74,3 +74,18 @@ def blocks_fingerprint(blocks) -> str:
     if hasattr(blocks, "fingerprint"):
         return blocks.fingerprint
     return hashlib.sha1(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def run_blocks(tokenizer, data, config: DistillConfig, max_positions: int | None):
+    """A run's train blocks (the first `config.blocks_read` of the train split, in the order
+    `batch_indices` walks; from a prepared folder they stay on disk, read by index per micro-batch)
+    and its held-out eval blocks (seed 0: the same for every run)."""
+    from minitron.data import load_blocks, open_blocks
+
+    train = open_blocks(tokenizer, "train", config.blocks_read, source=data.source,
+                        block_size=config.block_size, seed=config.seed,
+                        text_field=data.text_field, max_positions=max_positions)
+    evals = load_blocks(tokenizer, "eval", config.eval_blocks, source=data.source,
+                        block_size=config.block_size, seed=0, text_field=data.text_field,
+                        max_positions=max_positions)
+    return train, evals
